@@ -1,0 +1,526 @@
+//! Elementwise expressions: a small tree over one variable and constant
+//! tensors, evaluated per element.
+//!
+//! The ONNX importer fuses any subgraph of elementwise operations on one tensor
+//! (GELU's `Div/Erf/Add/Mul`, SiLU's `x·sigmoid(x)`, Mish, input normalization,
+//! named activations) into one [`Expr`]. The instance compiler then gets σ(z)
+//! and σ'(z) from one [`Dual`](crate::Dual) evaluation, however the exporter
+//! decomposed the function.
+
+use std::fmt;
+
+use crate::scalar::Scalar;
+
+/// A unary elementwise function. Kinks follow PyTorch autograd (see
+/// [`Unary::eval`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Unary {
+    /// `-x`.
+    Neg,
+    /// `max(x, 0)`; derivative 0 at 0.
+    Relu,
+    /// `x` for `x > 0`, else `alpha·x`; derivative `alpha` at 0.
+    LeakyRelu {
+        /// Negative slope.
+        alpha: f64,
+    },
+    /// `min(max(x, min), max)` (ReLU6, HardTanh); derivative 0 at either bound.
+    Clip {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+    },
+    /// `x` for `x > 0`, else `alpha·(e^x − 1)`; derivative `alpha` at 0.
+    Elu {
+        /// Scale of the negative part.
+        alpha: f64,
+    },
+    /// `gamma·elu_alpha(x)`.
+    Selu {
+        /// ELU alpha.
+        alpha: f64,
+        /// Output scale.
+        gamma: f64,
+    },
+    /// `x` for `x > 0`, else `alpha·(e^{x/alpha} − 1)`; derivative 1 at 0.
+    Celu {
+        /// Scale.
+        alpha: f64,
+    },
+    /// Exact GELU `x·Φ(x) = 0.5·x·(1 + erf(x/√2))`.
+    Gelu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// `ln(1 + e^x)`.
+    Softplus,
+    /// `1 / (1 + e^−x)`.
+    Sigmoid,
+    /// `tanh(x)`.
+    Tanh,
+    /// `max(0, min(1, alpha·x + beta))`; derivative 0 at either bound.
+    HardSigmoid {
+        /// Slope.
+        alpha: f64,
+        /// Offset.
+        beta: f64,
+    },
+    /// `x·relu6(x + 3)/6`, with PyTorch's derivative (−0.5 at −3, 1.5 at 3).
+    HardSwish,
+    /// `x / (1 + |x|)`.
+    Softsign,
+    /// Gauss error function.
+    Erf,
+    /// `e^x`.
+    Exp,
+    /// `ln x`.
+    Log,
+    /// `√x`.
+    Sqrt,
+    /// `|x|`; derivative 0 at 0.
+    Abs,
+    /// `1/x`.
+    Reciprocal,
+}
+
+/// A binary elementwise function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    /// `a + b`.
+    Add,
+    /// `a − b`.
+    Sub,
+    /// `a · b`.
+    Mul,
+    /// `a / b`.
+    Div,
+    /// `a ^ b` (`b` constant: `powf`; otherwise `e^{b·ln a}`).
+    Pow,
+    /// `a` for `a > 0`, else `b·a` (PReLU; `b` is the per-element slope).
+    PRelu,
+}
+
+/// One node of an [`Expr`]; children are indices of earlier nodes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExprNode {
+    /// The variable (the layer's input element).
+    Var,
+    /// A constant tensor, index into [`Expr::consts`].
+    Const(usize),
+    /// A unary function of a child.
+    Unary(Unary, usize),
+    /// A binary function of two children.
+    Binary(Binary, usize, usize),
+}
+
+/// How an expression depends on its variable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ExprClass {
+    /// Does not depend on the variable.
+    Constant,
+    /// `scale·x + shift` per element.
+    Affine,
+    /// Continuous piecewise linear (ReLU, LeakyReLU, PReLU, Clip, HardSigmoid,
+    /// and affine combinations of them): a finite set of linear pieces.
+    PiecewiseLinear,
+    /// Anything else (GELU, ELU, SiLU, tanh, HardSwish, …).
+    Smooth,
+}
+
+/// An elementwise function of one tensor: nodes in topological order, the
+/// last one the result. Constants have length 1 (scalar) or the tensor's
+/// element count (already broadcast).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Expr {
+    /// Nodes; the last is the result.
+    pub nodes: Vec<ExprNode>,
+    /// Constant tensors, each of length 1 or `numel`.
+    pub consts: Vec<Vec<f64>>,
+}
+
+impl Unary {
+    /// Evaluates the function; kink branches follow PyTorch autograd.
+    pub fn eval<S: Scalar>(&self, x: S) -> S {
+        let v = x.value();
+        let c = S::from_f64;
+        match *self {
+            Unary::Neg => -x,
+            Unary::Relu => {
+                if v > 0.0 {
+                    x
+                } else {
+                    c(0.0)
+                }
+            }
+            Unary::LeakyRelu { alpha } => {
+                if v > 0.0 {
+                    x
+                } else {
+                    x * c(alpha)
+                }
+            }
+            Unary::Clip { min, max } => {
+                if v <= min {
+                    c(min)
+                } else if v >= max {
+                    c(max)
+                } else {
+                    x
+                }
+            }
+            Unary::Elu { alpha } => {
+                if v > 0.0 {
+                    x
+                } else {
+                    c(alpha) * (x.exp() - c(1.0))
+                }
+            }
+            Unary::Selu { alpha, gamma } => {
+                if v > 0.0 {
+                    c(gamma) * x
+                } else {
+                    c(gamma * alpha) * (x.exp() - c(1.0))
+                }
+            }
+            Unary::Celu { alpha } => {
+                if v > 0.0 {
+                    x
+                } else {
+                    c(alpha) * ((x / c(alpha)).exp() - c(1.0))
+                }
+            }
+            Unary::Gelu => c(0.5) * x * (c(1.0) + (x * c(std::f64::consts::FRAC_1_SQRT_2)).erf()),
+            Unary::GeluTanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                let inner = c(k) * (x + c(0.044715) * x * x * x);
+                c(0.5) * x * (c(1.0) + inner.tanh())
+            }
+            Unary::Softplus => x.ln_1p_exp(),
+            Unary::Sigmoid => x.sigmoid(),
+            Unary::Tanh => x.tanh(),
+            Unary::HardSigmoid { alpha, beta } => {
+                let t = c(alpha) * x + c(beta);
+                let tv = t.value();
+                if tv <= 0.0 {
+                    c(0.0)
+                } else if tv >= 1.0 {
+                    c(1.0)
+                } else {
+                    t
+                }
+            }
+            Unary::HardSwish => {
+                if v < -3.0 {
+                    c(0.0)
+                } else if v <= 3.0 {
+                    x * (x + c(3.0)) / c(6.0)
+                } else {
+                    x
+                }
+            }
+            Unary::Softsign => {
+                let a = if v >= 0.0 { x } else { -x };
+                x / (c(1.0) + a)
+            }
+            Unary::Erf => x.erf(),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Abs => {
+                if v > 0.0 {
+                    x
+                } else if v < 0.0 {
+                    -x
+                } else {
+                    c(0.0)
+                }
+            }
+            Unary::Reciprocal => c(1.0) / x,
+        }
+    }
+
+    fn is_piecewise_linear(&self) -> bool {
+        matches!(
+            self,
+            Unary::Neg
+                | Unary::Relu
+                | Unary::LeakyRelu { .. }
+                | Unary::Clip { .. }
+                | Unary::HardSigmoid { .. }
+                | Unary::Abs
+        )
+    }
+
+    /// Short lower-case name.
+    pub fn name(&self) -> String {
+        match self {
+            Unary::Neg => "neg".into(),
+            Unary::Relu => "relu".into(),
+            Unary::LeakyRelu { alpha } => format!("leaky_relu({alpha})"),
+            Unary::Clip { min, max } => format!("clip({min},{max})"),
+            Unary::Elu { alpha } => format!("elu({alpha})"),
+            Unary::Selu { .. } => "selu".into(),
+            Unary::Celu { alpha } => format!("celu({alpha})"),
+            Unary::Gelu => "gelu".into(),
+            Unary::GeluTanh => "gelu_tanh".into(),
+            Unary::Softplus => "softplus".into(),
+            Unary::Sigmoid => "sigmoid".into(),
+            Unary::Tanh => "tanh".into(),
+            Unary::HardSigmoid { alpha, beta } => format!("hard_sigmoid({alpha},{beta})"),
+            Unary::HardSwish => "hard_swish".into(),
+            Unary::Softsign => "softsign".into(),
+            Unary::Erf => "erf".into(),
+            Unary::Exp => "exp".into(),
+            Unary::Log => "log".into(),
+            Unary::Sqrt => "sqrt".into(),
+            Unary::Abs => "abs".into(),
+            Unary::Reciprocal => "reciprocal".into(),
+        }
+    }
+}
+
+impl Binary {
+    fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+            Binary::Pow => "pow",
+            Binary::PRelu => "prelu",
+        }
+    }
+}
+
+impl Expr {
+    /// The identity expression `x`.
+    pub fn var() -> Self {
+        Self { nodes: vec![ExprNode::Var], consts: vec![] }
+    }
+
+    /// `f(x)` for a unary function.
+    pub fn unary(f: Unary) -> Self {
+        Self { nodes: vec![ExprNode::Var, ExprNode::Unary(f, 0)], consts: vec![] }
+    }
+
+    /// Appends a node and returns its index.
+    pub fn push(&mut self, node: ExprNode) -> usize {
+        if let ExprNode::Unary(_, a) = node {
+            assert!(a < self.nodes.len(), "expression child out of order");
+        }
+        if let ExprNode::Binary(_, a, b) = node {
+            assert!(a < self.nodes.len() && b < self.nodes.len(), "expression child out of order");
+        }
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Appends a constant tensor (length 1 or `numel`) and a node for it.
+    pub fn push_const(&mut self, values: Vec<f64>) -> usize {
+        self.consts.push(values);
+        self.push(ExprNode::Const(self.consts.len() - 1))
+    }
+
+    /// Copies all nodes of `other` into `self`, returning the index of its
+    /// result; `other`'s `Var` becomes node `var_at` of `self`.
+    pub fn splice(&mut self, other: &Expr, var_at: usize) -> usize {
+        let mut map = Vec::with_capacity(other.nodes.len());
+        for node in &other.nodes {
+            let idx = match node {
+                ExprNode::Var => var_at,
+                ExprNode::Const(c) => self.push_const(other.consts[*c].clone()),
+                ExprNode::Unary(f, a) => self.push(ExprNode::Unary(f.clone(), map[*a])),
+                ExprNode::Binary(f, a, b) => self.push(ExprNode::Binary(*f, map[*a], map[*b])),
+            };
+            map.push(idx);
+        }
+        *map.last().expect("empty expression")
+    }
+
+    /// Index of the variable node (inserting one if absent).
+    pub fn var_node(&mut self) -> usize {
+        match self.nodes.iter().position(|n| matches!(n, ExprNode::Var)) {
+            Some(i) => i,
+            None => self.push(ExprNode::Var),
+        }
+    }
+
+    /// Longest constant; 1 if all are scalars.
+    pub fn const_len(&self) -> usize {
+        self.consts.iter().map(Vec::len).max().unwrap_or(1)
+    }
+
+    /// Evaluates the expression for element `i` at `x`. `scratch` is reused
+    /// between calls to avoid allocation.
+    pub fn eval<S: Scalar>(&self, i: usize, x: S, scratch: &mut Vec<S>) -> S {
+        scratch.clear();
+        for node in &self.nodes {
+            let v = match *node {
+                ExprNode::Var => x,
+                ExprNode::Const(c) => S::from_f64(self.const_at(c, i)),
+                ExprNode::Unary(ref f, a) => f.eval(scratch[a]),
+                ExprNode::Binary(f, a, b) => {
+                    let (p, q) = (scratch[a], scratch[b]);
+                    match f {
+                        Binary::Add => p + q,
+                        Binary::Sub => p - q,
+                        Binary::Mul => p * q,
+                        Binary::Div => p / q,
+                        Binary::Pow => match self.nodes[b] {
+                            ExprNode::Const(c) => p.powf(self.const_at(c, i)),
+                            _ => (q * p.ln()).exp(),
+                        },
+                        Binary::PRelu => {
+                            if p.value() > 0.0 {
+                                p
+                            } else {
+                                p * q
+                            }
+                        }
+                    }
+                }
+            };
+            scratch.push(v);
+        }
+        *scratch.last().expect("empty expression")
+    }
+
+    fn const_at(&self, c: usize, i: usize) -> f64 {
+        let v = &self.consts[c];
+        if v.len() == 1 { v[0] } else { v[i] }
+    }
+
+    /// How the result depends on the variable (a structural, conservative
+    /// classification).
+    pub fn class(&self) -> ExprClass {
+        use ExprClass::*;
+        let mut cls: Vec<ExprClass> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let k = match node {
+                ExprNode::Var => Affine,
+                ExprNode::Const(_) => Constant,
+                ExprNode::Unary(f, a) => {
+                    let a = cls[*a];
+                    if a == Constant {
+                        Constant
+                    } else if matches!(f, Unary::Neg) {
+                        a
+                    } else if f.is_piecewise_linear() && a <= PiecewiseLinear {
+                        PiecewiseLinear
+                    } else {
+                        Smooth
+                    }
+                }
+                ExprNode::Binary(f, a, b) => {
+                    let (a, b) = (cls[*a], cls[*b]);
+                    match f {
+                        Binary::Add | Binary::Sub => a.max(b),
+                        Binary::Mul => {
+                            if a == Constant || b == Constant {
+                                a.max(b)
+                            } else {
+                                Smooth
+                            }
+                        }
+                        Binary::Div => {
+                            if b == Constant {
+                                a
+                            } else {
+                                Smooth
+                            }
+                        }
+                        Binary::Pow => {
+                            if a == Constant && b == Constant {
+                                Constant
+                            } else {
+                                Smooth
+                            }
+                        }
+                        Binary::PRelu => {
+                            if b != Constant {
+                                Smooth
+                            } else if a == Constant {
+                                Constant
+                            } else {
+                                a.max(PiecewiseLinear)
+                            }
+                        }
+                    }
+                }
+            };
+            cls.push(k);
+        }
+        *cls.last().expect("empty expression")
+    }
+
+    /// Whether the expression is the bare variable.
+    pub fn is_identity(&self) -> bool {
+        matches!(self.nodes.last(), Some(ExprNode::Var))
+    }
+
+    /// A readable rendering, e.g. `mul(x, sigmoid(x))`.
+    pub fn render(&self) -> String {
+        self.render_node(self.nodes.len() - 1)
+    }
+
+    fn render_node(&self, i: usize) -> String {
+        match &self.nodes[i] {
+            ExprNode::Var => "x".into(),
+            ExprNode::Const(c) => {
+                let v = &self.consts[*c];
+                if v.len() == 1 { format!("{}", v[0]) } else { format!("c[{}]", v.len()) }
+            }
+            ExprNode::Unary(f, a) => format!("{}({})", f.name(), self.render_node(*a)),
+            ExprNode::Binary(f, a, b) => {
+                format!("{}({}, {})", f.name(), self.render_node(*a), self.render_node(*b))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar::Dual;
+
+    fn d(f: &Unary, x: f64) -> f64 {
+        f.eval(Dual::var(x)).d
+    }
+
+    #[test]
+    fn kinks_follow_pytorch() {
+        assert_eq!(d(&Unary::Relu, 0.0), 0.0);
+        assert_eq!(d(&Unary::LeakyRelu { alpha: 0.1 }, 0.0), 0.1);
+        assert_eq!(d(&Unary::Clip { min: 0.0, max: 6.0 }, 0.0), 0.0);
+        assert_eq!(d(&Unary::Clip { min: 0.0, max: 6.0 }, 6.0), 0.0);
+        assert_eq!(d(&Unary::Elu { alpha: 0.5 }, 0.0), 0.5);
+        assert_eq!(d(&Unary::Celu { alpha: 0.5 }, 0.0), 1.0);
+        assert_eq!(d(&Unary::HardSwish, -3.0), -0.5);
+        assert_eq!(d(&Unary::HardSwish, 3.0), 1.5);
+        assert_eq!(d(&Unary::Abs, 0.0), 0.0);
+        let mut e = Expr::var();
+        let s = e.push_const(vec![0.25]);
+        e.push(ExprNode::Binary(Binary::PRelu, 0, s));
+        assert_eq!(e.eval(0, Dual::var(0.0), &mut vec![]).d, 0.25);
+        assert_eq!(e.class(), ExprClass::PiecewiseLinear);
+    }
+
+    #[test]
+    fn silu_is_smooth_and_matches() {
+        let mut e = Expr::var();
+        let s = e.push(ExprNode::Unary(Unary::Sigmoid, 0));
+        e.push(ExprNode::Binary(Binary::Mul, 0, s));
+        assert_eq!(e.class(), ExprClass::Smooth);
+        let x = 0.7_f64;
+        let y = e.eval(0, Dual::var(x), &mut vec![]);
+        let sg = 1.0 / (1.0 + (-x).exp());
+        assert!((y.v - x * sg).abs() < 1e-15);
+        assert!((y.d - (sg + x * sg * (1.0 - sg))).abs() < 1e-15);
+    }
+}

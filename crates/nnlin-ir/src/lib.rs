@@ -1,0 +1,14 @@
+//! nnlin's network IR: a DAG of nodes over a closed [`Layer`] enum, fused
+//! elementwise [`Expr`]essions, and the plain-loop [`reference`] interpreter
+//! generic over `f32`, `f64` and forward-mode [`Dual`] numbers.
+
+pub mod error;
+pub mod expr;
+pub mod network;
+pub mod reference;
+pub mod scalar;
+
+pub use error::IrError;
+pub use expr::{Binary, Expr, ExprClass, ExprNode, Unary};
+pub use network::{Activation, Affine, Dense, Layer, Network, Node, Reshape, ValueId};
+pub use scalar::{Dual, Scalar};

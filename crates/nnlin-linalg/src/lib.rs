@@ -1,0 +1,343 @@
+//! Linear operators and their products: the vocabulary the instance compiler
+//! emits and the accumulator multiplies. It knows no neural networks.
+//!
+//! Every operator `A` (`nrows × ncols`) supports [`Operator::apply`] (`A·x`),
+//! [`Operator::left_mul`] (`G·A` for a dense block `G`: reverse accumulation)
+//! and [`Operator::right_mul`] (`A·T` for a dense block `T`: forward
+//! accumulation). Dense blocks are `faer::Mat<f64>` (column-major). The
+//! explicit structure is never densified except by [`Operator::to_dense`],
+//! which exists for tests and the dense baseline.
+
+use faer::{Accum, Mat, Par};
+use sprs::CsMat;
+
+/// A row-selection operator: row `i` of `A` is `e_{cols[i]}ᵀ` (gather).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selection {
+    /// Number of columns (input length).
+    pub ncols: usize,
+    /// For each output row, the input index it copies.
+    pub cols: Vec<usize>,
+}
+
+/// The closed set of linear operators.
+#[derive(Clone, Debug)]
+pub enum Operator {
+    /// `n × n` identity (reshape, flatten, dropout at inference).
+    Identity(usize),
+    /// Diagonal `diag(d)` (elementwise affine layers, activation slopes).
+    Diagonal(Vec<f64>),
+    /// A dense matrix (fully connected layers).
+    Dense(Mat<f64>),
+    /// A CSR matrix with explicit nonzeros.
+    Csr(CsMat<f64>),
+    /// A 0/1 gather.
+    Selection(Selection),
+}
+
+/// An affine map `y = A·u + bias`.
+#[derive(Clone, Debug)]
+pub struct AffineOp {
+    /// The linear part.
+    pub op: std::sync::Arc<Operator>,
+    /// The offset, length `op.nrows()`.
+    pub bias: Vec<f64>,
+}
+
+impl AffineOp {
+    /// `A·u + bias`.
+    pub fn apply(&self, u: &[f64]) -> Vec<f64> {
+        let mut y = self.op.apply(u);
+        for (yi, bi) in y.iter_mut().zip(&self.bias) {
+            *yi += bi;
+        }
+        y
+    }
+}
+
+impl Operator {
+    /// Short kind name for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Operator::Identity(_) => "identity",
+            Operator::Diagonal(_) => "diagonal",
+            Operator::Dense(_) => "dense",
+            Operator::Csr(_) => "csr",
+            Operator::Selection(_) => "selection",
+        }
+    }
+
+    /// Rows.
+    pub fn nrows(&self) -> usize {
+        match self {
+            Operator::Identity(n) => *n,
+            Operator::Diagonal(d) => d.len(),
+            Operator::Dense(m) => m.nrows(),
+            Operator::Csr(m) => m.rows(),
+            Operator::Selection(s) => s.cols.len(),
+        }
+    }
+
+    /// Columns.
+    pub fn ncols(&self) -> usize {
+        match self {
+            Operator::Identity(n) => *n,
+            Operator::Diagonal(d) => d.len(),
+            Operator::Dense(m) => m.ncols(),
+            Operator::Csr(m) => m.cols(),
+            Operator::Selection(s) => s.ncols,
+        }
+    }
+
+    /// Stored entries (the explicit nonzeros; `n` for identity).
+    pub fn nnz(&self) -> usize {
+        match self {
+            Operator::Identity(n) => *n,
+            Operator::Diagonal(d) => d.len(),
+            Operator::Dense(m) => m.nrows() * m.ncols(),
+            Operator::Csr(m) => m.nnz(),
+            Operator::Selection(s) => s.cols.len(),
+        }
+    }
+
+    /// Bytes held by the operator's storage.
+    pub fn bytes(&self) -> usize {
+        let f = std::mem::size_of::<f64>();
+        let u = std::mem::size_of::<usize>();
+        match self {
+            Operator::Identity(_) => 0,
+            Operator::Diagonal(d) => d.len() * f,
+            Operator::Dense(m) => m.nrows() * m.ncols() * f,
+            Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
+            Operator::Selection(s) => s.cols.len() * u,
+        }
+    }
+
+    /// `A·x`.
+    ///
+    /// # Panics
+    /// If `x.len() != self.ncols()` (a caller contract).
+    pub fn apply(&self, x: &[f64]) -> Vec<f64> {
+        assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
+        match self {
+            Operator::Identity(_) => x.to_vec(),
+            Operator::Diagonal(d) => d.iter().zip(x).map(|(a, b)| a * b).collect(),
+            Operator::Dense(m) => {
+                let mut y = vec![0.0; m.nrows()];
+                for j in 0..m.ncols() {
+                    let xj = x[j];
+                    if xj != 0.0 {
+                        for (yi, aij) in y.iter_mut().zip(m.col_as_slice(j)) {
+                            *yi += aij * xj;
+                        }
+                    }
+                }
+                y
+            }
+            Operator::Csr(m) => {
+                let (indptr, indices, data) = (m.indptr(), m.indices(), m.data());
+                let indptr = indptr.raw_storage();
+                (0..m.rows())
+                    .map(|i| (indptr[i]..indptr[i + 1]).map(|k| data[k] * x[indices[k]]).sum())
+                    .collect()
+            }
+            Operator::Selection(s) => s.cols.iter().map(|&c| x[c]).collect(),
+        }
+    }
+
+    /// `G·A` for a dense `G` of `k × nrows`; returns `k × ncols`.
+    ///
+    /// # Panics
+    /// If `g.ncols() != self.nrows()`.
+    pub fn left_mul(&self, g: &Mat<f64>, par: Par) -> Mat<f64> {
+        assert_eq!(g.ncols(), self.nrows(), "left_mul: dimension mismatch");
+        let k = g.nrows();
+        match self {
+            Operator::Identity(_) => g.clone(),
+            Operator::Diagonal(d) => {
+                let mut out = g.clone();
+                for (j, &dj) in d.iter().enumerate() {
+                    for v in out.col_as_slice_mut(j) {
+                        *v *= dj;
+                    }
+                }
+                out
+            }
+            Operator::Dense(a) => {
+                let mut out = Mat::zeros(k, a.ncols());
+                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, g, a, 1.0, par);
+                out
+            }
+            Operator::Csr(a) => {
+                // (G·A)[:, j] += A[i, j] · G[:, i] for every stored (i, j).
+                let mut out = Mat::zeros(k, a.cols());
+                let (indptr, indices, data) = (a.indptr(), a.indices(), a.data());
+                let indptr = indptr.raw_storage();
+                for i in 0..a.rows() {
+                    let gi = g.col_as_slice(i);
+                    for p in indptr[i]..indptr[i + 1] {
+                        let (j, aij) = (indices[p], data[p]);
+                        for (o, gv) in out.col_as_slice_mut(j).iter_mut().zip(gi) {
+                            *o += aij * gv;
+                        }
+                    }
+                }
+                out
+            }
+            Operator::Selection(s) => {
+                let mut out = Mat::zeros(k, s.ncols);
+                for (i, &c) in s.cols.iter().enumerate() {
+                    let gi = g.col_as_slice(i);
+                    for (o, gv) in out.col_as_slice_mut(c).iter_mut().zip(gi) {
+                        *o += gv;
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// `A·T` for a dense `T` of `ncols × k`; returns `nrows × k`.
+    ///
+    /// # Panics
+    /// If `t.nrows() != self.ncols()`.
+    pub fn right_mul(&self, t: &Mat<f64>, par: Par) -> Mat<f64> {
+        assert_eq!(t.nrows(), self.ncols(), "right_mul: dimension mismatch");
+        let k = t.ncols();
+        match self {
+            Operator::Identity(_) => t.clone(),
+            Operator::Diagonal(d) => {
+                let mut out = t.clone();
+                for c in 0..k {
+                    for (v, dj) in out.col_as_slice_mut(c).iter_mut().zip(d) {
+                        *v *= dj;
+                    }
+                }
+                out
+            }
+            Operator::Dense(a) => {
+                let mut out = Mat::zeros(a.nrows(), k);
+                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, t, 1.0, par);
+                out
+            }
+            Operator::Csr(a) => {
+                let mut out = Mat::zeros(a.rows(), k);
+                let (indptr, indices, data) = (a.indptr(), a.indices(), a.data());
+                let indptr = indptr.raw_storage();
+                for c in 0..k {
+                    let tc = t.col_as_slice(c);
+                    let oc = out.col_as_slice_mut(c);
+                    for i in 0..a.rows() {
+                        oc[i] = (indptr[i]..indptr[i + 1]).map(|p| data[p] * tc[indices[p]]).sum();
+                    }
+                }
+                out
+            }
+            Operator::Selection(s) => {
+                let mut out = Mat::zeros(s.cols.len(), k);
+                for c in 0..k {
+                    let tc = t.col_as_slice(c);
+                    for (o, &src) in out.col_as_slice_mut(c).iter_mut().zip(&s.cols) {
+                        *o = tc[src];
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// The operator as a dense matrix (tests and the dense baseline only).
+    pub fn to_dense(&self) -> Mat<f64> {
+        let id = Mat::<f64>::identity(self.ncols(), self.ncols());
+        self.right_mul(&id, Par::Seq)
+    }
+
+    /// A CSR operator built from (row, col, value) triplets; duplicates add.
+    ///
+    /// # Panics
+    /// If an index is out of range.
+    pub fn csr_from_triplets(
+        nrows: usize,
+        ncols: usize,
+        triplets: &[(usize, usize, f64)],
+    ) -> Operator {
+        let mut tri = sprs::TriMat::new((nrows, ncols));
+        for &(i, j, v) in triplets {
+            tri.add_triplet(i, j, v);
+        }
+        Operator::Csr(tri.to_csr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dense_ref(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
+        let mut out = Mat::zeros(a.nrows(), b.ncols());
+        for i in 0..a.nrows() {
+            for j in 0..b.ncols() {
+                let mut s = 0.0;
+                for k in 0..a.ncols() {
+                    s += a[(i, k)] * b[(k, j)];
+                }
+                out[(i, j)] = s;
+            }
+        }
+        out
+    }
+
+    fn close(a: &Mat<f64>, b: &Mat<f64>) -> bool {
+        a.nrows() == b.nrows()
+            && a.ncols() == b.ncols()
+            && (0..a.nrows()).all(|i| (0..a.ncols()).all(|j| (a[(i, j)] - b[(i, j)]).abs() < 1e-12))
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Operator> {
+        (1usize..9, 1usize..9, any::<u64>()).prop_map(|(r, c, seed)| {
+            let mut s = seed;
+            let mut rnd = move || {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            };
+            match seed % 5 {
+                0 => Operator::Identity(c),
+                1 => Operator::Diagonal((0..c).map(|_| rnd()).collect()),
+                2 => Operator::Dense(Mat::from_fn(r, c, |_, _| rnd())),
+                3 => {
+                    let tri: Vec<_> = (0..r * c / 2 + 1)
+                        .map(|_| {
+                            let i = ((rnd() + 1.0) / 2.0 * r as f64) as usize % r;
+                            let j = ((rnd() + 1.0) / 2.0 * c as f64) as usize % c;
+                            (i, j, rnd())
+                        })
+                        .collect();
+                    Operator::csr_from_triplets(r, c, &tri)
+                }
+                _ => Operator::Selection(Selection {
+                    ncols: c,
+                    cols: (0..r).map(|_| ((rnd() + 1.0) / 2.0 * c as f64) as usize % c).collect(),
+                }),
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn products_match_dense_reference(op in op_strategy(), k in 1usize..5) {
+            let a = op.to_dense();
+            // to_dense itself must agree with apply on unit vectors
+            for j in 0..op.ncols() {
+                let mut e = vec![0.0; op.ncols()];
+                e[j] = 1.0;
+                let col = op.apply(&e);
+                for i in 0..op.nrows() { prop_assert!((col[i] - a[(i, j)]).abs() < 1e-15); }
+            }
+            let g = Mat::from_fn(k, op.nrows(), |i, j| (i * 7 + j * 3) as f64 * 0.1 - 0.4);
+            let t = Mat::from_fn(op.ncols(), k, |i, j| (i * 5 + j * 2) as f64 * 0.2 - 0.3);
+            prop_assert!(close(&op.left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
+            prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
+        }
+    }
+}

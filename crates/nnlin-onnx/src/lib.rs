@@ -1,0 +1,1018 @@
+//! ONNX import: protobuf bytes → [`nnlin_ir::Network`]. The only crate that
+//! knows protobuf.
+//!
+//! The importer walks the graph once, in its (topological) order:
+//! - nodes whose inputs are all constant are folded (initializers,
+//!   `Constant`, `ConstantOfShape`, `Transpose`/`Reshape`/`Cast`/… of
+//!   constants, and `Shape` of a value, whose shape is static with batch 1);
+//! - elementwise nodes on one tensor are fused into one pending
+//!   [`Expr`] per result, so GELU, SiLU, Mish, HardSwish and input
+//!   normalization become one layer however the exporter decomposed them;
+//!   a pending expression becomes a layer only where a structural node or the
+//!   graph output consumes it (an `Affine` layer if it is affine, an
+//!   `Activation` otherwise);
+//! - structural nodes (`Gemm`, `MatMul`, `Flatten`, `Reshape`, …) become
+//!   layers directly.
+
+pub mod proto;
+pub mod tensor;
+
+use std::collections::HashMap;
+
+use nnlin_ir::{
+    Binary, Dense, Dual, Expr, ExprClass, ExprNode, IrError, Layer, Network, Unary, ValueId,
+};
+use prost::Message;
+
+use crate::proto::{AttributeProto, ModelProto, NodeProto};
+use crate::tensor::Tensor;
+
+/// The ONNX operator types nnlin imports.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "Cast",
+    "Celu",
+    "Clip",
+    "Constant",
+    "ConstantOfShape",
+    "Div",
+    "Dropout",
+    "Elu",
+    "Erf",
+    "Exp",
+    "Flatten",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LeakyRelu",
+    "Log",
+    "LogSoftmax (trailing)",
+    "MatMul",
+    "Mish",
+    "Mul",
+    "Neg",
+    "Pow",
+    "PRelu",
+    "Reciprocal",
+    "Relu",
+    "Reshape",
+    "Selu",
+    "Shape",
+    "Sigmoid",
+    "Softmax (trailing)",
+    "Softplus",
+    "Softsign",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose (of constants)",
+    "Unsqueeze",
+];
+
+/// Lowest and highest default-domain opset accepted.
+pub const OPSET_RANGE: (i64, i64) = (9, 21);
+
+/// An import failure.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum OnnxError {
+    /// The bytes are not an ONNX model.
+    #[error("malformed ONNX file: {0}")]
+    Decode(String),
+    /// The model's opset is outside the supported range.
+    #[error("unsupported opset {0} (nnlin reads opsets {lo} to {hi})", lo = OPSET_RANGE.0, hi = OPSET_RANGE.1)]
+    Opset(i64),
+    /// An operator nnlin does not implement.
+    #[error("unsupported op: node `{node}` has op type `{op_type}`; supported ops: {}", SUPPORTED_OPS.join(", "))]
+    UnsupportedOp {
+        /// Node name.
+        node: String,
+        /// Its op type.
+        op_type: String,
+    },
+    /// A supported operator used in a way nnlin does not implement.
+    #[error("node `{node}` ({op_type}): {reason}")]
+    Unsupported {
+        /// Node name.
+        node: String,
+        /// Its op type.
+        op_type: String,
+        /// Why.
+        reason: String,
+    },
+    /// A tensor that cannot be decoded.
+    #[error("tensor `{name}`: {reason}")]
+    BadTensor {
+        /// Tensor name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The graph itself is malformed (no input, unknown value, …).
+    #[error("malformed graph: {0}")]
+    Graph(String),
+    /// The resulting network is invalid (shape mismatch, NaN weights).
+    #[error(transparent)]
+    Ir(#[from] IrError),
+}
+
+/// A model as imported.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    /// The network.
+    pub network: Network,
+    /// The default-domain opset.
+    pub opset: i64,
+    /// `producer_name producer_version`.
+    pub producer: String,
+    /// The graph input's name.
+    pub input_name: String,
+    /// The graph output's name.
+    pub output_name: String,
+    /// The op type of a trailing `Softmax`/`LogSoftmax` that was skipped
+    /// (the logits are explained instead).
+    pub skipped_softmax: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Sym {
+    Const(Tensor),
+    Value(ValueId),
+    /// A pending elementwise function of `root`.
+    Expr {
+        root: ValueId,
+        expr: Expr,
+        sources: Vec<String>,
+    },
+}
+
+struct Importer<'a> {
+    net: Network,
+    syms: HashMap<String, Sym>,
+    opset: i64,
+    node: &'a NodeProto,
+}
+
+fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+}
+fn attr_f(node: &NodeProto, name: &str, default: f64) -> f64 {
+    attr(node, name).and_then(|a| a.f).map_or(default, tensor::literal_f32)
+}
+fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).and_then(|a| a.i).unwrap_or(default)
+}
+fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+fn attr_s(node: &NodeProto, name: &str) -> Option<String> {
+    attr(node, name).and_then(|a| a.s.as_ref()).map(|s| String::from_utf8_lossy(s).into_owned())
+}
+
+fn node_name(node: &NodeProto) -> String {
+    match node.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => node.output.first().cloned().unwrap_or_default(),
+    }
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+const ELEMENTWISE: &[&str] = &[
+    "Abs",
+    "Add",
+    "Celu",
+    "Clip",
+    "Div",
+    "Elu",
+    "Erf",
+    "Exp",
+    "Gelu",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Log",
+    "Mish",
+    "Mul",
+    "Neg",
+    "Pow",
+    "PRelu",
+    "Reciprocal",
+    "Relu",
+    "Selu",
+    "Sigmoid",
+    "Softplus",
+    "Softsign",
+    "Sqrt",
+    "Sub",
+    "Tanh",
+];
+
+impl Importer<'_> {
+    fn op(&self) -> &str {
+        self.node.op_type.as_deref().unwrap_or("")
+    }
+    fn unsupported(&self, reason: impl Into<String>) -> OnnxError {
+        OnnxError::Unsupported {
+            node: node_name(self.node),
+            op_type: self.op().to_string(),
+            reason: reason.into(),
+        }
+    }
+    fn input(&self, i: usize) -> Result<Option<&Sym>, OnnxError> {
+        match self.node.input.get(i).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(name) => self.syms.get(name).map(Some).ok_or_else(|| {
+                OnnxError::Graph(format!(
+                    "node `{}` reads `{name}`, which is not defined before it",
+                    node_name(self.node)
+                ))
+            }),
+        }
+    }
+    fn const_input(&self, i: usize) -> Result<Option<Tensor>, OnnxError> {
+        match self.input(i)? {
+            None => Ok(None),
+            Some(Sym::Const(t)) => Ok(Some(t.clone())),
+            Some(_) => Err(self.unsupported(format!("input {i} must be a constant"))),
+        }
+    }
+    fn shape_of(&self, s: &Sym) -> Vec<usize> {
+        match s {
+            Sym::Const(t) => t.dims.clone(),
+            Sym::Value(v) | Sym::Expr { root: v, .. } => self.net.shape(*v).to_vec(),
+        }
+    }
+
+    /// Turns a pending expression into a layer; returns the value.
+    fn materialize(&mut self, name: &str) -> Result<ValueId, OnnxError> {
+        let sym = self.syms.get(name).cloned().ok_or_else(|| {
+            OnnxError::Graph(format!("value `{name}` is not defined before it is used"))
+        })?;
+        let v = match sym {
+            Sym::Value(v) => return Ok(v),
+            Sym::Const(_) => {
+                return Err(self.unsupported(format!(
+                    "input `{name}` is a constant where a tensor depending on the model input is expected"
+                )));
+            }
+            Sym::Expr { root, expr, sources } => {
+                let numel = self.net.numel(root);
+                let source = sources.join("+");
+                match expr.class() {
+                    _ if expr.is_identity() => root,
+                    ExprClass::Constant => {
+                        return Err(self
+                            .unsupported(format!("`{name}` does not depend on the model input")));
+                    }
+                    ExprClass::Affine => {
+                        let mut scratch = Vec::new();
+                        let (mut scale, mut shift) = (Vec::new(), Vec::new());
+                        for i in 0..numel {
+                            let y = expr.eval(i, Dual::var(0.0), &mut scratch);
+                            scale.push(y.d);
+                            shift.push(y.v);
+                        }
+                        let layer = Layer::Affine(nnlin_ir::Affine { scale, shift });
+                        self.net.push(name, source, layer, vec![root])?
+                    }
+                    ExprClass::PiecewiseLinear | ExprClass::Smooth => {
+                        let layer = Layer::Activation(nnlin_ir::Activation { expr });
+                        self.net.push(name, source, layer, vec![root])?
+                    }
+                }
+            }
+        };
+        self.syms.insert(name.to_string(), Sym::Value(v));
+        Ok(v)
+    }
+
+    fn input_value(&mut self, i: usize) -> Result<ValueId, OnnxError> {
+        let name = self.node.input.get(i).cloned().unwrap_or_default();
+        self.materialize(&name)
+    }
+
+    fn set_output(&mut self, sym: Sym) {
+        if let Some(out) = self.node.output.first() {
+            self.syms.insert(out.clone(), sym);
+        }
+    }
+
+    /// An elementwise node with at least one non-constant input.
+    fn elementwise(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        let mut root: Option<ValueId> = None;
+        let mut out_shape: Vec<usize> = vec![];
+        let mut inputs: Vec<Option<Sym>> = vec![];
+        for i in 0..self.node.input.len() {
+            let s = self.input(i)?.cloned();
+            if let Some(s) = &s {
+                let shape = self.shape_of(s);
+                out_shape = tensor::broadcast_shape(&out_shape, &shape).ok_or_else(|| {
+                    self.unsupported(format!("shapes do not broadcast: {shape:?}"))
+                })?;
+                if let Sym::Value(v) | Sym::Expr { root: v, .. } = s {
+                    match root {
+                        None => root = Some(*v),
+                        Some(r) if r == *v => {}
+                        Some(_) => {
+                            return Err(self.unsupported(
+                                "elementwise op on two different tensors (a residual or gated \
+                                 branch) is not supported",
+                            ));
+                        }
+                    }
+                }
+            }
+            inputs.push(s);
+        }
+        let root = root.expect("elementwise called with a non-constant input");
+        let root_shape = self.net.shape(root).to_vec();
+        if out_shape != root_shape {
+            return Err(self.unsupported(format!(
+                "broadcasting expands the tensor from {root_shape:?} to {out_shape:?}"
+            )));
+        }
+        let mut e = Expr::var();
+        let var = 0;
+        let mut sources = vec![];
+        let mut args: Vec<Option<usize>> = vec![];
+        for s in &inputs {
+            args.push(match s {
+                None => None,
+                Some(Sym::Value(_)) => Some(var),
+                Some(Sym::Expr { expr, sources: src, .. }) => {
+                    sources.extend(src.iter().cloned());
+                    Some(e.splice(expr, var))
+                }
+                Some(Sym::Const(t)) => {
+                    let data = if t.numel() == 1 {
+                        vec![t.data[0]]
+                    } else {
+                        tensor::broadcast_to(t, &root_shape).ok_or_else(|| {
+                            self.unsupported(format!(
+                                "constant of shape {:?} does not broadcast",
+                                t.dims
+                            ))
+                        })?
+                    };
+                    Some(e.push_const(data))
+                }
+            });
+        }
+        sources.push(op.clone());
+        let a = |i: usize| args.get(i).copied().flatten();
+        let x = a(0).ok_or_else(|| self.unsupported("missing input 0"))?;
+        let n = self.node;
+        let un = |e: &mut Expr, f: Unary| e.push(ExprNode::Unary(f, x));
+        let bin = |e: &mut Expr, f: Binary| -> Result<usize, OnnxError> {
+            let y = a(1).ok_or_else(|| self.unsupported("missing input 1"))?;
+            Ok(e.push(ExprNode::Binary(f, x, y)))
+        };
+        match op.as_str() {
+            "Add" => bin(&mut e, Binary::Add)?,
+            "Sub" => bin(&mut e, Binary::Sub)?,
+            "Mul" => bin(&mut e, Binary::Mul)?,
+            "Div" => bin(&mut e, Binary::Div)?,
+            "Pow" => bin(&mut e, Binary::Pow)?,
+            "PRelu" => {
+                if !matches!(inputs.get(1), Some(Some(Sym::Const(_)))) {
+                    return Err(self.unsupported("PRelu slope must be a constant"));
+                }
+                bin(&mut e, Binary::PRelu)?
+            }
+            "Relu" => un(&mut e, Unary::Relu),
+            "LeakyRelu" => un(&mut e, Unary::LeakyRelu { alpha: attr_f(n, "alpha", 0.01) }),
+            "Elu" => un(&mut e, Unary::Elu { alpha: attr_f(n, "alpha", 1.0) }),
+            "Celu" => un(&mut e, Unary::Celu { alpha: attr_f(n, "alpha", 1.0) }),
+            "Selu" => un(
+                &mut e,
+                Unary::Selu {
+                    // The spec's defaults are the float32 roundings of SELU's
+                    // constants; PyTorch computes with the exact ones.
+                    alpha: attr_f(n, "alpha", 1.673_263_242_354_377_3),
+                    gamma: attr_f(n, "gamma", 1.050_700_987_355_480_5),
+                },
+            ),
+            "Gelu" => match attr_s(n, "approximate").as_deref() {
+                Some("tanh") => un(&mut e, Unary::GeluTanh),
+                None | Some("none") => un(&mut e, Unary::Gelu),
+                Some(other) => {
+                    return Err(self.unsupported(format!("approximate=`{other}`")));
+                }
+            },
+            "Softplus" => un(&mut e, Unary::Softplus),
+            "Sigmoid" => un(&mut e, Unary::Sigmoid),
+            "Tanh" => un(&mut e, Unary::Tanh),
+            "HardSigmoid" => un(
+                &mut e,
+                Unary::HardSigmoid { alpha: attr_f(n, "alpha", 0.2), beta: attr_f(n, "beta", 0.5) },
+            ),
+            "HardSwish" => un(&mut e, Unary::HardSwish),
+            "Softsign" => un(&mut e, Unary::Softsign),
+            "Mish" => {
+                let sp = un(&mut e, Unary::Softplus);
+                let th = e.push(ExprNode::Unary(Unary::Tanh, sp));
+                e.push(ExprNode::Binary(Binary::Mul, x, th))
+            }
+            "Erf" => un(&mut e, Unary::Erf),
+            "Exp" => un(&mut e, Unary::Exp),
+            "Log" => un(&mut e, Unary::Log),
+            "Sqrt" => un(&mut e, Unary::Sqrt),
+            "Abs" => un(&mut e, Unary::Abs),
+            "Neg" => un(&mut e, Unary::Neg),
+            "Reciprocal" => un(&mut e, Unary::Reciprocal),
+            "Clip" => {
+                let (min, max) = if self.opset < 11 {
+                    (attr_f(n, "min", f64::NEG_INFINITY), attr_f(n, "max", f64::INFINITY))
+                } else {
+                    let scalar = |i: usize| -> Result<Option<f64>, OnnxError> {
+                        match inputs.get(i) {
+                            Some(Some(Sym::Const(t))) if t.numel() == 1 => Ok(Some(t.data[0])),
+                            Some(Some(_)) => {
+                                Err(self.unsupported("Clip bounds must be constant scalars"))
+                            }
+                            _ => Ok(None),
+                        }
+                    };
+                    (scalar(1)?.unwrap_or(f64::NEG_INFINITY), scalar(2)?.unwrap_or(f64::INFINITY))
+                };
+                // Bounds were pushed as constant nodes above; they are unused,
+                // which is harmless.
+                un(&mut e, Unary::Clip { min, max })
+            }
+            other => unreachable!("{other} is not elementwise"),
+        };
+        Ok(Sym::Expr { root, expr: e, sources })
+    }
+
+    /// Folds a node whose inputs are all constant.
+    fn fold(&self) -> Result<Tensor, OnnxError> {
+        let n = self.node;
+        let op = self.op();
+        let c = |i: usize| -> Result<Tensor, OnnxError> {
+            self.const_input(i)?.ok_or_else(|| self.unsupported(format!("missing input {i}")))
+        };
+        let unary = |f: fn(f64) -> f64| -> Result<Tensor, OnnxError> {
+            let t = c(0)?;
+            let data = t.data.iter().map(|&v| f(v)).collect();
+            Ok(Tensor::new(t.dims, data, false))
+        };
+        let bin = |f: fn(f64, f64) -> f64| -> Result<Tensor, OnnxError> {
+            let (a, b) = (c(0)?, c(1)?);
+            let mut t = tensor::binary(&a, &b, f)
+                .ok_or_else(|| self.unsupported("constant shapes do not broadcast"))?;
+            if t.is_int {
+                t.data.iter_mut().for_each(|v| *v = v.trunc());
+            }
+            Ok(t)
+        };
+        Ok(match op {
+            "Identity" | "Dropout" => c(0)?,
+            "Add" => bin(|a, b| a + b)?,
+            "Sub" => bin(|a, b| a - b)?,
+            "Mul" => bin(|a, b| a * b)?,
+            "Div" => bin(|a, b| a / b)?,
+            "Pow" => bin(f64::powf)?,
+            "Neg" => {
+                let t = c(0)?;
+                Tensor::new(t.dims.clone(), t.data.iter().map(|v| -v).collect(), t.is_int)
+            }
+            "Sqrt" => unary(f64::sqrt)?,
+            "Exp" => unary(f64::exp)?,
+            "Log" => unary(f64::ln)?,
+            "Reciprocal" => unary(|v| 1.0 / v)?,
+            "Erf" => unary(libm_erf)?,
+            "Tanh" => unary(f64::tanh)?,
+            "Sigmoid" => unary(|v| 1.0 / (1.0 + (-v).exp()))?,
+            "Relu" => unary(|v| v.max(0.0))?,
+            "Cast" => {
+                let t = c(0)?;
+                let to = attr_i(n, "to", 1) as i32;
+                let is_int = !matches!(to, 1 | 10 | 11 | 16);
+                let data = if is_int {
+                    t.data.iter().map(|v| v.trunc()).collect()
+                } else {
+                    t.data.clone()
+                };
+                Tensor::new(t.dims, data, is_int)
+            }
+            "Transpose" => {
+                let t = c(0)?;
+                let rank = t.dims.len();
+                let perm: Vec<usize> = match attr_ints(n, "perm") {
+                    Some(p) => p.iter().map(|&v| v as usize).collect(),
+                    None => (0..rank).rev().collect(),
+                };
+                tensor::transpose(&t, &perm)
+            }
+            "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
+                let t = c(0)?;
+                let dims = self.reshape_target(&t.dims)?;
+                Tensor::new(dims, t.data, t.is_int)
+            }
+            "ConstantOfShape" => {
+                let shape: Vec<usize> = c(0)?.as_ints().iter().map(|&v| v as usize).collect();
+                let (value, is_int) = match attr(n, "value").and_then(|a| a.t.as_ref()) {
+                    Some(t) => {
+                        let t = tensor::decode(t).map_err(|reason| OnnxError::BadTensor {
+                            name: node_name(n),
+                            reason,
+                        })?;
+                        (t.data.first().copied().unwrap_or(0.0), t.is_int)
+                    }
+                    None => (0.0, false),
+                };
+                let numel = shape.iter().product();
+                Tensor::new(shape, vec![value; numel], is_int)
+            }
+            "Shape" => {
+                let t = c(0)?;
+                Tensor::ints(&t.dims.iter().map(|&d| d as i64).collect::<Vec<_>>())
+            }
+            "Concat" => {
+                let axis = attr_i(n, "axis", 0);
+                let parts: Vec<Tensor> = (0..n.input.len()).map(c).collect::<Result<_, _>>()?;
+                if parts.iter().any(|p| p.dims.len() != 1) || !(axis == 0 || axis == -1) {
+                    return Err(self.unsupported("only 1-D constant concatenation is folded"));
+                }
+                let data: Vec<f64> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+                Tensor::new(vec![data.len()], data, parts.iter().all(|p| p.is_int))
+            }
+            "Gather" => {
+                let (t, idx) = (c(0)?, c(1)?);
+                let axis = attr_i(n, "axis", 0);
+                if t.dims.len() != 1 || axis != 0 {
+                    return Err(self.unsupported("only gathering from 1-D constants is folded"));
+                }
+                let len = t.numel() as i64;
+                let data = idx
+                    .as_ints()
+                    .iter()
+                    .map(|&i| {
+                        let j = if i < 0 { i + len } else { i };
+                        t.data
+                            .get(j as usize)
+                            .copied()
+                            .ok_or_else(|| self.unsupported("index out of range"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Tensor::new(idx.dims.clone(), data, t.is_int)
+            }
+            other => {
+                return Err(OnnxError::UnsupportedOp {
+                    node: node_name(n),
+                    op_type: other.to_string(),
+                });
+            }
+        })
+    }
+
+    /// Output shape of Reshape/Flatten/Squeeze/Unsqueeze applied to `dims`.
+    fn reshape_target(&self, dims: &[usize]) -> Result<Vec<usize>, OnnxError> {
+        let n = self.node;
+        let numel: usize = dims.iter().product();
+        let axes_of = |this: &Self| -> Result<Option<Vec<i64>>, OnnxError> {
+            if let Some(a) = attr_ints(n, "axes") {
+                return Ok(Some(a));
+            }
+            Ok(this.const_input(1)?.map(|t| t.as_ints()))
+        };
+        match self.op() {
+            "Flatten" => {
+                let axis = attr_i(n, "axis", 1);
+                let a = if axis < 0 { axis + dims.len() as i64 } else { axis };
+                if !(0..=dims.len() as i64).contains(&a) {
+                    return Err(self.unsupported(format!("axis {axis} out of range")));
+                }
+                let lead: usize = dims[..a as usize].iter().product();
+                Ok(vec![lead, numel / lead.max(1)])
+            }
+            "Reshape" => {
+                let target = self
+                    .const_input(1)?
+                    .ok_or_else(|| self.unsupported("missing shape"))?
+                    .as_ints();
+                let allowzero = attr_i(n, "allowzero", 0) != 0;
+                let mut out = Vec::with_capacity(target.len());
+                let mut infer = None;
+                for (i, &t) in target.iter().enumerate() {
+                    match t {
+                        -1 => {
+                            infer = Some(i);
+                            out.push(1);
+                        }
+                        0 if !allowzero => out.push(
+                            *dims
+                                .get(i)
+                                .ok_or_else(|| self.unsupported("0 copies a missing dimension"))?,
+                        ),
+                        t if t >= 0 => out.push(t as usize),
+                        t => return Err(self.unsupported(format!("bad dimension {t}"))),
+                    }
+                }
+                if let Some(i) = infer {
+                    let known: usize = out.iter().product();
+                    if known == 0 || numel % known != 0 {
+                        return Err(
+                            self.unsupported(format!("cannot reshape {dims:?} to {target:?}"))
+                        );
+                    }
+                    out[i] = numel / known;
+                }
+                if out.iter().product::<usize>() != numel {
+                    return Err(self.unsupported(format!("cannot reshape {dims:?} to {target:?}")));
+                }
+                Ok(out)
+            }
+            "Squeeze" => {
+                let axes = axes_of(self)?;
+                let rank = dims.len();
+                let drop: Vec<usize> = match axes {
+                    Some(a) => a
+                        .iter()
+                        .map(|&x| norm_axis(x, rank).ok_or_else(|| self.unsupported("bad axis")))
+                        .collect::<Result<_, _>>()?,
+                    None => (0..rank).filter(|&i| dims[i] == 1).collect(),
+                };
+                if drop.iter().any(|&i| dims[i] != 1) {
+                    return Err(self.unsupported("squeezing a dimension that is not 1"));
+                }
+                Ok((0..rank).filter(|i| !drop.contains(i)).map(|i| dims[i]).collect())
+            }
+            "Unsqueeze" => {
+                let axes = axes_of(self)?.ok_or_else(|| self.unsupported("missing axes"))?;
+                let rank = dims.len() + axes.len();
+                let mut ins: Vec<usize> = axes
+                    .iter()
+                    .map(|&x| norm_axis(x, rank).ok_or_else(|| self.unsupported("bad axis")))
+                    .collect::<Result<_, _>>()?;
+                ins.sort_unstable();
+                let mut out = Vec::with_capacity(rank);
+                let mut it = dims.iter();
+                for i in 0..rank {
+                    if ins.contains(&i) {
+                        out.push(1);
+                    } else {
+                        out.push(*it.next().expect("rank"));
+                    }
+                }
+                Ok(out)
+            }
+            other => unreachable!("{other} is not a reshape"),
+        }
+    }
+
+    fn dense(&mut self) -> Result<Sym, OnnxError> {
+        let n = self.node;
+        let x = self.input_value(0)?;
+        let xshape = self.net.shape(x).to_vec();
+        let b = self.const_input(1)?.ok_or_else(|| self.unsupported("missing weight"))?;
+        if b.dims.len() != 2 {
+            return Err(
+                self.unsupported(format!("weight must be a 2-D constant, got shape {:?}", b.dims))
+            );
+        }
+        let (alpha, beta, trans_a, trans_b) = if self.op() == "Gemm" {
+            (
+                attr_f(n, "alpha", 1.0),
+                attr_f(n, "beta", 1.0),
+                attr_i(n, "transA", 0),
+                attr_i(n, "transB", 0),
+            )
+        } else {
+            (1.0, 1.0, 0, 0)
+        };
+        let (k, out) = if trans_b != 0 { (b.dims[1], b.dims[0]) } else { (b.dims[0], b.dims[1]) };
+        if trans_a != 0 {
+            // A is K×M; with one instance (M = 1) its data is the K-vector.
+            if xshape != [k, 1] {
+                return Err(self.unsupported(format!("transA with input shape {xshape:?}")));
+            }
+        }
+        if self.op() == "Gemm" && trans_a == 0 && xshape.len() != 2 {
+            return Err(self.unsupported(format!("Gemm input must be 2-D, got {xshape:?}")));
+        }
+        let mut weight = vec![0.0; out * k];
+        for o in 0..out {
+            for kk in 0..k {
+                let w = if trans_b != 0 { b.data[o * k + kk] } else { b.data[kk * out + o] };
+                weight[o * k + kk] = alpha * w;
+            }
+        }
+        let bias = match self.const_input(2)? {
+            None => None,
+            Some(c) => {
+                let full = tensor::broadcast_to(&c, &[out])
+                    .or_else(|| tensor::broadcast_to(&c, &[1, out]))
+                    .ok_or_else(|| self.unsupported(format!("bias of shape {:?}", c.dims)))?;
+                Some(full.iter().map(|v| beta * v).collect())
+            }
+        };
+        let mut v = x;
+        if trans_a != 0 {
+            v = self.net.push(
+                format!("{}.transA", node_name(n)),
+                "Gemm",
+                Layer::Reshape(nnlin_ir::Reshape { shape: vec![1, k] }),
+                vec![v],
+            )?;
+        }
+        let layer = Layer::Dense(Dense { out_features: out, in_features: k, weight, bias });
+        let source = self.op().to_string();
+        let y = self.net.push(node_name(n), source, layer, vec![v])?;
+        Ok(Sym::Value(y))
+    }
+}
+
+fn libm_erf(v: f64) -> f64 {
+    <f64 as nnlin_ir::Scalar>::erf(v)
+}
+
+/// Decodes and imports an ONNX model.
+pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
+    let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Decode("no graph".into()))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .and_then(|o| o.version)
+        .ok_or_else(|| OnnxError::Decode("no default-domain opset_import".into()))?;
+    if !(OPSET_RANGE.0..=OPSET_RANGE.1).contains(&opset) {
+        return Err(OnnxError::Opset(opset));
+    }
+
+    let mut syms: HashMap<String, Sym> = HashMap::new();
+    for init in &graph.initializer {
+        let name = init.name.clone().unwrap_or_default();
+        let t = tensor::decode(init)
+            .map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
+        syms.insert(name, Sym::Const(t));
+    }
+    let inputs: Vec<_> = graph
+        .input
+        .iter()
+        .filter(|i| !syms.contains_key(i.name.as_deref().unwrap_or("")))
+        .collect();
+    let [input] = inputs.as_slice() else {
+        return Err(OnnxError::Graph(format!(
+            "the graph must have exactly one non-initializer input, it has {}",
+            inputs.len()
+        )));
+    };
+    let input_name = input.name.clone().unwrap_or_default();
+    let tt = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .ok_or_else(|| OnnxError::Graph(format!("input `{input_name}` is not a tensor")))?;
+    if !matches!(tt.elem_type, Some(1 | 11 | 10)) {
+        return Err(OnnxError::Graph(format!(
+            "input `{input_name}` has element type {:?}; a float tensor is expected",
+            tt.elem_type
+        )));
+    }
+    let mut shape = vec![];
+    for (i, d) in tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or_default().iter().enumerate()
+    {
+        use proto::tensor_shape_proto::dimension::Value;
+        let v = match &d.value {
+            Some(Value::DimValue(v)) if *v > 0 => *v as usize,
+            _ if i == 0 => 1, // the batch dimension: one instance at a time
+            _ => {
+                return Err(OnnxError::Graph(format!(
+                    "input `{input_name}` has a dynamic dimension {i}; only the batch dimension may be dynamic"
+                )));
+            }
+        };
+        shape.push(v);
+    }
+    if shape.is_empty() {
+        return Err(OnnxError::Graph(format!("input `{input_name}` has no shape")));
+    }
+
+    let [output] = graph.output.as_slice() else {
+        return Err(OnnxError::Graph(format!(
+            "the graph must have exactly one output, it has {}",
+            graph.output.len()
+        )));
+    };
+    let mut output_name = output.name.clone().unwrap_or_default();
+
+    syms.insert(input_name.clone(), Sym::Value(ValueId(0)));
+    let mut net = Network::new(shape);
+    let mut skipped_softmax = None;
+
+    for node in &graph.node {
+        let op = node.op_type.clone().unwrap_or_default();
+        if !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
+            return Err(OnnxError::UnsupportedOp {
+                node: node_name(node),
+                op_type: format!("{}::{op}", node.domain.as_deref().unwrap_or("")),
+            });
+        }
+        let mut imp = Importer { net, syms, opset, node };
+        let result = (|| -> Result<(), OnnxError> {
+            if op == "Constant" {
+                let a = node
+                    .attribute
+                    .first()
+                    .ok_or_else(|| imp.unsupported("Constant without a value"))?;
+                let t = match a.name.as_deref() {
+                    Some("value") => {
+                        let tp = a.t.as_ref().ok_or_else(|| imp.unsupported("no tensor"))?;
+                        let mut t = tensor::decode(tp).map_err(|reason| OnnxError::BadTensor {
+                            name: node_name(node),
+                            reason,
+                        })?;
+                        if tp.data_type == Some(proto::data_type::FLOAT) && t.numel() == 1 {
+                            t.data[0] = tensor::literal_f32(t.data[0] as f32);
+                        }
+                        t
+                    }
+                    Some("value_float") => {
+                        Tensor::new(vec![], vec![tensor::literal_f32(a.f.unwrap_or(0.0))], false)
+                    }
+                    Some("value_floats") => Tensor::new(
+                        vec![a.floats.len()],
+                        a.floats.iter().map(|&v| tensor::literal_f32(v)).collect(),
+                        false,
+                    ),
+                    Some("value_int") => Tensor::new(vec![], vec![a.i.unwrap_or(0) as f64], true),
+                    Some("value_ints") => Tensor::ints(&a.ints),
+                    other => return Err(imp.unsupported(format!("Constant attribute {other:?}"))),
+                };
+                imp.set_output(Sym::Const(t));
+                return Ok(());
+            }
+            if op == "Shape" {
+                if let Some(s) = imp.input(0)?.cloned() {
+                    let dims = imp.shape_of(&s);
+                    let start = attr_i(node, "start", 0);
+                    let end = attr(node, "end").and_then(|a| a.i).unwrap_or(dims.len() as i64);
+                    let r = dims.len() as i64;
+                    let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+                    let d: Vec<i64> = dims[clamp(start)..clamp(end).max(clamp(start))]
+                        .iter()
+                        .map(|&v| v as i64)
+                        .collect();
+                    imp.set_output(Sym::Const(Tensor::ints(&d)));
+                    return Ok(());
+                }
+            }
+            let all_const = node
+                .input
+                .iter()
+                .filter(|i| !i.is_empty())
+                .all(|i| matches!(imp.syms.get(i), Some(Sym::Const(_))));
+            if all_const && !node.input.is_empty() {
+                let t = imp.fold()?;
+                imp.set_output(Sym::Const(t));
+                return Ok(());
+            }
+            match op.as_str() {
+                o if ELEMENTWISE.contains(&o) => {
+                    let s = imp.elementwise()?;
+                    imp.set_output(s);
+                }
+                "Identity" | "Dropout" => {
+                    let s =
+                        imp.input(0)?.cloned().ok_or_else(|| imp.unsupported("missing input"))?;
+                    imp.set_output(s);
+                }
+                "Gemm" | "MatMul" => {
+                    let s = imp.dense()?;
+                    imp.set_output(s);
+                }
+                "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
+                    let v = imp.input_value(0)?;
+                    let dims = imp.net.shape(v).to_vec();
+                    let target = imp.reshape_target(&dims)?;
+                    let y = imp.net.push(
+                        node_name(node),
+                        op.as_str(),
+                        Layer::Reshape(nnlin_ir::Reshape { shape: target }),
+                        vec![v],
+                    )?;
+                    imp.set_output(Sym::Value(y));
+                }
+                "Softmax" | "LogSoftmax" => {
+                    let out = node.output.first().cloned().unwrap_or_default();
+                    let consumed = graph.node.iter().any(|m| m.input.contains(&out));
+                    if out != output_name || consumed {
+                        return Err(imp.unsupported(
+                            "only a trailing Softmax/LogSoftmax (the graph output) is supported; it is skipped",
+                        ));
+                    }
+                    skipped_softmax = Some(op.clone());
+                    output_name = node.input.first().cloned().unwrap_or_default();
+                }
+                _ => {
+                    return Err(OnnxError::UnsupportedOp {
+                        node: node_name(node),
+                        op_type: op.clone(),
+                    });
+                }
+            }
+            Ok(())
+        })();
+        net = imp.net;
+        syms = imp.syms;
+        result?;
+    }
+
+    let dummy = NodeProto { op_type: Some("<graph output>".into()), ..Default::default() };
+    let mut imp = Importer { net, syms, opset, node: &dummy };
+    let out = imp.materialize(&output_name)?;
+    let mut net = imp.net;
+    net.set_output(out);
+    let net = fuse_dense_affine(prune(&net)?)?;
+    let producer = format!(
+        "{} {}",
+        model.producer_name.as_deref().unwrap_or(""),
+        model.producer_version.as_deref().unwrap_or("")
+    )
+    .trim()
+    .to_string();
+    Ok(Imported {
+        network: net,
+        opset,
+        producer,
+        input_name,
+        output_name: output.name.clone().unwrap_or_default(),
+        skipped_softmax,
+    })
+}
+
+/// Rebuilds the network keeping only the nodes the output depends on.
+fn prune(net: &Network) -> Result<Network, IrError> {
+    let mut live = vec![false; net.nodes().len() + 1];
+    live[net.output().0] = true;
+    for node in net.nodes().iter().rev() {
+        if live[node.output.0] {
+            for i in &node.inputs {
+                live[i.0] = true;
+            }
+        }
+    }
+    let mut map: Vec<Option<ValueId>> = vec![None; live.len()];
+    map[0] = Some(ValueId(0));
+    let mut out = Network::new(net.input_shape().to_vec());
+    for node in net.nodes() {
+        if live[node.output.0] {
+            let inputs = node.inputs.iter().map(|i| map[i.0].expect("live input")).collect();
+            map[node.output.0] = Some(out.push(
+                node.name.clone(),
+                node.source.clone(),
+                node.layer.clone(),
+                inputs,
+            )?);
+        }
+    }
+    out.set_output(map[net.output().0].expect("live output"));
+    Ok(out)
+}
+
+/// Folds an `Affine` layer into the `Dense` layer before it (ONNX `MatMul`
+/// followed by `Add` of the bias, or a scale), when the dense output has no
+/// other consumer and covers one row.
+fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
+    let Some(chain) = net.chain() else { return Ok(net) };
+    let mut out = Network::new(net.input_shape().to_vec());
+    let mut i = 0;
+    let mut v = ValueId(0);
+    while i < chain.len() {
+        let node = chain[i];
+        if let (Layer::Dense(d), Some(next)) = (&node.layer, chain.get(i + 1))
+            && let Layer::Affine(a) = &next.layer
+            && a.scale.len() == d.out_features
+        {
+            let mut d = d.clone();
+            let old_bias = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
+            for o in 0..d.out_features {
+                for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
+                    *w *= a.scale[o];
+                }
+            }
+            d.bias =
+                Some((0..d.out_features).map(|o| a.scale[o] * old_bias[o] + a.shift[o]).collect());
+            let source = format!("{}+{}", node.source, next.source);
+            v = out.push(node.name.clone(), source, Layer::Dense(d), vec![v])?;
+            i += 2;
+            continue;
+        }
+        v = out.push(node.name.clone(), node.source.clone(), node.layer.clone(), vec![v])?;
+        i += 1;
+    }
+    out.set_output(v);
+    Ok(out)
+}

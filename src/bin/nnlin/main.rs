@@ -1,0 +1,350 @@
+//! The `nnlin` command line: a thin client of the `nnlin` library.
+//!
+//! ```text
+//! nnlin explain MODEL.onnx [MORE.onnx ... --weights a1,a2,...] --input X.npy [--out DIR]
+//!               [--mode tangent|secant] [--precision f32|f64] [--rows all|top1|topK|i,j,...]
+//!               [--strategy auto|reverse|forward] [--threads N]
+//! nnlin inspect MODEL.onnx [--input X.npy]
+//! ```
+
+mod io;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ndarray::{Array2, Array3};
+use nnlin::{Ensemble, Mode, Model, Options, Rows, Strategy};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "nnlin",
+    version,
+    about = "Exact instance-wise linearization F(x) = W·x + b of ONNX networks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum ModeArg {
+    Tangent,
+    Secant,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum PrecisionArg {
+    F32,
+    F64,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum StrategyArg {
+    Auto,
+    Reverse,
+    Forward,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Linearize a model (or a weighted ensemble) at every instance of X.npy.
+    Explain {
+        /// ONNX model(s); several form the ensemble Σ aᵢ Fᵢ (see --weights).
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Ensemble weights a1,a2,... (default: all 1).
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        weights: Option<Vec<f64>>,
+        /// Input .npy (float32/float64): one instance or a batch (N, ...).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "nnlin-out")]
+        out: PathBuf,
+        /// How smooth activations are linearized.
+        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
+        mode: ModeArg,
+        /// Precision of W.npy and b.npy.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F64)]
+        precision: PrecisionArg,
+        /// Rows of W: all, top1, topK, or i,j,...
+        #[arg(long, default_value = "all")]
+        rows: String,
+        /// Accumulation order.
+        #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
+        strategy: StrategyArg,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Show a model's layers; with --input, every compiled operator and the
+    /// activation pattern of the first instance.
+    Inspect {
+        /// ONNX model.
+        model: PathBuf,
+        /// Input .npy.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Activation mode for the compiled operators.
+        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
+        mode: ModeArg,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // one line: the chain of causes
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("nnlin: error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Explain {
+            models,
+            weights,
+            input,
+            out,
+            mode,
+            precision,
+            rows,
+            strategy,
+            threads,
+        } => explain(ExplainArgs {
+            models,
+            weights,
+            input,
+            out,
+            mode,
+            precision,
+            rows,
+            strategy,
+            threads,
+        }),
+        Command::Inspect { model, input, mode } => inspect(&model, input.as_deref(), mode),
+    }
+}
+
+struct ExplainArgs {
+    models: Vec<PathBuf>,
+    weights: Option<Vec<f64>>,
+    input: PathBuf,
+    out: PathBuf,
+    mode: ModeArg,
+    precision: PrecisionArg,
+    rows: String,
+    strategy: StrategyArg,
+    threads: Option<usize>,
+}
+
+fn mode_of(m: ModeArg) -> Mode {
+    match m {
+        ModeArg::Tangent => Mode::Tangent,
+        ModeArg::Secant => Mode::Secant,
+    }
+}
+
+fn load_ensemble(models: &[PathBuf], weights: Option<Vec<f64>>) -> Result<Ensemble> {
+    let weights = match weights {
+        None => vec![1.0; models.len()],
+        Some(w) if w.len() == models.len() => w,
+        Some(w) => bail!("--weights has {} values for {} models", w.len(), models.len()),
+    };
+    let mut members = Vec::with_capacity(models.len());
+    for (path, a) in models.iter().zip(weights) {
+        members.push((Model::from_onnx_file(path)?, a));
+    }
+    Ok(Ensemble::new(members)?)
+}
+
+fn explain(args: ExplainArgs) -> Result<()> {
+    let rows: Rows = args.rows.parse().map_err(anyhow::Error::msg)?;
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let ens = load_ensemble(&args.models, args.weights)?;
+    let first = &ens.members()[0].0;
+    let xs = io::read_instances(&args.input, first.input_shape())?;
+    let opts = Options {
+        mode: mode_of(args.mode),
+        strategy: match args.strategy {
+            StrategyArg::Auto => Strategy::Auto,
+            StrategyArg::Reverse => Strategy::Reverse,
+            StrategyArg::Forward => Strategy::Forward,
+        },
+        rows,
+    };
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = args.threads {
+        builder = builder.num_threads(t);
+    }
+    let pool = builder.build().context("cannot start worker threads")?;
+    let threads = pool.current_num_threads();
+
+    let start = Instant::now();
+    let lins = pool.install(|| ens.linearize_batch(xs.view(), &opts))?;
+    let seconds = start.elapsed().as_secs_f64();
+
+    let (n_inst, n) = xs.dim();
+    let m = lins.first().map_or(0, |l| l.rows.len());
+    let round = |v: f64| match args.precision {
+        PrecisionArg::F64 => v,
+        PrecisionArg::F32 => f64::from(v as f32),
+    };
+    let mut w = Array3::<f64>::zeros((n_inst, m, n));
+    let mut b = Array2::<f64>::zeros((n_inst, m));
+    let mut instances = Vec::with_capacity(n_inst);
+    for (k, lin) in lins.iter().enumerate() {
+        let x = xs.row(k);
+        let f = ens.forward_reference(x.as_slice().expect("contiguous"));
+        let mut wx = Vec::with_capacity(m);
+        let mut residual: f64 = 0.0;
+        for i in 0..m {
+            let mut s = 0.0;
+            for j in 0..n {
+                let wij = round(lin.w[(i, j)]);
+                w[(k, i, j)] = wij;
+                s += wij * x[j];
+            }
+            let bi = round(lin.b[i]);
+            b[(k, i)] = bi;
+            wx.push(s);
+            residual = residual.max((s + bi - f[lin.rows[i]]).abs());
+        }
+        let predicted = f
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+            .map(|(i, _)| i);
+        instances.push(json!({
+            "index": k,
+            "output": f,
+            "predicted": predicted,
+            "rows": lin.rows,
+            "wx": wx,
+            "b": b.row(k).to_vec(),
+            "residual": residual,
+            "direction": format!("{:?}", lin.direction).to_lowercase(),
+            "active_units": lin.pattern.iter().map(|p| json!({"model": p.model, "layer": p.layer, "active": p.active, "total": p.total})).collect::<Vec<_>>(),
+        }));
+    }
+    let skipped: Vec<_> = ens
+        .members()
+        .iter()
+        .filter_map(|(m, _)| m.imported().skipped_softmax.as_ref().map(|s| (m.name(), s)))
+        .map(|(name, op)| format!("{name}: trailing {op} skipped; W and b explain the logits"))
+        .collect();
+    let summary = json!({
+        "nnlin_version": env!("CARGO_PKG_VERSION"),
+        "models": ens.members().iter().map(|(m, a)| json!({
+            "path": m.name(),
+            "weight": a,
+            "opset": m.imported().opset,
+            "producer": m.imported().producer,
+            "skipped_softmax": m.imported().skipped_softmax,
+        })).collect::<Vec<_>>(),
+        "notes": skipped,
+        "input": args.input.display().to_string(),
+        "input_shape": first.input_shape(),
+        "n": n,
+        "m": m,
+        "instances_count": n_inst,
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "precision": format!("{:?}", args.precision).to_lowercase(),
+        "strategy": format!("{:?}", args.strategy).to_lowercase(),
+        "rows": args.rows,
+        "threads": threads,
+        "timing": { "linearize_seconds": seconds },
+        "instances": instances,
+    });
+    io::write_outputs(&args.out, &w, &b, args.precision == PrecisionArg::F32, &summary)?;
+    for s in &skipped {
+        eprintln!("nnlin: note: {s}");
+    }
+    let worst = instances.iter().map(|i| i["residual"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
+    println!(
+        "nnlin: {n_inst} instance(s), W {m}×{n}, max |W·x + b − F(x)| = {worst:.3e}, {seconds:.4} s; wrote {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeArg) -> Result<()> {
+    let model = Model::from_onnx_file(path)?;
+    let net = model.network();
+    let imp = model.imported();
+    println!("model: {}", path.display());
+    println!("opset: {}   producer: {}", imp.opset, imp.producer);
+    println!(
+        "input: `{}` {:?}   output: `{}` {:?}",
+        imp.input_name,
+        net.input_shape(),
+        imp.output_name,
+        net.output_shape()
+    );
+    if let Some(op) = &imp.skipped_softmax {
+        println!("note: trailing {op} skipped; the logits are explained");
+    }
+    println!(
+        "\n{:<4} {:<28} {:<11} {:<18} {:>10}  {}",
+        "#", "layer", "kind", "output shape", "params", "from / function"
+    );
+    let mut total = 0;
+    for (i, node) in net.nodes().iter().enumerate() {
+        let detail = match &node.layer {
+            nnlin::ir::Layer::Activation(a) => format!(
+                "{} [{}]",
+                a.expr,
+                if a.is_piecewise_linear() { "piecewise linear" } else { "smooth" }
+            ),
+            _ => node.source.clone(),
+        };
+        total += node.layer.param_count();
+        println!(
+            "{:<4} {:<28} {:<11} {:<18} {:>10}  {}",
+            i,
+            node.name,
+            node.layer.kind(),
+            format!("{:?}", net.shape(node.output)),
+            node.layer.param_count(),
+            detail
+        );
+    }
+    println!("total parameters: {total}");
+    if let Some(input) = input {
+        let xs = io::read_instances(input, model.input_shape())?;
+        let x = xs.row(0).to_vec();
+        let inst = model.compile_instance(&x, mode_of(mode))?;
+        println!("\ncompiled operators at instance 0 ({:?} mode):", mode);
+        println!(
+            "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
+            "#", "layer", "operator", "shape", "nnz", "bytes", "active units"
+        );
+        for (i, l) in inst.layers.iter().enumerate() {
+            let op = &l.affine.op;
+            let active = l.active.as_ref().map_or(String::new(), |m| {
+                format!("{}/{}", m.iter().filter(|&&b| b).count(), m.len())
+            });
+            println!(
+                "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
+                i,
+                l.name,
+                op.kind(),
+                format!("{}×{}", op.nrows(), op.ncols()),
+                op.nnz(),
+                op.bytes(),
+                active
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! # nnlin: one prediction of a neural network as an exact linear map
+//!
+//! A ReLU-family network is piecewise linear: at one input `x` it has one
+//! activation pattern, so its prediction is exactly `F(x) = W·x + b`. nnlin
+//! reads a trained network (ONNX), runs it once at `x`, compiles every layer
+//! into an explicit operator (dense matrices, diagonals, …) and multiplies
+//! them into `W` and the back-propagated bias `b`.
+//!
+//! For smooth activations (GELU, ELU, SiLU, tanh, …) there are two exact
+//! [`Mode`]s: `Tangent` (slope σ'(z), `W` is the Jacobian) and `Secant` (the
+//! source paper's rescale λ = σ(z)/z). In both, `W·x + b = F(x)`.
+//!
+//! ```
+//! use nnlin::{Model, Options};
+//!
+//! let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/gelu.onnx"))?;
+//! let model = Model::from_onnx_bytes("gelu", &bytes)?;
+//! let x = [5.1, 3.5, 1.4, 0.2];
+//! let lin = model.linearize(&x, &Options::default())?;
+//! assert_eq!(lin.w.dim(), (3, 4)); // 3 logits × 4 input features
+//! // W·x + b reproduces the logits
+//! let wx_b = lin.w.dot(&ndarray::arr1(&x)) + &lin.b;
+//! for (i, &row) in lin.rows.iter().enumerate() {
+//!     assert!((wx_b[i] - lin.output[row]).abs() < 1e-9);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Crates behind the facade: `nnlin-ir` (network IR and reference
+//! interpreter), `nnlin-linalg` (operators), `nnlin-compile` (instance
+//! compiler and accumulation), `nnlin-onnx` (import). See
+//! `docs/ARCHITECTURE.md`.
+
+use std::path::Path;
+
+use faer::Mat;
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+
+pub use nnlin_compile::{CompileError, Compiler, Direction, Instance, Mode, accumulate};
+pub use nnlin_ir as ir;
+pub use nnlin_linalg as linalg;
+pub use nnlin_onnx::{Imported, OnnxError};
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading a model file.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Importing a model.
+    #[error("{model}: {source}")]
+    Onnx {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: OnnxError,
+    },
+    /// Compiling a model or an instance.
+    #[error("{model}: {source}")]
+    Compile {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: CompileError,
+    },
+    /// Ensemble members that do not fit together, or bad weights.
+    #[error("ensemble: {0}")]
+    Ensemble(String),
+    /// A bad input or option.
+    #[error("{0}")]
+    Input(String),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Accumulation strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Pick the direction with fewer estimated multiply-adds.
+    #[default]
+    Auto,
+    /// From the output side.
+    Reverse,
+    /// From the input side.
+    Forward,
+}
+
+/// Which output rows of `W` and `b` to form.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Rows {
+    /// Every output.
+    #[default]
+    All,
+    /// The `k` largest outputs of `F(x)` (descending; ties by index).
+    Top(usize),
+    /// These output indices, in this order.
+    Indices(Vec<usize>),
+}
+
+impl std::str::FromStr for Rows {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "all" {
+            return Ok(Rows::All);
+        }
+        if let Some(k) = s.strip_prefix("top") {
+            let k: usize = k.parse().map_err(|_| format!("bad --rows `{s}`: expected topK"))?;
+            if k == 0 {
+                return Err("--rows top0 selects nothing".into());
+            }
+            return Ok(Rows::Top(k));
+        }
+        let idx = s
+            .split(',')
+            .map(|t| t.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| format!("bad --rows `{s}`: expected all, top1, topK or i,j,..."))?;
+        Ok(Rows::Indices(idx))
+    }
+}
+
+/// Options of a linearization.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Tangent (default) or secant.
+    pub mode: Mode,
+    /// Accumulation order.
+    pub strategy: Strategy,
+    /// Output rows to form.
+    pub rows: Rows,
+}
+
+/// A loaded model: the imported network and its input-independent operators.
+#[derive(Clone, Debug)]
+pub struct Model {
+    name: String,
+    imported: Imported,
+    compiler: Compiler,
+}
+
+impl Model {
+    /// Imports an ONNX model from bytes; `name` appears in errors.
+    pub fn from_onnx_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        let imported = nnlin_onnx::import(bytes)
+            .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
+        let compiler = Compiler::new(&imported.network)
+            .map_err(|source| Error::Compile { model: name.to_string(), source })?;
+        Ok(Self { name: name.to_string(), imported, compiler })
+    }
+
+    /// Reads and imports an ONNX file.
+    pub fn from_onnx_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        Self::from_onnx_bytes(&path.display().to_string(), &bytes)
+    }
+
+    /// The model's name (its path when read from a file).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The network IR.
+    pub fn network(&self) -> &ir::Network {
+        &self.imported.network
+    }
+    /// Import details (opset, producer, skipped softmax).
+    pub fn imported(&self) -> &Imported {
+        &self.imported
+    }
+    /// Input shape (batch dimension 1).
+    pub fn input_shape(&self) -> &[usize] {
+        self.imported.network.input_shape()
+    }
+    /// Flattened input length `n`.
+    pub fn input_len(&self) -> usize {
+        self.imported.network.input_len()
+    }
+    /// Number of outputs.
+    pub fn output_len(&self) -> usize {
+        self.imported.network.output_len()
+    }
+    /// `F(x)` by the reference interpreter (independent of the compiled path).
+    pub fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        ir::reference::forward(&self.imported.network, x)
+    }
+    /// Compiles every layer at `x` (for inspection).
+    pub fn compile_instance(&self, x: &[f64], mode: Mode) -> Result<Instance> {
+        self.compiler
+            .instance(x, mode)
+            .map_err(|source| Error::Compile { model: self.name.clone(), source })
+    }
+    /// Linearizes this model alone at `x`.
+    pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        Ensemble::single(self.clone()).linearize(x, opts)
+    }
+}
+
+/// Per-layer activation pattern of one instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerPattern {
+    /// Ensemble member index.
+    pub model: usize,
+    /// Layer (node) name.
+    pub layer: String,
+    /// Units with a nonzero slope.
+    pub active: usize,
+    /// All units.
+    pub total: usize,
+    /// Per-unit mask (slope ≠ 0).
+    pub mask: Vec<bool>,
+}
+
+/// `W` and `b` of one instance.
+#[derive(Clone, Debug)]
+pub struct Linearization {
+    /// `m × n`: the selected rows of `W`.
+    pub w: Array2<f64>,
+    /// Length `m`.
+    pub b: Array1<f64>,
+    /// The selected output indices.
+    pub rows: Vec<usize>,
+    /// `F(x)` (all outputs) as propagated through the compiled operators.
+    pub output: Vec<f64>,
+    /// The direction used (per member, they all agree).
+    pub direction: Direction,
+    /// Activation pattern of every activation layer of every member.
+    pub pattern: Vec<LayerPattern>,
+}
+
+/// A weighted sum of models `F = Σ aᵢ Fᵢ` with equal input and output shapes
+/// (a single model is an ensemble of one with weight 1).
+#[derive(Clone, Debug)]
+pub struct Ensemble {
+    members: Vec<(Model, f64)>,
+}
+
+fn select_rows(rows: &Rows, output: &[f64]) -> Result<Vec<usize>> {
+    Ok(match rows {
+        Rows::All => (0..output.len()).collect(),
+        Rows::Top(k) => {
+            if *k > output.len() {
+                return Err(Error::Input(format!(
+                    "--rows top{k}: the model has only {} outputs",
+                    output.len()
+                )));
+            }
+            let mut idx: Vec<usize> = (0..output.len()).collect();
+            idx.sort_by(|&a, &b| output[b].total_cmp(&output[a]).then(a.cmp(&b)));
+            idx.truncate(*k);
+            idx
+        }
+        Rows::Indices(v) => {
+            if let Some(&r) = v.iter().find(|&&r| r >= output.len()) {
+                return Err(Error::Input(format!(
+                    "--rows: row {r} out of range, the model has {} outputs",
+                    output.len()
+                )));
+            }
+            v.clone()
+        }
+    })
+}
+
+impl Ensemble {
+    /// One model, weight 1.
+    pub fn single(model: Model) -> Self {
+        Self { members: vec![(model, 1.0)] }
+    }
+
+    /// Models with weights; shapes must agree and weights be finite.
+    pub fn new(members: Vec<(Model, f64)>) -> Result<Self> {
+        let Some((first, _)) = members.first() else {
+            return Err(Error::Ensemble("no models".into()));
+        };
+        for (m, a) in &members {
+            if !a.is_finite() {
+                return Err(Error::Ensemble(format!("weight {a} of `{}` is not finite", m.name)));
+            }
+            if m.input_len() != first.input_len() || m.output_len() != first.output_len() {
+                return Err(Error::Ensemble(format!(
+                    "`{}` maps {} inputs to {} outputs but `{}` maps {} to {}",
+                    m.name,
+                    m.input_len(),
+                    m.output_len(),
+                    first.name,
+                    first.input_len(),
+                    first.output_len()
+                )));
+            }
+        }
+        Ok(Self { members })
+    }
+
+    /// The members.
+    pub fn members(&self) -> &[(Model, f64)] {
+        &self.members
+    }
+    /// Input length.
+    pub fn input_len(&self) -> usize {
+        self.members[0].0.input_len()
+    }
+    /// Output length.
+    pub fn output_len(&self) -> usize {
+        self.members[0].0.output_len()
+    }
+
+    /// `Σ aᵢ Fᵢ(x)` by the reference interpreter.
+    pub fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        let mut out = vec![0.0; self.output_len()];
+        for (m, a) in &self.members {
+            for (o, v) in out.iter_mut().zip(m.forward_reference(x)) {
+                *o += a * v;
+            }
+        }
+        out
+    }
+
+    /// `W` and `b` at one input `x` (flattened, length `n`).
+    pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        let par = faer_par();
+        let mut insts = Vec::with_capacity(self.members.len());
+        let mut output = vec![0.0; self.output_len()];
+        let mut pattern = vec![];
+        for (k, (m, a)) in self.members.iter().enumerate() {
+            let inst = m.compile_instance(x, opts.mode)?;
+            for (o, v) in output.iter_mut().zip(&inst.output) {
+                *o += a * v;
+            }
+            for l in &inst.layers {
+                if let Some(mask) = &l.active {
+                    pattern.push(LayerPattern {
+                        model: k,
+                        layer: l.name.clone(),
+                        active: mask.iter().filter(|&&b| b).count(),
+                        total: mask.len(),
+                        mask: mask.clone(),
+                    });
+                }
+            }
+            insts.push(inst);
+        }
+        let rows = select_rows(&opts.rows, &output)?;
+        let (m, n) = (rows.len(), self.input_len());
+        let mut w = Mat::<f64>::zeros(m, n);
+        let mut b = vec![0.0; m];
+        let mut direction = Direction::Reverse;
+        for (inst, (model, a)) in insts.iter().zip(&self.members) {
+            direction = match opts.strategy {
+                Strategy::Reverse => Direction::Reverse,
+                Strategy::Forward => Direction::Forward,
+                Strategy::Auto => {
+                    let r = nnlin_compile::estimated_flops(inst, m, Direction::Reverse);
+                    let f = nnlin_compile::estimated_flops(inst, m, Direction::Forward);
+                    if f < r { Direction::Forward } else { Direction::Reverse }
+                }
+            };
+            let (wi, bi) = accumulate(inst, &rows, direction, par)
+                .map_err(|source| Error::Compile { model: model.name.clone(), source })?;
+            for j in 0..n {
+                for i in 0..m {
+                    w[(i, j)] += a * wi[(i, j)];
+                }
+            }
+            for (bo, v) in b.iter_mut().zip(bi) {
+                *bo += a * v;
+            }
+        }
+        let w = Array2::from_shape_fn((m, n), |(i, j)| w[(i, j)]);
+        Ok(Linearization { w, b: Array1::from(b), rows, output, direction, pattern })
+    }
+
+    /// Linearizes every row of `xs` (`N × n`), in parallel over instances on
+    /// the current rayon pool. Results do not depend on the thread count.
+    pub fn linearize_batch(
+        &self,
+        xs: ArrayView2<f64>,
+        opts: &Options,
+    ) -> Result<Vec<Linearization>> {
+        if xs.ncols() != self.input_len() {
+            return Err(Error::Input(format!(
+                "instances have {} elements, the model expects {}",
+                xs.ncols(),
+                self.input_len()
+            )));
+        }
+        let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+        rows.par_iter().map(|x| self.linearize(x, opts)).collect()
+    }
+}
+
+fn faer_par() -> faer::Par {
+    // Instances run in parallel; inside one instance products are sequential,
+    // which keeps results bit-identical whatever the thread count.
+    faer::Par::Seq
+}
