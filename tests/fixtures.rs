@@ -212,3 +212,46 @@ fn row_selection_picks_rows_of_the_full_w() {
         m.linearize(&x, &Options { rows: Rows::Indices(vec![3]), ..Options::default() }).is_err()
     );
 }
+
+/// Bias-free MLPs evaluated with pre-activations exactly on every kink (0,
+/// ±1, ±3, 6): W follows PyTorch autograd's one-sided conventions.
+#[test]
+fn kinks_follow_pytorch_autograd() {
+    let kdir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/kinks");
+    let read2 =
+        |n: &str| Array2::<f64>::read_npy(std::fs::File::open(kdir.join(n)).unwrap()).unwrap();
+    let read3 =
+        |n: &str| Array3::<f64>::read_npy(std::fs::File::open(kdir.join(n)).unwrap()).unwrap();
+    let xs = read2("inputs.npy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&kdir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("onnx") {
+            continue;
+        }
+        let act = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let model = Model::from_onnx_file(&path).unwrap();
+        let jac = read3(&format!("{act}.jac.npy"));
+        let logits = read2(&format!("{act}.logits.npy"));
+        for strategy in [Strategy::Reverse, Strategy::Forward] {
+            let opts = Options { strategy, ..Options::default() };
+            let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
+            for (k, lin) in lins.iter().enumerate() {
+                for i in 0..3 {
+                    let mut wx = lin.b[i];
+                    for j in 0..4 {
+                        let (w, r) = (lin.w[(i, j)], jac[(k, i, j)]);
+                        assert!(
+                            (w - r).abs() <= jac_tol(&act) * r.abs().max(1.0),
+                            "{act} at input {k}: W[{i},{j}] = {w}, jacrev {r}"
+                        );
+                        wx += w * xs[(k, j)];
+                    }
+                    assert!((wx - logits[(k, i)]).abs() <= 1e-12 * logits[(k, i)].abs().max(1.0));
+                }
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 18, "only {checked} kink fixtures found");
+}

@@ -65,7 +65,7 @@ pub enum Unary {
         /// Offset.
         beta: f64,
     },
-    /// `x·relu6(x + 3)/6`, with PyTorch's derivative (−0.5 at −3, 1.5 at 3).
+    /// `x·relu6(x + 3)/6`, with PyTorch's derivative (0 at −3, 1 at 3).
     HardSwish,
     /// `x / (1 + |x|)`.
     Softsign,
@@ -210,9 +210,9 @@ impl Unary {
                 }
             }
             Unary::HardSwish => {
-                if v < -3.0 {
+                if v <= -3.0 {
                     c(0.0)
-                } else if v <= 3.0 {
+                } else if v < 3.0 {
                     x * (x + c(3.0)) / c(6.0)
                 } else {
                     x
@@ -501,8 +501,8 @@ mod tests {
         assert_eq!(d(&Unary::Clip { min: 0.0, max: 6.0 }, 6.0), 0.0);
         assert_eq!(d(&Unary::Elu { alpha: 0.5 }, 0.0), 0.5);
         assert_eq!(d(&Unary::Celu { alpha: 0.5 }, 0.0), 1.0);
-        assert_eq!(d(&Unary::HardSwish, -3.0), -0.5);
-        assert_eq!(d(&Unary::HardSwish, 3.0), 1.5);
+        assert_eq!(d(&Unary::HardSwish, -3.0), 0.0);
+        assert_eq!(d(&Unary::HardSwish, 3.0), 1.0);
         assert_eq!(d(&Unary::Abs, 0.0), 0.0);
         let mut e = Expr::var();
         let s = e.push_const(vec![0.25]);

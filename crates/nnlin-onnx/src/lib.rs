@@ -621,7 +621,7 @@ impl Importer<'_> {
                 }
                 if let Some(i) = infer {
                     let known: usize = out.iter().product();
-                    if known == 0 || numel % known != 0 {
+                    if known == 0 || !numel.is_multiple_of(known) {
                         return Err(
                             self.unsupported(format!("cannot reshape {dims:?} to {target:?}"))
                         );
@@ -854,8 +854,10 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
                 imp.set_output(Sym::Const(t));
                 return Ok(());
             }
-            if op == "Shape" {
-                if let Some(s) = imp.input(0)?.cloned() {
+            if op == "Shape"
+                && let Some(s) = imp.input(0)?.cloned()
+            {
+                {
                     let dims = imp.shape_of(&s);
                     let start = attr_i(node, "start", 0);
                     let end = attr(node, "end").and_then(|a| a.i).unwrap_or(dims.len() as i64);

@@ -295,8 +295,8 @@ fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeAr
         println!("note: trailing {op} skipped; the logits are explained");
     }
     println!(
-        "\n{:<4} {:<28} {:<11} {:<18} {:>10}  {}",
-        "#", "layer", "kind", "output shape", "params", "from / function"
+        "\n{:<4} {:<28} {:<11} {:<18} {:>10}  from / function",
+        "#", "layer", "kind", "output shape", "params"
     );
     let mut total = 0;
     for (i, node) in net.nodes().iter().enumerate() {
@@ -326,8 +326,8 @@ fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeAr
         let inst = model.compile_instance(&x, mode_of(mode))?;
         println!("\ncompiled operators at instance 0 ({:?} mode):", mode);
         println!(
-            "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
-            "#", "layer", "operator", "shape", "nnz", "bytes", "active units"
+            "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  active units",
+            "#", "layer", "operator", "shape", "nnz", "bytes"
         );
         for (i, l) in inst.layers.iter().enumerate() {
             let op = &l.affine.op;
