@@ -1,0 +1,382 @@
+//! The `nnlin explain` contract: output files and their shapes, and one test
+//! per kind of bad input (each exits non-zero with a one-line reason and
+//! leaves no output behind).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ndarray::{Array2, Array3, ArrayD, IxDyn};
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use nnlin_onnx::proto;
+use prost::Message;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nnlin"))
+}
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris").join(name)
+}
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts failure with a one-line message containing `needle`, and that
+/// `out` was not created.
+fn assert_fails(out: &Output, needle: &str, dir: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+    assert!(!dir.exists(), "partial output left at {}", dir.display());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging directory left behind");
+}
+
+#[test]
+fn explain_writes_the_contract_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("gelu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = Array3::<f64>::read_npy(std::fs::File::open(out.join("W.npy")).unwrap()).unwrap();
+    let b = Array2::<f64>::read_npy(std::fs::File::open(out.join("b.npy")).unwrap()).unwrap();
+    assert_eq!(w.dim(), (8, 3, 4));
+    assert_eq!(b.dim(), (8, 3));
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in ["models", "mode", "precision", "strategy", "rows", "instances", "timing"] {
+        assert!(sum.get(key).is_some(), "summary.json lacks `{key}`");
+    }
+    assert_eq!(sum["mode"], "tangent");
+    assert_eq!(sum["precision"], "f64");
+    assert!(sum["timing"]["linearize_seconds"].as_f64().unwrap() >= 0.0);
+    let inst = &sum["instances"][0];
+    for key in ["output", "wx", "b", "predicted", "residual"] {
+        assert!(inst.get(key).is_some(), "instance lacks `{key}`");
+    }
+    assert!(inst["residual"].as_f64().unwrap() < 1e-12);
+    assert_eq!(inst["output"].as_array().unwrap().len(), 3);
+
+    // f32, top1, secant, an ensemble with weights, one instance without batch dim
+    let one = tmp.path().join("one.npy");
+    ndarray::arr1(&[5.1, 3.5, 1.4, 0.2]).write_npy(std::fs::File::create(&one).unwrap()).unwrap();
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        s(&fixture("silu.onnx")),
+        "--weights",
+        "0.5,-1.5",
+        "--input",
+        s(&one),
+        "--out",
+        s(&out),
+        "--precision",
+        "f32",
+        "--rows",
+        "top1",
+        "--mode",
+        "secant",
+        "--strategy",
+        "forward",
+        "--threads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = Array3::<f32>::read_npy(std::fs::File::open(out.join("W.npy")).unwrap()).unwrap();
+    assert_eq!(w.dim(), (1, 1, 4));
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(sum["models"].as_array().unwrap().len(), 2);
+    assert!(sum["instances"][0]["residual"].as_f64().unwrap() < 1e-4);
+}
+
+#[test]
+fn trailing_softmax_is_noted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("relu_softmax.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Softmax skipped"));
+    let sum = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    assert!(sum.contains("W and b explain the logits"));
+}
+
+#[test]
+fn missing_model_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        "/nonexistent/m.onnx",
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&o, "cannot read `/nonexistent/m.onnx`", &out);
+}
+
+#[test]
+fn missing_input_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        "/nonexistent/x.npy",
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&o, "cannot read input", &out);
+}
+
+#[test]
+fn malformed_model_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.onnx");
+    std::fs::write(&bad, b"\xff\xfe this is not protobuf \x00\x01").unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&["explain", s(&bad), "--input", s(&fixture("inputs.npy")), "--out", s(&out)]);
+    assert_fails(&o, "malformed ONNX file", &out);
+}
+
+#[test]
+fn malformed_input_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("x.npy");
+    std::fs::write(&bad, b"not an npy").unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&["explain", s(&fixture("relu.onnx")), "--input", s(&bad), "--out", s(&out)]);
+    assert_fails(&o, "is not a float32/float64 .npy file", &out);
+}
+
+#[test]
+fn wrong_input_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let x = tmp.path().join("x.npy");
+    Array2::<f64>::zeros((2, 5)).write_npy(std::fs::File::create(&x).unwrap()).unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&["explain", s(&fixture("relu.onnx")), "--input", s(&x), "--out", s(&out)]);
+    assert_fails(&o, "has shape [2, 5]; the model expects [1, 4]", &out);
+}
+
+#[test]
+fn nan_and_inf_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    for v in [f64::NAN, f64::INFINITY] {
+        let x = tmp.path().join("x.npy");
+        let mut a = ArrayD::<f64>::zeros(IxDyn(&[3, 4]));
+        a[[1, 2]] = v;
+        a.write_npy(std::fs::File::create(&x).unwrap()).unwrap();
+        let out = tmp.path().join("res");
+        let o = run(&["explain", s(&fixture("relu.onnx")), "--input", s(&x), "--out", s(&out)]);
+        assert_fails(&o, "non-finite value (NaN or Inf) at flat index 6", &out);
+    }
+}
+
+fn write_model(path: &Path, op: &str) {
+    let vi = |name: &str, dims: &[i64]| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            tensor_type: Some(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(proto::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| proto::tensor_shape_proto::Dimension {
+                            value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(proto::GraphProto {
+            node: vec![proto::NodeProto {
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                name: Some("my_lstm_node".into()),
+                op_type: Some(op.into()),
+                ..Default::default()
+            }],
+            input: vec![vi("x", &[1, 4])],
+            output: vec![vi("y", &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, model.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn unsupported_op_names_node_and_op_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m.onnx");
+    write_model(&m, "LSTM");
+    let out = tmp.path().join("res");
+    let o = run(&["explain", s(&m), "--input", s(&fixture("inputs.npy")), "--out", s(&out)]);
+    assert_fails(&o, "node `my_lstm_node` has op type `LSTM`; supported ops: Abs", &out);
+    // a supported op on a hand-made model works end to end
+    write_model(&m, "Tanh");
+    let o = run(&["explain", s(&m), "--input", s(&fixture("inputs.npy")), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn weights_that_do_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        s(&fixture("gelu.onnx")),
+        "--weights",
+        "1,2,3",
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&o, "--weights has 3 values for 2 models", &out);
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--weights",
+        "nan",
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&o, "is not finite", &out);
+    // members whose shapes differ
+    let m = tmp.path().join("m.onnx");
+    write_model(&m, "Tanh"); // 4 -> 4, the iris models are 4 -> 3
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        s(&m),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&o, "ensemble:", &out);
+}
+
+#[test]
+fn bad_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+        "--rows",
+        "0,7",
+    ]);
+    assert_fails(&o, "row 7 out of range", &out);
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+        "--rows",
+        "top9",
+    ]);
+    assert_fails(&o, "top9", &out);
+}
+
+#[test]
+fn unwritable_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a_file");
+    std::fs::write(&file, b"keep me").unwrap();
+    // the output path is an existing file
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&file),
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // the output is below a file
+    let out = file.join("res");
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1);
+    assert!(err.contains("cannot write output directory"), "{err}");
+}
+
+#[test]
+fn failed_run_keeps_previous_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let ok = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok.status.success());
+    let before = std::fs::read(out.join("W.npy")).unwrap();
+    let bad = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        "/nonexistent.npy",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!bad.status.success());
+    assert_eq!(std::fs::read(out.join("W.npy")).unwrap(), before);
+}

@@ -1,0 +1,348 @@
+//! Property tests over random fully connected networks: depth 1–6, widths
+//! 1–64, every activation nnlin knows (named, PReLU, and exporter-style
+//! decompositions), random inputs. In f64:
+//! - W·x + b equals the reference interpreter's F(x);
+//! - in tangent mode W equals the dual-number Jacobian;
+//! - reverse and forward accumulation agree;
+//! - secant mode equals a direct implementation of the paper's formula;
+//! - piecewise-linear networks give identical W and b in both modes.
+
+use nnlin::ir::{
+    Activation, Affine, Binary, Dense, Dual, Expr, ExprNode, Layer, Network, Unary, ValueId,
+    reference,
+};
+use nnlin::{Direction, Mode, accumulate};
+use proptest::prelude::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+}
+
+const N_ACTIVATIONS: usize = 21;
+
+/// Activation `k` on a tensor of `numel` elements; (expr, homogeneous PWL?,
+/// any PWL?)
+fn activation(k: usize, numel: usize, rng: &mut Rng) -> (Expr, bool) {
+    let named = |f| Expr::unary(f);
+    let e = match k {
+        0 => named(Unary::Relu),
+        1 => named(Unary::LeakyRelu { alpha: 0.1 }),
+        2 => named(Unary::Clip { min: 0.0, max: 6.0 }),
+        3 => named(Unary::Clip { min: -1.0, max: 1.0 }),
+        4 => named(Unary::Elu { alpha: 0.8 }),
+        5 => named(Unary::Selu { alpha: 1.6732632423543772, gamma: 1.0507009873554805 }),
+        6 => named(Unary::Celu { alpha: 0.5 }),
+        7 => named(Unary::Gelu),
+        8 => named(Unary::GeluTanh),
+        9 => named(Unary::Softplus),
+        10 => named(Unary::Sigmoid),
+        11 => named(Unary::Tanh),
+        12 => named(Unary::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }),
+        13 => named(Unary::HardSwish),
+        14 => named(Unary::Softsign),
+        15 => {
+            // PReLU, per-element slopes
+            let mut e = Expr::var();
+            let s = e.push_const((0..numel).map(|_| 0.3 * rng.next()).collect());
+            e.push(ExprNode::Binary(Binary::PRelu, 0, s));
+            e
+        }
+        16 => {
+            // SiLU as exported: Mul(x, Sigmoid(x))
+            let mut e = Expr::var();
+            let s = e.push(ExprNode::Unary(Unary::Sigmoid, 0));
+            e.push(ExprNode::Binary(Binary::Mul, 0, s));
+            e
+        }
+        17 => {
+            // Mish: x·tanh(softplus(x))
+            let mut e = Expr::var();
+            let s = e.push(ExprNode::Unary(Unary::Softplus, 0));
+            let t = e.push(ExprNode::Unary(Unary::Tanh, s));
+            e.push(ExprNode::Binary(Binary::Mul, 0, t));
+            e
+        }
+        18 => {
+            // GELU as the PyTorch exporter decomposes it: Div, Erf, Add, Mul, Mul
+            let mut e = Expr::var();
+            let r2 = e.push_const(vec![std::f64::consts::SQRT_2]);
+            let d = e.push(ExprNode::Binary(Binary::Div, 0, r2));
+            let er = e.push(ExprNode::Unary(Unary::Erf, d));
+            let one = e.push_const(vec![1.0]);
+            let a = e.push(ExprNode::Binary(Binary::Add, er, one));
+            let m = e.push(ExprNode::Binary(Binary::Mul, 0, a));
+            let half = e.push_const(vec![0.5]);
+            e.push(ExprNode::Binary(Binary::Mul, m, half));
+            e
+        }
+        19 => {
+            // tanh-GELU with Pow(x, 3)
+            let mut e = Expr::var();
+            let three = e.push_const(vec![3.0]);
+            let p = e.push(ExprNode::Binary(Binary::Pow, 0, three));
+            let c = e.push_const(vec![0.044715]);
+            let pc = e.push(ExprNode::Binary(Binary::Mul, p, c));
+            let inner = e.push(ExprNode::Binary(Binary::Add, 0, pc));
+            let k = e.push_const(vec![(2.0 / std::f64::consts::PI).sqrt()]);
+            let ik = e.push(ExprNode::Binary(Binary::Mul, inner, k));
+            let th = e.push(ExprNode::Unary(Unary::Tanh, ik));
+            let one = e.push_const(vec![1.0]);
+            let a = e.push(ExprNode::Binary(Binary::Add, th, one));
+            let m = e.push(ExprNode::Binary(Binary::Mul, 0, a));
+            let half = e.push_const(vec![0.5]);
+            e.push(ExprNode::Binary(Binary::Mul, m, half));
+            e
+        }
+        _ => named(Unary::Tanh),
+    };
+    let homogeneous = matches!(k, 0 | 1 | 15);
+    (e, homogeneous)
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    widths: Vec<usize>,
+    acts: Vec<usize>,
+    normalize: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    case_with((0..N_ACTIVATIONS).collect())
+}
+
+/// Piecewise-linear activations: ReLU, LeakyReLU, ReLU6, HardTanh,
+/// HardSigmoid, PReLU.
+const PWL: [usize; 6] = [0, 1, 2, 3, 12, 15];
+
+fn case_with(acts: Vec<usize>) -> impl Strategy<Value = Case> {
+    let pick = prop::sample::select(acts);
+    (1usize..=64, prop::collection::vec((1usize..=64, pick), 1..=6), any::<bool>(), any::<u64>())
+        .prop_map(|(n, layers, normalize, seed)| Case {
+            n,
+            widths: layers.iter().map(|l| l.0).collect(),
+            acts: layers.iter().map(|l| l.1).collect(),
+            normalize,
+            seed,
+        })
+}
+
+/// Builds the network; returns it, the input, and whether every activation
+/// is ReLU/LeakyReLU/PReLU (for the secant formula) and whether all are
+/// piecewise linear.
+fn build(c: &Case) -> (Network, Vec<f64>, bool) {
+    let mut rng = Rng(c.seed);
+    let mut net = Network::new(vec![1, c.n]);
+    let mut v = ValueId(0);
+    if c.normalize {
+        let scale = (0..c.n).map(|_| 1.0 + 0.5 * rng.next()).collect();
+        let shift = (0..c.n).map(|_| rng.next()).collect();
+        v = net.push("norm", "Sub+Div", Layer::Affine(Affine { scale, shift }), vec![v]).unwrap();
+    }
+    let mut width = c.n;
+    let mut homogeneous = true;
+    let outputs = 1 + (c.seed % 10) as usize;
+    for (i, (&w, &a)) in c.widths.iter().zip(&c.acts).enumerate() {
+        let gain = 2.0 / (width as f64).sqrt();
+        let weight = (0..w * width).map(|_| gain * rng.next()).collect();
+        let bias = Some((0..w).map(|_| 0.5 * rng.next()).collect());
+        let d = Dense { out_features: w, in_features: width, weight, bias };
+        v = net.push(format!("fc{i}"), "Gemm", Layer::Dense(d), vec![v]).unwrap();
+        let (expr, h) = activation(a, w, &mut rng);
+        homogeneous &= h;
+        v = net
+            .push(format!("act{i}"), "act", Layer::Activation(Activation { expr }), vec![v])
+            .unwrap();
+        width = w;
+    }
+    let weight = (0..outputs * width).map(|_| rng.next() / (width as f64).sqrt()).collect();
+    let d =
+        Dense { out_features: outputs, in_features: width, weight, bias: Some(vec![0.1; outputs]) };
+    net.push("out", "Gemm", Layer::Dense(d), vec![v]).unwrap();
+    let x = (0..c.n).map(|_| 2.0 * rng.next()).collect();
+    (net, x, homogeneous)
+}
+
+fn linearize(net: &Network, x: &[f64], mode: Mode, dir: Direction) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let compiler = nnlin::Compiler::new(net).unwrap();
+    let inst = compiler.instance(x, mode).unwrap();
+    let rows: Vec<usize> = (0..net.output_len()).collect();
+    let (w, b) = accumulate(&inst, &rows, dir, faer::Par::Seq).unwrap();
+    ((0..w.nrows()).map(|i| (0..w.ncols()).map(|j| w[(i, j)]).collect()).collect(), b)
+}
+
+fn max_abs(v: impl IntoIterator<Item = f64>) -> f64 {
+    v.into_iter().fold(0.0, |a, b| a.max(b.abs()))
+}
+
+/// The paper's secant formula, directly: W' = Π diag(λ_i)·A_i with
+/// λ = σ(z)/z from the reference interpreter's values (σ'(0) at z = 0, where
+/// σ(0) is the offset), and b = Σ_i (W'_n⋯W'_{i+1})·b'_i + b'_n, in plain
+/// loops over dense matrices.
+fn paper_secant(net: &Network, x: &[f64]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let values = reference::forward_values::<f64>(net, x);
+    // per layer: dense matrix A and offset c
+    let mut factors: Vec<(Vec<Vec<f64>>, Vec<f64>)> = vec![];
+    for node in net.nodes() {
+        let z = &values[node.inputs[0].0];
+        let y = &values[node.output.0];
+        let nz = z.len();
+        let (a, c) = match &node.layer {
+            Layer::Dense(d) => (
+                (0..d.out_features)
+                    .map(|o| d.weight[o * d.in_features..(o + 1) * d.in_features].to_vec())
+                    .collect(),
+                d.bias.clone().unwrap_or_else(|| vec![0.0; d.out_features]),
+            ),
+            Layer::Affine(af) => (
+                (0..nz)
+                    .map(|i| (0..nz).map(|j| if i == j { af.scale[i] } else { 0.0 }).collect())
+                    .collect(),
+                af.shift.clone(),
+            ),
+            Layer::Activation(act) => {
+                let mut lam = vec![0.0; nz];
+                let mut off = vec![0.0; nz];
+                for i in 0..nz {
+                    if z[i] != 0.0 {
+                        lam[i] = y[i] / z[i];
+                    } else {
+                        let d = act.expr.eval(i, Dual::var(0.0), &mut vec![]);
+                        lam[i] = d.d;
+                        off[i] = d.v;
+                    }
+                }
+                (
+                    (0..nz)
+                        .map(|i| (0..nz).map(|j| if i == j { lam[i] } else { 0.0 }).collect())
+                        .collect(),
+                    off,
+                )
+            }
+            Layer::Reshape(_) => (
+                (0..nz).map(|i| (0..nz).map(|j| f64::from(u8::from(i == j))).collect()).collect(),
+                vec![0.0; nz],
+            ),
+        };
+        factors.push((a, c));
+    }
+    let matmul = |a: &Vec<Vec<f64>>, b: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        (0..a.len())
+            .map(|i| {
+                (0..b[0].len()).map(|j| (0..b.len()).map(|k| a[i][k] * b[k][j]).sum()).collect()
+            })
+            .collect()
+    };
+    let matvec = |a: &Vec<Vec<f64>>, v: &[f64]| -> Vec<f64> {
+        a.iter().map(|r| r.iter().zip(v).map(|(p, q)| p * q).sum()).collect()
+    };
+    // suffix products W'_n⋯W'_{i+1}
+    let n_layers = factors.len();
+    let mut w = factors[n_layers - 1].0.clone();
+    let mut b = factors[n_layers - 1].1.clone();
+    for i in (0..n_layers - 1).rev() {
+        let bi = matvec(&w, &factors[i].1);
+        b = b.iter().zip(bi).map(|(p, q)| p + q).collect();
+        w = matmul(&w, &factors[i].0);
+    }
+    (w, b)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn wx_plus_b_is_f_and_w_is_the_jacobian(c in case()) {
+        let (net, x, _) = build(&c);
+        let (f, jac) = reference::jacobian(&net, &x);
+        let n = x.len();
+        let jscale = max_abs(jac.iter().copied()).max(1e-300);
+        for mode in [Mode::Tangent, Mode::Secant] {
+            let (wr, br) = linearize(&net, &x, mode, Direction::Reverse);
+            let (wf, bf) = linearize(&net, &x, mode, Direction::Forward);
+            for i in 0..f.len() {
+                let wx: f64 = (0..n).map(|j| wr[i][j] * x[j]).sum();
+                let scale = (0..n).map(|j| (wr[i][j] * x[j]).abs()).sum::<f64>() + br[i].abs() + f[i].abs();
+                prop_assert!((wx + br[i] - f[i]).abs() <= 1e-12 * scale.max(1e-300),
+                    "{mode:?} row {i}: W·x + b = {} but F = {}", wx + br[i], f[i]);
+                let rscale = max_abs(wr[i].iter().copied()).max(br[i].abs()).max(1e-300);
+                for j in 0..n {
+                    prop_assert!((wr[i][j] - wf[i][j]).abs() <= 1e-12 * rscale);
+                    if mode == Mode::Tangent {
+                        prop_assert!((wr[i][j] - jac[i * n + j]).abs() <= 1e-12 * jscale,
+                            "W[{i},{j}] = {} but the dual Jacobian is {}", wr[i][j], jac[i * n + j]);
+                    }
+                }
+                prop_assert!((br[i] - bf[i]).abs() <= 1e-12 * scale.max(1e-300));
+            }
+        }
+    }
+
+    #[test]
+    fn secant_is_the_papers_formula(c in case_with((4..N_ACTIVATIONS).filter(|&k| k != 12).chain([0, 1, 15]).collect())) {
+        let (net, x, _) = build(&c);
+        let (w, b) = linearize(&net, &x, Mode::Secant, Direction::Reverse);
+        let (wp, bp) = paper_secant(&net, &x);
+        let all_smooth_or_homogeneous = net.nodes().iter().all(|nd| match &nd.layer {
+            Layer::Activation(a) => !a.is_piecewise_linear()
+                || matches!(a.expr.nodes.last(), Some(ExprNode::Unary(Unary::Relu | Unary::LeakyRelu { .. }, _)) | Some(ExprNode::Binary(Binary::PRelu, _, _))),
+            _ => true,
+        });
+        prop_assert!(all_smooth_or_homogeneous);
+        let scale = max_abs(wp.iter().flatten().copied()).max(max_abs(bp.iter().copied())).max(1e-300);
+        for i in 0..w.len() {
+            for j in 0..x.len() {
+                prop_assert!((w[i][j] - wp[i][j]).abs() <= 1e-12 * scale);
+            }
+            prop_assert!((b[i] - bp[i]).abs() <= 1e-12 * scale);
+        }
+    }
+
+    #[test]
+    fn piecewise_linear_networks_agree_in_both_modes(c in case_with(PWL.to_vec())) {
+        let (net, x, _) = build(&c);
+        let all_pwl = net.nodes().iter().all(|nd| match &nd.layer {
+            Layer::Activation(a) => a.is_piecewise_linear(),
+            _ => true,
+        });
+        prop_assert!(all_pwl);
+        let t = linearize(&net, &x, Mode::Tangent, Direction::Reverse);
+        let s = linearize(&net, &x, Mode::Secant, Direction::Reverse);
+        prop_assert_eq!(t, s);
+    }
+}
+
+/// Pre-activations exactly 0 (bias-free layer at x = 0, as on MNIST's blank
+/// background): ReLU'(0) = 0 in W, and W·x + b = F(x) still.
+#[test]
+fn zero_preactivations_follow_relu_prime_zero() {
+    let mut net = Network::new(vec![1, 3]);
+    let d = Dense {
+        out_features: 2,
+        in_features: 3,
+        weight: vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0],
+        bias: None,
+    };
+    let v = net.push("fc", "Gemm", Layer::Dense(d), vec![ValueId(0)]).unwrap();
+    let v = net
+        .push(
+            "relu",
+            "Relu",
+            Layer::Activation(Activation { expr: Expr::unary(Unary::Relu) }),
+            vec![v],
+        )
+        .unwrap();
+    let d =
+        Dense { out_features: 1, in_features: 2, weight: vec![1.0, 1.0], bias: Some(vec![0.25]) };
+    net.push("out", "Gemm", Layer::Dense(d), vec![v]).unwrap();
+    for mode in [Mode::Tangent, Mode::Secant] {
+        let (w, b) = linearize(&net, &[0.0, 0.0, 0.0], mode, Direction::Reverse);
+        assert_eq!(w, vec![vec![0.0, 0.0, 0.0]]);
+        assert_eq!(b, vec![0.25]);
+    }
+}
