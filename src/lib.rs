@@ -37,7 +37,9 @@ use faer::Mat;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
-pub use nnlin_compile::{CompileError, Compiler, Direction, Instance, Mode, accumulate};
+pub use nnlin_compile::{
+    CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, estimated_flops,
+};
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
 pub use nnlin_onnx::{Imported, OnnxError};
@@ -152,8 +154,7 @@ impl Model {
     pub fn from_onnx_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
         let imported = nnlin_onnx::import(bytes)
             .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
-        let compiler = Compiler::new(&imported.network)
-            .map_err(|source| Error::Compile { model: name.to_string(), source })?;
+        let compiler = Compiler::new(&imported.network);
         Ok(Self { name: name.to_string(), imported, compiler })
     }
 
@@ -163,6 +164,13 @@ impl Model {
         let bytes = std::fs::read(path)
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         Self::from_onnx_bytes(&path.display().to_string(), &bytes)
+    }
+
+    /// The same model with convolutions represented as `kernel` (explicit
+    /// CSR Toeplitz matrices, structured operators, or chosen by size).
+    pub fn with_conv_kernel(mut self, kernel: ConvKernel) -> Self {
+        self.compiler = Compiler::with_conv_kernel(&self.imported.network, kernel);
+        self
     }
 
     /// The model's name (its path when read from a file).

@@ -169,7 +169,7 @@ fn build(c: &Case) -> (Network, Vec<f64>, bool) {
 }
 
 fn linearize(net: &Network, x: &[f64], mode: Mode, dir: Direction) -> (Vec<Vec<f64>>, Vec<f64>) {
-    let compiler = nnlin::Compiler::new(net).unwrap();
+    let compiler = nnlin::Compiler::new(net);
     let inst = compiler.instance(x, mode).unwrap();
     let rows: Vec<usize> = (0..net.output_len()).collect();
     let (w, b) = accumulate(&inst, &rows, dir, faer::Par::Seq).unwrap();
@@ -228,6 +228,7 @@ fn paper_secant(net: &Network, x: &[f64]) -> (Vec<Vec<f64>>, Vec<f64>) {
                 (0..nz).map(|i| (0..nz).map(|j| f64::from(u8::from(i == j))).collect()).collect(),
                 vec![0.0; nz],
             ),
+            other => panic!("MLP test network has no {} layer", other.kind()),
         };
         factors.push((a, c));
     }

@@ -1,12 +1,15 @@
-//! The instance compiler and the accumulation of `W` and `b`.
+//! The instance compiler and the accumulation of `W` and `b` over the DAG.
 //!
 //! [`Compiler::new`] builds, once per model, every operator that does not
-//! depend on the input (dense weights, affine diagonals). [`Compiler::instance`]
-//! runs one forward pass at `x` through those operators, and emits for each
-//! activation the diagonal of its slopes and its offset, so that every layer
-//! is an exact affine map `y = A·u + c` at this `x`. [`accumulate`] then forms
-//! `W = A_L ⋯ A_1` and `b = Σ_i (A_L ⋯ A_{i+1})·c_i`, in reverse (from the
-//! output side) or forward (from the input side) order. `b` is always
+//! depend on the input (dense weights, convolution Toeplitz matrices, average
+//! pooling, batch-norm and other affine diagonals, padding, concatenation and
+//! transpose selections). [`Compiler::instance`] runs one forward pass at `x`
+//! through those operators and emits the input-dependent ones (activation
+//! slopes, max-pool selections, LRN), so that every node is an exact affine
+//! map `y = Σ_k A_k·u_k + c` of its inputs at this `x`. [`accumulate`] then
+//! forms `W` and `b = Σ_i (∂out/∂node_i)·c_i` in reverse (adjoints flow from
+//! the output; they add up at fan-out) or forward (tangents flow from the
+//! input; concatenation stacks row blocks) order. `b` is always
 //! back-propagated from the offsets, never computed as `F(x) − W·x`.
 //!
 //! The compiled path never calls the reference interpreter.
@@ -14,8 +17,8 @@
 use std::sync::Arc;
 
 use faer::{Mat, Par};
-use nnlin_ir::{Dual, ExprClass, Layer, Network, Node};
-use nnlin_linalg::{AffineOp, Operator};
+use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
+use nnlin_linalg::{ConvOp, Operator, Selection};
 
 /// How smooth activations are linearized (piecewise-linear ones always use
 /// the linear piece `x` lies on, which both modes agree on).
@@ -25,26 +28,39 @@ pub enum Mode {
     #[default]
     Tangent,
     /// The source paper's rescale: slope σ(z)/z (σ'(0) at z = 0, with σ(0)
-    /// as offset), offset 0 otherwise.
+    /// as offset), offset 0 otherwise. LRN: the denominator frozen.
     Secant,
 }
 
 /// Accumulation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
-    /// From the output side: `G ← G·A_i`, `G` has `m` rows.
+    /// From the output side: adjoint blocks with `m` rows.
     Reverse,
-    /// From the input side: `T ← A_i·T`, `T` has `n` columns.
+    /// From the input side: tangent blocks with `n` columns.
     Forward,
 }
+
+/// How convolutions are represented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ConvKernel {
+    /// Explicit CSR Toeplitz matrix where it is small enough, structured
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Always the explicit CSR Toeplitz matrix.
+    Csr,
+    /// Always the structured operator (taps computed on the fly).
+    Structured,
+}
+
+/// Explicit CSR is used by `ConvKernel::Auto` up to this many nonzeros.
+pub const AUTO_CSR_MAX_NNZ: usize = 1 << 22;
 
 /// Errors of the compiler.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum CompileError {
-    /// The network's output does not depend on its input through a chain.
-    #[error("the network is not a chain of single-input layers (layer `{0}`)")]
-    NotAChain(String),
     /// Input length mismatch.
     #[error("input has {got} elements, the model expects {expected}")]
     InputLength {
@@ -69,51 +85,73 @@ pub enum CompileError {
     },
 }
 
-/// One layer compiled at one instance.
+/// One node compiled at one instance: `y = Σ_k A_k·u_k + bias`.
 #[derive(Clone, Debug)]
 pub struct CompiledLayer {
     /// Node name.
     pub name: String,
-    /// The layer kind (`dense`, `activation`, …).
+    /// The layer kind (`dense`, `conv`, `activation`, …).
     pub layer_kind: &'static str,
-    /// `y = A·u + c` at this instance.
-    pub affine: AffineOp,
+    /// For each input: its value index and the operator applied to it.
+    pub inputs: Vec<(usize, Arc<Operator>)>,
+    /// The offset `c`.
+    pub bias: Vec<f64>,
+    /// The value this node produces.
+    pub output: usize,
     /// For activation layers: which units have a nonzero slope.
     pub active: Option<Vec<bool>>,
+}
+
+impl CompiledLayer {
+    /// `Σ_k A_k·u_k + c` given all values.
+    fn eval(&self, values: &[Option<Vec<f64>>]) -> Vec<f64> {
+        let mut y = self.bias.clone();
+        for (v, op) in &self.inputs {
+            let u = values[*v].as_ref().expect("input value alive");
+            for (yi, t) in y.iter_mut().zip(op.apply(u)) {
+                *yi += t;
+            }
+        }
+        y
+    }
 }
 
 /// A network compiled at one input.
 #[derive(Clone, Debug)]
 pub struct Instance {
-    /// The layers in order, input side first.
+    /// The nodes in topological order.
     pub layers: Vec<CompiledLayer>,
     /// `F(x)` as propagated through the compiled operators.
     pub output: Vec<f64>,
     /// Input length `n`.
     pub input_len: usize,
+    /// The output value's index.
+    pub output_value: usize,
+    /// Element count of every value.
+    pub value_lens: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+enum Fixed {
+    /// Operators per input and the bias, the same for every instance.
+    Ops(Vec<Arc<Operator>>, Vec<f64>),
+    /// Depends on the instance.
+    PerInstance,
 }
 
 /// Per-model compiled state: the input-independent operators.
 #[derive(Clone, Debug)]
 pub struct Compiler {
-    chain: Vec<StaticLayer>,
-    input_len: usize,
-    output_len: usize,
+    net: Network,
+    fixed: Vec<Fixed>,
+    uses: Vec<usize>,
 }
 
-#[derive(Clone, Debug)]
-struct StaticLayer {
-    name: String,
-    layer: Layer,
-    /// The input-independent operator and bias (None for activations).
-    fixed: Option<AffineOp>,
-}
-
-fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> AffineOp {
+fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
     let bias1: Vec<f64> = d.bias.clone().unwrap_or_else(|| vec![0.0; d.out_features]);
     if rows == 1 {
         let m = Mat::from_fn(d.out_features, d.in_features, |i, j| d.weight[i * d.in_features + j]);
-        AffineOp { op: Arc::new(Operator::Dense(m)), bias: bias1 }
+        (Operator::Dense(m), bias1)
     } else {
         // I_rows ⊗ W: block diagonal, explicit CSR.
         let mut tri = Vec::with_capacity(rows * d.weight.len());
@@ -128,99 +166,369 @@ fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> AffineOp {
             }
         }
         let op = Operator::csr_from_triplets(rows * d.out_features, rows * d.in_features, &tri);
-        let bias = (0..rows).flat_map(|_| bias1.iter().copied()).collect();
-        AffineOp { op: Arc::new(op), bias }
+        (op, (0..rows).flat_map(|_| bias1.iter().copied()).collect())
     }
 }
 
-impl Compiler {
-    /// Prepares a network: checks it is a chain and builds the operators that
-    /// do not depend on the input.
-    pub fn new(net: &Network) -> Result<Self, CompileError> {
-        let nodes: Vec<&Node> = net.chain().ok_or_else(|| {
-            let name = net.nodes().iter().find(|n| n.inputs.len() != 1).map_or("?", |n| &n.name);
-            CompileError::NotAChain(name.to_string())
-        })?;
-        let mut chain = Vec::with_capacity(nodes.len());
-        for node in nodes {
-            let in_shape = net.shape(node.inputs[0]);
-            let numel: usize = in_shape.iter().product();
-            let fixed = match &node.layer {
-                Layer::Dense(d) => Some(dense_operator(d, numel / d.in_features)),
-                Layer::Affine(a) => Some(AffineOp {
-                    op: Arc::new(Operator::Diagonal(a.scale.clone())),
-                    bias: a.shift.clone(),
-                }),
-                Layer::Reshape(_) => Some(AffineOp {
-                    op: Arc::new(Operator::Identity(numel)),
-                    bias: vec![0.0; numel],
-                }),
-                Layer::Activation(_) => None,
-            };
-            chain.push(StaticLayer { name: node.name.clone(), layer: node.layer.clone(), fixed });
+fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Vec<f64>) {
+    let w = &c.window;
+    let op = ConvOp {
+        c_in: c.c_in,
+        c_out: c.c_out,
+        groups: c.groups,
+        ih: w.ih,
+        iw: w.iw,
+        kh: w.kh,
+        kw: w.kw,
+        stride: (w.sh, w.sw),
+        dilation: (w.dh, w.dw),
+        pad: (w.pt, w.pl),
+        oh: w.oh,
+        ow: w.ow,
+        weight: Arc::new(c.weight.clone()),
+    };
+    let spatial = w.oh * w.ow;
+    let bias = match &c.bias {
+        Some(b) => b.iter().flat_map(|&v| std::iter::repeat_n(v, spatial)).collect(),
+        None => vec![0.0; c.c_out * spatial],
+    };
+    let csr = match kernel {
+        ConvKernel::Csr => true,
+        ConvKernel::Structured => false,
+        ConvKernel::Auto => op.nnz() <= AUTO_CSR_MAX_NNZ,
+    };
+    (if csr { Operator::Csr(op.to_csr()) } else { Operator::Conv(op) }, bias)
+}
+
+fn avgpool_operator(p: &nnlin_ir::Pool, count_include_pad: bool) -> Operator {
+    let w = &p.window;
+    let mut tri = Vec::new();
+    for ch in 0..p.channels {
+        for oy in 0..w.oh {
+            for ox in 0..w.ow {
+                let row = (ch * w.oh + oy) * w.ow + ox;
+                let count =
+                    if count_include_pad { w.taps_in_padded(oy, ox) } else { w.taps_in_input(oy, ox) };
+                for ky in 0..w.kh {
+                    let Some(iy) = w.iy(oy, ky) else { continue };
+                    for kx in 0..w.kw {
+                        let Some(ix) = w.ix(ox, kx) else { continue };
+                        tri.push((row, (ch * w.ih + iy) * w.iw + ix, 1.0 / count as f64));
+                    }
+                }
+            }
         }
-        Ok(Self { chain, input_len: net.input_len(), output_len: net.output_len() })
+    }
+    Operator::csr_from_triplets(p.channels * w.oh * w.ow, p.channels * w.ih * w.iw, &tri)
+}
+
+/// Row-major strides of a shape.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for ax in (0..shape.len().saturating_sub(1)).rev() {
+        s[ax] = s[ax + 1] * shape[ax + 1];
+    }
+    s
+}
+
+fn pad_operator(p: &nnlin_ir::Pad, in_shape: &[usize], out_shape: &[usize]) -> (Operator, Vec<f64>) {
+    let numel: usize = out_shape.iter().product();
+    let ist = strides(in_shape);
+    let ost = strides(out_shape);
+    let mut cols = Vec::with_capacity(numel);
+    let mut bias = vec![0.0; numel];
+    for (flat, b) in bias.iter_mut().enumerate() {
+        let mut src = 0usize;
+        let mut zero = false;
+        for ax in 0..out_shape.len() {
+            let o = (flat / ost[ax]) % out_shape[ax];
+            let d = in_shape[ax];
+            let i = match o.checked_sub(p.begin[ax]) {
+                Some(i) if i < d => i,
+                under => match p.mode {
+                    PadMode::Constant(_) => {
+                        zero = true;
+                        0
+                    }
+                    PadMode::Edge => {
+                        if under.is_none() {
+                            0
+                        } else {
+                            d - 1
+                        }
+                    }
+                    PadMode::Reflect => match under {
+                        None => p.begin[ax] - o,
+                        Some(i) => 2 * (d - 1) - i,
+                    },
+                },
+            };
+            src += i * ist[ax];
+        }
+        if zero {
+            if let PadMode::Constant(c) = p.mode {
+                *b = c;
+            }
+            cols.push(Selection::ZERO);
+        } else {
+            cols.push(src);
+        }
+    }
+    (Operator::Selection(Selection { ncols: in_shape.iter().product(), cols }), bias)
+}
+
+fn transpose_operator(perm: &[usize], in_shape: &[usize], out_shape: &[usize]) -> Operator {
+    let ist = strides(in_shape);
+    let ost = strides(out_shape);
+    let numel: usize = out_shape.iter().product();
+    let cols = (0..numel)
+        .map(|flat| (0..perm.len()).map(|ax| ((flat / ost[ax]) % out_shape[ax]) * ist[perm[ax]]).sum())
+        .collect();
+    Operator::Selection(Selection { ncols: numel, cols })
+}
+
+fn concat_operators(axis: usize, in_shapes: &[&[usize]], out_shape: &[usize]) -> Vec<Arc<Operator>> {
+    let outer: usize = out_shape[..axis].iter().product();
+    let out_inner: usize = out_shape[axis..].iter().product();
+    let mut offset = 0;
+    in_shapes
+        .iter()
+        .map(|s| {
+            let inner: usize = s[axis..].iter().product();
+            let mut cols = vec![Selection::ZERO; outer * out_inner];
+            for o in 0..outer {
+                for i in 0..inner {
+                    cols[o * out_inner + offset + i] = o * inner + i;
+                }
+            }
+            offset += inner;
+            Arc::new(Operator::Selection(Selection { ncols: outer * inner, cols }))
+        })
+        .collect()
+}
+
+impl Compiler {
+    /// Prepares a network with the default convolution representation.
+    pub fn new(net: &Network) -> Self {
+        Self::with_conv_kernel(net, ConvKernel::Auto)
     }
 
+    /// Prepares a network: builds the operators that do not depend on the
+    /// input.
+    pub fn with_conv_kernel(net: &Network, kernel: ConvKernel) -> Self {
+        let mut fixed = Vec::with_capacity(net.nodes().len());
+        for node in net.nodes() {
+            let in_shape = net.shape(node.inputs[0]);
+            let numel: usize = in_shape.iter().product();
+            let one = |op: Operator, bias: Vec<f64>| Fixed::Ops(vec![Arc::new(op)], bias);
+            let f = match &node.layer {
+                Layer::Dense(d) => {
+                    let (op, b) = dense_operator(d, numel / d.in_features);
+                    one(op, b)
+                }
+                Layer::Affine(a) => one(Operator::Diagonal(a.scale.clone()), a.shift.clone()),
+                Layer::Reshape(_) => one(Operator::Identity(numel), vec![0.0; numel]),
+                Layer::Conv(c) => {
+                    let (op, b) = conv_operator(c, kernel);
+                    one(op, b)
+                }
+                Layer::Pool(p) => match p.kind {
+                    PoolKind::Max => Fixed::PerInstance,
+                    PoolKind::Average { count_include_pad } => {
+                        let op = avgpool_operator(p, count_include_pad);
+                        let rows = op.nrows();
+                        one(op, vec![0.0; rows])
+                    }
+                },
+                Layer::Add(a) => Fixed::Ops(
+                    a.coeffs
+                        .iter()
+                        .map(|&c| {
+                            Arc::new(if c == 1.0 {
+                                Operator::Identity(numel)
+                            } else {
+                                Operator::Diagonal(vec![c; numel])
+                            })
+                        })
+                        .collect(),
+                    vec![0.0; numel],
+                ),
+                Layer::Concat(c) => {
+                    let shapes: Vec<&[usize]> = node.inputs.iter().map(|v| net.shape(*v)).collect();
+                    let out = net.shape(node.output);
+                    Fixed::Ops(concat_operators(c.axis, &shapes, out), vec![0.0; out.iter().product()])
+                }
+                Layer::Pad(p) => {
+                    let (op, b) = pad_operator(p, in_shape, net.shape(node.output));
+                    one(op, b)
+                }
+                Layer::Transpose(t) => {
+                    one(transpose_operator(&t.perm, in_shape, net.shape(node.output)), vec![0.0; numel])
+                }
+                Layer::Activation(_) | Layer::Lrn(_) => Fixed::PerInstance,
+            };
+            fixed.push(f);
+        }
+        Self { net: net.clone(), fixed, uses: net.use_counts() }
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
     /// Input length `n`.
     pub fn input_len(&self) -> usize {
-        self.input_len
+        self.net.input_len()
     }
     /// Output length.
     pub fn output_len(&self) -> usize {
-        self.output_len
+        self.net.output_len()
     }
 
-    /// Compiles every layer at `x` into its affine operator.
+    /// Compiles every node at `x` into its affine operator.
     pub fn instance(&self, x: &[f64], mode: Mode) -> Result<Instance, CompileError> {
-        if x.len() != self.input_len {
-            return Err(CompileError::InputLength { expected: self.input_len, got: x.len() });
+        let n = self.net.input_len();
+        if x.len() != n {
+            return Err(CompileError::InputLength { expected: n, got: x.len() });
         }
         if !x.iter().all(|v| v.is_finite()) {
             return Err(CompileError::NonFinite { where_: "in the input".into() });
         }
-        let mut u = x.to_vec();
-        let mut layers = Vec::with_capacity(self.chain.len());
+        let nvalues = self.net.nodes().len() + 1;
+        let mut values: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+        let mut remaining = self.uses.clone();
+        values[0] = Some(x.to_vec());
+        let mut layers = Vec::with_capacity(self.net.nodes().len());
         let mut scratch = Vec::new();
-        for sl in &self.chain {
-            let (affine, active) = match (&sl.layer, &sl.fixed) {
-                (_, Some(fixed)) => (fixed.clone(), None),
-                (Layer::Activation(a), None) => {
-                    let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
-                    let mut slope = Vec::with_capacity(u.len());
-                    let mut offset = Vec::with_capacity(u.len());
-                    for (i, &z) in u.iter().enumerate() {
-                        let y = a.expr.eval(i, Dual::var(z), &mut scratch);
-                        let (s, c) = if mode == Mode::Secant && !pwl && z != 0.0 {
-                            (y.v / z, 0.0)
-                        } else {
-                            (y.d, y.v - y.d * z)
-                        };
-                        slope.push(s);
-                        offset.push(c);
-                    }
-                    let active = slope.iter().map(|&s| s != 0.0).collect();
-                    (
-                        AffineOp { op: Arc::new(Operator::Diagonal(slope)), bias: offset },
-                        Some(active),
-                    )
+        for (node, fixed) in self.net.nodes().iter().zip(&self.fixed) {
+            let u = values[node.inputs[0].0].as_ref().expect("input value alive");
+            let mut active = None;
+            let (ops, bias) = match fixed {
+                Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
+                Fixed::PerInstance => {
+                    let (op, bias, act) =
+                        per_instance(&node.layer, u, self.net.shape(node.inputs[0]), mode, &mut scratch);
+                    active = act;
+                    (vec![Arc::new(op)], bias)
                 }
-                (layer, None) => unreachable!("layer kind {} has no fixed operator", layer.kind()),
             };
-            u = affine.apply(&u);
-            if !u.iter().all(|v| v.is_finite()) {
-                return Err(CompileError::NonFinite {
-                    where_: format!("after layer `{}`", sl.name),
-                });
-            }
-            layers.push(CompiledLayer {
-                name: sl.name.clone(),
-                layer_kind: sl.layer.kind(),
-                affine,
+            let layer = CompiledLayer {
+                name: node.name.clone(),
+                layer_kind: node.layer.kind(),
+                inputs: node.inputs.iter().map(|v| v.0).zip(ops).collect(),
+                bias,
+                output: node.output.0,
                 active,
-            });
+            };
+            let y = layer.eval(&values);
+            if !y.iter().all(|v| v.is_finite()) {
+                return Err(CompileError::NonFinite { where_: format!("after layer `{}`", node.name) });
+            }
+            for v in &node.inputs {
+                remaining[v.0] -= 1;
+                if remaining[v.0] == 0 {
+                    values[v.0] = None;
+                }
+            }
+            values[node.output.0] = Some(y);
+            layers.push(layer);
         }
-        Ok(Instance { layers, output: u, input_len: self.input_len })
+        let out = self.net.output().0;
+        let output = values[out].take().expect("output value");
+        let value_lens = (0..nvalues).map(|v| self.net.numel(nnlin_ir::ValueId(v))).collect();
+        Ok(Instance { layers, output, input_len: n, output_value: out, value_lens })
+    }
+}
+
+/// The operator of a node that depends on its input `u`.
+fn per_instance(
+    layer: &Layer,
+    u: &[f64],
+    in_shape: &[usize],
+    mode: Mode,
+    scratch: &mut Vec<Dual>,
+) -> (Operator, Vec<f64>, Option<Vec<bool>>) {
+    match layer {
+        Layer::Activation(a) => {
+            let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
+            let mut slope = Vec::with_capacity(u.len());
+            let mut offset = Vec::with_capacity(u.len());
+            for (i, &z) in u.iter().enumerate() {
+                let y = a.expr.eval(i, Dual::var(z), scratch);
+                let (s, c) =
+                    if mode == Mode::Secant && !pwl && z != 0.0 { (y.v / z, 0.0) } else { (y.d, y.v - y.d * z) };
+                slope.push(s);
+                offset.push(c);
+            }
+            let active = slope.iter().map(|&s| s != 0.0).collect();
+            (Operator::Diagonal(slope), offset, Some(active))
+        }
+        Layer::Pool(p) => {
+            let w = &p.window;
+            let mut cols = Vec::with_capacity(p.channels * w.oh * w.ow);
+            for ch in 0..p.channels {
+                for oy in 0..w.oh {
+                    for ox in 0..w.ow {
+                        let mut best: Option<(usize, f64)> = None;
+                        for ky in 0..w.kh {
+                            let Some(iy) = w.iy(oy, ky) else { continue };
+                            for kx in 0..w.kw {
+                                let Some(ix) = w.ix(ox, kx) else { continue };
+                                let j = (ch * w.ih + iy) * w.iw + ix;
+                                if best.is_none_or(|(_, b)| u[j] > b) {
+                                    best = Some((j, u[j]));
+                                }
+                            }
+                        }
+                        cols.push(best.expect("a pooling window inside the input").0);
+                    }
+                }
+            }
+            let rows = cols.len();
+            (Operator::Selection(Selection { ncols: u.len(), cols }), vec![0.0; rows], None)
+        }
+        Layer::Lrn(l) => {
+            let channels = in_shape[1];
+            let spatial: usize = in_shape[2..].iter().product();
+            let k = l.alpha / l.size as f64;
+            let mut diag = Vec::with_capacity(u.len());
+            let mut tri = Vec::new();
+            let mut offset = vec![0.0; u.len()];
+            for c in 0..channels {
+                let win = l.window(c, channels);
+                for s in 0..spatial {
+                    let sq: f64 = win.clone().map(|cc| u[cc * spatial + s].powi(2)).sum();
+                    let d = l.bias + k * sq;
+                    let inv = d.powf(-l.beta);
+                    let row = c * spatial + s;
+                    match mode {
+                        Mode::Secant => diag.push(inv),
+                        Mode::Tangent => {
+                            // ∂y_c/∂x_j = δ_cj·d^-β − 2βk·x_c·x_j·d^(-β-1)
+                            let xc = u[row];
+                            let g = -2.0 * l.beta * k * xc * d.powf(-l.beta - 1.0);
+                            let mut jx = 0.0;
+                            for cc in win.clone() {
+                                let j = cc * spatial + s;
+                                let mut v = g * u[j];
+                                if cc == c {
+                                    v += inv;
+                                }
+                                tri.push((row, j, v));
+                                jx += v * u[j];
+                            }
+                            offset[row] = xc * inv - jx;
+                        }
+                    }
+                }
+            }
+            let op = match mode {
+                Mode::Secant => Operator::Diagonal(diag),
+                Mode::Tangent => Operator::csr_from_triplets(u.len(), u.len(), &tri),
+            };
+            (op, offset, None)
+        }
+        other => unreachable!("layer kind {} has a fixed operator", other.kind()),
     }
 }
 
@@ -232,11 +540,25 @@ pub fn estimated_flops(inst: &Instance, m: usize, dir: Direction) -> f64 {
     };
     inst.layers
         .iter()
-        .map(|l| match *l.affine.op {
+        .flat_map(|l| l.inputs.iter())
+        .map(|(_, op)| match **op {
             Operator::Identity(_) => 0.0,
             ref op => (op.nnz() * width) as f64,
         })
         .sum()
+}
+
+fn add_into(acc: &mut Option<Mat<f64>>, x: Mat<f64>) {
+    match acc {
+        None => *acc = Some(x),
+        Some(a) => *a += &x,
+    }
+}
+
+/// A forward tangent: the identity (the input itself) or a dense block.
+enum Tangent {
+    Identity,
+    Block(Mat<f64>),
 }
 
 /// `W` (`rows.len() × n`) and `b` (`rows.len()`) of the selected output rows.
@@ -251,46 +573,87 @@ pub fn accumulate(
         return Err(CompileError::RowOutOfRange { row, len: out_len });
     }
     let m = rows.len();
+    let n = inst.input_len;
+    let nvalues = inst.value_lens.len();
     Ok(match dir {
         Direction::Reverse => {
-            let mut g = Mat::<f64>::zeros(m, out_len);
+            let mut adj: Vec<Option<Mat<f64>>> = (0..nvalues).map(|_| None).collect();
+            let mut g0 = Mat::<f64>::zeros(m, out_len);
             for (i, &r) in rows.iter().enumerate() {
-                g[(i, r)] = 1.0;
+                g0[(i, r)] = 1.0;
             }
+            adj[inst.output_value] = Some(g0);
             let mut b = vec![0.0; m];
             for layer in inst.layers.iter().rev() {
-                let c = &layer.affine.bias;
-                if c.iter().any(|&v| v != 0.0) {
-                    for (j, &cj) in c.iter().enumerate() {
-                        if cj != 0.0 {
-                            for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
-                                *bi += gij * cj;
-                            }
+                let Some(g) = adj[layer.output].take() else { continue };
+                for (j, &cj) in layer.bias.iter().enumerate() {
+                    if cj != 0.0 {
+                        for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
+                            *bi += gij * cj;
                         }
                     }
                 }
-                if !matches!(*layer.affine.op, Operator::Identity(_)) {
-                    g = layer.affine.op.left_mul(&g, par);
+                let single = layer.inputs.len() == 1;
+                let mut g = Some(g);
+                for (v, op) in &layer.inputs {
+                    let contrib = match (&**op, single) {
+                        (Operator::Identity(_), true) => g.take().expect("adjoint"),
+                        (op, _) => op.left_mul(g.as_ref().expect("adjoint"), par),
+                    };
+                    add_into(&mut adj[*v], contrib);
                 }
             }
-            (g, b)
+            (adj[0].take().unwrap_or_else(|| Mat::zeros(m, n)), b)
         }
         Direction::Forward => {
-            let n = inst.input_len;
-            let mut t: Option<Mat<f64>> = None;
-            let mut bias = vec![0.0; n];
-            for layer in &inst.layers {
-                let op = &layer.affine.op;
-                if !matches!(**op, Operator::Identity(_)) {
-                    t = Some(match t {
-                        None => op.to_dense(),
-                        Some(t) => op.right_mul(&t, par),
-                    });
+            let mut remaining = vec![0usize; nvalues];
+            for l in &inst.layers {
+                for (v, _) in &l.inputs {
+                    remaining[*v] += 1;
                 }
-                bias = layer.affine.apply(&bias);
             }
-            let t = t.unwrap_or_else(|| Mat::identity(n, n));
-            let w = Mat::from_fn(m, n, |i, j| t[(rows[i], j)]);
+            let mut tan: Vec<Option<Tangent>> = (0..nvalues).map(|_| None).collect();
+            let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+            tan[0] = Some(Tangent::Identity);
+            off[0] = Some(vec![0.0; n]);
+            for layer in &inst.layers {
+                let mut t: Option<Tangent> = None;
+                let mut c = layer.bias.clone();
+                for (v, op) in &layer.inputs {
+                    let tv = tan[*v].as_ref().expect("tangent alive");
+                    let contrib = match (tv, &**op) {
+                        (Tangent::Identity, Operator::Identity(_)) => Tangent::Identity,
+                        (Tangent::Identity, op) => Tangent::Block(op.to_dense()),
+                        (Tangent::Block(b), op) => Tangent::Block(op.right_mul(b, par)),
+                    };
+                    t = Some(match (t, contrib) {
+                        (None, x) => x,
+                        (Some(a), x) => {
+                            let dense = |t: Tangent| match t {
+                                Tangent::Identity => Mat::identity(n, n),
+                                Tangent::Block(b) => b,
+                            };
+                            Tangent::Block(dense(a) + dense(x))
+                        }
+                    });
+                    for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
+                        *ci += t;
+                    }
+                    remaining[*v] -= 1;
+                    if remaining[*v] == 0 && *v != inst.output_value {
+                        tan[*v] = None;
+                        off[*v] = None;
+                    }
+                }
+                tan[layer.output] = t;
+                off[layer.output] = Some(c);
+            }
+            let t = tan[inst.output_value].take().expect("output tangent");
+            let bias = off[inst.output_value].take().expect("output offset");
+            let w = match t {
+                Tangent::Identity => Mat::from_fn(m, n, |i, j| f64::from(u8::from(rows[i] == j))),
+                Tangent::Block(t) => Mat::from_fn(m, n, |i, j| t[(rows[i], j)]),
+            };
             (w, rows.iter().map(|&r| bias[r]).collect())
         }
     })

@@ -4,11 +4,16 @@
 
 pub mod error;
 pub mod expr;
+pub mod geometry;
 pub mod network;
 pub mod reference;
 pub mod scalar;
 
 pub use error::IrError;
 pub use expr::{Binary, Expr, ExprClass, ExprNode, Unary};
-pub use network::{Activation, Affine, Dense, Layer, Network, Node, Reshape, ValueId};
+pub use geometry::Window;
+pub use network::{
+    Activation, Add, Affine, Concat, Conv, Dense, Layer, Lrn, Network, Node, Pad, PadMode, Pool,
+    PoolKind, Reshape, Transpose, ValueId,
+};
 pub use scalar::{Dual, Scalar};

@@ -7,6 +7,7 @@
 
 use crate::error::IrError;
 use crate::expr::{Expr, ExprClass};
+pub use crate::geometry::Window;
 
 /// Index of a value (a tensor) in a [`Network`]; value 0 is the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +64,155 @@ pub struct Reshape {
     pub shape: Vec<usize>,
 }
 
+/// A 1-D or 2-D convolution (cross-correlation, as ONNX and PyTorch define
+/// it) over an input `[1, c_in, (ih,) iw]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv {
+    /// Spatial geometry (1-D: height 1).
+    pub window: Window,
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Groups (`c_in` = depthwise).
+    pub groups: usize,
+    /// `c_out × (c_in / groups) × kh × kw`, row-major.
+    pub weight: Vec<f64>,
+    /// Length `c_out`, if any.
+    pub bias: Option<Vec<f64>>,
+    /// Whether the layer is 1-D (shapes `[1, c, w]`).
+    pub one_d: bool,
+}
+
+impl Conv {
+    /// Weight of output channel `oc`, input channel `icg` within its group,
+    /// tap `(ky, kx)`.
+    #[inline]
+    pub fn w(&self, oc: usize, icg: usize, ky: usize, kx: usize) -> f64 {
+        let cig = self.c_in / self.groups;
+        self.weight[((oc * cig + icg) * self.window.kh + ky) * self.window.kw + kx]
+    }
+    /// The input channel range of output channel `oc`'s group.
+    #[inline]
+    pub fn group_inputs(&self, oc: usize) -> std::ops::Range<usize> {
+        let cig = self.c_in / self.groups;
+        let g = oc / (self.c_out / self.groups);
+        g * cig..(g + 1) * cig
+    }
+    /// Output shape.
+    pub fn out_shape(&self) -> Vec<usize> {
+        if self.one_d {
+            vec![1, self.c_out, self.window.ow]
+        } else {
+            vec![1, self.c_out, self.window.oh, self.window.ow]
+        }
+    }
+}
+
+/// Pooling kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Max over the window; ties go to the first tap in window order.
+    Max,
+    /// Mean over the window.
+    Average {
+        /// Whether padded positions count in the divisor.
+        count_include_pad: bool,
+    },
+}
+
+/// Max or average pooling (global pooling is a window over the whole input).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    /// Spatial geometry.
+    pub window: Window,
+    /// Channels.
+    pub channels: usize,
+    /// Max or average.
+    pub kind: PoolKind,
+    /// Whether the layer is 1-D.
+    pub one_d: bool,
+}
+
+impl Pool {
+    /// Output shape.
+    pub fn out_shape(&self) -> Vec<usize> {
+        if self.one_d {
+            vec![1, self.channels, self.window.ow]
+        } else {
+            vec![1, self.channels, self.window.oh, self.window.ow]
+        }
+    }
+}
+
+/// `y = Σ_k coeffs[k]·u_k` over inputs of equal shape (residual `Add`,
+/// `Sum`, `Sub`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Add {
+    /// One coefficient per input.
+    pub coeffs: Vec<f64>,
+}
+
+/// Concatenation along an axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Concat {
+    /// The axis.
+    pub axis: usize,
+}
+
+/// Padding mode.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PadMode {
+    /// A constant value.
+    Constant(f64),
+    /// Mirror without repeating the edge.
+    Reflect,
+    /// Repeat the edge.
+    Edge,
+}
+
+/// Padding of every axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pad {
+    /// Elements added before each axis.
+    pub begin: Vec<usize>,
+    /// Elements added after each axis.
+    pub end: Vec<usize>,
+    /// Mode.
+    pub mode: PadMode,
+}
+
+/// A permutation of axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transpose {
+    /// Output axis `i` is input axis `perm[i]`.
+    pub perm: Vec<usize>,
+}
+
+/// Local response normalization across channels:
+/// `y_c = x_c / (bias + alpha/size · Σ_{c' ∈ window(c)} x_{c'}²)^beta`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lrn {
+    /// Window size (channels).
+    pub size: usize,
+    /// Scale.
+    pub alpha: f64,
+    /// Exponent.
+    pub beta: f64,
+    /// Additive constant.
+    pub bias: f64,
+}
+
+impl Lrn {
+    /// The channel window of channel `c` among `channels` (ONNX:
+    /// `[c − ⌊(size−1)/2⌋, c + ⌈(size−1)/2⌉]`).
+    pub fn window(&self, c: usize, channels: usize) -> std::ops::Range<usize> {
+        let lo = c.saturating_sub((self.size - 1) / 2);
+        let hi = (c + (self.size - 1).div_ceil(2) + 1).min(channels);
+        lo..hi
+    }
+}
+
 /// The closed set of layers. Adding a variant makes the compiler list every
 /// place to update (shape inference, reference, instance compiler, inspect).
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +225,20 @@ pub enum Layer {
     Activation(Activation),
     /// Shape change.
     Reshape(Reshape),
+    /// Convolution.
+    Conv(Conv),
+    /// Max / average pooling.
+    Pool(Pool),
+    /// Weighted sum of several inputs.
+    Add(Add),
+    /// Concatenation.
+    Concat(Concat),
+    /// Padding.
+    Pad(Pad),
+    /// Axis permutation.
+    Transpose(Transpose),
+    /// Local response normalization.
+    Lrn(Lrn),
 }
 
 impl Layer {
@@ -85,6 +249,16 @@ impl Layer {
             Layer::Affine(_) => "affine",
             Layer::Activation(_) => "activation",
             Layer::Reshape(_) => "reshape",
+            Layer::Conv(_) => "conv",
+            Layer::Pool(p) => match p.kind {
+                PoolKind::Max => "maxpool",
+                PoolKind::Average { .. } => "avgpool",
+            },
+            Layer::Add(_) => "add",
+            Layer::Concat(_) => "concat",
+            Layer::Pad(_) => "pad",
+            Layer::Transpose(_) => "transpose",
+            Layer::Lrn(_) => "lrn",
         }
     }
 
@@ -94,7 +268,14 @@ impl Layer {
             Layer::Dense(d) => d.weight.len() + d.bias.as_ref().map_or(0, Vec::len),
             Layer::Affine(a) => a.scale.len() + a.shift.len(),
             Layer::Activation(a) => a.expr.consts.iter().map(Vec::len).sum(),
-            Layer::Reshape(_) => 0,
+            Layer::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
+            Layer::Reshape(_)
+            | Layer::Pool(_)
+            | Layer::Add(_)
+            | Layer::Concat(_)
+            | Layer::Pad(_)
+            | Layer::Transpose(_)
+            | Layer::Lrn(_) => 0,
         }
     }
 
@@ -160,6 +341,85 @@ impl Layer {
                     return Err(mismatch(format!("{} elements for {:?}", numel, r.shape), x));
                 }
                 Ok(r.shape.clone())
+            }
+            Layer::Conv(c) => {
+                let w = &c.window;
+                let want: Vec<usize> =
+                    if c.one_d { vec![1, c.c_in, w.iw] } else { vec![1, c.c_in, w.ih, w.iw] };
+                if x != want.as_slice() {
+                    return Err(mismatch(format!("{want:?}"), x));
+                }
+                if c.groups == 0 || c.c_in % c.groups != 0 || c.c_out % c.groups != 0 {
+                    return Err(mismatch(format!("channels divisible by {} groups", c.groups), x));
+                }
+                if c.weight.len() != c.c_out * (c.c_in / c.groups) * w.kh * w.kw {
+                    return Err(mismatch("a weight matching the kernel".into(), &[c.weight.len()]));
+                }
+                if let Some(b) = &c.bias {
+                    if b.len() != c.c_out {
+                        return Err(mismatch(format!("bias of {}", c.c_out), &[b.len()]));
+                    }
+                    finite("bias", b)?;
+                }
+                finite("weight", &c.weight)?;
+                Ok(c.out_shape())
+            }
+            Layer::Pool(p) => {
+                let w = &p.window;
+                let want: Vec<usize> =
+                    if p.one_d { vec![1, p.channels, w.iw] } else { vec![1, p.channels, w.ih, w.iw] };
+                if x != want.as_slice() {
+                    return Err(mismatch(format!("{want:?}"), x));
+                }
+                Ok(p.out_shape())
+            }
+            Layer::Add(a) => {
+                if a.coeffs.len() != inputs.len() || inputs.iter().any(|s| *s != x) {
+                    return Err(mismatch(format!("{} inputs of equal shape", a.coeffs.len()), x));
+                }
+                Ok(x.to_vec())
+            }
+            Layer::Concat(c) => {
+                let mut out = x.to_vec();
+                if c.axis >= x.len() {
+                    return Err(mismatch(format!("rank above {}", c.axis), x));
+                }
+                for s in &inputs[1..] {
+                    let same = s.len() == x.len()
+                        && s.iter().zip(x).enumerate().all(|(i, (a, b))| i == c.axis || a == b);
+                    if !same {
+                        return Err(mismatch(format!("shapes equal except axis {}", c.axis), s));
+                    }
+                    out[c.axis] += s[c.axis];
+                }
+                Ok(out)
+            }
+            Layer::Pad(p) => {
+                if p.begin.len() != x.len() || p.end.len() != x.len() {
+                    return Err(mismatch(format!("rank {}", p.begin.len()), x));
+                }
+                if !matches!(p.mode, PadMode::Constant(_))
+                    && x.iter().zip(p.begin.iter().zip(&p.end)).any(|(&d, (&b, &e))| {
+                        (b > 0 || e > 0) && (d == 0 || (p.mode == PadMode::Reflect && (b >= d || e >= d)))
+                    })
+                {
+                    return Err(mismatch("padding smaller than the axis for reflect/edge".into(), x));
+                }
+                Ok(x.iter().zip(p.begin.iter().zip(&p.end)).map(|(d, (b, e))| d + b + e).collect())
+            }
+            Layer::Transpose(t) => {
+                let mut sorted = t.perm.clone();
+                sorted.sort_unstable();
+                if sorted != (0..x.len()).collect::<Vec<_>>() {
+                    return Err(mismatch(format!("rank {} for perm {:?}", t.perm.len(), t.perm), x));
+                }
+                Ok(t.perm.iter().map(|&p| x[p]).collect())
+            }
+            Layer::Lrn(l) => {
+                if x.len() < 2 || l.size == 0 {
+                    return Err(mismatch("[1, C, ...] and size ≥ 1".into(), x));
+                }
+                Ok(x.to_vec())
             }
         }
     }
@@ -260,6 +520,19 @@ impl Network {
     /// The node producing value `v` (None for the input).
     pub fn producer(&self, v: ValueId) -> Option<&Node> {
         v.0.checked_sub(1).map(|k| &self.nodes[k])
+    }
+
+    /// For every value, the number of nodes reading it (plus one for the
+    /// network output).
+    pub fn use_counts(&self) -> Vec<usize> {
+        let mut uses = vec![0; self.shapes.len()];
+        for node in &self.nodes {
+            for i in &node.inputs {
+                uses[i.0] += 1;
+            }
+        }
+        uses[self.output.0] += 1;
+        uses
     }
 
     /// The nodes the output depends on, in order, if they form a chain

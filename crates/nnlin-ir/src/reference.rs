@@ -2,7 +2,7 @@
 //! [`Scalar`] (`f32`, `f64`, [`Dual`]). It is the oracle the compiled path is
 //! tested against; the compiled path never calls it.
 
-use crate::network::{Layer, Network, ValueId};
+use crate::network::{Layer, Network, PadMode, PoolKind, ValueId};
 use crate::scalar::{Dual, Scalar};
 
 /// Evaluates every value of the network at `x` (flattened input).
@@ -15,6 +15,7 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
     let mut scratch = Vec::new();
     for node in net.nodes() {
         let u = &values[node.inputs[0].0];
+        let in_shape = net.shape(node.inputs[0]);
         let y = match &node.layer {
             Layer::Dense(d) => {
                 let rows = u.len() / d.in_features;
@@ -43,6 +44,176 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
                 u.iter().enumerate().map(|(i, &t)| a.expr.eval(i, t, &mut scratch)).collect()
             }
             Layer::Reshape(_) => u.clone(),
+            Layer::Conv(c) => {
+                let w = &c.window;
+                let cog = c.c_out / c.groups;
+                let cig = c.c_in / c.groups;
+                let mut y = Vec::with_capacity(c.c_out * w.oh * w.ow);
+                for oc in 0..c.c_out {
+                    let g = oc / cog;
+                    for oy in 0..w.oh {
+                        for ox in 0..w.ow {
+                            let mut acc = S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc]));
+                            for icg in 0..cig {
+                                let ic = g * cig + icg;
+                                for ky in 0..w.kh {
+                                    // plain index arithmetic, independent of Window::iy/ix
+                                    let iy = (oy * w.sh + ky * w.dh) as isize - w.pt as isize;
+                                    if iy < 0 || iy >= w.ih as isize {
+                                        continue;
+                                    }
+                                    for kx in 0..w.kw {
+                                        let ix = (ox * w.sw + kx * w.dw) as isize - w.pl as isize;
+                                        if ix < 0 || ix >= w.iw as isize {
+                                            continue;
+                                        }
+                                        let wt = c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx];
+                                        let xi = (ic * w.ih + iy as usize) * w.iw + ix as usize;
+                                        acc = acc + S::from_f64(wt) * u[xi];
+                                    }
+                                }
+                            }
+                            y.push(acc);
+                        }
+                    }
+                }
+                y
+            }
+            Layer::Pool(p) => {
+                let w = &p.window;
+                let mut y = Vec::with_capacity(p.channels * w.oh * w.ow);
+                for ch in 0..p.channels {
+                    for oy in 0..w.oh {
+                        for ox in 0..w.ow {
+                            let mut best: Option<S> = None;
+                            let mut sum = S::from_f64(0.0);
+                            let (mut inside, mut padded) = (0usize, 0usize);
+                            for ky in 0..w.kh {
+                                let py = oy * w.sh + ky * w.dh; // position in padded coordinates
+                                for kx in 0..w.kw {
+                                    let px = ox * w.sw + kx * w.dw;
+                                    if py < w.ih + w.pt + w.pb && px < w.iw + w.pl + w.pr {
+                                        padded += 1;
+                                    }
+                                    if py < w.pt || px < w.pl || py - w.pt >= w.ih || px - w.pl >= w.iw {
+                                        continue;
+                                    }
+                                    let v = u[(ch * w.ih + py - w.pt) * w.iw + px - w.pl];
+                                    inside += 1;
+                                    sum = sum + v;
+                                    // strict `>`: ties keep the first tap in window order
+                                    if best.is_none_or(|b| v.value() > b.value()) {
+                                        best = Some(v);
+                                    }
+                                }
+                            }
+                            y.push(match p.kind {
+                                PoolKind::Max => best.expect("a pooling window inside the input"),
+                                PoolKind::Average { count_include_pad } => {
+                                    let d = if count_include_pad { padded } else { inside };
+                                    sum / S::from_f64(d as f64)
+                                }
+                            });
+                        }
+                    }
+                }
+                y
+            }
+            Layer::Add(a) => {
+                let mut y = vec![S::from_f64(0.0); u.len()];
+                for (k, v) in node.inputs.iter().enumerate() {
+                    for (yi, &ui) in y.iter_mut().zip(&values[v.0]) {
+                        *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
+                    }
+                }
+                y
+            }
+            Layer::Concat(c) => {
+                let outer: usize = in_shape[..c.axis].iter().product();
+                let mut y = Vec::new();
+                for o in 0..outer {
+                    for v in &node.inputs {
+                        let inner: usize = net.shape(*v)[c.axis..].iter().product();
+                        y.extend_from_slice(&values[v.0][o * inner..(o + 1) * inner]);
+                    }
+                }
+                y
+            }
+            Layer::Pad(p) => {
+                let out_shape = net.shape(node.output);
+                let numel: usize = out_shape.iter().product();
+                let mut y = Vec::with_capacity(numel);
+                for flat in 0..numel {
+                    // decompose the output index, map each axis back
+                    let mut rem = flat;
+                    let mut src = 0usize;
+                    let mut stride = 1usize;
+                    let mut inside = true;
+                    let mut coords = vec![0usize; out_shape.len()];
+                    for ax in (0..out_shape.len()).rev() {
+                        coords[ax] = rem % out_shape[ax];
+                        rem /= out_shape[ax];
+                    }
+                    for ax in (0..out_shape.len()).rev() {
+                        let d = in_shape[ax] as isize;
+                        let mut i = coords[ax] as isize - p.begin[ax] as isize;
+                        if i < 0 || i >= d {
+                            match p.mode {
+                                PadMode::Constant(_) => inside = false,
+                                PadMode::Edge => i = i.clamp(0, d - 1),
+                                PadMode::Reflect => i = if i < 0 { -i } else { 2 * (d - 1) - i },
+                            }
+                        }
+                        src += i.max(0) as usize * stride;
+                        stride *= in_shape[ax];
+                    }
+                    y.push(match (inside, p.mode) {
+                        (false, PadMode::Constant(c)) => S::from_f64(c),
+                        _ => u[src],
+                    });
+                }
+                y
+            }
+            Layer::Transpose(t) => {
+                let out_shape = net.shape(node.output);
+                let rank = in_shape.len();
+                let mut in_strides = vec![1usize; rank];
+                for ax in (0..rank.saturating_sub(1)).rev() {
+                    in_strides[ax] = in_strides[ax + 1] * in_shape[ax + 1];
+                }
+                let numel: usize = out_shape.iter().product();
+                (0..numel)
+                    .map(|flat| {
+                        let mut rem = flat;
+                        let mut src = 0;
+                        for ax in (0..rank).rev() {
+                            src += (rem % out_shape[ax]) * in_strides[t.perm[ax]];
+                            rem /= out_shape[ax];
+                        }
+                        u[src]
+                    })
+                    .collect()
+            }
+            Layer::Lrn(l) => {
+                let channels = in_shape[1];
+                let spatial: usize = in_shape[2..].iter().product();
+                let mut y = Vec::with_capacity(u.len());
+                for c in 0..channels {
+                    for s in 0..spatial {
+                        let lo = c.saturating_sub((l.size - 1) / 2);
+                        let hi = (c + (l.size - 1).div_ceil(2)).min(channels - 1);
+                        let mut sq = S::from_f64(0.0);
+                        for cc in lo..=hi {
+                            let v = u[cc * spatial + s];
+                            sq = sq + v * v;
+                        }
+                        let den = (S::from_f64(l.bias) + S::from_f64(l.alpha / l.size as f64) * sq)
+                            .powf(l.beta);
+                        y.push(u[c * spatial + s] / den);
+                    }
+                }
+                y
+            }
         };
         values.push(y);
     }

@@ -11,13 +11,139 @@
 use faer::{Accum, Mat, Par};
 use sprs::CsMat;
 
-/// A row-selection operator: row `i` of `A` is `e_{cols[i]}ᵀ` (gather).
+/// A row-selection operator: row `i` of `A` is `e_{cols[i]}ᵀ` (gather), or
+/// zero where `cols[i] == Selection::ZERO` (padding, the other blocks of a
+/// concatenation).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Selection {
     /// Number of columns (input length).
     pub ncols: usize,
     /// For each output row, the input index it copies.
     pub cols: Vec<usize>,
+}
+
+impl Selection {
+    /// Marks a zero row.
+    pub const ZERO: usize = usize::MAX;
+}
+
+/// A convolution's Toeplitz matrix, kept structured: rows are output
+/// positions `(oc, oy, ox)`, columns input positions `(ic, iy, ix)`, both
+/// row-major; entries are kernel weights. Applied without materializing it;
+/// [`ConvOp::to_csr`] gives the explicit matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvOp {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Input height and width.
+    pub ih: usize,
+    /// Input width.
+    pub iw: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Dilations (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Leading pads (top, left).
+    pub pad: (usize, usize),
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+    /// `c_out × (c_in/groups) × kh × kw`, row-major.
+    pub weight: std::sync::Arc<Vec<f64>>,
+}
+
+impl ConvOp {
+    /// Rows (`c_out·oh·ow`).
+    pub fn nrows(&self) -> usize {
+        self.c_out * self.oh * self.ow
+    }
+    /// Columns (`c_in·ih·iw`).
+    pub fn ncols(&self) -> usize {
+        self.c_in * self.ih * self.iw
+    }
+
+    /// Calls `f(row, col, weight)` for every structural nonzero, row by row.
+    #[inline]
+    pub fn for_each(&self, mut f: impl FnMut(usize, usize, f64)) {
+        let cig = self.c_in / self.groups;
+        let cog = self.c_out / self.groups;
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        let (pt, pl) = self.pad;
+        for oc in 0..self.c_out {
+            let g = oc / cog;
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    let row = (oc * self.oh + oy) * self.ow + ox;
+                    for icg in 0..cig {
+                        let ic = g * cig + icg;
+                        for ky in 0..self.kh {
+                            let Some(iy) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < self.ih) else {
+                                continue;
+                            };
+                            for kx in 0..self.kw {
+                                let Some(ix) =
+                                    (ox * sw + kx * dw).checked_sub(pl).filter(|&x| x < self.iw)
+                                else {
+                                    continue;
+                                };
+                                let w = self.weight[((oc * cig + icg) * self.kh + ky) * self.kw + kx];
+                                f(row, (ic * self.ih + iy) * self.iw + ix, w);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Structural nonzeros (taps inside the input).
+    pub fn nnz(&self) -> usize {
+        let mut n = 0;
+        let cig = self.c_in / self.groups;
+        let taps = |o: usize, k: usize, s: usize, d: usize, p: usize, len: usize| {
+            (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|v| v < len)).count()
+        };
+        for oy in 0..self.oh {
+            let ty = taps(oy, self.kh, self.stride.0, self.dilation.0, self.pad.0, self.ih);
+            for ox in 0..self.ow {
+                n += ty * taps(ox, self.kw, self.stride.1, self.dilation.1, self.pad.1, self.iw);
+            }
+        }
+        n * cig * self.c_out
+    }
+
+    /// The explicit Toeplitz matrix.
+    pub fn to_csr(&self) -> CsMat<f64> {
+        let nnz = self.nnz();
+        let mut indptr = Vec::with_capacity(self.nrows() + 1);
+        let mut indices = Vec::with_capacity(nnz);
+        let mut data = Vec::with_capacity(nnz);
+        indptr.push(0);
+        let mut current = 0;
+        self.for_each(|row, col, w| {
+            while current < row {
+                indptr.push(indices.len());
+                current += 1;
+            }
+            indices.push(col);
+            data.push(w);
+        });
+        while indptr.len() < self.nrows() + 1 {
+            indptr.push(indices.len());
+        }
+        // columns within a row are sorted: (ic, iy, ix) increase with (icg, ky, kx)
+        CsMat::new((self.nrows(), self.ncols()), indptr, indices, data)
+    }
 }
 
 /// The closed set of linear operators.
@@ -33,6 +159,8 @@ pub enum Operator {
     Csr(CsMat<f64>),
     /// A 0/1 gather.
     Selection(Selection),
+    /// A convolution's Toeplitz matrix, structured.
+    Conv(ConvOp),
 }
 
 /// An affine map `y = A·u + bias`.
@@ -64,6 +192,7 @@ impl Operator {
             Operator::Dense(_) => "dense",
             Operator::Csr(_) => "csr",
             Operator::Selection(_) => "selection",
+            Operator::Conv(_) => "conv",
         }
     }
 
@@ -75,6 +204,7 @@ impl Operator {
             Operator::Dense(m) => m.nrows(),
             Operator::Csr(m) => m.rows(),
             Operator::Selection(s) => s.cols.len(),
+            Operator::Conv(c) => c.nrows(),
         }
     }
 
@@ -86,6 +216,7 @@ impl Operator {
             Operator::Dense(m) => m.ncols(),
             Operator::Csr(m) => m.cols(),
             Operator::Selection(s) => s.ncols,
+            Operator::Conv(c) => c.ncols(),
         }
     }
 
@@ -96,7 +227,8 @@ impl Operator {
             Operator::Diagonal(d) => d.len(),
             Operator::Dense(m) => m.nrows() * m.ncols(),
             Operator::Csr(m) => m.nnz(),
-            Operator::Selection(s) => s.cols.len(),
+            Operator::Selection(s) => s.cols.iter().filter(|&&c| c != Selection::ZERO).count(),
+            Operator::Conv(c) => c.nnz(),
         }
     }
 
@@ -110,6 +242,7 @@ impl Operator {
             Operator::Dense(m) => m.nrows() * m.ncols() * f,
             Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
             Operator::Selection(s) => s.cols.len() * u,
+            Operator::Conv(c) => c.weight.len() * f,
         }
     }
 
@@ -141,7 +274,14 @@ impl Operator {
                     .map(|i| (indptr[i]..indptr[i + 1]).map(|k| data[k] * x[indices[k]]).sum())
                     .collect()
             }
-            Operator::Selection(s) => s.cols.iter().map(|&c| x[c]).collect(),
+            Operator::Selection(s) => {
+                s.cols.iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
+            }
+            Operator::Conv(c) => {
+                let mut y = vec![0.0; c.nrows()];
+                c.for_each(|r, j, w| y[r] += w * x[j]);
+                y
+            }
         }
     }
 
@@ -187,11 +327,25 @@ impl Operator {
             Operator::Selection(s) => {
                 let mut out = Mat::zeros(k, s.ncols);
                 for (i, &c) in s.cols.iter().enumerate() {
+                    if c == Selection::ZERO {
+                        continue;
+                    }
                     let gi = g.col_as_slice(i);
                     for (o, gv) in out.col_as_slice_mut(c).iter_mut().zip(gi) {
                         *o += gv;
                     }
                 }
+                out
+            }
+            Operator::Conv(c) => {
+                // (G·A)[:, j] += w · G[:, r] for every tap (r, j, w)
+                let mut out = Mat::<f64>::zeros(k, c.ncols());
+                c.for_each(|r, j, w| {
+                    let gr = g.col_as_slice(r);
+                    for (o, gv) in out.col_as_slice_mut(j).iter_mut().zip(gr) {
+                        *o += w * gv;
+                    }
+                });
                 out
             }
         }
@@ -238,8 +392,17 @@ impl Operator {
                 for c in 0..k {
                     let tc = t.col_as_slice(c);
                     for (o, &src) in out.col_as_slice_mut(c).iter_mut().zip(&s.cols) {
-                        *o = tc[src];
+                        *o = if src == Selection::ZERO { 0.0 } else { tc[src] };
                     }
+                }
+                out
+            }
+            Operator::Conv(c) => {
+                let mut out = Mat::zeros(c.nrows(), k);
+                for q in 0..k {
+                    let tq = t.col_as_slice(q);
+                    let oq = out.col_as_slice_mut(q);
+                    c.for_each(|r, j, w| oq[r] += w * tq[j]);
                 }
                 out
             }

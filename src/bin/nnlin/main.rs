@@ -330,20 +330,21 @@ fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeAr
             "#", "layer", "operator", "shape", "nnz", "bytes"
         );
         for (i, l) in inst.layers.iter().enumerate() {
-            let op = &l.affine.op;
             let active = l.active.as_ref().map_or(String::new(), |m| {
                 format!("{}/{}", m.iter().filter(|&&b| b).count(), m.len())
             });
-            println!(
-                "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
-                i,
-                l.name,
-                op.kind(),
-                format!("{}×{}", op.nrows(), op.ncols()),
-                op.nnz(),
-                op.bytes(),
-                active
-            );
+            for (k, (_, op)) in l.inputs.iter().enumerate() {
+                println!(
+                    "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
+                    if k == 0 { i.to_string() } else { String::new() },
+                    if k == 0 { l.name.as_str() } else { "" },
+                    op.kind(),
+                    format!("{}×{}", op.nrows(), op.ncols()),
+                    op.nnz(),
+                    op.bytes(),
+                    if k == 0 { active.as_str() } else { "" }
+                );
+            }
         }
     }
     Ok(())
