@@ -207,8 +207,11 @@ fn avgpool_operator(p: &nnlin_ir::Pool, count_include_pad: bool) -> Operator {
         for oy in 0..w.oh {
             for ox in 0..w.ow {
                 let row = (ch * w.oh + oy) * w.ow + ox;
-                let count =
-                    if count_include_pad { w.taps_in_padded(oy, ox) } else { w.taps_in_input(oy, ox) };
+                let count = if count_include_pad {
+                    w.taps_in_padded(oy, ox)
+                } else {
+                    w.taps_in_input(oy, ox)
+                };
                 for ky in 0..w.kh {
                     let Some(iy) = w.iy(oy, ky) else { continue };
                     for kx in 0..w.kw {
@@ -231,7 +234,11 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-fn pad_operator(p: &nnlin_ir::Pad, in_shape: &[usize], out_shape: &[usize]) -> (Operator, Vec<f64>) {
+fn pad_operator(
+    p: &nnlin_ir::Pad,
+    in_shape: &[usize],
+    out_shape: &[usize],
+) -> (Operator, Vec<f64>) {
     let numel: usize = out_shape.iter().product();
     let ist = strides(in_shape);
     let ost = strides(out_shape);
@@ -282,12 +289,18 @@ fn transpose_operator(perm: &[usize], in_shape: &[usize], out_shape: &[usize]) -
     let ost = strides(out_shape);
     let numel: usize = out_shape.iter().product();
     let cols = (0..numel)
-        .map(|flat| (0..perm.len()).map(|ax| ((flat / ost[ax]) % out_shape[ax]) * ist[perm[ax]]).sum())
+        .map(|flat| {
+            (0..perm.len()).map(|ax| ((flat / ost[ax]) % out_shape[ax]) * ist[perm[ax]]).sum()
+        })
         .collect();
     Operator::Selection(Selection { ncols: numel, cols })
 }
 
-fn concat_operators(axis: usize, in_shapes: &[&[usize]], out_shape: &[usize]) -> Vec<Arc<Operator>> {
+fn concat_operators(
+    axis: usize,
+    in_shapes: &[&[usize]],
+    out_shape: &[usize],
+) -> Vec<Arc<Operator>> {
     let outer: usize = out_shape[..axis].iter().product();
     let out_inner: usize = out_shape[axis..].iter().product();
     let mut offset = 0;
@@ -356,15 +369,19 @@ impl Compiler {
                 Layer::Concat(c) => {
                     let shapes: Vec<&[usize]> = node.inputs.iter().map(|v| net.shape(*v)).collect();
                     let out = net.shape(node.output);
-                    Fixed::Ops(concat_operators(c.axis, &shapes, out), vec![0.0; out.iter().product()])
+                    Fixed::Ops(
+                        concat_operators(c.axis, &shapes, out),
+                        vec![0.0; out.iter().product()],
+                    )
                 }
                 Layer::Pad(p) => {
                     let (op, b) = pad_operator(p, in_shape, net.shape(node.output));
                     one(op, b)
                 }
-                Layer::Transpose(t) => {
-                    one(transpose_operator(&t.perm, in_shape, net.shape(node.output)), vec![0.0; numel])
-                }
+                Layer::Transpose(t) => one(
+                    transpose_operator(&t.perm, in_shape, net.shape(node.output)),
+                    vec![0.0; numel],
+                ),
                 Layer::Activation(_) | Layer::Lrn(_) => Fixed::PerInstance,
             };
             fixed.push(f);
@@ -406,8 +423,13 @@ impl Compiler {
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
                 Fixed::PerInstance => {
-                    let (op, bias, act) =
-                        per_instance(&node.layer, u, self.net.shape(node.inputs[0]), mode, &mut scratch);
+                    let (op, bias, act) = per_instance(
+                        &node.layer,
+                        u,
+                        self.net.shape(node.inputs[0]),
+                        mode,
+                        &mut scratch,
+                    );
                     active = act;
                     (vec![Arc::new(op)], bias)
                 }
@@ -422,7 +444,9 @@ impl Compiler {
             };
             let y = layer.eval(&values);
             if !y.iter().all(|v| v.is_finite()) {
-                return Err(CompileError::NonFinite { where_: format!("after layer `{}`", node.name) });
+                return Err(CompileError::NonFinite {
+                    where_: format!("after layer `{}`", node.name),
+                });
             }
             for v in &node.inputs {
                 remaining[v.0] -= 1;
@@ -455,8 +479,11 @@ fn per_instance(
             let mut offset = Vec::with_capacity(u.len());
             for (i, &z) in u.iter().enumerate() {
                 let y = a.expr.eval(i, Dual::var(z), scratch);
-                let (s, c) =
-                    if mode == Mode::Secant && !pwl && z != 0.0 { (y.v / z, 0.0) } else { (y.d, y.v - y.d * z) };
+                let (s, c) = if mode == Mode::Secant && !pwl && z != 0.0 {
+                    (y.v / z, 0.0)
+                } else {
+                    (y.d, y.v - y.d * z)
+                };
                 slope.push(s);
                 offset.push(c);
             }
@@ -636,7 +663,9 @@ pub fn accumulate(
                             Tangent::Block(dense(a) + dense(x))
                         }
                     });
-                    for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
+                    for (ci, t) in
+                        c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive")))
+                    {
                         *ci += t;
                     }
                     remaining[*v] -= 1;

@@ -97,8 +97,12 @@ impl Window {
     /// Number of kernel taps at `(oy, ox)` that fall inside the padded input
     /// (not past the trailing padding, which `ceil_mode` can overrun).
     pub fn taps_in_padded(&self, oy: usize, ox: usize) -> usize {
-        let rows = (0..self.kh).filter(|&ky| oy * self.sh + ky * self.dh < self.ih + self.pt + self.pb).count();
-        let cols = (0..self.kw).filter(|&kx| ox * self.sw + kx * self.dw < self.iw + self.pl + self.pr).count();
+        let rows = (0..self.kh)
+            .filter(|&ky| oy * self.sh + ky * self.dh < self.ih + self.pt + self.pb)
+            .count();
+        let cols = (0..self.kw)
+            .filter(|&kx| ox * self.sw + kx * self.dw < self.iw + self.pl + self.pr)
+            .count();
         rows * cols
     }
 

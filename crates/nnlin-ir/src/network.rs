@@ -366,8 +366,11 @@ impl Layer {
             }
             Layer::Pool(p) => {
                 let w = &p.window;
-                let want: Vec<usize> =
-                    if p.one_d { vec![1, p.channels, w.iw] } else { vec![1, p.channels, w.ih, w.iw] };
+                let want: Vec<usize> = if p.one_d {
+                    vec![1, p.channels, w.iw]
+                } else {
+                    vec![1, p.channels, w.ih, w.iw]
+                };
                 if x != want.as_slice() {
                     return Err(mismatch(format!("{want:?}"), x));
                 }
@@ -400,10 +403,14 @@ impl Layer {
                 }
                 if !matches!(p.mode, PadMode::Constant(_))
                     && x.iter().zip(p.begin.iter().zip(&p.end)).any(|(&d, (&b, &e))| {
-                        (b > 0 || e > 0) && (d == 0 || (p.mode == PadMode::Reflect && (b >= d || e >= d)))
+                        (b > 0 || e > 0)
+                            && (d == 0 || (p.mode == PadMode::Reflect && (b >= d || e >= d)))
                     })
                 {
-                    return Err(mismatch("padding smaller than the axis for reflect/edge".into(), x));
+                    return Err(mismatch(
+                        "padding smaller than the axis for reflect/edge".into(),
+                        x,
+                    ));
                 }
                 Ok(x.iter().zip(p.begin.iter().zip(&p.end)).map(|(d, (b, e))| d + b + e).collect())
             }
@@ -411,7 +418,10 @@ impl Layer {
                 let mut sorted = t.perm.clone();
                 sorted.sort_unstable();
                 if sorted != (0..x.len()).collect::<Vec<_>>() {
-                    return Err(mismatch(format!("rank {} for perm {:?}", t.perm.len(), t.perm), x));
+                    return Err(mismatch(
+                        format!("rank {} for perm {:?}", t.perm.len(), t.perm),
+                        x,
+                    ));
                 }
                 Ok(t.perm.iter().map(|&p| x[p]).collect())
             }

@@ -67,7 +67,8 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
                                         if ix < 0 || ix >= w.iw as isize {
                                             continue;
                                         }
-                                        let wt = c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx];
+                                        let wt =
+                                            c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx];
                                         let xi = (ic * w.ih + iy as usize) * w.iw + ix as usize;
                                         acc = acc + S::from_f64(wt) * u[xi];
                                     }
@@ -95,7 +96,11 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
                                     if py < w.ih + w.pt + w.pb && px < w.iw + w.pl + w.pr {
                                         padded += 1;
                                     }
-                                    if py < w.pt || px < w.pl || py - w.pt >= w.ih || px - w.pl >= w.iw {
+                                    if py < w.pt
+                                        || px < w.pl
+                                        || py - w.pt >= w.ih
+                                        || px - w.pl >= w.iw
+                                    {
                                         continue;
                                     }
                                     let v = u[(ch * w.ih + py - w.pt) * w.iw + px - w.pl];

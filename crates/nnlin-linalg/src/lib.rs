@@ -87,7 +87,9 @@ impl ConvOp {
                     for icg in 0..cig {
                         let ic = g * cig + icg;
                         for ky in 0..self.kh {
-                            let Some(iy) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < self.ih) else {
+                            let Some(iy) =
+                                (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < self.ih)
+                            else {
                                 continue;
                             };
                             for kx in 0..self.kw {
@@ -96,7 +98,8 @@ impl ConvOp {
                                 else {
                                     continue;
                                 };
-                                let w = self.weight[((oc * cig + icg) * self.kh + ky) * self.kw + kx];
+                                let w =
+                                    self.weight[((oc * cig + icg) * self.kh + ky) * self.kw + kx];
                                 f(row, (ic * self.ih + iy) * self.iw + ix, w);
                             }
                         }

@@ -31,11 +31,15 @@ use crate::tensor::Tensor;
 pub const SUPPORTED_OPS: &[&str] = &[
     "Abs",
     "Add",
+    "AveragePool",
+    "BatchNormalization",
     "Cast",
     "Celu",
     "Clip",
+    "Concat",
     "Constant",
     "ConstantOfShape",
+    "Conv",
     "Div",
     "Dropout",
     "Elu",
@@ -45,32 +49,40 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Gather",
     "Gelu",
     "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
     "HardSigmoid",
     "HardSwish",
     "Identity",
     "LeakyRelu",
+    "LRN",
     "Log",
     "LogSoftmax (trailing)",
     "MatMul",
+    "MaxPool",
     "Mish",
     "Mul",
     "Neg",
+    "Pad",
     "Pow",
     "PRelu",
+    "Range (of constants)",
     "Reciprocal",
     "Relu",
     "Reshape",
     "Selu",
     "Shape",
     "Sigmoid",
+    "Slice (of constants)",
     "Softmax (trailing)",
     "Softplus",
     "Softsign",
     "Sqrt",
     "Squeeze",
     "Sub",
+    "Sum",
     "Tanh",
-    "Transpose (of constants)",
+    "Transpose",
     "Unsqueeze",
 ];
 
@@ -186,9 +198,31 @@ fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     (0..rank as i64).contains(&a).then_some(a as usize)
 }
 
+/// Named activation ops: an affine map pending on their input becomes its
+/// own layer first.
+const NAMED_ACTIVATIONS: &[&str] = &[
+    "Celu",
+    "Clip",
+    "Elu",
+    "Gelu",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Mish",
+    "PRelu",
+    "Relu",
+    "Selu",
+    "Sigmoid",
+    "Softplus",
+    "Softsign",
+    "Tanh",
+];
+
 const ELEMENTWISE: &[&str] = &[
     "Abs",
     "Add",
+    "BatchNormalization",
+    "Sum",
     "Celu",
     "Clip",
     "Div",
@@ -199,12 +233,15 @@ const ELEMENTWISE: &[&str] = &[
     "HardSigmoid",
     "HardSwish",
     "LeakyRelu",
+    "LRN",
     "Log",
     "Mish",
     "Mul",
     "Neg",
+    "Pad",
     "Pow",
     "PRelu",
+    "Range (of constants)",
     "Reciprocal",
     "Relu",
     "Selu",
@@ -309,6 +346,33 @@ impl Importer<'_> {
     /// An elementwise node with at least one non-constant input.
     fn elementwise(&mut self) -> Result<Sym, OnnxError> {
         let op = self.op().to_string();
+        // A pending affine map (normalization, batch-norm) stays its own
+        // diagonal layer before a named activation, so the activation's
+        // secant rescale sees exactly its own pre-activation.
+        if NAMED_ACTIVATIONS.contains(&op.as_str()) {
+            for i in 0..self.node.input.len() {
+                if let Some(Sym::Expr { expr, .. }) = self.input(i)?
+                    && expr.class() == ExprClass::Affine
+                    && !expr.is_identity()
+                {
+                    let name = self.node.input[i].clone();
+                    self.materialize(&name)?;
+                }
+            }
+        }
+        if op == "BatchNormalization" {
+            return self.batchnorm();
+        }
+        // Residual / branch sums: Add, Sub, Sum of different tensors.
+        let roots: Vec<ValueId> = (0..self.node.input.len())
+            .filter_map(|i| match self.input(i) {
+                Ok(Some(Sym::Value(v) | Sym::Expr { root: v, .. })) => Some(*v),
+                _ => None,
+            })
+            .collect();
+        if roots.iter().any(|r| *r != roots[0]) {
+            return self.branch_sum();
+        }
         let mut root: Option<ValueId> = None;
         let mut out_shape: Vec<usize> = vec![];
         let mut inputs: Vec<Option<Sym>> = vec![];
@@ -370,6 +434,15 @@ impl Importer<'_> {
         }
         sources.push(op.clone());
         let a = |i: usize| args.get(i).copied().flatten();
+        if op == "Sum" {
+            let mut acc = a(0).ok_or_else(|| self.unsupported("missing input 0"))?;
+            for i in 1..args.len() {
+                let y = a(i).ok_or_else(|| self.unsupported("missing input"))?;
+                acc = e.push(ExprNode::Binary(Binary::Add, acc, y));
+            }
+            debug_assert_eq!(acc, e.nodes.len() - 1);
+            return Ok(Sym::Expr { root, expr: e, sources });
+        }
         let x = a(0).ok_or_else(|| self.unsupported("missing input 0"))?;
         let n = self.node;
         let un = |e: &mut Expr, f: Unary| e.push(ExprNode::Unary(f, x));
@@ -547,6 +620,108 @@ impl Importer<'_> {
                 let data: Vec<f64> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
                 Tensor::new(vec![data.len()], data, parts.iter().all(|p| p.is_int))
             }
+            "Range" => {
+                let (start, limit, delta) = (c(0)?.data[0], c(1)?.data[0], c(2)?.data[0]);
+                if delta == 0.0 {
+                    return Err(self.unsupported("delta 0"));
+                }
+                let count = ((limit - start) / delta).ceil().max(0.0) as usize;
+                let data: Vec<f64> = (0..count).map(|i| start + i as f64 * delta).collect();
+                Tensor::new(vec![count], data, c(0)?.is_int)
+            }
+            "Slice" => {
+                let t = c(0)?;
+                let rank = t.dims.len();
+                let (starts, ends, axes, steps) = if self.opset < 10 {
+                    (
+                        attr_ints(n, "starts").unwrap_or_default(),
+                        attr_ints(n, "ends").unwrap_or_default(),
+                        attr_ints(n, "axes"),
+                        None,
+                    )
+                } else {
+                    (
+                        c(1)?.as_ints(),
+                        c(2)?.as_ints(),
+                        self.const_input(3)?.map(|t| t.as_ints()),
+                        self.const_input(4)?.map(|t| t.as_ints()),
+                    )
+                };
+                let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+                let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+                // per axis: the list of source indices
+                let mut picks: Vec<Vec<usize>> = t.dims.iter().map(|&d| (0..d).collect()).collect();
+                for k in 0..starts.len() {
+                    let ax =
+                        norm_axis(axes[k], rank).ok_or_else(|| self.unsupported("bad axis"))?;
+                    let d = t.dims[ax] as i64;
+                    let step = steps[k];
+                    if step == 0 {
+                        return Err(self.unsupported("step 0"));
+                    }
+                    let clampi = |v: i64, lo: i64, hi: i64| {
+                        let v = if v < 0 { v + d } else { v };
+                        v.clamp(lo, hi)
+                    };
+                    let mut idx = vec![];
+                    if step > 0 {
+                        let (mut i, e) = (clampi(starts[k], 0, d), clampi(ends[k], 0, d));
+                        while i < e {
+                            idx.push(i as usize);
+                            i += step;
+                        }
+                    } else {
+                        let (mut i, e) = (clampi(starts[k], -1, d - 1), clampi(ends[k], -1, d - 1));
+                        while i > e {
+                            idx.push(i as usize);
+                            i += step;
+                        }
+                    }
+                    picks[ax] = idx;
+                }
+                let dims: Vec<usize> = picks.iter().map(Vec::len).collect();
+                let numel: usize = dims.iter().product();
+                let mut st = vec![1usize; rank];
+                for ax in (0..rank.saturating_sub(1)).rev() {
+                    st[ax] = st[ax + 1] * t.dims[ax + 1];
+                }
+                let mut data = Vec::with_capacity(numel);
+                let mut idx = vec![0usize; rank];
+                for _ in 0..numel {
+                    data.push(t.data[(0..rank).map(|a| picks[a][idx[a]] * st[a]).sum::<usize>()]);
+                    for a in (0..rank).rev() {
+                        idx[a] += 1;
+                        if idx[a] < dims[a] {
+                            break;
+                        }
+                        idx[a] = 0;
+                    }
+                }
+                Tensor::new(dims, data, t.is_int)
+            }
+            "Expand" => {
+                let t = c(0)?;
+                let shape: Vec<usize> = c(1)?.as_ints().iter().map(|&v| v as usize).collect();
+                let out = tensor::broadcast_shape(&t.dims, &shape)
+                    .ok_or_else(|| self.unsupported("shapes do not broadcast"))?;
+                let data =
+                    tensor::broadcast_to(&t, &out).ok_or_else(|| self.unsupported("broadcast"))?;
+                Tensor::new(out, data, t.is_int)
+            }
+            "Equal" => bin(|a, b| f64::from(u8::from(a == b)))?,
+            "Where" => {
+                let (cond, a, b) = (c(0)?, c(1)?, c(2)?);
+                let shape = tensor::broadcast_shape(&cond.dims, &a.dims)
+                    .and_then(|s| tensor::broadcast_shape(&s, &b.dims))
+                    .ok_or_else(|| self.unsupported("shapes do not broadcast"))?;
+                let bc = |t: &Tensor| {
+                    tensor::broadcast_to(t, &shape).ok_or_else(|| self.unsupported("broadcast"))
+                };
+                let (cv, av, bv) = (bc(&cond)?, bc(&a)?, bc(&b)?);
+                let data =
+                    (0..cv.len()).map(|i| if cv[i] != 0.0 { av[i] } else { bv[i] }).collect();
+                Tensor::new(shape, data, a.is_int && b.is_int)
+            }
             "Gather" => {
                 let (t, idx) = (c(0)?, c(1)?);
                 let axis = attr_i(n, "axis", 0);
@@ -669,6 +844,340 @@ impl Importer<'_> {
             }
             other => unreachable!("{other} is not a reshape"),
         }
+    }
+
+    /// Inference batch-norm, `(x − mean)/√(var + ε)·scale + B` per channel:
+    /// an affine map pending on its input (a diagonal and a bias).
+    fn batchnorm(&mut self) -> Result<Sym, OnnxError> {
+        let eps = attr_f(self.node, "epsilon", 1e-5);
+        if attr_i(self.node, "training_mode", 0) != 0 {
+            return Err(self.unsupported("training_mode=1"));
+        }
+        if self.node.output.iter().skip(1).any(|o| !o.is_empty()) {
+            return Err(self.unsupported("running-statistics outputs are not supported"));
+        }
+        let c = |i: usize| {
+            self.const_input(i)?
+                .ok_or_else(|| self.unsupported("scale, B, mean and var must be constants"))
+        };
+        let (scale, bias, mean, var) = (c(1)?, c(2)?, c(3)?, c(4)?);
+        let (root, base, mut sources) = match self.input(0)?.cloned() {
+            Some(Sym::Value(v)) => (v, Expr::var(), vec![]),
+            Some(Sym::Expr { root, expr, sources }) => (root, expr, sources),
+            _ => return Err(self.unsupported("input must depend on the model input")),
+        };
+        let shape = self.net.shape(root).to_vec();
+        let channels = shape.get(1).copied().unwrap_or(1);
+        if [&scale, &bias, &mean, &var].iter().any(|t| t.numel() != channels) {
+            return Err(self.unsupported(format!("parameters must have {channels} channels")));
+        }
+        let inner: usize = shape.iter().skip(2).product();
+        let mut mul = Vec::with_capacity(channels * inner);
+        let mut add = Vec::with_capacity(channels * inner);
+        for ch in 0..channels {
+            let sc = scale.data[ch] / (var.data[ch] + eps).sqrt();
+            let sh = bias.data[ch] - mean.data[ch] * sc;
+            mul.extend(std::iter::repeat_n(sc, inner));
+            add.extend(std::iter::repeat_n(sh, inner));
+        }
+        let mut e = Expr::var();
+        let x = e.splice(&base, 0);
+        let m = e.push_const(mul);
+        let xm = e.push(ExprNode::Binary(Binary::Mul, x, m));
+        let t = e.push_const(add);
+        e.push(ExprNode::Binary(Binary::Add, xm, t));
+        sources.push("BatchNormalization".into());
+        Ok(Sym::Expr { root, expr: e, sources })
+    }
+
+    /// `Add`/`Sub`/`Sum` of different tensors: an `Add` layer.
+    fn branch_sum(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        if !matches!(op.as_str(), "Add" | "Sub" | "Sum") {
+            return Err(self.unsupported(
+                "elementwise op on two different tensors (only Add, Sub and Sum of branches are linear)",
+            ));
+        }
+        let mut inputs = vec![];
+        for i in 0..self.node.input.len() {
+            if matches!(self.input(i)?, Some(Sym::Const(_))) {
+                return Err(self.unsupported("a sum of branches and constants"));
+            }
+            inputs.push(self.input_value(i)?);
+        }
+        let shape = self.net.shape(inputs[0]).to_vec();
+        if inputs.iter().any(|v| self.net.shape(*v) != shape.as_slice()) {
+            return Err(
+                self.unsupported("branches of different shapes (broadcasting between tensors)")
+            );
+        }
+        let coeffs =
+            (0..inputs.len()).map(|i| if op == "Sub" && i == 1 { -1.0 } else { 1.0 }).collect();
+        let y = self.net.push(
+            node_name(self.node),
+            op,
+            Layer::Add(nnlin_ir::Add { coeffs }),
+            inputs,
+        )?;
+        Ok(Sym::Value(y))
+    }
+
+    /// Spatial attributes of Conv / pooling: (kernel, strides, dilations,
+    /// pads as (top, left, bottom, right)), with 1-D lifted to 2-D.
+    fn window(
+        &self,
+        spatial: &[usize],
+        kernel: &[usize],
+        ceil: bool,
+    ) -> Result<nnlin_ir::Window, OnnxError> {
+        let n = self.node;
+        let rank = spatial.len();
+        if !(1..=2).contains(&rank) || kernel.len() != rank {
+            return Err(self.unsupported(format!(
+                "only 1-D and 2-D windows are supported (input spatial {spatial:?})"
+            )));
+        }
+        let ints = |name: &str, default: usize| -> Vec<usize> {
+            attr_ints(n, name)
+                .map_or(vec![default; rank], |v| v.iter().map(|&x| x.max(0) as usize).collect())
+        };
+        let strides = ints("strides", 1);
+        let dil = ints("dilations", 1);
+        let auto_pad = attr_s(n, "auto_pad").unwrap_or_else(|| "NOTSET".into());
+        let pads: Vec<usize> = match auto_pad.as_str() {
+            "NOTSET" => attr_ints(n, "pads")
+                .map_or(vec![0; 2 * rank], |v| v.iter().map(|&x| x.max(0) as usize).collect()),
+            "VALID" => vec![0; 2 * rank],
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let mut p = vec![0; 2 * rank];
+                for i in 0..rank {
+                    let out = spatial[i].div_ceil(strides[i]);
+                    let need = ((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1)
+                        .saturating_sub(spatial[i]);
+                    let (small, big) = (need / 2, need - need / 2);
+                    if auto_pad == "SAME_UPPER" {
+                        (p[i], p[i + rank]) = (small, big)
+                    } else {
+                        (p[i], p[i + rank]) = (big, small)
+                    }
+                }
+                p
+            }
+            other => return Err(self.unsupported(format!("auto_pad={other}"))),
+        };
+        if strides.len() != rank || dil.len() != rank || pads.len() != 2 * rank {
+            return Err(self.unsupported("strides/dilations/pads do not match the kernel rank"));
+        }
+        let w = if rank == 1 {
+            nnlin_ir::Window::new(
+                (1, spatial[0]),
+                (1, kernel[0]),
+                (1, strides[0]),
+                (1, dil[0]),
+                (0, pads[0], 0, pads[1]),
+                ceil,
+            )
+        } else {
+            nnlin_ir::Window::new(
+                (spatial[0], spatial[1]),
+                (kernel[0], kernel[1]),
+                (strides[0], strides[1]),
+                (dil[0], dil[1]),
+                (pads[0], pads[1], pads[2], pads[3]),
+                ceil,
+            )
+        };
+        w.ok_or_else(|| {
+            self.unsupported(format!("kernel {kernel:?} does not fit input {spatial:?}"))
+        })
+    }
+
+    fn conv(&mut self) -> Result<Sym, OnnxError> {
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        let w =
+            self.const_input(1)?.ok_or_else(|| self.unsupported("weight must be a constant"))?;
+        if shape.len() < 3 || shape[0] != 1 || w.dims.len() != shape.len() {
+            return Err(self.unsupported(format!("input {shape:?} with weight {:?}", w.dims)));
+        }
+        let groups = attr_i(self.node, "group", 1).max(1) as usize;
+        let kernel = w.dims[2..].to_vec();
+        if let Some(k) = attr_ints(self.node, "kernel_shape")
+            && k.iter().map(|&v| v as usize).collect::<Vec<_>>() != kernel
+        {
+            return Err(self.unsupported("kernel_shape disagrees with the weight"));
+        }
+        let window = self.window(&shape[2..], &kernel, false)?;
+        let (c_in, c_out) = (shape[1], w.dims[0]);
+        if w.dims[1] * groups != c_in {
+            return Err(self.unsupported(format!(
+                "weight {:?} with {groups} groups on {c_in} channels",
+                w.dims
+            )));
+        }
+        let bias = self.const_input(2)?.map(|b| b.data);
+        let one_d = shape.len() == 3;
+        let layer = Layer::Conv(nnlin_ir::Conv {
+            window,
+            c_in,
+            c_out,
+            groups,
+            weight: w.data,
+            bias,
+            one_d,
+        });
+        Ok(Sym::Value(self.net.push(node_name(self.node), "Conv", layer, vec![x])?))
+    }
+
+    fn pool(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        if self.node.output.len() > 1 && !self.node.output[1].is_empty() {
+            return Err(self.unsupported("the Indices output is not supported"));
+        }
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        if shape.len() < 3 || shape[0] != 1 {
+            return Err(self.unsupported(format!("input {shape:?}")));
+        }
+        let spatial = &shape[2..];
+        let global = op.starts_with("Global");
+        let window = if global {
+            if spatial.len() == 1 {
+                nnlin_ir::Window::new(
+                    (1, spatial[0]),
+                    (1, spatial[0]),
+                    (1, 1),
+                    (1, 1),
+                    (0, 0, 0, 0),
+                    false,
+                )
+            } else if spatial.len() == 2 {
+                nnlin_ir::Window::new(
+                    (spatial[0], spatial[1]),
+                    (spatial[0], spatial[1]),
+                    (1, 1),
+                    (1, 1),
+                    (0, 0, 0, 0),
+                    false,
+                )
+            } else {
+                None
+            }
+            .ok_or_else(|| self.unsupported("only 1-D and 2-D pooling"))?
+        } else {
+            let kernel: Vec<usize> = attr_ints(self.node, "kernel_shape")
+                .ok_or_else(|| self.unsupported("missing kernel_shape"))?
+                .iter()
+                .map(|&v| v as usize)
+                .collect();
+            self.window(spatial, &kernel, attr_i(self.node, "ceil_mode", 0) != 0)?
+        };
+        let kind = if op.contains("Max") {
+            nnlin_ir::PoolKind::Max
+        } else {
+            nnlin_ir::PoolKind::Average {
+                count_include_pad: attr_i(self.node, "count_include_pad", 0) != 0,
+            }
+        };
+        if let nnlin_ir::PoolKind::Max = kind
+            && (0..window.oh).any(|oy| (0..window.ow).any(|ox| window.taps_in_input(oy, ox) == 0))
+        {
+            return Err(self.unsupported("a max-pool window lies entirely in the padding"));
+        }
+        let layer = Layer::Pool(nnlin_ir::Pool {
+            window,
+            channels: shape[1],
+            kind,
+            one_d: shape.len() == 3,
+        });
+        Ok(Sym::Value(self.net.push(node_name(self.node), op, layer, vec![x])?))
+    }
+
+    fn concat(&mut self) -> Result<Sym, OnnxError> {
+        let mut inputs = vec![];
+        for i in 0..self.node.input.len() {
+            if matches!(self.input(i)?, Some(Sym::Const(_))) {
+                return Err(self.unsupported("concatenating a constant with a tensor"));
+            }
+            inputs.push(self.input_value(i)?);
+        }
+        let rank = self.net.shape(inputs[0]).len();
+        let axis = norm_axis(attr_i(self.node, "axis", 0), rank)
+            .ok_or_else(|| self.unsupported("bad axis"))?;
+        let layer = Layer::Concat(nnlin_ir::Concat { axis });
+        Ok(Sym::Value(self.net.push(node_name(self.node), "Concat", layer, inputs)?))
+    }
+
+    fn pad(&mut self) -> Result<Sym, OnnxError> {
+        let n = self.node;
+        let x = self.input_value(0)?;
+        let rank = self.net.shape(x).len();
+        let mode_s = attr_s(n, "mode").unwrap_or_else(|| "constant".into());
+        let (pads, value, axes): (Vec<i64>, f64, Option<Vec<i64>>) = if self.opset < 11 {
+            (attr_ints(n, "pads").unwrap_or_default(), attr_f(n, "value", 0.0), None)
+        } else {
+            let pads = self
+                .const_input(1)?
+                .ok_or_else(|| self.unsupported("pads must be a constant"))?
+                .as_ints();
+            let value =
+                self.const_input(2)?.map_or(0.0, |t| t.data.first().copied().unwrap_or(0.0));
+            let axes = self.const_input(3)?.map(|t| t.as_ints());
+            (pads, value, axes)
+        };
+        let axes: Vec<usize> = match axes {
+            None => (0..rank).collect(),
+            Some(a) => a
+                .iter()
+                .map(|&v| norm_axis(v, rank).ok_or_else(|| self.unsupported("bad axis")))
+                .collect::<Result<_, _>>()?,
+        };
+        if pads.len() != 2 * axes.len() || pads.iter().any(|&p| p < 0) {
+            return Err(
+                self.unsupported(format!("pads {pads:?} (negative pads are not supported)"))
+            );
+        }
+        let mut begin = vec![0; rank];
+        let mut end = vec![0; rank];
+        for (k, &ax) in axes.iter().enumerate() {
+            begin[ax] = pads[k] as usize;
+            end[ax] = pads[k + axes.len()] as usize;
+        }
+        let mode = match mode_s.as_str() {
+            "constant" => nnlin_ir::PadMode::Constant(value),
+            "reflect" => nnlin_ir::PadMode::Reflect,
+            "edge" => nnlin_ir::PadMode::Edge,
+            other => return Err(self.unsupported(format!("mode={other}"))),
+        };
+        let layer = Layer::Pad(nnlin_ir::Pad { begin, end, mode });
+        Ok(Sym::Value(self.net.push(node_name(n), "Pad", layer, vec![x])?))
+    }
+
+    fn transpose(&mut self) -> Result<Sym, OnnxError> {
+        let x = self.input_value(0)?;
+        let rank = self.net.shape(x).len();
+        let perm: Vec<usize> = match attr_ints(self.node, "perm") {
+            Some(p) => p.iter().map(|&v| v as usize).collect(),
+            None => (0..rank).rev().collect(),
+        };
+        let layer = Layer::Transpose(nnlin_ir::Transpose { perm });
+        Ok(Sym::Value(self.net.push(node_name(self.node), "Transpose", layer, vec![x])?))
+    }
+
+    fn lrn(&mut self) -> Result<Sym, OnnxError> {
+        let n = self.node;
+        let x = self.input_value(0)?;
+        let size = attr_i(n, "size", 0);
+        if size <= 0 {
+            return Err(self.unsupported("size must be positive"));
+        }
+        let layer = Layer::Lrn(nnlin_ir::Lrn {
+            size: size as usize,
+            alpha: attr_f(n, "alpha", 1e-4),
+            beta: attr_f(n, "beta", 0.75),
+            bias: attr_f(n, "bias", 1.0),
+        });
+        Ok(Sym::Value(self.net.push(node_name(n), "LRN", layer, vec![x])?))
     }
 
     fn dense(&mut self) -> Result<Sym, OnnxError> {
@@ -895,6 +1404,30 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
                     let s = imp.dense()?;
                     imp.set_output(s);
                 }
+                "Conv" => {
+                    let s = imp.conv()?;
+                    imp.set_output(s);
+                }
+                "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" => {
+                    let s = imp.pool()?;
+                    imp.set_output(s);
+                }
+                "Concat" => {
+                    let s = imp.concat()?;
+                    imp.set_output(s);
+                }
+                "Pad" => {
+                    let s = imp.pad()?;
+                    imp.set_output(s);
+                }
+                "Transpose" => {
+                    let s = imp.transpose()?;
+                    imp.set_output(s);
+                }
+                "LRN" => {
+                    let s = imp.lrn()?;
+                    imp.set_output(s);
+                }
                 "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
                     let v = imp.input_value(0)?;
                     let dims = imp.net.shape(v).to_vec();
@@ -984,37 +1517,56 @@ fn prune(net: &Network) -> Result<Network, IrError> {
     Ok(out)
 }
 
-/// Folds an `Affine` layer into the `Dense` layer before it (ONNX `MatMul`
-/// followed by `Add` of the bias, or a scale), when the dense output has no
-/// other consumer and covers one row.
+/// Folds an `Affine` layer into the `Dense` layer that feeds it (ONNX
+/// `MatMul` followed by `Add` of the bias, or a scale), when the dense output
+/// has no other consumer and covers one row.
 fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
-    let Some(chain) = net.chain() else { return Ok(net) };
-    let mut out = Network::new(net.input_shape().to_vec());
-    let mut i = 0;
-    let mut v = ValueId(0);
-    while i < chain.len() {
-        let node = chain[i];
-        if let (Layer::Dense(d), Some(next)) = (&node.layer, chain.get(i + 1))
-            && let Layer::Affine(a) = &next.layer
+    let uses = net.use_counts();
+    let nodes = net.nodes();
+    // fused[k]: node k (an Affine) merges into its producer
+    let mut merge_into: Vec<Option<usize>> = vec![None; nodes.len()];
+    let mut absorbed = vec![false; nodes.len()];
+    for (k, node) in nodes.iter().enumerate() {
+        if let Layer::Affine(a) = &node.layer
+            && let [v] = node.inputs.as_slice()
+            && v.0 > 0
+            && uses[v.0] == 1
+            && v.0 != net.output().0
+            && let Layer::Dense(d) = &nodes[v.0 - 1].layer
             && a.scale.len() == d.out_features
         {
-            let mut d = d.clone();
-            let old_bias = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
-            for o in 0..d.out_features {
-                for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
-                    *w *= a.scale[o];
-                }
-            }
-            d.bias =
-                Some((0..d.out_features).map(|o| a.scale[o] * old_bias[o] + a.shift[o]).collect());
-            let source = format!("{}+{}", node.source, next.source);
-            v = out.push(node.name.clone(), source, Layer::Dense(d), vec![v])?;
-            i += 2;
+            merge_into[k] = Some(v.0 - 1);
+            absorbed[v.0 - 1] = true;
+        }
+    }
+    let mut out = Network::new(net.input_shape().to_vec());
+    let mut map: Vec<Option<ValueId>> = vec![None; nodes.len() + 1];
+    map[0] = Some(ValueId(0));
+    for (k, node) in nodes.iter().enumerate() {
+        if absorbed[k] {
             continue;
         }
-        v = out.push(node.name.clone(), node.source.clone(), node.layer.clone(), vec![v])?;
-        i += 1;
+        let (layer, source, inputs) = match merge_into[k] {
+            Some(p) => {
+                let (Layer::Dense(d), Layer::Affine(a)) = (&nodes[p].layer, &node.layer) else {
+                    unreachable!("checked above")
+                };
+                let mut d = d.clone();
+                let old = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
+                for o in 0..d.out_features {
+                    for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
+                        *w *= a.scale[o];
+                    }
+                }
+                d.bias =
+                    Some((0..d.out_features).map(|o| a.scale[o] * old[o] + a.shift[o]).collect());
+                (Layer::Dense(d), format!("{}+{}", nodes[p].source, node.source), &nodes[p].inputs)
+            }
+            None => (node.layer.clone(), node.source.clone(), &node.inputs),
+        };
+        let inputs = inputs.iter().map(|i| map[i.0].expect("mapped input")).collect();
+        map[node.output.0] = Some(out.push(node.name.clone(), source, layer, inputs)?);
     }
-    out.set_output(v);
+    out.set_output(map[net.output().0].expect("mapped output"));
     Ok(out)
 }
