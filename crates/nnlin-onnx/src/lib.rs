@@ -68,6 +68,8 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "PRelu",
     "Range (of constants)",
     "Reciprocal",
+    "ReduceMean (spatial)",
+    "ReduceSum (spatial)",
     "Relu",
     "Reshape",
     "Selu",
@@ -243,6 +245,8 @@ const ELEMENTWISE: &[&str] = &[
     "PRelu",
     "Range (of constants)",
     "Reciprocal",
+    "ReduceMean (spatial)",
+    "ReduceSum (spatial)",
     "Relu",
     "Selu",
     "Sigmoid",
@@ -1093,6 +1097,66 @@ impl Importer<'_> {
         Ok(Sym::Value(self.net.push(node_name(self.node), op, layer, vec![x])?))
     }
 
+    /// `ReduceMean`/`ReduceSum` over the spatial axes (how the dynamo
+    /// exporter writes adaptive average pooling to 1): a global average pool,
+    /// scaled for a sum, reshaped when `keepdims = 0`.
+    fn reduce(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        let rank = shape.len();
+        let axes = match attr_ints(self.node, "axes") {
+            Some(a) => Some(a),
+            None => self.const_input(1)?.map(|t| t.as_ints()),
+        };
+        let mut axes: Vec<usize> = match axes {
+            Some(a) => a
+                .iter()
+                .map(|&v| norm_axis(v, rank).ok_or_else(|| self.unsupported("bad axis")))
+                .collect::<Result<_, _>>()?,
+            None => (0..rank).collect(),
+        };
+        axes.sort_unstable();
+        let spatial: Vec<usize> = (2..rank).collect();
+        if rank < 3 || axes != spatial || rank > 4 {
+            return Err(self.unsupported(format!(
+                "reducing axes {axes:?} of {shape:?} (only the spatial axes are supported)"
+            )));
+        }
+        let window = if rank == 3 {
+            nnlin_ir::Window::new((1, shape[2]), (1, shape[2]), (1, 1), (1, 1), (0, 0, 0, 0), false)
+        } else {
+            nnlin_ir::Window::new(
+                (shape[2], shape[3]),
+                (shape[2], shape[3]),
+                (1, 1),
+                (1, 1),
+                (0, 0, 0, 0),
+                false,
+            )
+        }
+        .ok_or_else(|| self.unsupported("empty spatial axes"))?;
+        let name = node_name(self.node);
+        let kind = nnlin_ir::PoolKind::Average { count_include_pad: false };
+        let layer =
+            Layer::Pool(nnlin_ir::Pool { window, channels: shape[1], kind, one_d: rank == 3 });
+        let mut v = self.net.push(name.clone(), op.clone(), layer, vec![x])?;
+        if op == "ReduceSum" {
+            let count: usize = shape[2..].iter().product();
+            let n = self.net.numel(v);
+            let layer = Layer::Affine(nnlin_ir::Affine {
+                scale: vec![count as f64; n],
+                shift: vec![0.0; n],
+            });
+            v = self.net.push(format!("{name}.sum"), op.clone(), layer, vec![v])?;
+        }
+        if attr_i(self.node, "keepdims", 1) == 0 {
+            let layer = Layer::Reshape(nnlin_ir::Reshape { shape: shape[..2].to_vec() });
+            v = self.net.push(format!("{name}.squeeze"), op, layer, vec![v])?;
+        }
+        Ok(Sym::Value(v))
+    }
+
     fn concat(&mut self) -> Result<Sym, OnnxError> {
         let mut inputs = vec![];
         for i in 0..self.node.input.len() {
@@ -1410,6 +1474,10 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
                 }
                 "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" => {
                     let s = imp.pool()?;
+                    imp.set_output(s);
+                }
+                "ReduceMean" | "ReduceSum" => {
+                    let s = imp.reduce()?;
                     imp.set_output(s);
                 }
                 "Concat" => {

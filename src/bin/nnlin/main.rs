@@ -99,9 +99,19 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // one line: the chain of causes
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("nnlin: error: {}", msg.join(": "));
+            // one line: the chain of causes, skipping a cause whose text its
+            // parent already shows
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("nnlin: error: {}", msg.replace('\n', " "));
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,217 @@
+//! Random CNN-, ResNet- and DenseNet-shaped graphs (conv, batch-norm
+//! diagonals, activations, residual adds with identity or projection
+//! shortcuts, channel concatenation, max/average pooling, flatten, dense): in
+//! f64, W·x + b equals F(x) and, in tangent mode, W equals the dual-number
+//! Jacobian to 1e-10, in both directions and with both conv representations.
+
+use nnlin::ir::{
+    Activation, Add, Affine, Concat, Conv, Dense, Expr, Layer, Network, Pool, PoolKind, Reshape,
+    Unary, ValueId, Window, reference,
+};
+use nnlin::{Compiler, ConvKernel, Direction, Mode, accumulate};
+use proptest::prelude::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() + 1.0) / 2.0 * n as f64) as usize % n
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| scale * self.next()).collect()
+    }
+}
+
+struct Builder {
+    net: Network,
+    rng: Rng,
+    smooth: bool,
+    count: usize,
+}
+
+impl Builder {
+    fn name(&mut self, p: &str) -> String {
+        self.count += 1;
+        format!("{p}{}", self.count)
+    }
+    fn shape(&self, v: ValueId) -> Vec<usize> {
+        self.net.shape(v).to_vec()
+    }
+    fn conv(&mut self, v: ValueId, c_out: usize, k: usize, stride: usize) -> ValueId {
+        let s = self.shape(v);
+        let pad = k / 2;
+        let window = Window::new(
+            (s[2], s[3]),
+            (k, k),
+            (stride, stride),
+            (1, 1),
+            (pad, pad, pad, pad),
+            false,
+        )
+        .unwrap();
+        let gain = 1.5 / ((s[1] * k * k) as f64).sqrt();
+        let conv = Conv {
+            window,
+            c_in: s[1],
+            c_out,
+            groups: 1,
+            weight: self.rng.vec(c_out * s[1] * k * k, gain),
+            bias: (self.rng.next() > 0.0).then(|| self.rng.vec(c_out, 0.3)),
+            one_d: false,
+        };
+        let name = self.name("conv");
+        self.net.push(name, "Conv", Layer::Conv(conv), vec![v]).unwrap()
+    }
+    fn bn(&mut self, v: ValueId) -> ValueId {
+        let n = self.net.numel(v);
+        let s = self.shape(v);
+        let per = n / s[1];
+        let scale: Vec<f64> =
+            (0..s[1]).flat_map(|_| std::iter::repeat_n(1.0 + 0.3 * self.rng.next(), per)).collect();
+        let shift: Vec<f64> =
+            (0..s[1]).flat_map(|_| std::iter::repeat_n(0.2 * self.rng.next(), per)).collect();
+        let name = self.name("bn");
+        self.net
+            .push(name, "BatchNormalization", Layer::Affine(Affine { scale, shift }), vec![v])
+            .unwrap()
+    }
+    fn act(&mut self, v: ValueId) -> ValueId {
+        let f = if self.smooth {
+            [Unary::Gelu, Unary::Elu { alpha: 0.7 }, Unary::Tanh, Unary::Softplus, Unary::HardSwish]
+                [self.rng.below(5)]
+            .clone()
+        } else {
+            [Unary::Relu, Unary::LeakyRelu { alpha: 0.05 }, Unary::Clip { min: 0.0, max: 6.0 }]
+                [self.rng.below(3)]
+            .clone()
+        };
+        let name = self.name("act");
+        self.net
+            .push(name, "act", Layer::Activation(Activation { expr: Expr::unary(f) }), vec![v])
+            .unwrap()
+    }
+    fn residual(&mut self, x: ValueId) -> ValueId {
+        let s = self.shape(x);
+        let stride = if s[2] >= 4 && self.rng.next() > 0.3 { 2 } else { 1 };
+        let c_out = s[1] + self.rng.below(3);
+        let y = self.conv(x, c_out, 3, stride);
+        let y = self.bn(y);
+        let y = self.act(y);
+        let y = self.conv(y, c_out, 3, 1);
+        let y = self.bn(y);
+        let short = if stride == 1 && c_out == s[1] {
+            x
+        } else {
+            let p = self.conv(x, c_out, 1, stride);
+            self.bn(p)
+        };
+        let name = self.name("add");
+        let sum = self
+            .net
+            .push(name, "Add", Layer::Add(Add { coeffs: vec![1.0, 1.0] }), vec![y, short])
+            .unwrap();
+        self.act(sum)
+    }
+    fn dense_layer(&mut self, x: ValueId) -> ValueId {
+        let y = self.bn(x);
+        let y = self.act(y);
+        let growth = 1 + self.rng.below(3);
+        let y = self.conv(y, growth, 3, 1);
+        let name = self.name("cat");
+        self.net.push(name, "Concat", Layer::Concat(Concat { axis: 1 }), vec![x, y]).unwrap()
+    }
+    fn pool(&mut self, x: ValueId) -> ValueId {
+        let s = self.shape(x);
+        if s[2] < 2 || s[3] < 2 {
+            return x;
+        }
+        let kind = if self.rng.next() > 0.0 {
+            PoolKind::Max
+        } else {
+            PoolKind::Average { count_include_pad: false }
+        };
+        let window =
+            Window::new((s[2], s[3]), (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), false).unwrap();
+        let name = self.name("pool");
+        self.net
+            .push(
+                name,
+                "Pool",
+                Layer::Pool(Pool { window, channels: s[1], kind, one_d: false }),
+                vec![x],
+            )
+            .unwrap()
+    }
+}
+
+fn build(seed: u64, smooth: bool) -> (Network, Vec<f64>) {
+    let mut rng = Rng(seed);
+    let c0 = 1 + rng.below(3);
+    let (h, w) = (4 + rng.below(5), 4 + rng.below(5));
+    let mut b = Builder { net: Network::new(vec![1, c0, h, w]), rng, smooth, count: 0 };
+    let c1 = 2 + b.rng.below(3);
+    let mut v = b.conv(ValueId(0), c1, 3, 1);
+    v = b.bn(v);
+    v = b.act(v);
+    for _ in 0..1 + b.rng.below(3) {
+        v = match b.rng.below(3) {
+            0 => b.residual(v),
+            1 => b.dense_layer(v),
+            _ => b.pool(v),
+        };
+    }
+    let n = b.net.numel(v);
+    v = b
+        .net
+        .push("flatten", "Flatten", Layer::Reshape(Reshape { shape: vec![1, n] }), vec![v])
+        .unwrap();
+    let outs = 1 + b.rng.below(5);
+    let d = Dense {
+        out_features: outs,
+        in_features: n,
+        weight: b.rng.vec(outs * n, 1.0 / (n as f64).sqrt()),
+        bias: Some(b.rng.vec(outs, 0.1)),
+    };
+    b.net.push("fc", "Gemm", Layer::Dense(d), vec![v]).unwrap();
+    let x = (0..b.net.input_len()).map(|_| b.rng.next()).collect();
+    (b.net, x)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_cnn_graphs_are_exact(seed in any::<u64>(), smooth in any::<bool>()) {
+        let (net, x) = build(seed, smooth);
+        let (f, jac) = reference::jacobian(&net, &x);
+        let n = x.len();
+        let jscale = jac.iter().fold(1e-300f64, |a, v| a.max(v.abs()));
+        let rows: Vec<usize> = (0..f.len()).collect();
+        for kernel in [ConvKernel::Csr, ConvKernel::Structured] {
+            let compiler = Compiler::with_conv_kernel(&net, kernel);
+            for mode in [Mode::Tangent, Mode::Secant] {
+                let inst = compiler.instance(&x, mode).unwrap();
+                let (wr, br) = accumulate(&inst, &rows, Direction::Reverse, faer::Par::Seq).unwrap();
+                let (wf, bf) = accumulate(&inst, &rows, Direction::Forward, faer::Par::Seq).unwrap();
+                for i in 0..f.len() {
+                    let mut wx = br[i];
+                    let mut scale = br[i].abs() + f[i].abs();
+                    for j in 0..n {
+                        wx += wr[(i, j)] * x[j];
+                        scale += (wr[(i, j)] * x[j]).abs();
+                        prop_assert!((wr[(i, j)] - wf[(i, j)]).abs() <= 1e-10 * jscale.max(1.0));
+                        if mode == Mode::Tangent {
+                            prop_assert!((wr[(i, j)] - jac[i * n + j]).abs() <= 1e-10 * jscale,
+                                "W[{i},{j}] = {} vs Jacobian {}", wr[(i, j)], jac[i * n + j]);
+                        }
+                    }
+                    prop_assert!((wx - f[i]).abs() <= 1e-10 * scale, "W·x + b = {wx} vs F = {}", f[i]);
+                    prop_assert!((br[i] - bf[i]).abs() <= 1e-10 * scale);
+                }
+            }
+        }
+    }
+}
