@@ -89,7 +89,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
 ];
 
 /// Lowest and highest default-domain opset accepted.
-pub const OPSET_RANGE: (i64, i64) = (9, 21);
+pub const OPSET_RANGE: (i64, i64) = (6, 21);
 
 /// An import failure.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -224,7 +224,6 @@ const ELEMENTWISE: &[&str] = &[
     "Abs",
     "Add",
     "BatchNormalization",
-    "Sum",
     "Celu",
     "Clip",
     "Div",
@@ -235,18 +234,13 @@ const ELEMENTWISE: &[&str] = &[
     "HardSigmoid",
     "HardSwish",
     "LeakyRelu",
-    "LRN",
     "Log",
     "Mish",
     "Mul",
     "Neg",
-    "Pad",
     "Pow",
     "PRelu",
-    "Range (of constants)",
     "Reciprocal",
-    "ReduceMean (spatial)",
-    "ReduceSum (spatial)",
     "Relu",
     "Selu",
     "Sigmoid",
@@ -254,6 +248,7 @@ const ELEMENTWISE: &[&str] = &[
     "Softsign",
     "Sqrt",
     "Sub",
+    "Sum",
     "Tanh",
 ];
 
@@ -380,10 +375,14 @@ impl Importer<'_> {
         let mut root: Option<ValueId> = None;
         let mut out_shape: Vec<usize> = vec![];
         let mut inputs: Vec<Option<Sym>> = vec![];
+        let rank = roots.first().map_or(0, |r| self.net.shape(*r).len());
         for i in 0..self.node.input.len() {
             let s = self.input(i)?.cloned();
             if let Some(s) = &s {
-                let shape = self.shape_of(s);
+                let shape = match s {
+                    Sym::Const(t) => self.legacy_broadcast(t, rank).dims,
+                    other => self.shape_of(other),
+                };
                 out_shape = tensor::broadcast_shape(&out_shape, &shape).ok_or_else(|| {
                     self.unsupported(format!("shapes do not broadcast: {shape:?}"))
                 })?;
@@ -422,6 +421,7 @@ impl Importer<'_> {
                     Some(e.splice(expr, var))
                 }
                 Some(Sym::Const(t)) => {
+                    let t = &self.legacy_broadcast(t, root_shape.len());
                     let data = if t.numel() == 1 {
                         vec![t.data[0]]
                     } else {
@@ -848,6 +848,29 @@ impl Importer<'_> {
             }
             other => unreachable!("{other} is not a reshape"),
         }
+    }
+
+    /// Opsets before 7 broadcast a constant only when `broadcast = 1`,
+    /// aligning it at `axis` (PRelu: a per-channel slope at axis 1); later
+    /// opsets use numpy rules. Returns the constant reshaped for numpy rules.
+    fn legacy_broadcast(&self, t: &Tensor, rank: usize) -> Tensor {
+        if self.opset >= 7 || t.numel() == 1 || t.dims.len() >= rank {
+            return t.clone();
+        }
+        let axis = if self.op() == "PRelu" {
+            1
+        } else if attr_i(self.node, "broadcast", 0) != 0 {
+            match attr(self.node, "axis").and_then(|a| a.i) {
+                Some(a) => a.max(0) as usize,
+                None => rank - t.dims.len(),
+            }
+        } else {
+            return t.clone();
+        };
+        let mut dims = vec![1; axis];
+        dims.extend(&t.dims);
+        dims.resize(rank.max(dims.len()), 1);
+        Tensor::new(dims, t.data.clone(), t.is_int)
     }
 
     /// Inference batch-norm, `(x − mean)/√(var + ε)·scale + B` per channel:
@@ -1358,9 +1381,13 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
     for (i, d) in tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or_default().iter().enumerate()
     {
         use proto::tensor_shape_proto::dimension::Value;
+        let rank = tt.shape.as_ref().map_or(0, |s| s.dim.len());
         let v = match &d.value {
+            // the batch dimension: one instance at a time, whatever the
+            // exporter fixed it to
+            _ if i == 0 && rank >= 2 => 1,
             Some(Value::DimValue(v)) if *v > 0 => *v as usize,
-            _ if i == 0 => 1, // the batch dimension: one instance at a time
+            _ if i == 0 => 1,
             _ => {
                 return Err(OnnxError::Graph(format!(
                     "input `{input_name}` has a dynamic dimension {i}; only the batch dimension may be dynamic"
