@@ -141,21 +141,38 @@ pub struct Options {
     pub rows: Rows,
 }
 
-/// A loaded model: the imported network and its input-independent operators.
+/// What the importer reports about a model besides its network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// The default-domain opset.
+    pub opset: i64,
+    /// `producer_name producer_version`.
+    pub producer: String,
+    /// The graph input's name.
+    pub input_name: String,
+    /// The graph output's name.
+    pub output_name: String,
+    /// The op type of a trailing `Softmax`/`LogSoftmax` that was skipped.
+    pub skipped_softmax: Option<String>,
+}
+
+/// A loaded model: the network and its input-independent operators.
 #[derive(Clone, Debug)]
 pub struct Model {
     name: String,
-    imported: Imported,
+    info: ModelInfo,
     compiler: Compiler,
 }
 
 impl Model {
     /// Imports an ONNX model from bytes; `name` appears in errors.
     pub fn from_onnx_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
-        let imported = nnlin_onnx::import(bytes)
-            .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
-        let compiler = Compiler::new(&imported.network);
-        Ok(Self { name: name.to_string(), imported, compiler })
+        let Imported { network, opset, producer, input_name, output_name, skipped_softmax } =
+            nnlin_onnx::import(bytes)
+                .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
+        let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
+        let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
+        Ok(Self { name: name.to_string(), info, compiler })
     }
 
     /// Reads and imports an ONNX file.
@@ -169,7 +186,8 @@ impl Model {
     /// The same model with convolutions represented as `kernel` (explicit
     /// CSR Toeplitz matrices, structured operators, or chosen by size).
     pub fn with_conv_kernel(mut self, kernel: ConvKernel) -> Self {
-        self.compiler = Compiler::with_conv_kernel(&self.imported.network, kernel);
+        self.compiler =
+            Compiler::from_shared(std::sync::Arc::clone(self.compiler.shared_network()), kernel);
         self
     }
 
@@ -179,27 +197,27 @@ impl Model {
     }
     /// The network IR.
     pub fn network(&self) -> &ir::Network {
-        &self.imported.network
+        self.compiler.network()
     }
     /// Import details (opset, producer, skipped softmax).
-    pub fn imported(&self) -> &Imported {
-        &self.imported
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
     }
     /// Input shape (batch dimension 1).
     pub fn input_shape(&self) -> &[usize] {
-        self.imported.network.input_shape()
+        self.network().input_shape()
     }
     /// Flattened input length `n`.
     pub fn input_len(&self) -> usize {
-        self.imported.network.input_len()
+        self.network().input_len()
     }
     /// Number of outputs.
     pub fn output_len(&self) -> usize {
-        self.imported.network.output_len()
+        self.network().output_len()
     }
     /// `F(x)` by the reference interpreter (independent of the compiled path).
     pub fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
-        ir::reference::forward(&self.imported.network, x)
+        ir::reference::forward(self.network(), x)
     }
     /// Compiles every layer at `x` (for inspection).
     pub fn compile_instance(&self, x: &[f64], mode: Mode) -> Result<Instance> {

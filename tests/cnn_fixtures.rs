@@ -14,14 +14,24 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/cnn")
 }
 
-fn models() -> Vec<String> {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
-            .unwrap();
-    manifest.as_object().unwrap().keys().cloned().collect()
+/// (model, whether it has batch-norm)
+fn models() -> Vec<(String, bool)> {
+    let text = std::fs::read_to_string(dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let obj = manifest.as_object().unwrap();
+    obj.iter().map(|(k, v)| (k.clone(), v["batch_norm"].as_bool().unwrap())).collect()
 }
 
-fn check(name: &str, file: &str, kernel: ConvKernel, strategy: Strategy, f32_round: bool) -> f64 {
+/// Largest relative error of W against jacrev and of W·x + b and of the
+/// reference interpreter against the logits; asserts each is within `tol`.
+fn check(
+    name: &str,
+    file: &str,
+    kernel: ConvKernel,
+    strategy: Strategy,
+    tol: f64,
+    f32_round: bool,
+) -> f64 {
     let read = |f: String| std::fs::File::open(dir().join(f)).unwrap();
     let xs = ArrayD::<f64>::read_npy(read(format!("{name}.inputs.npy"))).unwrap();
     let k = xs.shape()[0];
@@ -31,7 +41,6 @@ fn check(name: &str, file: &str, kernel: ConvKernel, strategy: Strategy, f32_rou
     let model = Model::from_onnx_file(dir().join(file)).unwrap().with_conv_kernel(kernel);
     let opts = Options { strategy, ..Options::default() };
     let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
-    let tol = if f32_round { 1e-4 } else { 1e-9 };
     let r = |v: f64| if f32_round { f64::from(v as f32) } else { v };
     let mut worst: f64 = 0.0;
     for (i, lin) in lins.iter().enumerate() {
@@ -69,28 +78,36 @@ fn check(name: &str, file: &str, kernel: ConvKernel, strategy: Strategy, f32_rou
 
 #[test]
 fn cnn_fixtures_match_jacrev_in_f64() {
-    let mut worst: f64 = 0.0;
     let names = models();
     assert!(names.len() >= 5, "expected the CNN fixtures, found {names:?}");
-    for name in &names {
-        for file in [format!("{name}.onnx"), format!("{name}.default.onnx")] {
+    let mut worst: f64 = 0.0;
+    for (name, bn) in &names {
+        // The default (dynamo) exporter folds batch-norm into the convolution
+        // weights in float32: that model differs from the float64 PyTorch
+        // model by the rounding of the folded parameters (~1e-7 relative).
+        let default_tol = if *bn { 1e-6 } else { 1e-9 };
+        for (file, tol) in
+            [(format!("{name}.onnx"), 1e-9), (format!("{name}.default.onnx"), default_tol)]
+        {
             for (kernel, strategy) in [
                 (ConvKernel::Csr, Strategy::Reverse),
                 (ConvKernel::Structured, Strategy::Reverse),
-                (ConvKernel::Csr, Strategy::Forward),
-                (ConvKernel::Structured, Strategy::Auto),
+                (ConvKernel::Structured, Strategy::Forward),
             ] {
-                worst = worst.max(check(name, &file, kernel, strategy, false));
+                let e = check(name, &file, kernel, strategy, tol, false);
+                if tol == 1e-9 {
+                    worst = worst.max(e);
+                }
             }
         }
     }
-    eprintln!("largest relative error over the CNN fixtures (f64): {worst:e}");
+    eprintln!("largest relative error over the CNN fixtures (f64, exact exports): {worst:e}");
 }
 
 #[test]
 fn cnn_fixtures_match_in_f32() {
-    for name in models() {
-        check(&name, &format!("{name}.onnx"), ConvKernel::Auto, Strategy::Auto, true);
+    for (name, _) in models() {
+        check(&name, &format!("{name}.onnx"), ConvKernel::Auto, Strategy::Auto, 1e-4, true);
     }
 }
 

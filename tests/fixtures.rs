@@ -189,9 +189,9 @@ fn piecewise_linear_fixtures_agree_across_modes() {
 #[test]
 fn trailing_softmax_is_skipped_and_reported() {
     let m = Model::from_onnx_file(dir().join("relu_softmax.onnx")).unwrap();
-    assert_eq!(m.imported().skipped_softmax.as_deref(), Some("Softmax"));
+    assert_eq!(m.info().skipped_softmax.as_deref(), Some("Softmax"));
     let plain = Model::from_onnx_file(dir().join("relu.onnx")).unwrap();
-    assert!(plain.imported().skipped_softmax.is_none());
+    assert!(plain.info().skipped_softmax.is_none());
 }
 
 #[test]

@@ -102,7 +102,7 @@ impl ConvProblem {
             c_in,
             c_out,
             groups: self.groups,
-            weight: rng.vec(c_out * self.c_in_g * k.0 * k.1),
+            weight: std::sync::Arc::new(rng.vec(c_out * self.c_in_g * k.0 * k.1)),
             bias: self.bias.then(|| rng.vec(c_out)),
             one_d: self.one_d,
         };

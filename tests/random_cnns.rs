@@ -58,7 +58,7 @@ impl Builder {
             c_in: s[1],
             c_out,
             groups: 1,
-            weight: self.rng.vec(c_out * s[1] * k * k, gain),
+            weight: std::sync::Arc::new(self.rng.vec(c_out * s[1] * k * k, gain)),
             bias: (self.rng.next() > 0.0).then(|| self.rng.vec(c_out, 0.3)),
             one_d: false,
         };

@@ -76,8 +76,9 @@ pub struct Conv {
     pub c_out: usize,
     /// Groups (`c_in` = depthwise).
     pub groups: usize,
-    /// `c_out × (c_in / groups) × kh × kw`, row-major.
-    pub weight: Vec<f64>,
+    /// `c_out × (c_in / groups) × kh × kw`, row-major (shared with the
+    /// compiled operator).
+    pub weight: std::sync::Arc<Vec<f64>>,
     /// Length `c_out`, if any.
     pub bias: Option<Vec<f64>>,
     /// Whether the layer is 1-D (shapes `[1, c, w]`).
@@ -487,6 +488,12 @@ impl Network {
         self.nodes.push(Node { name, source: source.into(), layer, inputs, output });
         self.output = output;
         Ok(output)
+    }
+
+    /// Takes the nodes out (for passes that rebuild the network without
+    /// copying layer parameters).
+    pub fn into_nodes(self) -> Vec<Node> {
+        self.nodes
     }
 
     /// Makes `v` the network's output.

@@ -10,7 +10,14 @@ use crate::scalar::{Dual, Scalar};
 /// # Panics
 /// If `x.len()` is not the network's input size (a caller contract).
 pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
+    run(net, x, false)
+}
+
+/// Runs the network; with `free`, drops each value after its last use (only
+/// the output is kept).
+fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
     assert_eq!(x.len(), net.input_len(), "reference: input length");
+    let mut remaining = net.use_counts();
     let mut values: Vec<Vec<S>> = vec![x.to_vec()];
     let mut scratch = Vec::new();
     for node in net.nodes() {
@@ -221,6 +228,14 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
             }
         };
         values.push(y);
+        if free {
+            for v in &node.inputs {
+                remaining[v.0] -= 1;
+                if remaining[v.0] == 0 {
+                    values[v.0] = Vec::new();
+                }
+            }
+        }
     }
     values
 }
@@ -228,7 +243,7 @@ pub fn forward_values<S: Scalar>(net: &Network, x: &[S]) -> Vec<Vec<S>> {
 /// Evaluates the network's output at `x`.
 pub fn forward<S: Scalar>(net: &Network, x: &[S]) -> Vec<S> {
     let out: ValueId = net.output();
-    forward_values(net, x).swap_remove(out.0)
+    run(net, x, true).swap_remove(out.0)
 }
 
 /// The output `F(x)` and the Jacobian `∂F/∂x` (row-major, `m × n`) by

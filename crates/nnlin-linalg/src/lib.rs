@@ -109,6 +109,146 @@ impl ConvOp {
         }
     }
 
+    /// For each kernel tap `(ky, kx)` and output position `p = oy·ow + ox`,
+    /// the input spatial index `iy·iw + ix`, or `usize::MAX` in the padding.
+    fn tap_table(&self) -> Vec<usize> {
+        let p_len = self.oh * self.ow;
+        let mut t = vec![usize::MAX; self.kh * self.kw * p_len];
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                for oy in 0..self.oh {
+                    let Some(iy) = (oy * self.stride.0 + ky * self.dilation.0)
+                        .checked_sub(self.pad.0)
+                        .filter(|&y| y < self.ih)
+                    else {
+                        continue;
+                    };
+                    for ox in 0..self.ow {
+                        if let Some(ix) = (ox * self.stride.1 + kx * self.dilation.1)
+                            .checked_sub(self.pad.1)
+                            .filter(|&x| x < self.iw)
+                        {
+                            t[(ky * self.kw + kx) * p_len + oy * self.ow + ox] = iy * self.iw + ix;
+                        }
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// `A·T` through im2col and a GEMM per group: `t` holds `k` input
+    /// vectors (column-major, `ncols × k`); returns `nrows × k`, column-major.
+    pub fn forward_gemm(&self, t: &[f64], k: usize, par: Par) -> Vec<f64> {
+        let (nrows, ncols) = (self.nrows(), self.ncols());
+        assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
+        let p_len = self.oh * self.ow;
+        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
+        let kk = cig * self.kh * self.kw;
+        let taps = self.tap_table();
+        let plane = self.ih * self.iw;
+        let mut out = vec![0.0; nrows * k];
+        // columns per block: bound the im2col buffer to ~4M entries
+        let block = (4_000_000 / (kk * p_len).max(1)).clamp(1, k.max(1));
+        let mut cols = vec![0.0; kk * p_len * block];
+        let mut q0 = 0;
+        while q0 < k {
+            let kb = block.min(k - q0);
+            let rows = kb * p_len;
+            for g in 0..self.groups {
+                // colsᵀ: (kb·P) × K, column-major: element (q·P + p, tap) at tap·rows + q·P + p
+                for icg in 0..cig {
+                    let ic = g * cig + icg;
+                    for tap in 0..self.kh * self.kw {
+                        let row = icg * self.kh * self.kw + tap;
+                        let dst = &mut cols[row * rows..(row + 1) * rows];
+                        let tt = &taps[tap * p_len..(tap + 1) * p_len];
+                        for q in 0..kb {
+                            let src = &t[(q0 + q) * ncols + ic * plane
+                                ..(q0 + q) * ncols + (ic + 1) * plane];
+                            for (d, &idx) in dst[q * p_len..(q + 1) * p_len].iter_mut().zip(tt) {
+                                *d = if idx == usize::MAX { 0.0 } else { src[idx] };
+                            }
+                        }
+                    }
+                }
+                let colst = faer::MatRef::from_column_major_slice(&cols[..rows * kk], rows, kk);
+                let w = faer::MatRef::from_row_major_slice(
+                    &self.weight[g * cog * kk..(g + 1) * cog * kk],
+                    cog,
+                    kk,
+                );
+                let mut res = Mat::<f64>::zeros(rows, cog);
+                faer::linalg::matmul::matmul(
+                    res.as_mut(),
+                    Accum::Replace,
+                    colst,
+                    w.transpose(),
+                    1.0,
+                    par,
+                );
+                for ocg in 0..cog {
+                    let oc = g * cog + ocg;
+                    let rc = res.col_as_slice(ocg);
+                    for q in 0..kb {
+                        out[(q0 + q) * nrows + oc * p_len..(q0 + q) * nrows + (oc + 1) * p_len]
+                            .copy_from_slice(&rc[q * p_len..(q + 1) * p_len]);
+                    }
+                }
+            }
+            q0 += kb;
+        }
+        out
+    }
+
+    /// `G·A` through a GEMM per group and col2im: `g` holds a `k × nrows`
+    /// block with element `(r, j)` at `j·k + r`; returns `k × ncols` in the
+    /// same layout.
+    pub fn backward_gemm(&self, g: &[f64], k: usize, par: Par) -> Vec<f64> {
+        let (nrows, ncols) = (self.nrows(), self.ncols());
+        assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
+        let p_len = self.oh * self.ow;
+        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
+        let kk = cig * self.kh * self.kw;
+        let taps = self.tap_table();
+        let plane = self.ih * self.iw;
+        let mut out = vec![0.0; ncols * k];
+        let width = p_len * k;
+        for grp in 0..self.groups {
+            // G_gᵀ: (P·k) × cog, column-major (G's memory as is)
+            let ggt = faer::MatRef::from_column_major_slice(
+                &g[grp * cog * width..(grp + 1) * cog * width],
+                width,
+                cog,
+            );
+            let w = faer::MatRef::from_row_major_slice(
+                &self.weight[grp * cog * kk..(grp + 1) * cog * kk],
+                cog,
+                kk,
+            );
+            // colsᵀ = G_gᵀ·W_g: (P·k) × K, element (p·k + r, tap) contiguous in r
+            let mut cols = Mat::<f64>::zeros(width, kk);
+            faer::linalg::matmul::matmul(cols.as_mut(), Accum::Replace, ggt, w, 1.0, par);
+            for icg in 0..cig {
+                let ic = grp * cig + icg;
+                for tap in 0..self.kh * self.kw {
+                    let c = cols.col_as_slice(icg * self.kh * self.kw + tap);
+                    let tt = &taps[tap * p_len..(tap + 1) * p_len];
+                    for (p, &idx) in tt.iter().enumerate() {
+                        if idx == usize::MAX {
+                            continue;
+                        }
+                        let dst = (ic * plane + idx) * k;
+                        for (o, v) in out[dst..dst + k].iter_mut().zip(&c[p * k..(p + 1) * k]) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Structural nonzeros (taps inside the input).
     pub fn nnz(&self) -> usize {
         let mut n = 0;
@@ -280,11 +420,7 @@ impl Operator {
             Operator::Selection(s) => {
                 s.cols.iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
             }
-            Operator::Conv(c) => {
-                let mut y = vec![0.0; c.nrows()];
-                c.for_each(|r, j, w| y[r] += w * x[j]);
-                y
-            }
+            Operator::Conv(c) => c.forward_gemm(x, 1, Par::Seq),
         }
     }
 
@@ -341,15 +477,12 @@ impl Operator {
                 out
             }
             Operator::Conv(c) => {
-                // (G·A)[:, j] += w · G[:, r] for every tap (r, j, w)
-                let mut out = Mat::<f64>::zeros(k, c.ncols());
-                c.for_each(|r, j, w| {
-                    let gr = g.col_as_slice(r);
-                    for (o, gv) in out.col_as_slice_mut(j).iter_mut().zip(gr) {
-                        *o += w * gv;
-                    }
-                });
-                out
+                let mut flat = Vec::with_capacity(c.nrows() * k);
+                for j in 0..c.nrows() {
+                    flat.extend_from_slice(g.col_as_slice(j));
+                }
+                let y = c.backward_gemm(&flat, k, par);
+                Mat::from_fn(k, c.ncols(), |r, i| y[i * k + r])
             }
         }
     }
@@ -401,13 +534,13 @@ impl Operator {
                 out
             }
             Operator::Conv(c) => {
-                let mut out = Mat::zeros(c.nrows(), k);
+                let mut flat = Vec::with_capacity(c.ncols() * k);
                 for q in 0..k {
-                    let tq = t.col_as_slice(q);
-                    let oq = out.col_as_slice_mut(q);
-                    c.for_each(|r, j, w| oq[r] += w * tq[j]);
+                    flat.extend_from_slice(t.col_as_slice(q));
                 }
-                out
+                let y = c.forward_gemm(&flat, k, par);
+                let nr = c.nrows();
+                Mat::from_fn(nr, k, |i, q| y[q * nr + i])
             }
         }
     }

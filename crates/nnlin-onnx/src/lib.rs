@@ -1049,7 +1049,7 @@ impl Importer<'_> {
             c_in,
             c_out,
             groups,
-            weight: w.data,
+            weight: std::sync::Arc::new(w.data),
             bias,
             one_d,
         });
@@ -1354,10 +1354,17 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
             .map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
         syms.insert(name, Sym::Const(t));
     }
+    // Real inputs: not initializers (older exporters list those as inputs
+    // too) and not produced by a node (some zoo models list computed weights).
+    let produced: std::collections::HashSet<&str> =
+        graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
     let inputs: Vec<_> = graph
         .input
         .iter()
-        .filter(|i| !syms.contains_key(i.name.as_deref().unwrap_or("")))
+        .filter(|i| {
+            let name = i.name.as_deref().unwrap_or("");
+            !syms.contains_key(name) && !produced.contains(name)
+        })
         .collect();
     let [input] = inputs.as_slice() else {
         return Err(OnnxError::Graph(format!(
@@ -1565,7 +1572,7 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
     let out = imp.materialize(&output_name)?;
     let mut net = imp.net;
     net.set_output(out);
-    let net = fuse_dense_affine(prune(&net)?)?;
+    let net = fuse_dense_affine(prune(net)?)?;
     let producer = format!(
         "{} {}",
         model.producer_name.as_deref().unwrap_or(""),
@@ -1584,7 +1591,7 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
 }
 
 /// Rebuilds the network keeping only the nodes the output depends on.
-fn prune(net: &Network) -> Result<Network, IrError> {
+fn prune(net: Network) -> Result<Network, IrError> {
     let mut live = vec![false; net.nodes().len() + 1];
     live[net.output().0] = true;
     for node in net.nodes().iter().rev() {
@@ -1594,21 +1601,17 @@ fn prune(net: &Network) -> Result<Network, IrError> {
             }
         }
     }
+    let (input_shape, output) = (net.input_shape().to_vec(), net.output());
     let mut map: Vec<Option<ValueId>> = vec![None; live.len()];
     map[0] = Some(ValueId(0));
-    let mut out = Network::new(net.input_shape().to_vec());
-    for node in net.nodes() {
+    let mut out = Network::new(input_shape);
+    for node in net.into_nodes() {
         if live[node.output.0] {
             let inputs = node.inputs.iter().map(|i| map[i.0].expect("live input")).collect();
-            map[node.output.0] = Some(out.push(
-                node.name.clone(),
-                node.source.clone(),
-                node.layer.clone(),
-                inputs,
-            )?);
+            map[node.output.0] = Some(out.push(node.name, node.source, node.layer, inputs)?);
         }
     }
-    out.set_output(map[net.output().0].expect("live output"));
+    out.set_output(map[output.0].expect("live output"));
     Ok(out)
 }
 
@@ -1617,51 +1620,44 @@ fn prune(net: &Network) -> Result<Network, IrError> {
 /// has no other consumer and covers one row.
 fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
     let uses = net.use_counts();
-    let nodes = net.nodes();
-    // fused[k]: node k (an Affine) merges into its producer
-    let mut merge_into: Vec<Option<usize>> = vec![None; nodes.len()];
-    let mut absorbed = vec![false; nodes.len()];
-    for (k, node) in nodes.iter().enumerate() {
-        if let Layer::Affine(a) = &node.layer
-            && let [v] = node.inputs.as_slice()
-            && v.0 > 0
-            && uses[v.0] == 1
-            && v.0 != net.output().0
-            && let Layer::Dense(d) = &nodes[v.0 - 1].layer
-            && a.scale.len() == d.out_features
-        {
-            merge_into[k] = Some(v.0 - 1);
-            absorbed[v.0 - 1] = true;
-        }
-    }
-    let mut out = Network::new(net.input_shape().to_vec());
+    let (input_shape, output) = (net.input_shape().to_vec(), net.output());
+    let mut nodes: Vec<Option<nnlin_ir::Node>> = net.into_nodes().into_iter().map(Some).collect();
+    let mut out = Network::new(input_shape);
     let mut map: Vec<Option<ValueId>> = vec![None; nodes.len() + 1];
     map[0] = Some(ValueId(0));
-    for (k, node) in nodes.iter().enumerate() {
-        if absorbed[k] {
-            continue;
-        }
-        let (layer, source, inputs) = match merge_into[k] {
-            Some(p) => {
-                let (Layer::Dense(d), Layer::Affine(a)) = (&nodes[p].layer, &node.layer) else {
-                    unreachable!("checked above")
-                };
-                let mut d = d.clone();
-                let old = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
-                for o in 0..d.out_features {
-                    for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
-                        *w *= a.scale[o];
-                    }
-                }
-                d.bias =
-                    Some((0..d.out_features).map(|o| a.scale[o] * old[o] + a.shift[o]).collect());
-                (Layer::Dense(d), format!("{}+{}", nodes[p].source, node.source), &nodes[p].inputs)
-            }
-            None => (node.layer.clone(), node.source.clone(), &node.inputs),
+    for k in 0..nodes.len() {
+        let Some(node) = nodes[k].take() else { continue };
+        let inputs: Vec<ValueId> =
+            node.inputs.iter().map(|i| map[i.0].expect("mapped input")).collect();
+        // a Dense whose output is read only by an Affine of matching width
+        let consumer = match &node.layer {
+            Layer::Dense(d) if uses[node.output.0] == 1 && node.output != output => (k + 1..nodes.len())
+                .find(|&j| nodes[j].as_ref().is_some_and(|n| n.inputs.contains(&node.output)))
+                .filter(|&j| {
+                    nodes[j].as_ref().is_some_and(|n| {
+                        n.inputs.len() == 1 && matches!(&n.layer, Layer::Affine(a) if a.scale.len() == d.out_features)
+                    })
+                }),
+            _ => None,
         };
-        let inputs = inputs.iter().map(|i| map[i.0].expect("mapped input")).collect();
-        map[node.output.0] = Some(out.push(node.name.clone(), source, layer, inputs)?);
+        let (Some(j), Layer::Dense(mut d)) = (consumer, node.layer.clone()) else {
+            map[node.output.0] = Some(out.push(node.name, node.source, node.layer, inputs)?);
+            continue;
+        };
+        let next = nodes[j].take().expect("consumer");
+        let Layer::Affine(a) = &next.layer else { unreachable!("checked above") };
+        let old = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
+        for o in 0..d.out_features {
+            for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
+                *w *= a.scale[o];
+            }
+        }
+        d.bias = Some((0..d.out_features).map(|o| a.scale[o] * old[o] + a.shift[o]).collect());
+        let source = format!("{}+{}", node.source, next.source);
+        let v = out.push(node.name, source, Layer::Dense(d), inputs)?;
+        map[node.output.0] = Some(v);
+        map[next.output.0] = Some(v);
     }
-    out.set_output(map[net.output().0].expect("mapped output"));
+    out.set_output(map[output.0].expect("mapped output"));
     Ok(out)
 }

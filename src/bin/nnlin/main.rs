@@ -250,7 +250,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let skipped: Vec<_> = ens
         .members()
         .iter()
-        .filter_map(|(m, _)| m.imported().skipped_softmax.as_ref().map(|s| (m.name(), s)))
+        .filter_map(|(m, _)| m.info().skipped_softmax.as_ref().map(|s| (m.name(), s)))
         .map(|(name, op)| format!("{name}: trailing {op} skipped; W and b explain the logits"))
         .collect();
     let summary = json!({
@@ -258,9 +258,9 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "models": ens.members().iter().map(|(m, a)| json!({
             "path": m.name(),
             "weight": a,
-            "opset": m.imported().opset,
-            "producer": m.imported().producer,
-            "skipped_softmax": m.imported().skipped_softmax,
+            "opset": m.info().opset,
+            "producer": m.info().producer,
+            "skipped_softmax": m.info().skipped_softmax,
         })).collect::<Vec<_>>(),
         "notes": skipped,
         "input": args.input.display().to_string(),
@@ -291,7 +291,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
 fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeArg) -> Result<()> {
     let model = Model::from_onnx_file(path)?;
     let net = model.network();
-    let imp = model.imported();
+    let imp = model.info();
     println!("model: {}", path.display());
     println!("opset: {}   producer: {}", imp.opset, imp.producer);
     println!(

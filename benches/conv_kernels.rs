@@ -1,0 +1,72 @@
+//! Convolution operators: the explicit CSR Toeplitz matrix against the
+//! structured operator (im2col + faer GEMM), on the convolutions of the
+//! LeNet-5 fixture (MNIST) and of a CIFAR-shaped ResNet stage, applied to a
+//! dense block from the left (reverse accumulation: 1 and 10 rows) and from
+//! the right (forward accumulation: 784 columns for LeNet-5). Reports the
+//! time per product; `ConvKernel::Auto` is set from these figures
+//! (docs/PERFORMANCE.md).
+
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use faer::{Mat, Par};
+use nnlin::linalg::{ConvOp, Operator};
+
+fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
+    let o = hw + 2 * pad - k + 1;
+    let n = c_out * c_in * k * k;
+    let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
+    ConvOp {
+        c_in,
+        c_out,
+        groups: 1,
+        ih: hw,
+        iw: hw,
+        kh: k,
+        kw: k,
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad: (pad, pad),
+        oh: o,
+        ow: o,
+        weight: Arc::new(weight),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let cases = [
+        ("lenet5_conv1", conv(1, 6, 28, 5, 2)),
+        ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
+        ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1)),
+    ];
+    let mut group = c.benchmark_group("conv");
+    group.sample_size(10);
+    for (name, op) in cases {
+        let structured = Operator::Conv(op.clone());
+        let csr = Operator::Csr(op.to_csr());
+        for rows in [1usize, 10] {
+            let g = Mat::from_fn(rows, op.nrows(), |i, j| ((i + j) % 7) as f64 - 3.0);
+            for (kind, o) in [("csr", &csr), ("structured", &structured)] {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/left_mul{rows}"), kind),
+                    &g,
+                    |b, g| b.iter(|| o.left_mul(g, Par::Seq)),
+                );
+            }
+        }
+        if op.ncols() <= 1200 {
+            let t = Mat::from_fn(op.ncols(), 784, |i, j| ((i + 3 * j) % 5) as f64 - 2.0);
+            for (kind, o) in [("csr", &csr), ("structured", &structured)] {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/right_mul784"), kind),
+                    &t,
+                    |b, t| b.iter(|| o.right_mul(t, Par::Seq)),
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
