@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ndarray::{Array2, Array3};
-use nnlin::{Ensemble, Mode, Model, Options, Rows, Strategy};
+use nnlin::{ConvKernel, Ensemble, Mode, Model, Options, Rows, Strategy};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -47,6 +47,21 @@ enum StrategyArg {
     Auto,
     Reverse,
     Forward,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum ConvKernelArg {
+    Auto,
+    Csr,
+    Structured,
+}
+
+fn conv_kernel_of(k: ConvKernelArg) -> ConvKernel {
+    match k {
+        ConvKernelArg::Auto => ConvKernel::Auto,
+        ConvKernelArg::Csr => ConvKernel::Csr,
+        ConvKernelArg::Structured => ConvKernel::Structured,
+    }
 }
 
 #[derive(Subcommand)]
@@ -80,6 +95,10 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Convolutions as explicit CSR Toeplitz matrices or structured
+        /// (im2col + GEMM) operators; `auto` picks the measured faster.
+        #[arg(long, value_enum, default_value_t = ConvKernelArg::Auto)]
+        conv_kernel: ConvKernelArg,
     },
     /// Show a model's layers; with --input, every compiled operator and the
     /// activation pattern of the first instance.
@@ -92,6 +111,9 @@ enum Command {
         /// Activation mode for the compiled operators.
         #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
         mode: ModeArg,
+        /// How convolutions are shown (the explicit CSR Toeplitz matrix by default).
+        #[arg(long, value_enum, default_value_t = ConvKernelArg::Csr)]
+        conv_kernel: ConvKernelArg,
     },
 }
 
@@ -129,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             strategy,
             threads,
+            conv_kernel,
         } => explain(ExplainArgs {
             models,
             weights,
@@ -139,8 +162,11 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             strategy,
             threads,
+            conv_kernel: conv_kernel_of(conv_kernel),
         }),
-        Command::Inspect { model, input, mode } => inspect(&model, input.as_deref(), mode),
+        Command::Inspect { model, input, mode, conv_kernel } => {
+            inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
+        }
     }
 }
 
@@ -154,6 +180,7 @@ struct ExplainArgs {
     rows: String,
     strategy: StrategyArg,
     threads: Option<usize>,
+    conv_kernel: ConvKernel,
 }
 
 fn mode_of(m: ModeArg) -> Mode {
@@ -163,7 +190,11 @@ fn mode_of(m: ModeArg) -> Mode {
     }
 }
 
-fn load_ensemble(models: &[PathBuf], weights: Option<Vec<f64>>) -> Result<Ensemble> {
+fn load_ensemble(
+    models: &[PathBuf],
+    weights: Option<Vec<f64>>,
+    kernel: ConvKernel,
+) -> Result<Ensemble> {
     let weights = match weights {
         None => vec![1.0; models.len()],
         Some(w) if w.len() == models.len() => w,
@@ -171,7 +202,7 @@ fn load_ensemble(models: &[PathBuf], weights: Option<Vec<f64>>) -> Result<Ensemb
     };
     let mut members = Vec::with_capacity(models.len());
     for (path, a) in models.iter().zip(weights) {
-        members.push((Model::from_onnx_file(path)?, a));
+        members.push((Model::from_onnx_file(path)?.with_conv_kernel(kernel), a));
     }
     Ok(Ensemble::new(members)?)
 }
@@ -181,7 +212,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let ens = load_ensemble(&args.models, args.weights)?;
+    let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
     let first = &ens.members()[0].0;
     let xs = io::read_instances(&args.input, first.input_shape())?;
     let opts = Options {
@@ -288,8 +319,13 @@ fn explain(args: ExplainArgs) -> Result<()> {
     Ok(())
 }
 
-fn inspect(path: &std::path::Path, input: Option<&std::path::Path>, mode: ModeArg) -> Result<()> {
-    let model = Model::from_onnx_file(path)?;
+fn inspect(
+    path: &std::path::Path,
+    input: Option<&std::path::Path>,
+    mode: ModeArg,
+    kernel: ConvKernel,
+) -> Result<()> {
+    let model = Model::from_onnx_file(path)?.with_conv_kernel(kernel);
     let net = model.network();
     let imp = model.info();
     println!("model: {}", path.display());
