@@ -31,6 +31,8 @@
 //! compiler and accumulation), `nnlin-onnx` (import). See
 //! `docs/ARCHITECTURE.md`.
 
+pub mod region;
+
 use std::path::Path;
 
 use faer::Mat;
@@ -173,6 +175,19 @@ impl Model {
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
         Ok(Self { name: name.to_string(), info, compiler })
+    }
+
+    /// A model from a network built in code (no ONNX file).
+    pub fn from_network(name: &str, network: ir::Network) -> Self {
+        let info = ModelInfo {
+            opset: 0,
+            producer: "nnlin API".into(),
+            input_name: "input".into(),
+            output_name: "output".into(),
+            skipped_softmax: None,
+        };
+        let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
+        Self { name: name.to_string(), info, compiler }
     }
 
     /// Reads and imports an ONNX file.

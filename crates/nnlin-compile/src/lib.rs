@@ -14,6 +14,8 @@
 //!
 //! The compiled path never calls the reference interpreter.
 
+pub mod region;
+
 use std::sync::Arc;
 
 use faer::{Mat, Par};
@@ -129,6 +131,48 @@ pub struct Instance {
     pub output_value: usize,
     /// Element count of every value.
     pub value_lens: Vec<usize>,
+}
+
+impl Instance {
+    /// `W·x` and `b` over all outputs without forming `W`: the frozen
+    /// linear maps applied to `x` (no offsets), and the offsets propagated
+    /// from zero (the Horner form of `Σ_i (A_L⋯A_{i+1})·c_i`). Two passes of
+    /// matrix–vector products.
+    pub fn wx_and_b(&self, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let nvalues = self.value_lens.len();
+        let mut lin: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+        let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+        lin[0] = Some(x.to_vec());
+        off[0] = Some(vec![0.0; x.len()]);
+        for l in &self.layers {
+            let mut yl = vec![0.0; l.bias.len()];
+            let mut yo = (*l.bias).clone();
+            for (v, op) in &l.inputs {
+                for (a, t) in yl.iter_mut().zip(op.apply(lin[*v].as_ref().expect("value"))) {
+                    *a += t;
+                }
+                for (a, t) in yo.iter_mut().zip(op.apply(off[*v].as_ref().expect("value"))) {
+                    *a += t;
+                }
+            }
+            lin[l.output] = Some(yl);
+            off[l.output] = Some(yo);
+        }
+        (
+            lin[self.output_value].take().unwrap_or_default(),
+            off[self.output_value].take().unwrap_or_default(),
+        )
+    }
+
+    /// Every value at `x`, through the compiled operators.
+    pub fn values(&self, x: &[f64]) -> Vec<Vec<f64>> {
+        let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
+        values[0] = Some(x.to_vec());
+        for l in &self.layers {
+            values[l.output] = Some(l.eval(&values));
+        }
+        values.into_iter().map(Option::unwrap_or_default).collect()
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -453,6 +453,33 @@ impl Expr {
         *cls.last().expect("empty expression")
     }
 
+    /// The breakpoints (in the variable) of a piecewise-linear expression
+    /// that is one named function of the variable, for element `i`: ReLU,
+    /// LeakyReLU, PReLU, Abs → 0; Clip → its bounds; HardSigmoid → where the
+    /// ramp starts and ends. `None` for other expressions.
+    pub fn breakpoints(&self, i: usize) -> Option<Vec<f64>> {
+        let _ = i;
+        let is_var = |k: usize| matches!(self.nodes[k], ExprNode::Var);
+        match self.nodes.last()? {
+            ExprNode::Unary(f, a) if is_var(*a) => match *f {
+                Unary::Relu | Unary::LeakyRelu { .. } | Unary::Abs => Some(vec![0.0]),
+                Unary::Clip { min, max } => {
+                    Some([min, max].into_iter().filter(|v| v.is_finite()).collect())
+                }
+                Unary::HardSigmoid { alpha, beta } if alpha != 0.0 => {
+                    Some(vec![-beta / alpha, (1.0 - beta) / alpha])
+                }
+                _ => None,
+            },
+            ExprNode::Binary(Binary::PRelu, a, b)
+                if is_var(*a) && matches!(self.nodes[*b], ExprNode::Const(_)) =>
+            {
+                Some(vec![0.0])
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the expression is the bare variable.
     pub fn is_identity(&self) -> bool {
         matches!(self.nodes.last(), Some(ExprNode::Var))

@@ -11,19 +11,100 @@ fn squeeze(s: &[usize]) -> Vec<usize> {
     s.iter().copied().filter(|&d| d != 1).collect()
 }
 
-/// Reads X.npy (float32 or float64) as `N × n` instances for a model whose
-/// input shape is `model_shape`: one instance (the input shape, with or
-/// without its batch dimension of 1) or a batch `(N, ...)`.
+/// Reads an IDX file (optionally gzip-compressed); unsigned-byte data is
+/// scaled to [0, 1] (pixels / 255), as MNIST models are trained.
+pub fn read_idx(bytes: &[u8]) -> Result<ArrayD<f64>> {
+    let raw = gunzip(bytes)?;
+    if raw.len() < 4 || raw[0] != 0 || raw[1] != 0 {
+        bail!("not an IDX file (bad magic number)");
+    }
+    let (ty, ndim) = (raw[2], raw[3] as usize);
+    let mut dims = Vec::with_capacity(ndim);
+    for i in 0..ndim {
+        let b = raw.get(4 + 4 * i..8 + 4 * i).context("truncated IDX header")?;
+        dims.push(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    }
+    let data = &raw[4 + 4 * ndim..];
+    let count: usize = dims.iter().product();
+    let short = || anyhow::anyhow!("truncated IDX data");
+    let values: Vec<f64> = match ty {
+        0x08 => {
+            data.get(..count).ok_or_else(short)?.iter().map(|&v| f64::from(v) / 255.0).collect()
+        }
+        0x0D => data
+            .get(..count * 4)
+            .ok_or_else(short)?
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_be_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        0x0E => data
+            .get(..count * 8)
+            .ok_or_else(short)?
+            .chunks_exact(8)
+            .map(|c| f64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        other => bail!("unsupported IDX element type 0x{other:02x}"),
+    };
+    Ok(ArrayD::from_shape_vec(dims, values)?)
+}
+
+fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out)
+            .context("bad gzip data")?;
+        Ok(out)
+    } else {
+        Ok(bytes.to_vec())
+    }
+}
+
+/// Reads labels: an IDX unsigned-byte vector (optionally `.gz`) or an
+/// integer/float `.npy` vector.
+pub fn read_labels(path: &Path) -> Result<Vec<usize>> {
+    let bytes =
+        fs::read(path).with_context(|| format!("cannot read labels `{}`", path.display()))?;
+    if is_idx(path) {
+        let raw = gunzip(&bytes)?;
+        if raw.len() < 8 || raw[2] != 0x08 || raw[3] != 1 {
+            bail!("`{}` is not a 1-D unsigned-byte IDX label file", path.display());
+        }
+        let n = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]) as usize;
+        let labels = raw.get(8..8 + n).context("truncated IDX labels")?;
+        return Ok(labels.iter().map(|&v| usize::from(v)).collect());
+    }
+    if let Ok(a) = ndarray::Array1::<i64>::read_npy(bytes.as_slice()) {
+        return a.iter().map(|&v| usize::try_from(v).context("negative label")).collect();
+    }
+    let a = read_npy_any(&bytes, path)?;
+    Ok(a.iter().map(|&v| v as usize).collect())
+}
+
+fn is_idx(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    name.ends_with(".gz") || name.contains("idx") || name.ends_with("-ubyte")
+}
+
+fn read_npy_any(bytes: &[u8], path: &Path) -> Result<ArrayD<f64>> {
+    Ok(match ArrayD::<f64>::read_npy(bytes) {
+        Ok(a) => a,
+        Err(_) => ArrayD::<f32>::read_npy(bytes).map(|a| a.mapv(f64::from)).map_err(|e| {
+            anyhow::anyhow!("`{}` is not a float32/float64 .npy file ({e})", path.display())
+        })?,
+    })
+}
+
+/// Reads X (`.npy` float32/float64, or IDX, optionally `.gz`, pixels scaled
+/// to [0, 1]) as `N × n` instances for a model whose input shape is
+/// `model_shape`: one instance (the input shape, with or without its batch
+/// dimension of 1) or a batch `(N, ...)`.
 pub fn read_instances(path: &Path, model_shape: &[usize]) -> Result<Array2<f64>> {
     let bytes =
         fs::read(path).with_context(|| format!("cannot read input `{}`", path.display()))?;
-    let arr: ArrayD<f64> = match ArrayD::<f64>::read_npy(bytes.as_slice()) {
-        Ok(a) => a,
-        Err(_) => {
-            ArrayD::<f32>::read_npy(bytes.as_slice()).map(|a| a.mapv(f64::from)).map_err(|e| {
-                anyhow::anyhow!("`{}` is not a float32/float64 .npy file ({e})", path.display())
-            })?
-        }
+    let arr: ArrayD<f64> = if is_idx(path) {
+        read_idx(&bytes).with_context(|| format!("`{}`", path.display()))?
+    } else {
+        read_npy_any(&bytes, path)?
     };
     let shape = arr.shape().to_vec();
     let n: usize = model_shape.iter().product();
@@ -48,16 +129,24 @@ pub fn read_instances(path: &Path, model_shape: &[usize]) -> Result<Array2<f64>>
     Ok(Array2::from_shape_vec((count, n), flat)?.into_dimensionality::<Ix2>()?)
 }
 
-/// Writes W.npy, b.npy and summary.json into `out` atomically: everything
-/// goes to a staging directory beside `out` first, then each file is renamed
-/// into place. On failure nothing is left behind.
-pub fn write_outputs(
-    out: &Path,
-    w: &Array3<f64>,
-    b: &Array2<f64>,
-    f32_out: bool,
-    summary: &serde_json::Value,
-) -> Result<()> {
+/// One output file's contents.
+pub enum Payload<'a> {
+    /// A JSON document.
+    Json(&'a serde_json::Value),
+    /// A 2-D float64 array.
+    Npy2(&'a Array2<f64>),
+    /// A 2-D array written as float32.
+    Npy2F32(&'a Array2<f64>),
+    /// A 3-D float64 array.
+    Npy3(&'a Array3<f64>),
+    /// A 3-D array written as float32.
+    Npy3F32(&'a Array3<f64>),
+}
+
+/// Writes `files` into the directory `out` atomically: everything goes to a
+/// staging directory beside `out` first, then each file is renamed into
+/// place. On failure nothing is left behind and `out` keeps what it had.
+pub fn write_files(out: &Path, files: &[(&str, &Payload)]) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("output `{}` exists and is not a directory", out.display());
     }
@@ -70,41 +159,75 @@ pub fn write_outputs(
     let result = (|| -> Result<()> {
         fs::create_dir_all(&staging)
             .with_context(|| format!("cannot write output directory `{}`", out.display()))?;
-        let write = |file: &str, f: &dyn Fn(&mut fs::File) -> Result<()>| -> Result<()> {
+        for (file, payload) in files {
             let p = staging.join(file);
+            if let Some(dir) = p.parent() {
+                fs::create_dir_all(dir)?;
+            }
             let mut fh =
                 fs::File::create(&p).with_context(|| format!("cannot create `{}`", p.display()))?;
-            f(&mut fh)?;
+            match payload {
+                Payload::Json(v) => serde_json::to_writer_pretty(&mut fh, v)?,
+                Payload::Npy2(a) => a.write_npy(&mut fh)?,
+                Payload::Npy2F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
+                Payload::Npy3(a) => a.write_npy(&mut fh)?,
+                Payload::Npy3F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
+            }
             fh.sync_all()?;
-            Ok(())
-        };
-        write("W.npy", &|fh| {
-            if f32_out {
-                w.mapv(|v| v as f32).write_npy(fh)?
-            } else {
-                w.write_npy(fh)?
-            }
-            Ok(())
-        })?;
-        write("b.npy", &|fh| {
-            if f32_out {
-                b.mapv(|v| v as f32).write_npy(fh)?
-            } else {
-                b.write_npy(fh)?
-            }
-            Ok(())
-        })?;
-        write("summary.json", &|fh| {
-            serde_json::to_writer_pretty(&mut *fh, summary)?;
-            Ok(())
-        })?;
+        }
         fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-        for f in ["W.npy", "b.npy", "summary.json"] {
-            fs::rename(staging.join(f), out.join(f))
+        for (file, _) in files {
+            let dst = out.join(file);
+            if let Some(dir) = dst.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::rename(staging.join(file), &dst)
                 .with_context(|| format!("cannot move output into `{}`", out.display()))?;
         }
         Ok(())
     })();
     let _ = fs::remove_dir_all(&staging);
     result
+}
+
+/// Writes W.npy, b.npy and summary.json into `out` atomically.
+pub fn write_outputs(
+    out: &Path,
+    w: &Array3<f64>,
+    b: &Array2<f64>,
+    f32_out: bool,
+    summary: &serde_json::Value,
+) -> Result<()> {
+    let (wp, bp) = if f32_out {
+        (Payload::Npy3F32(w), Payload::Npy2F32(b))
+    } else {
+        (Payload::Npy3(w), Payload::Npy2(b))
+    };
+    write_files(out, &[("W.npy", &wp), ("b.npy", &bp), ("summary.json", &Payload::Json(summary))])
+}
+
+/// Writes one JSON file atomically (a temporary file beside it, renamed).
+pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_text_atomic(path, &serde_json::to_string_pretty(value)?)
+}
+
+/// Writes one text file atomically (a temporary file beside it, renamed).
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned()),
+        std::process::id()
+    ));
+    let res = (|| -> Result<()> {
+        let mut fh =
+            fs::File::create(&tmp).with_context(|| format!("cannot write `{}`", path.display()))?;
+        std::io::Write::write_all(&mut fh, text.as_bytes())?;
+        fh.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
 }

@@ -7,7 +7,9 @@
 //! nnlin inspect MODEL.onnx [--input X.npy]
 //! ```
 
+mod decompose;
 mod io;
+mod region;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,13 @@ enum StrategyArg {
     Auto,
     Reverse,
     Forward,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum NormArg {
+    L2,
+    Linf,
+    Both,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -99,6 +108,64 @@ enum Command {
         /// (im2col + GEMM) operators; `auto` picks the measured faster.
         #[arg(long, value_enum, default_value_t = ConvKernelArg::Auto)]
         conv_kernel: ConvKernelArg,
+    },
+    /// The linear region around each instance (Lemma 1): exact ℓ2/ℓ∞ radius,
+    /// binding boundary, sampled verification. Smooth networks get a
+    /// linearization-error sweep instead.
+    Region {
+        /// ONNX model.
+        model: PathBuf,
+        /// Input (.npy or IDX .gz).
+        #[arg(long)]
+        input: PathBuf,
+        /// Which radii to report.
+        #[arg(long, value_enum, default_value_t = NormArg::Both)]
+        norm: NormArg,
+        /// Points to sample inside each ball (and one past the boundary).
+        #[arg(long, default_value_t = 0)]
+        verify: usize,
+        /// Input bounds lo,hi (e.g. 0,1 for pixels).
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        r#box: Option<Vec<f64>>,
+        /// Also write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Output directory (region.json, direction.npy, direction_linf.npy).
+        #[arg(long, default_value = "nnlin-region")]
+        out: PathBuf,
+        /// Only the first N instances.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// The paper's decomposition table: predictions of F(x), of W·x alone
+    /// and of b alone against the labels, over a data set.
+    Decompose {
+        /// ONNX model.
+        model: PathBuf,
+        /// Instances (.npy or IDX .gz).
+        #[arg(long)]
+        data: PathBuf,
+        /// Labels (.npy or IDX .gz).
+        #[arg(long)]
+        labels: PathBuf,
+        /// Only the first N instances.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Write the JSON table here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the markdown table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Activation mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
+        mode: ModeArg,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Show a model's layers; with --input, every compiled operator and the
     /// activation pattern of the first instance.
@@ -164,6 +231,31 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             conv_kernel: conv_kernel_of(conv_kernel),
         }),
+        Command::Region { model, input, norm, verify, r#box, json, out, limit, threads } => {
+            region::run(region::Args {
+                model,
+                input,
+                norm,
+                verify,
+                input_box: r#box,
+                json,
+                out,
+                limit,
+                threads,
+            })
+        }
+        Command::Decompose { model, data, labels, limit, json, markdown, mode, threads } => {
+            decompose::run(decompose::Args {
+                model,
+                data,
+                labels,
+                limit,
+                json,
+                markdown,
+                mode: mode_of(mode),
+                threads,
+            })
+        }
         Command::Inspect { model, input, mode, conv_kernel } => {
             inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
         }

@@ -1,0 +1,192 @@
+//! `nnlin region`: the linear region around each instance.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use ndarray::Array2;
+use nnlin::Model;
+use nnlin::region::Binding;
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::NormArg;
+
+pub struct Args {
+    pub model: PathBuf,
+    pub input: PathBuf,
+    pub norm: NormArg,
+    pub verify: usize,
+    pub input_box: Option<Vec<f64>>,
+    pub json: Option<PathBuf>,
+    pub out: PathBuf,
+    pub limit: Option<usize>,
+    pub threads: Option<usize>,
+}
+
+fn binding_json(b: &Option<Binding>) -> Value {
+    match b {
+        None => Value::Null,
+        Some(b) => {
+            let kind = match &b.kind {
+                nnlin::region::BoundaryKind::Unit { index, at } => {
+                    json!({"type": "unit", "index": index, "breakpoint": at})
+                }
+                nnlin::region::BoundaryKind::PoolTie { output, selected, other } => {
+                    json!({"type": "maxpool", "output": output, "selected": selected, "other": other})
+                }
+                nnlin::region::BoundaryKind::Box { index } => {
+                    json!({"type": "box", "index": index})
+                }
+            };
+            json!({"layer": b.layer, "distance": b.distance, "boundary": kind})
+        }
+    }
+}
+
+const BLOCK: usize = 256;
+
+pub fn run(args: Args) -> Result<()> {
+    let model = Model::from_onnx_file(&args.model)?;
+    let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
+    if let Some(l) = args.limit {
+        let l = l.min(xs.nrows());
+        xs = xs.select(ndarray::Axis(0), &(0..l).collect::<Vec<_>>());
+    }
+    let input_box = match args.input_box.as_deref() {
+        None => None,
+        Some([lo, hi]) if lo < hi => Some((*lo, *hi)),
+        Some(v) => bail!("--box takes lo,hi with lo < hi, got {v:?}"),
+    };
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = args.threads {
+        builder = builder.num_threads(t);
+    }
+    let pool = builder.build().context("cannot start worker threads")?;
+    let smooth = model
+        .network()
+        .nodes()
+        .iter()
+        .find(|n| {
+            matches!(&n.layer, nnlin::ir::Layer::Activation(a) if !a.is_piecewise_linear())
+                || matches!(n.layer, nnlin::ir::Layer::Lrn(_))
+        })
+        .map(|n| n.name.clone());
+    let (n_inst, n) = xs.dim();
+    let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+    let start = Instant::now();
+    type Row = Result<(Value, Vec<f64>, Vec<f64>)>;
+    let results: Vec<Row> = pool.install(|| {
+        rows.par_iter()
+            .enumerate()
+            .map(|(k, x)| -> Result<(Value, Vec<f64>, Vec<f64>)> {
+                if let Some(layer) = &smooth {
+                    let norms: Vec<f64> = (0..7).map(|i| 10f64.powi(i - 6)).collect();
+                    let sweep = model.linearization_sweep(x, &norms, 1 + k as u64)?;
+                    let v = json!({
+                        "index": k,
+                        "smooth": true,
+                        "note": format!("layer `{layer}` is smooth: no linear region; the linearization error ‖F(x+θ) − (W·(x+θ) + b)‖₂ along a random direction is reported instead"),
+                        "sweep": sweep.iter().map(|s| json!({"norm": s.norm, "tangent_error": s.tangent_error, "secant_error": s.secant_error})).collect::<Vec<_>>(),
+                    });
+                    return Ok((v, vec![0.0; x.len()], vec![0.0; x.len()]));
+                }
+                let t0 = Instant::now();
+                let r = model.region(x, input_box, BLOCK)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let mut v = json!({
+                    "index": k,
+                    "units_at_kink": r.units_at_kink,
+                    "boundaries": r.boundaries,
+                    "seconds": seconds,
+                });
+                if args.norm != NormArg::Linf {
+                    v["radius_l2"] = json!(r.radius_l2);
+                    v["radius_l2_excluding_kinks"] = json!(r.radius_l2_excluding_kinks);
+                    v["binding"] = binding_json(&r.binding_l2);
+                }
+                if args.norm != NormArg::L2 {
+                    v["radius_linf"] = json!(r.radius_linf);
+                    v["radius_linf_excluding_kinks"] = json!(r.radius_linf_excluding_kinks);
+                    v["binding_linf"] = binding_json(&r.binding_linf);
+                }
+                let inst = model.compile_instance(x, nnlin::Mode::Tangent)?;
+                v["pattern"] = json!(inst
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.active.as_ref().map(|m| {
+                        let active = m.iter().filter(|&&b| b).count();
+                        json!({"layer": l.name, "active": active, "inactive": m.len() - active})
+                    }))
+                    .collect::<Vec<_>>());
+                if args.verify > 0 {
+                    let ver = model.verify_region(x, &r, args.verify, 7 + k as u64)?;
+                    v["verify"] = json!({
+                        "samples": ver.samples,
+                        "radius_used": 0.999 * r.radius_l2_excluding_kinks,
+                        "kept_pattern": ver.kept_pattern,
+                        "exact": ver.exact,
+                        "max_relative_error": ver.max_error,
+                        "beyond_changes_pattern": ver.beyond_changes_pattern,
+                    });
+                }
+                Ok((v, r.direction_l2, r.direction_linf))
+            })
+            .collect()
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    let mut instances = Vec::with_capacity(n_inst);
+    let mut dir = Array2::<f64>::zeros((n_inst, n));
+    let mut dir_inf = Array2::<f64>::zeros((n_inst, n));
+    for (k, r) in results.into_iter().enumerate() {
+        let (v, d2, d1) = r?;
+        dir.row_mut(k).assign(&ndarray::Array1::from(d2));
+        dir_inf.row_mut(k).assign(&ndarray::Array1::from(d1));
+        instances.push(v);
+    }
+    let report = json!({
+        "model": args.model.display().to_string(),
+        "input": args.input.display().to_string(),
+        "box": input_box.map(|(a, b)| vec![a, b]),
+        "rules": {
+            "kinks": "a unit exactly on a breakpoint (or a max-pool tie between values that move differently) puts x on a boundary: radius_* is then 0; radius_*_excluding_kinks is the radius over the other boundaries",
+            "skipped": "boundaries whose gradient is zero are never crossed and are skipped (e.g. ties among inactive max-pool inputs: crossing them leaves the linear map unchanged)",
+        },
+        "timing": {"seconds": seconds, "per_instance": seconds / n_inst.max(1) as f64},
+        "instances": instances,
+    });
+    crate::io::write_files(
+        &args.out,
+        &[
+            ("region.json", &crate::io::Payload::Json(&report)),
+            ("direction.npy", &crate::io::Payload::Npy2(&dir)),
+            ("direction_linf.npy", &crate::io::Payload::Npy2(&dir_inf)),
+        ],
+    )?;
+    if let Some(path) = &args.json {
+        crate::io::write_json_atomic(path, &report)?;
+    }
+    for v in report["instances"].as_array().expect("array") {
+        if v.get("smooth").is_some() {
+            println!(
+                "instance {}: smooth network, no linear region (sweep in region.json)",
+                v["index"]
+            );
+        } else {
+            println!(
+                "instance {}: radius l2 {} linf {} (excluding {} kink units: l2 {} linf {})",
+                v["index"],
+                v["radius_l2"],
+                v["radius_linf"],
+                v["units_at_kink"],
+                v["radius_l2_excluding_kinks"],
+                v["radius_linf_excluding_kinks"]
+            );
+        }
+    }
+    println!("nnlin: {n_inst} instance(s) in {seconds:.3} s; wrote {}", args.out.display());
+    Ok(())
+}
