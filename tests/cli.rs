@@ -380,3 +380,81 @@ fn failed_run_keeps_previous_output() {
     assert!(!bad.status.success());
     assert_eq!(std::fs::read(out.join("W.npy")).unwrap(), before);
 }
+
+#[test]
+fn decompose_reports_exactly_the_table_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let j = tmp.path().join("t.json");
+    let md = tmp.path().join("t.md");
+    let o = run(&[
+        "decompose",
+        s(&root.join("cnn/lenet300.onnx")),
+        "--data",
+        s(&root.join("data/mnist/t10k-images-idx3-ubyte.gz")),
+        "--labels",
+        s(&root.join("data/mnist/t10k-labels-idx1-ubyte.gz")),
+        "--limit",
+        "200",
+        "--json",
+        s(&j),
+        "--markdown",
+        s(&md),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["accuracy", "b_accuracy", "b_lfr", "n", "wx_accuracy", "wx_lfr"]);
+    assert_eq!(v["n"], 200);
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "LeNet-300-100 accuracy {acc}");
+    // W·x predicts almost what F predicts
+    assert!(v["wx_lfr"].as_f64().unwrap() < 0.05);
+    assert!(std::fs::read_to_string(&md).unwrap().contains("| lenet300.onnx | 200 |"));
+}
+
+#[test]
+fn region_writes_report_and_directions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("reg");
+    let j = tmp.path().join("r.json");
+    let o = run(&[
+        "region",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--verify",
+        "5",
+        "--out",
+        s(&out),
+        "--json",
+        s(&j),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    let inst = &v["instances"][0];
+    for key in ["radius_l2", "radius_linf", "binding", "verify", "pattern", "units_at_kink"] {
+        assert!(inst.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(inst["verify"]["kept_pattern"], 5);
+    let d =
+        Array2::<f64>::read_npy(std::fs::File::open(out.join("direction.npy")).unwrap()).unwrap();
+    assert_eq!(d.dim(), (8, 4));
+    let norm: f64 = d.row(0).iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-12);
+    // smooth model: a sweep instead of a radius
+    let o = run(&[
+        "region",
+        s(&fixture("gelu.onnx")),
+        "--input",
+        s(&fixture("inputs.npy")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success());
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("region.json")).unwrap()).unwrap();
+    assert_eq!(v["instances"][0]["smooth"], true);
+    assert!(v["instances"][0]["sweep"].as_array().unwrap().len() >= 5);
+}

@@ -46,6 +46,41 @@ fn binding_json(b: &Option<Binding>) -> Value {
 
 const BLOCK: usize = 256;
 
+/// Per layer: active / inactive units (with the inactive indices), for
+/// two-breakpoint functions (Clip, HardTanh, HardSigmoid) how many units are
+/// below, between and above their breakpoints, and every max-pool window's
+/// argmax (flat input index).
+fn pattern_json(model: &Model, inst: &nnlin::Instance, x: &[f64]) -> Value {
+    let values = inst.values(x);
+    let mut out = vec![];
+    for (node, l) in model.network().nodes().iter().zip(&inst.layers) {
+        match &node.layer {
+            nnlin::ir::Layer::Activation(a) => {
+                let Some(m) = &l.active else { continue };
+                let active = m.iter().filter(|&&b| b).count();
+                let inactive: Vec<usize> =
+                    m.iter().enumerate().filter(|(_, b)| !**b).map(|(i, _)| i).collect();
+                let mut e = json!({"layer": l.name, "kind": "activation", "active": active, "inactive": m.len() - active, "inactive_units": inactive});
+                if let Some(bp) = a.expr.breakpoints(0).filter(|b| b.len() == 2) {
+                    let z = &values[node.inputs[0].0];
+                    let (lo, hi) = (bp[0].min(bp[1]), bp[0].max(bp[1]));
+                    e["below"] = json!(z.iter().filter(|&&v| v <= lo).count());
+                    e["between"] = json!(z.iter().filter(|&&v| v > lo && v < hi).count());
+                    e["above"] = json!(z.iter().filter(|&&v| v >= hi).count());
+                }
+                out.push(e);
+            }
+            nnlin::ir::Layer::Pool(p) if p.kind == nnlin::ir::PoolKind::Max => {
+                if let nnlin::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
+                    out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
+                }
+            }
+            _ => {}
+        }
+    }
+    Value::Array(out)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let model = Model::from_onnx_file(&args.model)?;
     let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
@@ -114,14 +149,7 @@ pub fn run(args: Args) -> Result<()> {
                     v["binding_linf"] = binding_json(&r.binding_linf);
                 }
                 let inst = model.compile_instance(x, nnlin::Mode::Tangent)?;
-                v["pattern"] = json!(inst
-                    .layers
-                    .iter()
-                    .filter_map(|l| l.active.as_ref().map(|m| {
-                        let active = m.iter().filter(|&&b| b).count();
-                        json!({"layer": l.name, "active": active, "inactive": m.len() - active})
-                    }))
-                    .collect::<Vec<_>>());
+                v["pattern"] = pattern_json(&model, &inst, x);
                 if args.verify > 0 {
                     let ver = model.verify_region(x, &r, args.verify, 7 + k as u64)?;
                     v["verify"] = json!({
