@@ -75,6 +75,7 @@ fn check_tol(
     };
     let opts = Options { mode, strategy, rows: Rows::All };
     let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
+    let mut worst_w: f64 = 0.0;
     let mut worst: f64 = 0.0;
     let r = |v: f64| if round_f32 { f64::from(v as f32) } else { v };
     for (k, lin) in lins.iter().enumerate() {
@@ -86,7 +87,7 @@ fn check_tol(
                 let w = r(lin.w[(i, j)]);
                 let e = rel_err(w, w_ref[(k, i, j)], wscale);
                 assert!(e <= w_tol, "{name} {mode:?} {strategy:?}: W error {e:e} > {w_tol:e}");
-                worst = worst.max(e.min(tol));
+                worst_w = worst_w.max(e);
                 wx += w * xs[(k, j)];
             }
             // W·x + b = F(x), with F(x) the PyTorch logits
@@ -100,7 +101,7 @@ fn check_tol(
         }
     }
     assert!(worst <= tol, "{name} {mode:?} {strategy:?}: relative error {worst:e} > {tol:e}");
-    worst
+    worst.max(worst_w)
 }
 
 #[test]
@@ -112,8 +113,9 @@ fn every_fixture_matches_jacrev_in_f64_both_directions() {
             report.push((name.clone(), e));
         }
     }
-    let worst = report.iter().map(|r| r.1).fold(0.0, f64::max);
-    eprintln!("largest relative error (tangent, f64): {worst:e}");
+    let worst =
+        report.iter().filter(|r| !r.0.starts_with("hardsigmoid")).map(|r| r.1).fold(0.0, f64::max);
+    eprintln!("largest relative error (tangent, f64, hardsigmoid aside): {worst:e}");
 }
 
 #[test]
