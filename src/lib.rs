@@ -444,3 +444,104 @@ fn faer_par() -> faer::Par {
     // which keeps results bit-identical whatever the thread count.
     faer::Par::Seq
 }
+
+/// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that
+/// each take the previous output as input. Linearized stage by stage:
+/// `W = W_B·W_A`, `b = W_B·b_A + b_B`, each stage at the previous stage's
+/// output.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    first: Ensemble,
+    then: Vec<Model>,
+}
+
+impl Pipeline {
+    /// `first` followed by `then` in order; each stage's input size must be
+    /// the previous stage's output size.
+    pub fn new(first: Ensemble, then: Vec<Model>) -> Result<Self> {
+        let mut out = first.output_len();
+        for m in &then {
+            if m.input_len() != out {
+                return Err(Error::Ensemble(format!(
+                    "`{}` takes {} inputs but the previous stage gives {out}",
+                    m.name(),
+                    m.input_len()
+                )));
+            }
+            out = m.output_len();
+        }
+        Ok(Self { first, then })
+    }
+    /// The first stage.
+    pub fn first(&self) -> &Ensemble {
+        &self.first
+    }
+    /// The following stages.
+    pub fn then(&self) -> &[Model] {
+        &self.then
+    }
+    /// Input length.
+    pub fn input_len(&self) -> usize {
+        self.first.input_len()
+    }
+    /// Output length of the last stage.
+    pub fn output_len(&self) -> usize {
+        self.then.last().map_or(self.first.output_len(), Model::output_len)
+    }
+    /// `F(x)` by the reference interpreter, stage by stage.
+    pub fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        let mut y = self.first.forward_reference(x);
+        for m in &self.then {
+            y = m.forward_reference(&y);
+        }
+        y
+    }
+
+    /// `W` and `b` of the pipeline at `x`.
+    pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        if self.then.is_empty() {
+            return self.first.linearize(x, opts);
+        }
+        let all = Options { rows: Rows::All, ..opts.clone() };
+        let mut lin = self.first.linearize(x, &all)?;
+        let last = self.then.len() - 1;
+        for (k, m) in self.then.iter().enumerate() {
+            let y = lin.output.clone();
+            let stage_opts = if k == last { opts.clone() } else { all.clone() };
+            let next = Ensemble::single(m.clone()).linearize(&y, &stage_opts)?;
+            // W = W_B·W_A, b = W_B·b_A + b_B
+            let w = next.w.dot(&lin.w);
+            let b = next.w.dot(&lin.b) + &next.b;
+            let mut pattern = lin.pattern;
+            pattern.extend(
+                next.pattern.into_iter().map(|p| LayerPattern { model: p.model + 1 + k, ..p }),
+            );
+            lin = Linearization {
+                w,
+                b,
+                rows: next.rows,
+                output: next.output,
+                direction: next.direction,
+                pattern,
+            };
+        }
+        Ok(lin)
+    }
+
+    /// Every row of `xs`, in parallel over instances.
+    pub fn linearize_batch(
+        &self,
+        xs: ArrayView2<f64>,
+        opts: &Options,
+    ) -> Result<Vec<Linearization>> {
+        if xs.ncols() != self.input_len() {
+            return Err(Error::Input(format!(
+                "instances have {} elements, the model expects {}",
+                xs.ncols(),
+                self.input_len()
+            )));
+        }
+        let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+        rows.par_iter().map(|x| self.linearize(x, opts)).collect()
+    }
+}

@@ -458,3 +458,68 @@ fn region_writes_report_and_directions() {
     assert_eq!(v["instances"][0]["smooth"], true);
     assert!(v["instances"][0]["sweep"].as_array().unwrap().len() >= 5);
 }
+
+#[test]
+fn heatmaps_and_other_input_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let out = tmp.path().join("res");
+    let digits = root.join("data/mnist/t10k-images-idx3-ubyte.gz[2..5]");
+    let o = run(&[
+        "explain",
+        s(&root.join("cnn/lenet5.onnx")),
+        "--input",
+        s(&digits),
+        "--heatmap",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = Array3::<f64>::read_npy(std::fs::File::open(out.join("W.npy")).unwrap()).unwrap();
+    assert_eq!(w.dim(), (3, 10, 784));
+    for k in 0..3 {
+        let png = std::fs::read(out.join(format!("heatmaps/instance_{k}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    // a PNG input: a digit written as an image reads back as the same instance
+    let img = tmp.path().join("digit.png");
+    let gz = std::fs::read(root.join("data/mnist/t10k-images-idx3-ubyte.gz")).unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw).unwrap();
+    let pixels = raw[16 + 2 * 784..16 + 3 * 784].to_vec();
+    image::GrayImage::from_raw(28, 28, pixels).unwrap().save(&img).unwrap();
+    let out2 = tmp.path().join("res2");
+    let o =
+        run(&["explain", s(&root.join("cnn/lenet5.onnx")), "--input", s(&img), "--out", s(&out2)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w2 = Array3::<f64>::read_npy(std::fs::File::open(out2.join("W.npy")).unwrap()).unwrap();
+    assert_eq!(w2.index_axis(ndarray::Axis(0), 0), w.index_axis(ndarray::Axis(0), 0));
+    // wrong image size without --resize is an error; with it, fine
+    let big = tmp.path().join("big.png");
+    image::GrayImage::new(40, 30).save(&big).unwrap();
+    let o =
+        run(&["explain", s(&root.join("cnn/lenet5.onnx")), "--input", s(&big), "--out", s(&out2)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resize"));
+    let o = run(&[
+        "explain",
+        s(&root.join("cnn/lenet5.onnx")),
+        "--input",
+        s(&big),
+        "--resize",
+        "--out",
+        s(&out2),
+    ]);
+    assert!(o.status.success());
+    // CSV rows (the label column ignored) and a range
+    let o = run(&[
+        "explain",
+        s(&fixture("relu.onnx")),
+        "--input",
+        s(&root.join("data/iris.csv[10..14]")),
+        "--out",
+        s(&out2),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b = Array2::<f64>::read_npy(std::fs::File::open(out2.join("b.npy")).unwrap()).unwrap();
+    assert_eq!(b.dim(), (4, 3));
+}

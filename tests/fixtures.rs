@@ -257,3 +257,55 @@ fn kinks_follow_pytorch_autograd() {
     }
     assert!(checked >= 18, "only {checked} kink fixtures found");
 }
+
+/// `Pipeline`: iris MLP followed by a small ReLU network on its logits:
+/// W = W_B·W_A is the chain-rule Jacobian of B∘A, and W·x + b = B(A(x)).
+#[test]
+fn composition_is_the_chain_rule() {
+    use nnlin::ir::{Activation, Dense, Expr, Layer, Network, Unary, ValueId, reference};
+    let a = Model::from_onnx_file(dir().join("gelu.onnx")).unwrap();
+    let mut net = Network::new(vec![1, 3]);
+    let d = Dense {
+        out_features: 5,
+        in_features: 3,
+        weight: (0..15).map(|i| ((i * 7) % 11) as f64 / 5.0 - 1.0).collect(),
+        bias: Some(vec![0.1, -0.2, 0.3, 0.0, 0.05]),
+    };
+    let v = net.push("fc", "Gemm", Layer::Dense(d), vec![ValueId(0)]).unwrap();
+    let v = net
+        .push(
+            "relu",
+            "Relu",
+            Layer::Activation(Activation { expr: Expr::unary(Unary::Relu) }),
+            vec![v],
+        )
+        .unwrap();
+    let d = Dense {
+        out_features: 2,
+        in_features: 5,
+        weight: (0..10).map(|i| ((i * 3) % 7) as f64 / 3.0 - 1.0).collect(),
+        bias: Some(vec![0.5, -0.5]),
+    };
+    net.push("out", "Gemm", Layer::Dense(d), vec![v]).unwrap();
+    let b = Model::from_network("head", net.clone());
+    let pipe = nnlin::Pipeline::new(Ensemble::single(a.clone()), vec![b]).unwrap();
+    let xs = npy2("inputs.npy");
+    for k in 0..xs.nrows() {
+        let x = xs.row(k).to_vec();
+        let lin = pipe.linearize(&x, &Options::default()).unwrap();
+        let (ya, ja) = reference::jacobian(a.network(), &x);
+        let (yb, jb) = reference::jacobian(&net, &ya);
+        for i in 0..2 {
+            let mut wx = lin.b[i];
+            for j in 0..4 {
+                let chain: f64 = (0..3).map(|t| jb[i * 3 + t] * ja[t * 4 + j]).sum();
+                assert!((lin.w[(i, j)] - chain).abs() <= 1e-12 * chain.abs().max(1.0));
+                wx += lin.w[(i, j)] * x[j];
+            }
+            assert!((wx - yb[i]).abs() <= 1e-12 * yb[i].abs().max(1.0));
+        }
+    }
+    // stage sizes must chain
+    let bad = nnlin::Pipeline::new(Ensemble::single(a.clone()), vec![a]);
+    assert!(bad.is_err());
+}

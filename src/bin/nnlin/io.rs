@@ -99,12 +99,132 @@ fn read_npy_any(bytes: &[u8], path: &Path) -> Result<ArrayD<f64>> {
 /// `model_shape`: one instance (the input shape, with or without its batch
 /// dimension of 1) or a batch `(N, ...)`.
 pub fn read_instances(path: &Path, model_shape: &[usize]) -> Result<Array2<f64>> {
+    read_instances_opts(path, model_shape, false)
+}
+
+/// Splits `file[A..B]` / `file[N]` into the file and the instance range.
+fn split_range(path: &Path) -> Result<(PathBuf, Option<std::ops::Range<usize>>)> {
+    let s = path.to_string_lossy();
+    if let (true, Some(open)) = (s.ends_with(']'), s.rfind('[')) {
+        let spec = &s[open + 1..s.len() - 1];
+        let file = PathBuf::from(&s[..open]);
+        let bad = || anyhow::anyhow!("bad instance selection `[{spec}]`: use [N] or [A..B]");
+        let range = match spec.split_once("..") {
+            Some((a, b)) => {
+                a.trim().parse::<usize>().map_err(|_| bad())?
+                    ..b.trim().parse::<usize>().map_err(|_| bad())?
+            }
+            None => {
+                let n = spec.trim().parse::<usize>().map_err(|_| bad())?;
+                n..n + 1
+            }
+        };
+        if range.is_empty() {
+            return Err(bad());
+        }
+        return Ok((file, Some(range)));
+    }
+    Ok((path.to_path_buf(), None))
+}
+
+/// Reads an image (PNG/JPEG) as `[C, H, W]` in [0, 1]: grayscale for one
+/// channel, RGB for three; resized to the model's size only with `resize`.
+fn read_image(
+    bytes: &[u8],
+    path: &Path,
+    model_shape: &[usize],
+    resize: bool,
+) -> Result<ArrayD<f64>> {
+    let dims: Vec<usize> = model_shape.iter().copied().skip(1).collect();
+    let (c, h, w) = match dims.as_slice() {
+        [c, h, w] if *c == 1 || *c == 3 => (*c, *h, *w),
+        [h, w] => (1, *h, *w),
+        _ => bail!(
+            "`{}` is an image but the model input {model_shape:?} is not [1, C, H, W] with C = 1 or 3",
+            path.display()
+        ),
+    };
+    let mut img = image::load_from_memory(bytes)
+        .with_context(|| format!("cannot decode image `{}`", path.display()))?;
+    if (img.width() as usize, img.height() as usize) != (w, h) {
+        if !resize {
+            bail!(
+                "image `{}` is {}×{} but the model takes {w}×{h} (pass --resize to resize it)",
+                path.display(),
+                img.width(),
+                img.height()
+            );
+        }
+        img = img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle);
+    }
+    let mut out = Vec::with_capacity(c * h * w);
+    if c == 1 {
+        let g = img.to_luma8();
+        out.extend(g.pixels().map(|p| f64::from(p.0[0]) / 255.0));
+    } else {
+        let rgb = img.to_rgb8();
+        for ch in 0..3 {
+            out.extend(rgb.pixels().map(|p| f64::from(p.0[ch]) / 255.0));
+        }
+    }
+    Ok(ArrayD::from_shape_vec(model_shape.to_vec(), out)?)
+}
+
+/// Reads CSV rows: one instance per row, its first `n` numeric fields (a
+/// trailing label column is ignored); a non-numeric first row is a header.
+fn read_csv(text: &str, path: &Path, n: usize) -> Result<ArrayD<f64>> {
+    let mut rows = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let nums: Result<Vec<f64>, _> = fields.iter().take(n).map(|f| f.parse::<f64>()).collect();
+        match nums {
+            Ok(v) if v.len() == n => rows.extend(v),
+            _ if i == 0 => continue, // header
+            _ => bail!("`{}` line {}: expected {n} numbers", path.display(), i + 1),
+        }
+    }
+    let count = rows.len() / n.max(1);
+    Ok(ArrayD::from_shape_vec(vec![count, n], rows)?)
+}
+
+/// [`read_instances`] with image resizing allowed.
+pub fn read_instances_opts(
+    path: &Path,
+    model_shape: &[usize],
+    resize: bool,
+) -> Result<Array2<f64>> {
+    let (file, range) = split_range(path)?;
+    let path = file.as_path();
     let bytes =
         fs::read(path).with_context(|| format!("cannot read input `{}`", path.display()))?;
+    let lower = path.to_string_lossy().to_lowercase();
+    let n_model: usize = model_shape.iter().product();
     let arr: ArrayD<f64> = if is_idx(path) {
         read_idx(&bytes).with_context(|| format!("`{}`", path.display()))?
+    } else if lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+        read_image(&bytes, path, model_shape, resize)?
+    } else if lower.ends_with(".csv") {
+        read_csv(&String::from_utf8_lossy(&bytes), path, n_model)?
     } else {
         read_npy_any(&bytes, path)?
+    };
+    let arr = match range {
+        None => arr,
+        Some(r) => {
+            let count = arr.shape().first().copied().unwrap_or(0);
+            if r.end > count {
+                bail!(
+                    "`{}` holds {count} instances; [{}..{}] is out of range",
+                    path.display(),
+                    r.start,
+                    r.end
+                );
+            }
+            arr.select(ndarray::Axis(0), &r.collect::<Vec<_>>())
+        }
     };
     let shape = arr.shape().to_vec();
     let n: usize = model_shape.iter().product();
@@ -141,6 +261,8 @@ pub enum Payload<'a> {
     Npy3(&'a Array3<f64>),
     /// A 3-D array written as float32.
     Npy3F32(&'a Array3<f64>),
+    /// Raw bytes (a PNG).
+    Bytes(Vec<u8>),
 }
 
 /// Writes `files` into the directory `out` atomically: everything goes to a
@@ -172,6 +294,7 @@ pub fn write_files(out: &Path, files: &[(&str, &Payload)]) -> Result<()> {
                 Payload::Npy2F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
                 Payload::Npy3(a) => a.write_npy(&mut fh)?,
                 Payload::Npy3F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
+                Payload::Bytes(b) => std::io::Write::write_all(&mut fh, b)?,
             }
             fh.sync_all()?;
         }
@@ -197,13 +320,18 @@ pub fn write_outputs(
     b: &Array2<f64>,
     f32_out: bool,
     summary: &serde_json::Value,
+    extra: &[(String, Payload)],
 ) -> Result<()> {
     let (wp, bp) = if f32_out {
         (Payload::Npy3F32(w), Payload::Npy2F32(b))
     } else {
         (Payload::Npy3(w), Payload::Npy2(b))
     };
-    write_files(out, &[("W.npy", &wp), ("b.npy", &bp), ("summary.json", &Payload::Json(summary))])
+    let sp = Payload::Json(summary);
+    let mut files: Vec<(&str, &Payload)> =
+        vec![("W.npy", &wp), ("b.npy", &bp), ("summary.json", &sp)];
+    files.extend(extra.iter().map(|(n, p)| (n.as_str(), p)));
+    write_files(out, &files)
 }
 
 /// Writes one JSON file atomically (a temporary file beside it, renamed).

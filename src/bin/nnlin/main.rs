@@ -8,7 +8,9 @@
 //! ```
 
 mod decompose;
+mod heatmap;
 mod io;
+mod plot;
 mod region;
 
 use std::path::PathBuf;
@@ -28,8 +30,10 @@ use serde_json::json;
     about = "Exact instance-wise linearization F(x) = W·x + b of ONNX networks"
 )]
 struct Cli {
+    /// Without a command: explain a few bundled MNIST test digits with the
+    /// bundled LeNet-5 and write heat maps to nnlin-out/.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -108,6 +112,16 @@ enum Command {
         /// (im2col + GEMM) operators; `auto` picks the measured faster.
         #[arg(long, value_enum, default_value_t = ConvKernelArg::Auto)]
         conv_kernel: ConvKernelArg,
+        /// Also write heatmaps/instance_K.png: each selected row of W and
+        /// W⊙x beside the input (red positive, blue negative).
+        #[arg(long)]
+        heatmap: bool,
+        /// Compose: explain the pipeline THEN∘…∘F (W = W_B·W_A, b = W_B·b_A + b_B).
+        #[arg(long = "then")]
+        then: Vec<PathBuf>,
+        /// Resize image inputs (PNG/JPEG) to the model's input size.
+        #[arg(long)]
+        resize: bool,
     },
     /// The linear region around each instance (Lemma 1): exact ℓ2/ℓ∞ radius,
     /// binding boundary, sampled verification. Smooth networks get a
@@ -206,8 +220,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// The bundled demo: LeNet-5 on the first MNIST test digits.
+fn demo() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let model = root.join("cnn/lenet5.onnx");
+    let data = root.join("data/mnist/t10k-images-idx3-ubyte.gz[0..4]");
+    println!("nnlin demo: LeNet-5 (fixtures/cnn/lenet5.onnx) on the first 4 MNIST test digits");
+    let out = PathBuf::from("nnlin-out");
+    explain(ExplainArgs {
+        models: vec![model],
+        weights: None,
+        input: data,
+        out: out.clone(),
+        mode: ModeArg::Tangent,
+        precision: PrecisionArg::F64,
+        rows: "top3".into(),
+        strategy: StrategyArg::Auto,
+        threads: None,
+        conv_kernel: ConvKernel::Auto,
+        heatmap: true,
+        then: vec![],
+        resize: false,
+    })?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+    for inst in summary["instances"].as_array().into_iter().flatten() {
+        println!("\ndigit {}: predicted {}", inst["index"], inst["predicted"]);
+        println!("  {:>5} {:>10} {:>10} {:>10}", "class", "F(x)", "W·x", "b");
+        for (i, r) in inst["rows"].as_array().into_iter().flatten().enumerate() {
+            let (wx, b) =
+                (inst["wx"][i].as_f64().unwrap_or(0.0), inst["b"][i].as_f64().unwrap_or(0.0));
+            let f = inst["output"][r.as_u64().unwrap_or(0) as usize].as_f64().unwrap_or(0.0);
+            println!("  {:>5} {:>10.4} {:>10.4} {:>10.4}", r.as_u64().unwrap_or(0), f, wx, b);
+        }
+        println!("  max |W·x + b − F(x)| = {:.1e}", inst["residual"].as_f64().unwrap_or(0.0));
+    }
+    println!(
+        "\nheat maps: {}/heatmaps/instance_*.png (W rows and W⊙x beside each digit)",
+        out.display()
+    );
+    println!("W, b and the summary: {}/W.npy, b.npy, summary.json", out.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else { return demo() };
+    match command {
         Command::Explain {
             models,
             weights,
@@ -219,6 +277,9 @@ fn run(cli: Cli) -> Result<()> {
             strategy,
             threads,
             conv_kernel,
+            heatmap,
+            then,
+            resize,
         } => explain(ExplainArgs {
             models,
             weights,
@@ -230,6 +291,9 @@ fn run(cli: Cli) -> Result<()> {
             strategy,
             threads,
             conv_kernel: conv_kernel_of(conv_kernel),
+            heatmap,
+            then,
+            resize,
         }),
         Command::Region { model, input, norm, verify, r#box, json, out, limit, threads } => {
             region::run(region::Args {
@@ -273,6 +337,9 @@ struct ExplainArgs {
     strategy: StrategyArg,
     threads: Option<usize>,
     conv_kernel: ConvKernel,
+    heatmap: bool,
+    then: Vec<PathBuf>,
+    resize: bool,
 }
 
 fn mode_of(m: ModeArg) -> Mode {
@@ -305,8 +372,13 @@ fn explain(args: ExplainArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
+    let mut then = Vec::with_capacity(args.then.len());
+    for p in &args.then {
+        then.push(Model::from_onnx_file(p)?.with_conv_kernel(args.conv_kernel));
+    }
+    let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
-    let xs = io::read_instances(&args.input, first.input_shape())?;
+    let xs = io::read_instances_opts(&args.input, first.input_shape(), args.resize)?;
     let opts = Options {
         mode: mode_of(args.mode),
         strategy: match args.strategy {
@@ -324,7 +396,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let threads = pool.current_num_threads();
 
     let start = Instant::now();
-    let lins = pool.install(|| ens.linearize_batch(xs.view(), &opts))?;
+    let lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
     let seconds = start.elapsed().as_secs_f64();
 
     let (n_inst, n) = xs.dim();
@@ -338,7 +410,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let mut instances = Vec::with_capacity(n_inst);
     for (k, lin) in lins.iter().enumerate() {
         let x = xs.row(k);
-        let f = ens.forward_reference(x.as_slice().expect("contiguous"));
+        let f = pipeline.forward_reference(x.as_slice().expect("contiguous"));
         let mut wx = Vec::with_capacity(m);
         let mut residual: f64 = 0.0;
         for i in 0..m {
@@ -373,11 +445,14 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let skipped: Vec<_> = ens
         .members()
         .iter()
-        .filter_map(|(m, _)| m.info().skipped_softmax.as_ref().map(|s| (m.name(), s)))
+        .map(|(m, _)| m)
+        .chain(pipeline.then())
+        .filter_map(|m| m.info().skipped_softmax.as_ref().map(|s| (m.name(), s)))
         .map(|(name, op)| format!("{name}: trailing {op} skipped; W and b explain the logits"))
         .collect();
     let summary = json!({
         "nnlin_version": env!("CARGO_PKG_VERSION"),
+        "then": pipeline.then().iter().map(|m| m.name().to_string()).collect::<Vec<_>>(),
         "models": ens.members().iter().map(|(m, a)| json!({
             "path": m.name(),
             "weight": a,
@@ -399,7 +474,27 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "timing": { "linearize_seconds": seconds },
         "instances": instances,
     });
-    io::write_outputs(&args.out, &w, &b, args.precision == PrecisionArg::F32, &summary)?;
+    let mut extra = vec![];
+    if args.heatmap {
+        for (k, lin) in lins.iter().enumerate() {
+            let x = xs.row(k).to_vec();
+            let inst = &instances[k];
+            let rows: Vec<(usize, Vec<f64>, f64, f64, f64)> = lin
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| {
+                    let wx = inst["wx"][i].as_f64().unwrap_or(0.0);
+                    let bi = b[(k, i)];
+                    (r, (0..n).map(|j| w[(k, i, j)]).collect(), wx + bi, wx, bi)
+                })
+                .collect();
+            let title = format!("INSTANCE {k}  PREDICTED {}", inst["predicted"]);
+            let png = heatmap::render(first.input_shape(), &x, &rows, &title);
+            extra.push((format!("heatmaps/instance_{k}.png"), io::Payload::Bytes(png)));
+        }
+    }
+    io::write_outputs(&args.out, &w, &b, args.precision == PrecisionArg::F32, &summary, &extra)?;
     for s in &skipped {
         eprintln!("nnlin: note: {s}");
     }
