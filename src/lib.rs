@@ -40,7 +40,8 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
 pub use nnlin_compile::{
-    CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, estimated_flops,
+    CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, adjoints,
+    estimated_flops,
 };
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;

@@ -5,7 +5,7 @@ use nnlin_compile::region as reg;
 
 use crate::{Error, Mode, Model, Options, Result, Rows};
 
-pub use nnlin_compile::region::{Binding, BoundaryKind, Region};
+pub use nnlin_compile::region::{Binding, BoundaryKind, Region, forward_blocks};
 
 /// The region of a compiled instance of `net` (see [`Model::region`]).
 pub fn compute(

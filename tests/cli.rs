@@ -523,3 +523,39 @@ fn heatmaps_and_other_input_formats() {
     let b = Array2::<f64>::read_npy(std::fs::File::open(out2.join("b.npy")).unwrap()).unwrap();
     assert_eq!(b.dim(), (4, 3));
 }
+
+#[test]
+fn neurons_contributions_add_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let out = tmp.path().join("nr");
+    let digits = root.join("data/mnist/t10k-images-idx3-ubyte.gz[0..2]");
+    let o = run(&[
+        "neurons",
+        s(&root.join("cnn/lenet5.onnx")),
+        "--input",
+        s(&digits),
+        "--top",
+        "3",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("neurons.json")).unwrap()).unwrap();
+    for inst in v["instances"].as_array().unwrap() {
+        let c = inst["predicted"].as_u64().unwrap() as usize;
+        let f = inst["output"][c].as_f64().unwrap();
+        let layers = inst["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 4, "LeNet-5 has four ReLU layers");
+        // the first layer's contributions add up to W·x (the convolutions have no bias),
+        // the last one's to F minus the last dense bias: both within |F|
+        for l in layers {
+            assert!(l["positive"].as_array().unwrap().len() <= 3);
+            let first = l["positive"][0]["contribution"].as_f64().unwrap();
+            assert!(first > 0.0 && first <= l["total_contribution"].as_f64().unwrap() + 1e-9);
+        }
+        assert!((layers[3]["total_contribution"].as_f64().unwrap() - f).abs() < 0.2 * f.abs());
+    }
+    assert_eq!(&std::fs::read(out.join("neurons_0.png")).unwrap()[..4], b"\x89PNG");
+}

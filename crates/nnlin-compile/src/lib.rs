@@ -612,6 +612,44 @@ fn per_instance(
     }
 }
 
+/// The adjoint `∂F_row/∂v` of every value `v` (one reverse pass for one
+/// output row); `None` for values the row does not depend on.
+pub fn adjoints(
+    inst: &Instance,
+    row: usize,
+    par: Par,
+) -> Result<Vec<Option<Vec<f64>>>, CompileError> {
+    let out_len = inst.output.len();
+    if row >= out_len {
+        return Err(CompileError::RowOutOfRange { row, len: out_len });
+    }
+    let nvalues = inst.value_lens.len();
+    let mut adj: Vec<Option<Mat<f64>>> = (0..nvalues).map(|_| None).collect();
+    let mut g0 = Mat::<f64>::zeros(1, out_len);
+    g0[(0, row)] = 1.0;
+    adj[inst.output_value] = Some(g0);
+    for layer in inst.layers.iter().rev() {
+        let Some(g) = adj[layer.output].as_ref() else { continue };
+        let contribs: Vec<(usize, Mat<f64>)> = layer
+            .inputs
+            .iter()
+            .map(|(v, op)| {
+                (
+                    *v,
+                    match &**op {
+                        Operator::Identity(_) => g.clone(),
+                        op => op.left_mul(g, par),
+                    },
+                )
+            })
+            .collect();
+        for (v, c) in contribs {
+            add_into(&mut adj[v], c);
+        }
+    }
+    Ok(adj.into_iter().map(|a| a.map(|m| (0..m.ncols()).map(|j| m[(0, j)]).collect())).collect())
+}
+
 /// Estimated multiply-adds of accumulating `m` rows in `dir` order.
 pub fn estimated_flops(inst: &Instance, m: usize, dir: Direction) -> f64 {
     let width = match dir {

@@ -10,6 +10,7 @@
 mod decompose;
 mod heatmap;
 mod io;
+mod neurons;
 mod plot;
 mod region;
 
@@ -181,6 +182,25 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Per-neuron maps (the paper's Fig. 7): for every layer, the neurons
+    /// contributing most positively and negatively to the predicted class,
+    /// each with its own input map; a PNG grid and JSON per instance.
+    Neurons {
+        /// ONNX model.
+        model: PathBuf,
+        /// Input (.npy, IDX with [A..B], PNG/JPEG, CSV).
+        #[arg(long)]
+        input: PathBuf,
+        /// Neurons per sign and layer.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Output directory.
+        #[arg(long, default_value = "nnlin-neurons")]
+        out: PathBuf,
+        /// Only the first N instances.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Show a model's layers; with --input, every compiled operator and the
     /// activation pattern of the first instance.
     Inspect {
@@ -319,6 +339,9 @@ fn run(cli: Cli) -> Result<()> {
                 mode: mode_of(mode),
                 threads,
             })
+        }
+        Command::Neurons { model, input, top, out, limit } => {
+            neurons::run(neurons::Args { model, input, top, out, limit })
         }
         Command::Inspect { model, input, mode, conv_kernel } => {
             inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
