@@ -309,3 +309,31 @@ fn composition_is_the_chain_rule() {
     let bad = nnlin::Pipeline::new(Ensemble::single(a.clone()), vec![a]);
     assert!(bad.is_err());
 }
+
+/// The parametric t-SNE pipeline (fixtures/generate_tsne.py): encoder then
+/// t-SNE network, composed with `--then`, reproduces PyTorch's embedding and
+/// W·x + b equals it.
+#[test]
+fn tsne_pipeline_matches_pytorch() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let enc = Model::from_onnx_file(root.join("tsne/encoder.onnx")).unwrap();
+    let tsne = Model::from_onnx_file(root.join("tsne/tsne.onnx")).unwrap();
+    let pipe = nnlin::Pipeline::new(Ensemble::single(enc), vec![tsne]).unwrap();
+    let emb =
+        Array2::<f64>::read_npy(std::fs::File::open(root.join("tsne/embedding.npy")).unwrap())
+            .unwrap();
+    let text = std::fs::read_to_string(root.join("data/iris.csv")).unwrap();
+    for (i, line) in text.lines().skip(1).enumerate() {
+        let x: Vec<f64> = line.split(',').take(4).map(|v| v.parse().unwrap()).collect();
+        let lin = pipe.linearize(&x, &Options::default()).unwrap();
+        for o in 0..2 {
+            let wx: f64 = lin.w.row(o).iter().zip(&x).map(|(a, b)| a * b).sum::<f64>() + lin.b[o];
+            let scale = emb[(i, o)].abs().max(1.0);
+            assert!(
+                (wx - emb[(i, o)]).abs() <= 1e-9 * scale,
+                "flower {i}: {wx} vs {}",
+                emb[(i, o)]
+            );
+        }
+    }
+}

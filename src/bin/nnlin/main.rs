@@ -11,7 +11,6 @@ mod decompose;
 mod heatmap;
 mod io;
 mod neurons;
-mod plot;
 mod region;
 
 use std::path::PathBuf;

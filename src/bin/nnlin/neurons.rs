@@ -11,7 +11,8 @@ use anyhow::{Result, bail};
 use nnlin::{Mode, Model};
 use serde_json::json;
 
-use crate::{heatmap, io, plot};
+use crate::{heatmap, io};
+use nnlin::plot;
 
 pub struct Args {
     pub model: PathBuf,
