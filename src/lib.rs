@@ -430,16 +430,24 @@ impl Ensemble {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        if xs.ncols() != self.input_len() {
-            return Err(Error::Input(format!(
-                "instances have {} elements, the model expects {}",
-                xs.ncols(),
-                self.input_len()
-            )));
-        }
-        let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
-        rows.par_iter().map(|x| self.linearize(x, opts)).collect()
+        batch(xs, self.input_len(), |x| self.linearize(x, opts))
     }
+}
+
+/// Runs `f` on every row of `xs` in parallel on the current rayon pool.
+fn batch(
+    xs: ArrayView2<f64>,
+    n: usize,
+    f: impl Fn(&[f64]) -> Result<Linearization> + Sync,
+) -> Result<Vec<Linearization>> {
+    if xs.ncols() != n {
+        return Err(Error::Input(format!(
+            "instances have {} elements, the model expects {n}",
+            xs.ncols()
+        )));
+    }
+    let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+    rows.par_iter().map(|x| f(x)).collect()
 }
 
 fn faer_par() -> faer::Par {
@@ -537,14 +545,6 @@ impl Pipeline {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        if xs.ncols() != self.input_len() {
-            return Err(Error::Input(format!(
-                "instances have {} elements, the model expects {}",
-                xs.ncols(),
-                self.input_len()
-            )));
-        }
-        let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
-        rows.par_iter().map(|x| self.linearize(x, opts)).collect()
+        batch(xs, self.input_len(), |x| self.linearize(x, opts))
     }
 }

@@ -12,16 +12,8 @@ use nnlin::ir::{
 use nnlin::{Compiler, ConvKernel, Direction, Mode, accumulate};
 use proptest::prelude::*;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 /// Checks the compiled network against the reference at `x`.
 fn check(net: &Network, x: &[f64], mode: Mode) -> Result<(), TestCaseError> {
@@ -102,14 +94,14 @@ impl ConvProblem {
             c_in,
             c_out,
             groups: self.groups,
-            weight: std::sync::Arc::new(rng.vec(c_out * self.c_in_g * k.0 * k.1)),
-            bias: self.bias.then(|| rng.vec(c_out)),
+            weight: std::sync::Arc::new(rng.vec(c_out * self.c_in_g * k.0 * k.1, 1.0)),
+            bias: self.bias.then(|| rng.vec(c_out, 1.0)),
             one_d: self.one_d,
         };
         let shape = if self.one_d { vec![1, c_in, hw.1] } else { vec![1, c_in, hw.0, hw.1] };
         let mut net = Network::new(shape);
         net.push("conv", "Conv", Layer::Conv(conv), vec![ValueId(0)]).ok()?;
-        let x = rng.vec(net.input_len());
+        let x = rng.vec(net.input_len(), 1.0);
         Some((net, x))
     }
 }
@@ -168,7 +160,7 @@ proptest! {
             perm.swap(i, (s >> 33) as usize % (i + 1));
         }
         net.push("transpose", "Transpose", Layer::Transpose(Transpose { perm }), vec![v]).unwrap();
-        let x = rng.vec(net.input_len());
+        let x = rng.vec(net.input_len(), 1.0);
         check(&net, &x, Mode::Tangent)?;
     }
 
@@ -177,11 +169,11 @@ proptest! {
         let mut rng = Rng(seed);
         let mut net = Network::new(vec![1, c, hw, hw]);
         let n = net.input_len();
-        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n), shift: rng.vec(n) }), vec![ValueId(0)]).unwrap();
+        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 1.0), shift: rng.vec(n, 1.0) }), vec![ValueId(0)]).unwrap();
         let r = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![a]).unwrap();
         let s = net.push("add", "Add", Layer::Add(nnlin::ir::Add { coeffs: vec![1.0, -0.5] }), vec![r, ValueId(0)]).unwrap();
         net.push("concat", "Concat", Layer::Concat(Concat { axis }), vec![ValueId(0), s, r]).unwrap();
-        let x = rng.vec(n);
+        let x = rng.vec(n, 1.0);
         check(&net, &x, Mode::Tangent)?;
         check(&net, &x, Mode::Secant)?;
     }
@@ -192,7 +184,7 @@ proptest! {
         let lrn = Lrn { size, alpha: 1e-2 + 0.5 * rng.next().abs(), beta: 0.75 + 0.2 * rng.next(), bias: 1.0 + rng.next().abs() };
         let mut net = Network::new(vec![1, c, hw, hw]);
         net.push("lrn", "LRN", Layer::Lrn(lrn), vec![ValueId(0)]).unwrap();
-        let x = rng.vec(net.input_len());
+        let x = rng.vec(net.input_len(), 1.0);
         check(&net, &x, Mode::Tangent)?;
         check(&net, &x, Mode::Secant)?;
     }

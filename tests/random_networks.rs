@@ -14,13 +14,8 @@ use nnlin::ir::{
 use nnlin::{Direction, Mode, accumulate};
 use proptest::prelude::*;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-}
+mod common;
+use common::Rng;
 
 const N_ACTIVATIONS: usize = 21;
 

@@ -12,16 +12,8 @@ use nnlin::ir::{
 use nnlin::{Compiler, Mode};
 use proptest::prelude::*;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, s: f64) -> Vec<f64> {
-        (0..n).map(|_| s * self.next()).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 fn act(kind: usize, n: usize, rng: &mut Rng) -> Expr {
     match kind % 3 {

@@ -7,7 +7,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use nnlin::{Mode, Model};
 use rayon::prelude::*;
 use serde_json::json;
@@ -48,14 +48,7 @@ pub fn run(args: Args) -> Result<()> {
     if count == 0 {
         bail!("no instances");
     }
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
-    let mut builder = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = args.threads {
-        builder = builder.num_threads(t);
-    }
-    let pool = builder.build().context("cannot start worker threads")?;
+    let pool = crate::io::thread_pool(args.threads)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(count as u64)
     } else {

@@ -359,3 +359,15 @@ pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
     }
     res
 }
+
+/// A rayon pool with `threads` workers (all cores by default).
+pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    if threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        builder = builder.num_threads(t);
+    }
+    builder.build().context("cannot start worker threads")
+}

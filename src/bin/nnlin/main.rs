@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ndarray::{Array2, Array3};
 use nnlin::{ConvKernel, Ensemble, Mode, Model, Options, Rows, Strategy};
@@ -390,9 +390,6 @@ fn load_ensemble(
 
 fn explain(args: ExplainArgs) -> Result<()> {
     let rows: Rows = args.rows.parse().map_err(anyhow::Error::msg)?;
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
@@ -410,11 +407,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         },
         rows,
     };
-    let mut builder = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = args.threads {
-        builder = builder.num_threads(t);
-    }
-    let pool = builder.build().context("cannot start worker threads")?;
+    let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
 
     let start = Instant::now();

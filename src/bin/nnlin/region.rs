@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ndarray::Array2;
 use nnlin::Model;
 use nnlin::region::Binding;
@@ -93,14 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         Some([lo, hi]) if lo < hi => Some((*lo, *hi)),
         Some(v) => bail!("--box takes lo,hi with lo < hi, got {v:?}"),
     };
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
-    let mut builder = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = args.threads {
-        builder = builder.num_threads(t);
-    }
-    let pool = builder.build().context("cannot start worker threads")?;
+    let pool = crate::io::thread_pool(args.threads)?;
     let smooth = model
         .network()
         .nodes()
