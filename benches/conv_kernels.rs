@@ -30,6 +30,7 @@ fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
         oh: o,
         ow: o,
         weight: Arc::new(weight),
+        taps: Default::default(),
     }
 }
 

@@ -230,6 +230,7 @@ fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Vec<f64>)
         oh: w.oh,
         ow: w.ow,
         weight: Arc::clone(&c.weight),
+        taps: Default::default(),
     };
     let spatial = w.oh * w.ow;
     let bias = match &c.bias {
@@ -531,11 +532,11 @@ fn per_instance(
             let mut slope = Vec::with_capacity(u.len());
             let mut offset = Vec::with_capacity(u.len());
             for (i, &z) in u.iter().enumerate() {
-                let y = a.expr.eval(i, Dual::var(z), scratch);
+                let (v, d) = a.expr.value_and_slope(i, z, scratch);
                 let (s, c) = if mode == Mode::Secant && !pwl && z != 0.0 {
-                    (y.v / z, 0.0)
+                    (v / z, 0.0)
                 } else {
-                    (y.d, y.v - y.d * z)
+                    (d, v - d * z)
                 };
                 slope.push(s);
                 offset.push(c);

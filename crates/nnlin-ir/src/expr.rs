@@ -480,6 +480,33 @@ impl Expr {
         }
     }
 
+    /// `(σ(z), σ'(z))` for element `i`: a direct branch for the common
+    /// piecewise-linear activations (ReLU, LeakyReLU, PReLU, Clip), a dual
+    /// number evaluation otherwise. Same kink conventions either way.
+    #[inline]
+    pub fn value_and_slope(&self, i: usize, z: f64, scratch: &mut Vec<crate::Dual>) -> (f64, f64) {
+        if let [ExprNode::Var, ExprNode::Unary(f, 0)] = self.nodes.as_slice() {
+            match *f {
+                Unary::Relu => return if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) },
+                Unary::LeakyRelu { alpha } => {
+                    return if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
+                }
+                Unary::Clip { min, max } => {
+                    return if z <= min {
+                        (min, 0.0)
+                    } else if z >= max {
+                        (max, 0.0)
+                    } else {
+                        (z, 1.0)
+                    };
+                }
+                _ => {}
+            }
+        }
+        let y = self.eval(i, crate::Dual::var(z), scratch);
+        (y.v, y.d)
+    }
+
     /// Whether the expression is the bare variable.
     pub fn is_identity(&self) -> bool {
         matches!(self.nodes.last(), Some(ExprNode::Var))

@@ -59,6 +59,8 @@ pub struct ConvOp {
     pub ow: usize,
     /// `c_out × (c_in/groups) × kh × kw`, row-major.
     pub weight: std::sync::Arc<Vec<f64>>,
+    /// The tap table, computed on first use (see `tap_table`).
+    pub taps: std::sync::OnceLock<std::sync::Arc<Vec<usize>>>,
 }
 
 impl ConvOp {
@@ -111,7 +113,11 @@ impl ConvOp {
 
     /// For each kernel tap `(ky, kx)` and output position `p = oy·ow + ox`,
     /// the input spatial index `iy·iw + ix`, or `usize::MAX` in the padding.
-    fn tap_table(&self) -> Vec<usize> {
+    fn tap_table(&self) -> std::sync::Arc<Vec<usize>> {
+        std::sync::Arc::clone(self.taps.get_or_init(|| std::sync::Arc::new(self.build_tap_table())))
+    }
+
+    fn build_tap_table(&self) -> Vec<usize> {
         let p_len = self.oh * self.ow;
         let mut t = vec![usize::MAX; self.kh * self.kw * p_len];
         for ky in 0..self.kh {
@@ -242,6 +248,38 @@ impl ConvOp {
                         for (o, v) in out[dst..dst + k].iter_mut().zip(&c[p * k..(p + 1) * k]) {
                             *o += v;
                         }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `G·A` touching only the columns `nz` of `G` (the others are zero):
+    /// each output position scatters its kernel taps.
+    pub fn backward_sparse(&self, g: &Mat<f64>, nz: &[usize]) -> Mat<f64> {
+        let k = g.nrows();
+        let mut out = Mat::<f64>::zeros(k, self.ncols());
+        let p_len = self.oh * self.ow;
+        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
+        let taps = self.tap_table();
+        let plane = self.ih * self.iw;
+        let ntaps = self.kh * self.kw;
+        for &r in nz {
+            let (oc, p) = (r / p_len, r % p_len);
+            let grp = oc / cog;
+            let gr = g.col_as_slice(r);
+            for icg in 0..cig {
+                let ic = grp * cig + icg;
+                let wbase = (oc * cig + icg) * ntaps;
+                for tap in 0..ntaps {
+                    let idx = taps[tap * p_len + p];
+                    if idx == usize::MAX {
+                        continue;
+                    }
+                    let w = self.weight[wbase + tap];
+                    for (o, v) in out.col_as_slice_mut(ic * plane + idx).iter_mut().zip(gr) {
+                        *o += w * v;
                     }
                 }
             }
@@ -444,7 +482,17 @@ impl Operator {
             }
             Operator::Dense(a) => {
                 let mut out = Mat::zeros(k, a.ncols());
-                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, g, a, 1.0, par);
+                let nz: Vec<usize> = (0..a.nrows())
+                    .filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0))
+                    .collect();
+                if nz.len() * 4 < a.nrows() * 3 {
+                    // skip the rows of A that zero columns of G would multiply
+                    let gc = Mat::from_fn(k, nz.len(), |i, t| g[(i, nz[t])]);
+                    let ac = Mat::from_fn(nz.len(), a.ncols(), |t, j| a[(nz[t], j)]);
+                    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, &gc, &ac, 1.0, par);
+                } else {
+                    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, g, a, 1.0, par);
+                }
                 out
             }
             Operator::Csr(a) => {
@@ -477,6 +525,15 @@ impl Operator {
                 out
             }
             Operator::Conv(c) => {
+                // Columns of G zeroed by a following 0/1 factor (inactive
+                // units, max-pool positions not selected) cost nothing: when
+                // most are zero, scatter only the nonzero ones.
+                let nz: Vec<usize> = (0..c.nrows())
+                    .filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0))
+                    .collect();
+                if nz.len() * 3 < c.nrows() {
+                    return c.backward_sparse(g, &nz);
+                }
                 let mut flat = Vec::with_capacity(c.nrows() * k);
                 for j in 0..c.nrows() {
                     flat.extend_from_slice(g.col_as_slice(j));
@@ -637,6 +694,31 @@ mod tests {
             let t = Mat::from_fn(op.ncols(), k, |i, j| (i * 5 + j * 2) as f64 * 0.2 - 0.3);
             prop_assert!(close(&op.left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
             prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn conv_and_dense_products_skip_zero_columns_exactly(
+            c_in in 1usize..4, c_out in 1usize..4, hw in 2usize..7, k in 1usize..4, pad in 0usize..2,
+            rows in 1usize..4, keep in 1usize..5, seed in any::<u64>(),
+        ) {
+            prop_assume!(hw + 2 * pad >= k);
+            let o = hw + 2 * pad - k + 1;
+            let n = c_out * c_in * k * k;
+            let weight: Vec<f64> = (0..n).map(|i| ((i as u64 * 2654435761 ^ seed) % 1000) as f64 / 500.0 - 1.0).collect();
+            let conv = ConvOp {
+                c_in, c_out, groups: 1, ih: hw, iw: hw, kh: k, kw: k, stride: (1, 1), dilation: (1, 1),
+                pad: (pad, pad), oh: o, ow: o, weight: std::sync::Arc::new(weight), taps: Default::default(),
+            };
+            // G with most columns zero, as after inactive units / max-pool
+            let g = Mat::from_fn(rows, conv.nrows(), |i, j| if j % 5 < keep.min(1) || (j * 7 + i) % 11 == 0 { (i + j) as f64 * 0.1 - 1.0 } else { 0.0 });
+            let reference = dense_ref(&g, &Operator::Csr(conv.to_csr()).to_dense());
+            prop_assert!(close(&Operator::Conv(conv.clone()).left_mul(&g, Par::Seq), &reference));
+            let nz: Vec<usize> = (0..conv.nrows()).filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0)).collect();
+            prop_assert!(close(&conv.backward_sparse(&g, &nz), &reference));
+            let a = Mat::from_fn(conv.nrows(), 5, |i, j| ((i * 3 + j) % 7) as f64 - 3.0);
+            prop_assert!(close(&Operator::Dense(a.clone()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
         }
     }
 }

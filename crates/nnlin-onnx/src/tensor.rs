@@ -228,3 +228,70 @@ pub fn literal_f32(v: f32) -> f64 {
     }
     format!("{v}").parse::<f64>().unwrap_or(f64::from(v))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::TensorProto;
+
+    fn proto(dims: &[i64], ty: i32) -> TensorProto {
+        TensorProto { dims: dims.to_vec(), data_type: Some(ty), ..Default::default() }
+    }
+
+    #[test]
+    fn typed_fields_and_raw_data_decode_alike() {
+        let vals = [1.5f32, -2.25, 0.0, 3.0e-5];
+        let mut typed = proto(&[2, 2], dt::FLOAT);
+        typed.float_data = vals.to_vec();
+        let mut raw = proto(&[2, 2], dt::FLOAT);
+        raw.raw_data = Some(vals.iter().flat_map(|v| v.to_le_bytes()).collect());
+        let (a, b) = (decode(&typed).unwrap(), decode(&raw).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.dims, vec![2, 2]);
+        assert_eq!(a.data[1], -2.25);
+
+        let mut d = proto(&[2], dt::DOUBLE);
+        d.double_data = vec![0.1, 0.2];
+        assert_eq!(decode(&d).unwrap().data, vec![0.1, 0.2]);
+        let mut i = proto(&[3], dt::INT64);
+        i.int64_data = vec![-1, 0, 7];
+        let t = decode(&i).unwrap();
+        assert!(t.is_int);
+        assert_eq!(t.as_ints(), vec![-1, 0, 7]);
+        let mut h = proto(&[2], dt::FLOAT16);
+        h.raw_data = Some(vec![0x00, 0x3c, 0x00, 0xc0]); // 1.0, -2.0
+        assert_eq!(decode(&h).unwrap().data, vec![1.0, -2.0]);
+    }
+
+    #[test]
+    fn bad_tensors_are_errors() {
+        let mut t = proto(&[3], dt::FLOAT);
+        t.raw_data = Some(vec![0; 8]);
+        assert!(decode(&t).unwrap_err().contains("raw_data holds 8 bytes"));
+        let mut t = proto(&[2], dt::FLOAT);
+        t.float_data = vec![1.0];
+        assert!(decode(&t).is_err());
+        let mut t = proto(&[1], dt::FLOAT);
+        t.data_location = Some(1);
+        assert!(decode(&t).unwrap_err().contains("external data"));
+    }
+
+    #[test]
+    fn broadcasting_and_transpose() {
+        let t = Tensor::new(vec![2, 1], vec![1.0, 2.0], false);
+        assert_eq!(broadcast_to(&t, &[2, 3]).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert!(broadcast_to(&t, &[3, 3]).is_none());
+        let m = Tensor::new(vec![2, 3], (0..6).map(f64::from).collect(), false);
+        let tt = transpose(&m, &[1, 0]);
+        assert_eq!(tt.dims, vec![3, 2]);
+        assert_eq!(tt.data, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+    }
+
+    #[test]
+    fn float32_literals_read_back_as_their_doubles() {
+        assert_eq!(literal_f32(0.8f32), 0.8);
+        assert_eq!(literal_f32(std::f32::consts::SQRT_2), std::f64::consts::SQRT_2);
+        assert_eq!(literal_f32(1.673_263_2_f32), 1.673_263_242_354_377_3);
+        assert_eq!(literal_f32(1e-5f32), 1e-5);
+    }
+}
