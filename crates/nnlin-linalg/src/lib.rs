@@ -706,7 +706,7 @@ mod tests {
             prop_assume!(hw + 2 * pad >= k);
             let o = hw + 2 * pad - k + 1;
             let n = c_out * c_in * k * k;
-            let weight: Vec<f64> = (0..n).map(|i| ((i as u64 * 2654435761 ^ seed) % 1000) as f64 / 500.0 - 1.0).collect();
+            let weight: Vec<f64> = (0..n).map(|i| (((i as u64 * 2654435761) ^ seed) % 1000) as f64 / 500.0 - 1.0).collect();
             let conv = ConvOp {
                 c_in, c_out, groups: 1, ih: hw, iw: hw, kh: k, kw: k, stride: (1, 1), dilation: (1, 1),
                 pad: (pad, pad), oh: o, ow: o, weight: std::sync::Arc::new(weight), taps: Default::default(),
