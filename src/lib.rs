@@ -42,7 +42,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
 pub use nnlin_compile::{
-    CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, adjoints,
+    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, adjoints,
     estimated_flops,
 };
 pub use nnlin_ir as ir;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use faer::{Mat, Par};
 use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
+pub use nnlin_linalg::Block;
 use nnlin_linalg::{ConvOp, Operator, Selection};
 
 /// How smooth activations are linearized (piecewise-linear ones always use
@@ -625,13 +626,13 @@ pub fn adjoints(
         return Err(CompileError::RowOutOfRange { row, len: out_len });
     }
     let nvalues = inst.value_lens.len();
-    let mut adj: Vec<Option<Mat<f64>>> = (0..nvalues).map(|_| None).collect();
-    let mut g0 = Mat::<f64>::zeros(1, out_len);
+    let mut adj: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
+    let mut g0 = Block::zeros(1, out_len);
     g0[(0, row)] = 1.0;
     adj[inst.output_value] = Some(g0);
     for layer in inst.layers.iter().rev() {
         let Some(g) = adj[layer.output].as_ref() else { continue };
-        let contribs: Vec<(usize, Mat<f64>)> = layer
+        let contribs: Vec<(usize, Block)> = layer
             .inputs
             .iter()
             .map(|(v, op)| {
@@ -648,7 +649,7 @@ pub fn adjoints(
             add_into(&mut adj[v], c);
         }
     }
-    Ok(adj.into_iter().map(|a| a.map(|m| (0..m.ncols()).map(|j| m[(0, j)]).collect())).collect())
+    Ok(adj.into_iter().map(|a| a.map(|m| m.as_slice().to_vec())).collect())
 }
 
 /// Estimated multiply-adds of accumulating `m` rows in `dir` order.
@@ -667,17 +668,17 @@ pub fn estimated_flops(inst: &Instance, m: usize, dir: Direction) -> f64 {
         .sum()
 }
 
-fn add_into(acc: &mut Option<Mat<f64>>, x: Mat<f64>) {
+fn add_into(acc: &mut Option<Block>, x: Block) {
     match acc {
         None => *acc = Some(x),
-        Some(a) => *a += &x,
+        Some(a) => a.add_assign(&x),
     }
 }
 
 /// A forward tangent: the identity (the input itself) or a dense block.
 enum Tangent {
     Identity,
-    Block(Mat<f64>),
+    Dense(Block),
 }
 
 /// `W` (`rows.len() × n`) and `b` (`rows.len()`) of the selected output rows.
@@ -686,7 +687,7 @@ pub fn accumulate(
     rows: &[usize],
     dir: Direction,
     par: Par,
-) -> Result<(Mat<f64>, Vec<f64>), CompileError> {
+) -> Result<(Block, Vec<f64>), CompileError> {
     let out_len = inst.output.len();
     if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
         return Err(CompileError::RowOutOfRange { row, len: out_len });
@@ -696,8 +697,8 @@ pub fn accumulate(
     let nvalues = inst.value_lens.len();
     Ok(match dir {
         Direction::Reverse => {
-            let mut adj: Vec<Option<Mat<f64>>> = (0..nvalues).map(|_| None).collect();
-            let mut g0 = Mat::<f64>::zeros(m, out_len);
+            let mut adj: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
+            let mut g0 = Block::zeros(m, out_len);
             for (i, &r) in rows.iter().enumerate() {
                 g0[(i, r)] = 1.0;
             }
@@ -722,7 +723,7 @@ pub fn accumulate(
                     add_into(&mut adj[*v], contrib);
                 }
             }
-            (adj[0].take().unwrap_or_else(|| Mat::zeros(m, n)), b)
+            (adj[0].take().unwrap_or_else(|| Block::zeros(m, n)), b)
         }
         Direction::Forward => {
             let mut remaining = vec![0usize; nvalues];
@@ -742,17 +743,19 @@ pub fn accumulate(
                     let tv = tan[*v].as_ref().expect("tangent alive");
                     let contrib = match (tv, &**op) {
                         (Tangent::Identity, Operator::Identity(_)) => Tangent::Identity,
-                        (Tangent::Identity, op) => Tangent::Block(op.to_dense()),
-                        (Tangent::Block(b), op) => Tangent::Block(op.right_mul(b, par)),
+                        (Tangent::Identity, op) => Tangent::Dense(op.to_dense()),
+                        (Tangent::Dense(b), op) => Tangent::Dense(op.right_mul(b, par)),
                     };
                     t = Some(match (t, contrib) {
                         (None, x) => x,
                         (Some(a), x) => {
                             let dense = |t: Tangent| match t {
-                                Tangent::Identity => Mat::identity(n, n),
-                                Tangent::Block(b) => b,
+                                Tangent::Identity => Block::identity(n, n),
+                                Tangent::Dense(b) => b,
                             };
-                            Tangent::Block(dense(a) + dense(x))
+                            let mut sum = dense(a);
+                            sum.add_assign(&dense(x));
+                            Tangent::Dense(sum)
                         }
                     });
                     for (ci, t) in
@@ -772,8 +775,8 @@ pub fn accumulate(
             let t = tan[inst.output_value].take().expect("output tangent");
             let bias = off[inst.output_value].take().expect("output offset");
             let w = match t {
-                Tangent::Identity => Mat::from_fn(m, n, |i, j| f64::from(u8::from(rows[i] == j))),
-                Tangent::Block(t) => Mat::from_fn(m, n, |i, j| t[(rows[i], j)]),
+                Tangent::Identity => Block::from_fn(m, n, |i, j| f64::from(u8::from(rows[i] == j))),
+                Tangent::Dense(t) => Block::from_fn(m, n, |i, j| t[(rows[i], j)]),
             };
             (w, rows.iter().map(|&r| bias[r]).collect())
         }

@@ -23,8 +23,9 @@
 
 use std::ops::Range;
 
-use faer::{Mat, Par};
+use faer::Par;
 use nnlin_ir::{Layer, Network, PoolKind};
+use nnlin_linalg::Block;
 use nnlin_linalg::Operator;
 
 use crate::Instance;
@@ -124,7 +125,7 @@ pub fn forward_blocks(
     inst: &Instance,
     cols: Range<usize>,
     par: Par,
-    mut visit: impl FnMut(usize, &[&Mat<f64>]),
+    mut visit: impl FnMut(usize, &[&Block]),
 ) {
     let n = inst.input_len;
     let b = cols.len();
@@ -135,18 +136,18 @@ pub fn forward_blocks(
             remaining[*v] += 1;
         }
     }
-    let mut tan: Vec<Option<Mat<f64>>> = (0..nvalues).map(|_| None).collect();
-    tan[0] = Some(Mat::from_fn(n, b, |i, j| f64::from(u8::from(i == cols.start + j))));
+    let mut tan: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
+    tan[0] = Some(Block::from_fn(n, b, |i, j| f64::from(u8::from(i == cols.start + j))));
     for (k, layer) in inst.layers.iter().enumerate() {
         {
-            let ins: Vec<&Mat<f64>> = layer
+            let ins: Vec<&Block> = layer
                 .inputs
                 .iter()
                 .map(|(v, _)| tan[*v].as_ref().expect("tangent alive"))
                 .collect();
             visit(k, &ins);
         }
-        let mut t: Option<Mat<f64>> = None;
+        let mut t: Option<Block> = None;
         for (v, op) in &layer.inputs {
             let tv = tan[*v].as_ref().expect("tangent alive");
             let contrib = match &**op {
@@ -155,7 +156,10 @@ pub fn forward_blocks(
             };
             t = Some(match t {
                 None => contrib,
-                Some(a) => a + contrib,
+                Some(mut a) => {
+                    a.add_assign(&contrib);
+                    a
+                }
             });
             remaining[*v] -= 1;
             if remaining[*v] == 0 {

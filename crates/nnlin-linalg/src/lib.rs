@@ -11,6 +11,115 @@
 use faer::{Accum, Mat, Par};
 use sprs::CsMat;
 
+/// A dense column-major block with contiguous columns: the adjoint blocks of
+/// reverse accumulation and the tangent blocks of forward accumulation.
+/// Column access is a plain slice (no per-call stride arithmetic), and faer
+/// sees it as a zero-copy `MatRef`/`MatMut` for GEMMs.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Block {
+    nrows: usize,
+    ncols: usize,
+    data: Vec<f64>,
+}
+
+impl Block {
+    /// An `nrows × ncols` block of zeros.
+    pub fn zeros(nrows: usize, ncols: usize) -> Self {
+        Self { nrows, ncols, data: vec![0.0; nrows * ncols] }
+    }
+    /// The identity (or its leading `nrows × ncols` part).
+    pub fn identity(nrows: usize, ncols: usize) -> Self {
+        Self::from_fn(nrows, ncols, |i, j| f64::from(u8::from(i == j)))
+    }
+    /// A block with entries `f(i, j)`.
+    pub fn from_fn(nrows: usize, ncols: usize, mut f: impl FnMut(usize, usize) -> f64) -> Self {
+        let mut data = Vec::with_capacity(nrows * ncols);
+        for j in 0..ncols {
+            for i in 0..nrows {
+                data.push(f(i, j));
+            }
+        }
+        Self { nrows, ncols, data }
+    }
+    /// A block over column-major `data`.
+    ///
+    /// # Panics
+    /// If `data.len() != nrows * ncols`.
+    pub fn from_col_major(nrows: usize, ncols: usize, data: Vec<f64>) -> Self {
+        assert_eq!(data.len(), nrows * ncols, "Block::from_col_major: length");
+        Self { nrows, ncols, data }
+    }
+    /// Rows.
+    pub fn nrows(&self) -> usize {
+        self.nrows
+    }
+    /// Columns.
+    pub fn ncols(&self) -> usize {
+        self.ncols
+    }
+    /// Column `j`.
+    #[inline]
+    pub fn col_as_slice(&self, j: usize) -> &[f64] {
+        &self.data[j * self.nrows..(j + 1) * self.nrows]
+    }
+    /// Column `j`, mutable.
+    #[inline]
+    pub fn col_as_slice_mut(&mut self, j: usize) -> &mut [f64] {
+        &mut self.data[j * self.nrows..(j + 1) * self.nrows]
+    }
+    /// All entries, column-major.
+    pub fn as_slice(&self) -> &[f64] {
+        &self.data
+    }
+    /// All entries, column-major, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [f64] {
+        &mut self.data
+    }
+    /// A faer view (no copy).
+    pub fn as_ref(&self) -> faer::MatRef<'_, f64> {
+        faer::MatRef::from_column_major_slice(&self.data, self.nrows, self.ncols)
+    }
+    /// A mutable faer view (no copy).
+    pub fn as_mut(&mut self) -> faer::MatMut<'_, f64> {
+        faer::MatMut::from_column_major_slice_mut(&mut self.data, self.nrows, self.ncols)
+    }
+    /// A faer matrix (a copy).
+    pub fn to_mat(&self) -> Mat<f64> {
+        Mat::from_fn(self.nrows, self.ncols, |i, j| self[(i, j)])
+    }
+    /// `self += other`.
+    ///
+    /// # Panics
+    /// If the shapes differ.
+    pub fn add_assign(&mut self, other: &Block) {
+        assert_eq!(
+            (self.nrows, self.ncols),
+            (other.nrows, other.ncols),
+            "Block::add_assign: shape"
+        );
+        for (a, b) in self.data.iter_mut().zip(&other.data) {
+            *a += b;
+        }
+    }
+}
+
+impl std::ops::Index<(usize, usize)> for Block {
+    type Output = f64;
+    #[inline]
+    fn index(&self, (i, j): (usize, usize)) -> &f64 {
+        debug_assert!(i < self.nrows && j < self.ncols);
+        &self.data[j * self.nrows + i]
+    }
+}
+
+impl std::ops::IndexMut<(usize, usize)> for Block {
+    #[inline]
+    fn index_mut(&mut self, (i, j): (usize, usize)) -> &mut f64 {
+        debug_assert!(i < self.nrows && j < self.ncols);
+        &mut self.data[j * self.nrows + i]
+    }
+}
+
 /// A row-selection operator: row `i` of `A` is `e_{cols[i]}ᵀ` (gather), or
 /// zero where `cols[i] == Selection::ZERO` (padding, the other blocks of a
 /// concatenation).
@@ -257,9 +366,9 @@ impl ConvOp {
 
     /// `G·A` touching only the columns `nz` of `G` (the others are zero):
     /// each output position scatters its kernel taps.
-    pub fn backward_sparse(&self, g: &Mat<f64>, nz: &[usize]) -> Mat<f64> {
+    pub fn backward_sparse(&self, g: &Block, nz: &[usize]) -> Block {
         let k = g.nrows();
-        let mut out = Mat::<f64>::zeros(k, self.ncols());
+        let mut out = Block::zeros(k, self.ncols());
         let p_len = self.oh * self.ow;
         let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
         let taps = self.tap_table();
@@ -466,7 +575,7 @@ impl Operator {
     ///
     /// # Panics
     /// If `g.ncols() != self.nrows()`.
-    pub fn left_mul(&self, g: &Mat<f64>, par: Par) -> Mat<f64> {
+    pub fn left_mul(&self, g: &Block, par: Par) -> Block {
         assert_eq!(g.ncols(), self.nrows(), "left_mul: dimension mismatch");
         let k = g.nrows();
         match self {
@@ -481,23 +590,41 @@ impl Operator {
                 out
             }
             Operator::Dense(a) => {
-                let mut out = Mat::zeros(k, a.ncols());
+                let mut out = Block::zeros(k, a.ncols());
                 let nz: Vec<usize> = (0..a.nrows())
                     .filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0))
                     .collect();
                 if nz.len() * 4 < a.nrows() * 3 {
                     // skip the rows of A that zero columns of G would multiply
-                    let gc = Mat::from_fn(k, nz.len(), |i, t| g[(i, nz[t])]);
+                    let mut gc = Vec::with_capacity(k * nz.len());
+                    for &t in &nz {
+                        gc.extend_from_slice(g.col_as_slice(t));
+                    }
+                    let gc = Block::from_col_major(k, nz.len(), gc);
                     let ac = Mat::from_fn(nz.len(), a.ncols(), |t, j| a[(nz[t], j)]);
-                    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, &gc, &ac, 1.0, par);
+                    faer::linalg::matmul::matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        gc.as_ref(),
+                        &ac,
+                        1.0,
+                        par,
+                    );
                 } else {
-                    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, g, a, 1.0, par);
+                    faer::linalg::matmul::matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        g.as_ref(),
+                        a,
+                        1.0,
+                        par,
+                    );
                 }
                 out
             }
             Operator::Csr(a) => {
                 // (G·A)[:, j] += A[i, j] · G[:, i] for every stored (i, j).
-                let mut out = Mat::zeros(k, a.cols());
+                let mut out = Block::zeros(k, a.cols());
                 let (indptr, indices, data) = (a.indptr(), a.indices(), a.data());
                 let indptr = indptr.raw_storage();
                 for i in 0..a.rows() {
@@ -512,7 +639,7 @@ impl Operator {
                 out
             }
             Operator::Selection(s) => {
-                let mut out = Mat::zeros(k, s.ncols);
+                let mut out = Block::zeros(k, s.ncols);
                 for (i, &c) in s.cols.iter().enumerate() {
                     if c == Selection::ZERO {
                         continue;
@@ -534,12 +661,7 @@ impl Operator {
                 if nz.len() * 3 < c.nrows() {
                     return c.backward_sparse(g, &nz);
                 }
-                let mut flat = Vec::with_capacity(c.nrows() * k);
-                for j in 0..c.nrows() {
-                    flat.extend_from_slice(g.col_as_slice(j));
-                }
-                let y = c.backward_gemm(&flat, k, par);
-                Mat::from_fn(k, c.ncols(), |r, i| y[i * k + r])
+                Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
             }
         }
     }
@@ -548,7 +670,7 @@ impl Operator {
     ///
     /// # Panics
     /// If `t.nrows() != self.ncols()`.
-    pub fn right_mul(&self, t: &Mat<f64>, par: Par) -> Mat<f64> {
+    pub fn right_mul(&self, t: &Block, par: Par) -> Block {
         assert_eq!(t.nrows(), self.ncols(), "right_mul: dimension mismatch");
         let k = t.ncols();
         match self {
@@ -563,12 +685,12 @@ impl Operator {
                 out
             }
             Operator::Dense(a) => {
-                let mut out = Mat::zeros(a.nrows(), k);
-                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, t, 1.0, par);
+                let mut out = Block::zeros(a.nrows(), k);
+                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, t.as_ref(), 1.0, par);
                 out
             }
             Operator::Csr(a) => {
-                let mut out = Mat::zeros(a.rows(), k);
+                let mut out = Block::zeros(a.rows(), k);
                 let (indptr, indices, data) = (a.indptr(), a.indices(), a.data());
                 let indptr = indptr.raw_storage();
                 for c in 0..k {
@@ -581,7 +703,7 @@ impl Operator {
                 out
             }
             Operator::Selection(s) => {
-                let mut out = Mat::zeros(s.cols.len(), k);
+                let mut out = Block::zeros(s.cols.len(), k);
                 for c in 0..k {
                     let tc = t.col_as_slice(c);
                     for (o, &src) in out.col_as_slice_mut(c).iter_mut().zip(&s.cols) {
@@ -591,20 +713,14 @@ impl Operator {
                 out
             }
             Operator::Conv(c) => {
-                let mut flat = Vec::with_capacity(c.ncols() * k);
-                for q in 0..k {
-                    flat.extend_from_slice(t.col_as_slice(q));
-                }
-                let y = c.forward_gemm(&flat, k, par);
-                let nr = c.nrows();
-                Mat::from_fn(nr, k, |i, q| y[q * nr + i])
+                Block::from_col_major(c.nrows(), k, c.forward_gemm(t.as_slice(), k, par))
             }
         }
     }
 
     /// The operator as a dense matrix (tests and the dense baseline only).
-    pub fn to_dense(&self) -> Mat<f64> {
-        let id = Mat::<f64>::identity(self.ncols(), self.ncols());
+    pub fn to_dense(&self) -> Block {
+        let id = Block::identity(self.ncols(), self.ncols());
         self.right_mul(&id, Par::Seq)
     }
 
@@ -630,8 +746,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn dense_ref(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
-        let mut out = Mat::zeros(a.nrows(), b.ncols());
+    fn dense_ref(a: &Block, b: &Block) -> Block {
+        let mut out = Block::zeros(a.nrows(), b.ncols());
         for i in 0..a.nrows() {
             for j in 0..b.ncols() {
                 let mut s = 0.0;
@@ -644,7 +760,7 @@ mod tests {
         out
     }
 
-    fn close(a: &Mat<f64>, b: &Mat<f64>) -> bool {
+    fn close(a: &Block, b: &Block) -> bool {
         a.nrows() == b.nrows()
             && a.ncols() == b.ncols()
             && (0..a.nrows()).all(|i| (0..a.ncols()).all(|j| (a[(i, j)] - b[(i, j)]).abs() < 1e-12))
@@ -690,8 +806,8 @@ mod tests {
                 let col = op.apply(&e);
                 for i in 0..op.nrows() { prop_assert!((col[i] - a[(i, j)]).abs() < 1e-15); }
             }
-            let g = Mat::from_fn(k, op.nrows(), |i, j| (i * 7 + j * 3) as f64 * 0.1 - 0.4);
-            let t = Mat::from_fn(op.ncols(), k, |i, j| (i * 5 + j * 2) as f64 * 0.2 - 0.3);
+            let g = Block::from_fn(k, op.nrows(), |i, j| (i * 7 + j * 3) as f64 * 0.1 - 0.4);
+            let t = Block::from_fn(op.ncols(), k, |i, j| (i * 5 + j * 2) as f64 * 0.2 - 0.3);
             prop_assert!(close(&op.left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
             prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
         }
@@ -712,13 +828,13 @@ mod tests {
                 pad: (pad, pad), oh: o, ow: o, weight: std::sync::Arc::new(weight), taps: Default::default(),
             };
             // G with most columns zero, as after inactive units / max-pool
-            let g = Mat::from_fn(rows, conv.nrows(), |i, j| if j % 5 < keep.min(1) || (j * 7 + i) % 11 == 0 { (i + j) as f64 * 0.1 - 1.0 } else { 0.0 });
+            let g = Block::from_fn(rows, conv.nrows(), |i, j| if j % 5 < keep.min(1) || (j * 7 + i) % 11 == 0 { (i + j) as f64 * 0.1 - 1.0 } else { 0.0 });
             let reference = dense_ref(&g, &Operator::Csr(conv.to_csr()).to_dense());
             prop_assert!(close(&Operator::Conv(conv.clone()).left_mul(&g, Par::Seq), &reference));
             let nz: Vec<usize> = (0..conv.nrows()).filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0)).collect();
             prop_assert!(close(&conv.backward_sparse(&g, &nz), &reference));
-            let a = Mat::from_fn(conv.nrows(), 5, |i, j| ((i * 3 + j) % 7) as f64 - 3.0);
-            prop_assert!(close(&Operator::Dense(a.clone()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
+            let a = Block::from_fn(conv.nrows(), 5, |i, j| ((i * 3 + j) % 7) as f64 - 3.0);
+            prop_assert!(close(&Operator::Dense(a.to_mat()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
         }
     }
 }
