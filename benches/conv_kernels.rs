@@ -9,7 +9,8 @@
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use faer::{Mat, Par};
+use faer::Par;
+use nnlin::Block;
 use nnlin::linalg::{ConvOp, Operator};
 
 fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
@@ -46,7 +47,7 @@ fn bench(c: &mut Criterion) {
         let structured = Operator::Conv(op.clone());
         let csr = Operator::Csr(op.to_csr());
         for rows in [1usize, 10] {
-            let g = Mat::from_fn(rows, op.nrows(), |i, j| ((i + j) % 7) as f64 - 3.0);
+            let g = Block::from_fn(rows, op.nrows(), |i, j| ((i + j) % 7) as f64 - 3.0);
             for (kind, o) in [("csr", &csr), ("structured", &structured)] {
                 group.bench_with_input(
                     BenchmarkId::new(format!("{name}/left_mul{rows}"), kind),
@@ -56,7 +57,7 @@ fn bench(c: &mut Criterion) {
             }
         }
         if op.ncols() <= 1200 {
-            let t = Mat::from_fn(op.ncols(), 784, |i, j| ((i + 3 * j) % 5) as f64 - 2.0);
+            let t = Block::from_fn(op.ncols(), 784, |i, j| ((i + 3 * j) % 5) as f64 - 2.0);
             for (kind, o) in [("csr", &csr), ("structured", &structured)] {
                 group.bench_with_input(
                     BenchmarkId::new(format!("{name}/right_mul784"), kind),
