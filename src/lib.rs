@@ -41,6 +41,7 @@ use faer::Mat;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
+pub use nnlin_compile::plan;
 pub use nnlin_compile::{
     Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, adjoints,
     estimated_flops,
@@ -91,13 +92,63 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Accumulation strategy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Strategy {
-    /// Pick the direction with fewer estimated multiply-adds.
+    /// The candidate (reverse, forward, chain DP) with the least predicted
+    /// time under the measured kernel throughputs.
     #[default]
     Auto,
     /// From the output side.
     Reverse,
     /// From the input side.
     Forward,
+    /// Matrix-chain dynamic program over the explicit factors (chains only).
+    Dp,
+    /// The paper-literal baseline: every operator a dense matrix.
+    Dense,
+}
+
+/// Kernel throughputs for the cost model: `NNLIN_CALIBRATION` or
+/// `~/.config/nnlin/calibration.json` if `nnlin calibrate` wrote one,
+/// otherwise measured once per process.
+pub fn rates() -> plan::Rates {
+    static RATES: std::sync::OnceLock<plan::Rates> = std::sync::OnceLock::new();
+    *RATES.get_or_init(|| load_rates().unwrap_or_else(plan::Rates::measure))
+}
+
+/// Where `nnlin calibrate` stores its figures.
+pub fn calibration_path() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("NNLIN_CALIBRATION") {
+        return Some(p.into());
+    }
+    std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".config/nnlin/calibration.json"))
+}
+
+fn load_rates() -> Option<plan::Rates> {
+    let text = std::fs::read_to_string(calibration_path()?).ok()?;
+    let num = |key: &str| -> Option<f64> {
+        let at = text.find(&format!("\"{key}\""))?;
+        let rest = &text[at + key.len() + 2..];
+        let rest = rest[rest.find(':')? + 1..].trim_start();
+        let end =
+            rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c))).unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    Some(plan::Rates {
+        gemm: num("gemm_madds_per_second")?,
+        sparse: num("sparse_madds_per_second")?,
+    })
+}
+
+fn available_memory() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024 / 2)
 }
 
 /// Which output rows of `W` and `b` to form.
@@ -399,17 +450,48 @@ impl Ensemble {
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
-            direction = match opts.strategy {
-                Strategy::Reverse => Direction::Reverse,
-                Strategy::Forward => Direction::Forward,
+            let compile_err = |source| Error::Compile { model: model.name.clone(), source };
+            let chosen = match opts.strategy {
                 Strategy::Auto => {
-                    let r = nnlin_compile::estimated_flops(inst, m, Direction::Reverse);
-                    let f = nnlin_compile::estimated_flops(inst, m, Direction::Forward);
-                    if f < r { Direction::Forward } else { Direction::Reverse }
+                    let (_, best) = plan::describe(inst, m, &rates());
+                    match best {
+                        "forward" => Strategy::Forward,
+                        "dp" => Strategy::Dp,
+                        _ => Strategy::Reverse,
+                    }
                 }
+                s => s,
             };
-            let (wi, bi) = accumulate(inst, &rows, direction, par)
-                .map_err(|source| Error::Compile { model: model.name.clone(), source })?;
+            let (wi, bi) = match chosen {
+                Strategy::Reverse | Strategy::Auto => {
+                    direction = Direction::Reverse;
+                    accumulate(inst, &rows, direction, par).map_err(compile_err)?
+                }
+                Strategy::Forward => {
+                    direction = Direction::Forward;
+                    accumulate(inst, &rows, direction, par).map_err(compile_err)?
+                }
+                Strategy::Dp => match plan::chain_factors(inst).filter(|f| !f.is_empty()) {
+                    Some(mut f) => {
+                        f.push(std::sync::Arc::new(linalg::Operator::Selection(
+                            linalg::Selection { ncols: inst.output.len(), cols: rows.clone() },
+                        )));
+                        let (tree, _) = plan::chain_plan(&f, &rates());
+                        // the plan includes the row selection as its last factor
+                        let w_all = plan::chain_accumulate_factors(inst, &f, &tree, par);
+                        let bias = plan::chain_offsets(inst);
+                        (w_all, rows.iter().map(|&r| bias[r]).collect())
+                    }
+                    None => {
+                        return Err(Error::Input(format!(
+                            "{}: the dp strategy needs a chain network; this one branches (use auto, reverse or forward)",
+                            model.name
+                        )));
+                    }
+                },
+                Strategy::Dense => plan::dense_accumulate(inst, &rows, available_memory(), par)
+                    .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
+            };
             for j in 0..n {
                 for i in 0..m {
                     w[(i, j)] += a * wi[(i, j)];

@@ -14,6 +14,7 @@
 //!
 //! The compiled path never calls the reference interpreter.
 
+pub mod plan;
 pub mod region;
 
 use std::sync::Arc;

@@ -53,6 +53,8 @@ enum StrategyArg {
     Auto,
     Reverse,
     Forward,
+    Dp,
+    Dense,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -200,6 +202,29 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Print the candidate composition plans for the first instance and
+    /// their predicted cost (multiply-adds by kernel kind, seconds).
+    Plan {
+        /// ONNX model.
+        model: PathBuf,
+        /// Input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Rows of W (as for explain).
+        #[arg(long, default_value = "all")]
+        rows: String,
+        /// Kernel throughputs gemm,sparse in multiply-adds per second (default:
+        /// the calibration file, else measured now).
+        #[arg(long, value_delimiter = ',')]
+        rates: Option<Vec<f64>>,
+    },
+    /// Measure this machine's kernel throughputs for the cost model and store
+    /// them (NNLIN_CALIBRATION or ~/.config/nnlin/calibration.json).
+    Calibrate {
+        /// Where to write (default: the calibration path).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Show a model's layers; with --input, every compiled operator and the
     /// activation pattern of the first instance.
     Inspect {
@@ -342,6 +367,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::Neurons { model, input, top, out, limit } => {
             neurons::run(neurons::Args { model, input, top, out, limit })
         }
+        Command::Plan { model, input, rows, rates } => plan_cmd(&model, &input, &rows, rates),
+        Command::Calibrate { out } => {
+            let r = nnlin::plan::Rates::measure();
+            let path = out
+                .or_else(nnlin::calibration_path)
+                .ok_or_else(|| anyhow::anyhow!("no HOME; pass --out"))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let v = json!({"gemm_madds_per_second": r.gemm, "sparse_madds_per_second": r.sparse});
+            io::write_json_atomic(&path, &v)?;
+            println!(
+                "gemm {:.3e} multiply-adds/s, sparse {:.3e} multiply-adds/s; wrote {}",
+                r.gemm,
+                r.sparse,
+                path.display()
+            );
+            Ok(())
+        }
         Command::Inspect { model, input, mode, conv_kernel } => {
             inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
         }
@@ -404,12 +448,17 @@ fn explain(args: ExplainArgs) -> Result<()> {
             StrategyArg::Auto => Strategy::Auto,
             StrategyArg::Reverse => Strategy::Reverse,
             StrategyArg::Forward => Strategy::Forward,
+            StrategyArg::Dp => Strategy::Dp,
+            StrategyArg::Dense => Strategy::Dense,
         },
         rows,
     };
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
 
+    if opts.strategy == Strategy::Auto {
+        let _ = nnlin::rates(); // load or measure the cost model's rates before timing
+    }
     let start = Instant::now();
     let lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
     let seconds = start.elapsed().as_secs_f64();
@@ -518,6 +567,37 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "nnlin: {n_inst} instance(s), W {m}×{n}, max |W·x + b − F(x)| = {worst:.3e}, {seconds:.4} s; wrote {}",
         args.out.display()
     );
+    Ok(())
+}
+
+fn plan_cmd(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    rows: &str,
+    rates: Option<Vec<f64>>,
+) -> Result<()> {
+    let m = Model::from_onnx_file(model)?;
+    let xs = io::read_instances(input, m.input_shape())?;
+    let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;
+    let count = match &rows {
+        Rows::All => m.output_len(),
+        Rows::Top(k) => *k,
+        Rows::Indices(v) => v.len(),
+    };
+    let rates = match rates.as_deref() {
+        None => nnlin::rates(),
+        Some([g, s]) if *g > 0.0 && *s > 0.0 => nnlin::plan::Rates { gemm: *g, sparse: *s },
+        Some(v) => bail!("--rates takes gemm,sparse (two positive numbers), got {v:?}"),
+    };
+    let inst = m.compile_instance(&xs.row(0).to_vec(), Mode::Tangent)?;
+    let (text, best) = nnlin::plan::describe(&inst, count, &rates);
+    println!(
+        "model: {}",
+        model.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned())
+    );
+    println!("W: {count} x {}", m.input_len());
+    print!("{text}");
+    println!("chosen: {best}");
     Ok(())
 }
 

@@ -1,0 +1,385 @@
+//! Composition strategies and their cost model.
+//!
+//! `W` is the product `E·A_L⋯A_1` (`E` selects the output rows) of sparse and
+//! dense factors, and its cost depends on the order. Besides the two fixed
+//! orders (reverse: a block of `m` rows pushed from the output; forward: a
+//! block of `n` columns pushed from the input) a network whose nodes form a
+//! chain admits any bracketing: [`chain_plan`] runs the matrix-chain dynamic
+//! program over the explicit factors, where multiplying by a single explicit
+//! factor costs its nonzeros times the other side's width and multiplying
+//! two formed products costs a dense GEMM. A bottleneck (a narrow layer in
+//! the middle) makes the split around it cheaper than either fixed order.
+//! [`dense_accumulate`] is the paper-literal baseline: every factor a dense
+//! matrix, multiplied in order.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use faer::Par;
+use nnlin_linalg::{Block, Operator, Selection};
+
+use crate::{CompileError, Direction, Instance, accumulate};
+
+/// Cost of one multiplication, split by kernel kind (multiply-adds).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// Multiply-adds done by dense GEMMs.
+    pub gemm: f64,
+    /// Multiply-adds done by explicit sparse / structured kernels.
+    pub sparse: f64,
+}
+
+impl Cost {
+    fn add(self, o: Cost) -> Cost {
+        Cost { gemm: self.gemm + o.gemm, sparse: self.sparse + o.sparse }
+    }
+    /// Total multiply-adds.
+    pub fn flops(self) -> f64 {
+        self.gemm + self.sparse
+    }
+    /// Predicted seconds at the given throughputs (multiply-adds per second).
+    pub fn seconds(self, rates: &Rates) -> f64 {
+        self.gemm / rates.gemm + self.sparse / rates.sparse
+    }
+}
+
+/// Kernel throughputs in multiply-adds per second, measured on the machine
+/// (`nnlin calibrate`) rather than assumed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// Dense GEMM (faer, f64).
+    pub gemm: f64,
+    /// Sparse and structured operator products.
+    pub sparse: f64,
+}
+
+impl Rates {
+    /// Measures both throughputs with small kernels (about 0.1 s).
+    pub fn measure() -> Rates {
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = std::time::Instant::now();
+            let mut reps = 0;
+            while t.elapsed().as_secs_f64() < 0.04 {
+                f();
+                reps += 1;
+            }
+            t.elapsed().as_secs_f64() / f64::from(reps)
+        };
+        let a = Operator::Dense(faer::Mat::from_fn(256, 256, |i, j| ((i * 7 + j) % 13) as f64));
+        let g = Block::from_fn(64, 256, |i, j| ((i + j) % 5) as f64);
+        let tg = time(&mut || {
+            std::hint::black_box(a.left_mul(&g, Par::Seq));
+        });
+        let tri: Vec<(usize, usize, f64)> = (0..4096)
+            .flat_map(|i| (0..8).map(move |k| (i, (i * 31 + k * 517) % 4096, 1.0)))
+            .collect();
+        let s = Operator::csr_from_triplets(4096, 4096, &tri);
+        let g2 = Block::from_fn(16, 4096, |i, j| ((i + j) % 3) as f64);
+        let ts = time(&mut || {
+            std::hint::black_box(s.left_mul(&g2, Par::Seq));
+        });
+        Rates { gemm: 64.0 * 256.0 * 256.0 / tg, sparse: (4096.0 * 8.0 * 16.0) / ts }
+    }
+}
+
+fn op_cost(op: &Operator, width: usize) -> Cost {
+    match op {
+        Operator::Identity(_) => Cost::default(),
+        Operator::Dense(_) => Cost { gemm: (op.nnz() * width) as f64, sparse: 0.0 },
+        Operator::Conv(_) => Cost { gemm: (op.nnz() * width) as f64, sparse: 0.0 },
+        _ => Cost { gemm: 0.0, sparse: (op.nnz() * width) as f64 },
+    }
+}
+
+/// Predicted cost of reverse (`m` rows) or forward accumulation.
+pub fn direction_cost(inst: &Instance, m: usize, dir: Direction) -> Cost {
+    let width = match dir {
+        Direction::Reverse => m,
+        Direction::Forward => inst.input_len,
+    };
+    inst.layers
+        .iter()
+        .flat_map(|l| l.inputs.iter())
+        .fold(Cost::default(), |c, (_, op)| c.add(op_cost(op, width)))
+}
+
+/// The factors of a chain network, input side first, identities dropped;
+/// `None` if the network is not a chain.
+pub fn chain_factors(inst: &Instance) -> Option<Vec<Arc<Operator>>> {
+    let mut v = 0;
+    let mut out = vec![];
+    for l in &inst.layers {
+        if l.inputs.len() != 1 || l.inputs[0].0 != v {
+            return None;
+        }
+        v = l.output;
+        if !matches!(*l.inputs[0].1, Operator::Identity(_)) {
+            out.push(Arc::clone(&l.inputs[0].1));
+        }
+    }
+    (v == inst.output_value).then_some(out)
+}
+
+/// A bracketing of factors `lo..=hi` (input side first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tree {
+    /// One explicit factor.
+    Leaf(usize),
+    /// `left · right`: `left` covers the later (output-side) factors.
+    Product(Box<Tree>, Box<Tree>),
+}
+
+/// The cheapest bracketing of `factors` (input side first) and its cost.
+pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
+    let k = factors.len();
+    assert!(k > 0, "chain_plan: no factors");
+    // dims[i] = columns of factor i = rows of factor i-1; dims[k] = rows of the last
+    let mut dims = vec![factors[0].ncols()];
+    dims.extend(factors.iter().map(|f| f.nrows()));
+    let mut best: Vec<Vec<Option<(Cost, usize)>>> = vec![vec![None; k]; k];
+    for i in 0..k {
+        best[i][i] = Some((Cost::default(), i));
+    }
+    for len in 2..=k {
+        for i in 0..=k - len {
+            let j = i + len - 1;
+            let mut choice: Option<(Cost, usize)> = None;
+            for s in i..j {
+                // right = factors i..=s (input side), left = s+1..=j
+                let (cr, cl) = (best[i][s].expect("filled").0, best[s + 1][j].expect("filled").0);
+                let (rows, inner, cols) = (dims[j + 1], dims[s + 1], dims[i]);
+                let mult = match (s == i, s + 1 == j) {
+                    // left single factor applied to the formed right product
+                    (_, true) => op_cost(&factors[j], cols),
+                    // right single factor applied from the left side
+                    (true, false) => op_cost(&factors[i], rows),
+                    (false, false) => Cost { gemm: (rows * inner * cols) as f64, sparse: 0.0 },
+                };
+                let total = cr.add(cl).add(mult);
+                if choice.is_none_or(|(c, _)| total.seconds(rates) < c.seconds(rates)) {
+                    choice = Some((total, s));
+                }
+            }
+            best[i][j] = choice;
+        }
+    }
+    fn tree(best: &[Vec<Option<(Cost, usize)>>], i: usize, j: usize) -> Tree {
+        if i == j {
+            return Tree::Leaf(i);
+        }
+        let s = best[i][j].expect("filled").1;
+        Tree::Product(Box::new(tree(best, s + 1, j)), Box::new(tree(best, i, s)))
+    }
+    (tree(&best, 0, k - 1), best[0][k - 1].expect("filled").0)
+}
+
+enum Formed {
+    Leaf(usize),
+    Dense(Block),
+}
+
+fn eval(t: &Tree, f: &[Arc<Operator>], par: Par) -> Formed {
+    match t {
+        Tree::Leaf(i) => Formed::Leaf(*i),
+        Tree::Product(l, r) => {
+            let (l, r) = (eval(l, f, par), eval(r, f, par));
+            Formed::Dense(match (l, r) {
+                (Formed::Leaf(a), Formed::Dense(b)) => f[a].right_mul(&b, par),
+                (Formed::Dense(a), Formed::Leaf(b)) => f[b].left_mul(&a, par),
+                (Formed::Leaf(a), Formed::Leaf(b)) => f[a].right_mul(&f[b].to_dense(), par),
+                (Formed::Dense(a), Formed::Dense(b)) => {
+                    let mut out = Block::zeros(a.nrows(), b.ncols());
+                    faer::linalg::matmul::matmul(
+                        out.as_mut(),
+                        faer::Accum::Replace,
+                        a.as_ref(),
+                        b.as_ref(),
+                        1.0,
+                        par,
+                    );
+                    out
+                }
+            })
+        }
+    }
+}
+
+/// The offsets pushed through the chain from zero: `b = Σ_i (A_L⋯A_{i+1})·c_i`
+/// in Horner form (matrix–vector products only).
+fn chain_bias(inst: &Instance) -> Vec<f64> {
+    let mut off = vec![0.0; inst.input_len];
+    for l in &inst.layers {
+        let mut y = l.inputs[0].1.apply(&off);
+        for (a, c) in y.iter_mut().zip(l.bias.iter()) {
+            *a += c;
+        }
+        off = y;
+    }
+    off
+}
+
+/// `W` (all rows of the last factor) by the bracketing `tree` of `factors`.
+pub fn chain_accumulate_factors(
+    inst: &Instance,
+    factors: &[Arc<Operator>],
+    tree: &Tree,
+    par: Par,
+) -> Block {
+    let n = inst.input_len;
+    let w = if factors.is_empty() {
+        Block::identity(n, n)
+    } else {
+        match eval(tree, factors, par) {
+            Formed::Leaf(i) => factors[i].to_dense(),
+            Formed::Dense(b) => b,
+        }
+    };
+    w
+}
+
+/// The offsets pushed through a chain from zero (see [`chain_accumulate`]).
+pub fn chain_offsets(inst: &Instance) -> Vec<f64> {
+    chain_bias(inst)
+}
+
+/// `W` and `b` by the chain bracketing `tree` over `chain_factors(inst)`.
+pub fn chain_accumulate(
+    inst: &Instance,
+    rows: &[usize],
+    tree: &Tree,
+    par: Par,
+) -> Result<(Block, Vec<f64>), CompileError> {
+    let out_len = inst.output.len();
+    if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
+        return Err(CompileError::RowOutOfRange { row, len: out_len });
+    }
+    let factors = chain_factors(inst).expect("chain_accumulate on a chain");
+    let n = inst.input_len;
+    let w_all = if factors.is_empty() {
+        Block::identity(n, n)
+    } else {
+        match eval(tree, &factors, par) {
+            Formed::Leaf(i) => factors[i].to_dense(),
+            Formed::Dense(b) => b,
+        }
+    };
+    let w = Block::from_fn(rows.len(), n, |i, j| w_all[(rows[i], j)]);
+    let off = chain_bias(inst);
+    Ok((w, rows.iter().map(|&r| off[r]).collect()))
+}
+
+/// Bytes the dense baseline needs for its largest factor and product.
+pub fn dense_bytes(inst: &Instance) -> usize {
+    let mut most = 0;
+    for l in &inst.layers {
+        for (_, op) in &l.inputs {
+            most = most.max(op.nrows() * op.ncols() + op.nrows() * inst.input_len);
+        }
+    }
+    most * std::mem::size_of::<f64>()
+}
+
+/// The paper-literal baseline: every operator made a dense matrix, then
+/// multiplied in order from the input side. Refuses when the dense factors
+/// would exceed `max_bytes`.
+pub fn dense_accumulate(
+    inst: &Instance,
+    rows: &[usize],
+    max_bytes: usize,
+    par: Par,
+) -> Result<(Block, Vec<f64>), DenseError> {
+    let need = dense_bytes(inst);
+    if need > max_bytes {
+        return Err(DenseError::TooLarge { need, max: max_bytes });
+    }
+    let mut dense = inst.clone();
+    for l in &mut dense.layers {
+        for (_, op) in &mut l.inputs {
+            let d = op.to_dense();
+            *op = Arc::new(Operator::Dense(d.to_mat()));
+        }
+    }
+    accumulate(&dense, rows, Direction::Forward, par).map_err(DenseError::Compile)
+}
+
+/// Why the dense baseline refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum DenseError {
+    /// The dense factors do not fit.
+    #[error(
+        "the dense baseline needs {need} bytes for its largest factor and product, above the limit of {max}; use another strategy"
+    )]
+    TooLarge {
+        /// Bytes needed.
+        need: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A compile error.
+    #[error(transparent)]
+    Compile(CompileError),
+}
+
+/// A stable text description of the candidate plans and their predicted
+/// costs (the `nnlin plan` output).
+pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static str) {
+    let mut s = String::new();
+    let _ = writeln!(s, "factors (input side first): {}", inst.layers.len());
+    for (k, l) in inst.layers.iter().enumerate() {
+        for (v, op) in &l.inputs {
+            let _ = writeln!(
+                s,
+                "  {k:>3} {:<10} {:<9} {:>7} x {:<7} nnz {:>10}  from value {v}",
+                l.layer_kind,
+                op.kind(),
+                op.nrows(),
+                op.ncols(),
+                op.nnz()
+            );
+        }
+    }
+    let rev = direction_cost(inst, m, Direction::Reverse);
+    let fwd = direction_cost(inst, m, Direction::Forward);
+    let mut cands: Vec<(&'static str, Cost)> = vec![("reverse", rev), ("forward", fwd)];
+    if let Some(f) = chain_factors(inst).filter(|f| !f.is_empty()) {
+        let mut f2 = f.clone();
+        f2.push(Arc::new(Operator::Selection(Selection {
+            ncols: inst.output.len(),
+            cols: (0..m).collect(),
+        })));
+        let (tree, cost) = chain_plan(&f2, rates);
+        let _ = writeln!(s, "chain bracketing: {}", render(&tree));
+        cands.push(("dp", cost));
+    } else {
+        let _ = writeln!(s, "chain bracketing: none (the network is a DAG)");
+    }
+    let _ = writeln!(s, "candidates (multiply-adds: gemm + sparse; predicted seconds):");
+    // reverse unless another candidate is predicted at least 5 % faster
+    let base = rev.seconds(rates);
+    let best = cands
+        .iter()
+        .filter(|c| c.1.seconds(rates) < 0.95 * base)
+        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
+        .map_or("reverse", |c| c.0);
+    for (name, c) in &cands {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>14.0} + {:>14.0}  {:.3e} s{}",
+            name,
+            c.gemm,
+            c.sparse,
+            c.seconds(rates),
+            if *name == best { "  <- chosen" } else { "" }
+        );
+    }
+    (s, best)
+}
+
+/// `((2 1) 0)`-style rendering of a bracketing (factor 0 is the input side).
+pub fn render(t: &Tree) -> String {
+    match t {
+        Tree::Leaf(i) => i.to_string(),
+        Tree::Product(l, r) => format!("({} {})", render(l), render(r)),
+    }
+}
