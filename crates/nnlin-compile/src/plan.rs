@@ -226,16 +226,13 @@ pub fn chain_accumulate_factors(
     tree: &Tree,
     par: Par,
 ) -> Block {
-    let n = inst.input_len;
-    let w = if factors.is_empty() {
-        Block::identity(n, n)
-    } else {
-        match eval(tree, factors, par) {
-            Formed::Leaf(i) => factors[i].to_dense(),
-            Formed::Dense(b) => b,
-        }
-    };
-    w
+    if factors.is_empty() {
+        return Block::identity(inst.input_len, inst.input_len);
+    }
+    match eval(tree, factors, par) {
+        Formed::Leaf(i) => factors[i].to_dense(),
+        Formed::Dense(b) => b,
+    }
 }
 
 /// The offsets pushed through a chain from zero (see [`chain_accumulate`]).
@@ -256,14 +253,7 @@ pub fn chain_accumulate(
     }
     let factors = chain_factors(inst).expect("chain_accumulate on a chain");
     let n = inst.input_len;
-    let w_all = if factors.is_empty() {
-        Block::identity(n, n)
-    } else {
-        match eval(tree, &factors, par) {
-            Formed::Leaf(i) => factors[i].to_dense(),
-            Formed::Dense(b) => b,
-        }
-    };
+    let w_all = chain_accumulate_factors(inst, &factors, tree, par);
     let w = Block::from_fn(rows.len(), n, |i, j| w_all[(rows[i], j)]);
     let off = chain_bias(inst);
     Ok((w, rows.iter().map(|&r| off[r]).collect()))
