@@ -453,7 +453,7 @@ impl Ensemble {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let chosen = match opts.strategy {
                 Strategy::Auto => {
-                    let (_, best) = plan::describe(inst, m, &rates());
+                    let (_, _, best) = plan::candidates(inst, m, &rates());
                     match best {
                         "forward" => Strategy::Forward,
                         "dp" => Strategy::Dp,

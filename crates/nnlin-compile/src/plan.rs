@@ -311,6 +311,29 @@ pub enum DenseError {
     Compile(CompileError),
 }
 
+/// The candidates' predicted costs (reverse, forward, and dp with its
+/// bracketing on chains) and the chosen one: reverse unless another is
+/// predicted at least 5 % faster.
+pub fn candidates(inst: &Instance, m: usize, rates: &Rates) -> (Vec<(&'static str, Cost)>, Option<Tree>, &'static str) {
+    let rev = direction_cost(inst, m, Direction::Reverse);
+    let fwd = direction_cost(inst, m, Direction::Forward);
+    let mut cands: Vec<(&'static str, Cost)> = vec![("reverse", rev), ("forward", fwd)];
+    let mut tree = None;
+    if let Some(mut f) = chain_factors(inst).filter(|f| !f.is_empty()) {
+        f.push(Arc::new(Operator::Selection(Selection { ncols: inst.output.len(), cols: (0..m).collect() })));
+        let (t, cost) = chain_plan(&f, rates);
+        tree = Some(t);
+        cands.push(("dp", cost));
+    }
+    let base = rev.seconds(rates);
+    let best = cands
+        .iter()
+        .filter(|c| c.1.seconds(rates) < 0.95 * base)
+        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
+        .map_or("reverse", |c| c.0);
+    (cands, tree, best)
+}
+
 /// A stable text description of the candidate plans and their predicted
 /// costs (the `nnlin plan` output).
 pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static str) {
@@ -329,29 +352,16 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static s
             );
         }
     }
-    let rev = direction_cost(inst, m, Direction::Reverse);
-    let fwd = direction_cost(inst, m, Direction::Forward);
-    let mut cands: Vec<(&'static str, Cost)> = vec![("reverse", rev), ("forward", fwd)];
-    if let Some(f) = chain_factors(inst).filter(|f| !f.is_empty()) {
-        let mut f2 = f.clone();
-        f2.push(Arc::new(Operator::Selection(Selection {
-            ncols: inst.output.len(),
-            cols: (0..m).collect(),
-        })));
-        let (tree, cost) = chain_plan(&f2, rates);
-        let _ = writeln!(s, "chain bracketing: {}", render(&tree));
-        cands.push(("dp", cost));
-    } else {
-        let _ = writeln!(s, "chain bracketing: none (the network is a DAG)");
+    let (cands, tree, best) = candidates(inst, m, rates);
+    match &tree {
+        Some(t) => {
+            let _ = writeln!(s, "chain bracketing: {}", render(t));
+        }
+        None => {
+            let _ = writeln!(s, "chain bracketing: none (the network is a DAG)");
+        }
     }
     let _ = writeln!(s, "candidates (multiply-adds: gemm + sparse; predicted seconds):");
-    // reverse unless another candidate is predicted at least 5 % faster
-    let base = rev.seconds(rates);
-    let best = cands
-        .iter()
-        .filter(|c| c.1.seconds(rates) < 0.95 * base)
-        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
-        .map_or("reverse", |c| c.0);
     for (name, c) in &cands {
         let _ = writeln!(
             s,

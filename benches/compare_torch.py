@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""nnlin against PyTorch's torch.func.jacrev on the same machine, in one run.
+
+    cargo build --release
+    python3 benches/compare_torch.py [--threads 2] [--lenet-n 1000] [--resnet-n 8]
+(needs torch, numpy, onnx; torch runs on the CPU)
+
+1. LeNet-5 (fixtures/cnn/lenet5.onnx, its weights loaded into the PyTorch
+   module of fixtures/generate_cnn.py) on the first N MNIST test digits:
+   PyTorch `jacrev` one instance at a time and `vmap(jacrev)` over the batch;
+   nnlin `explain` (all 10 rows, W is 10 x 784) over the same batch.
+2. A CIFAR-shaped ResNet-18 (3x32x32, 10 classes, BasicBlocks [2,2,2,2],
+   batch-norm, random weights, seed 0) exported here to ONNX (unfused),
+   on N random inputs: PyTorch `jacrev` per instance and nnlin `explain`.
+Both sides use the same thread count. PyTorch computes in float32 (its
+default and fastest); nnlin computes in float64 (its only compute
+precision). Times are per instance; nnlin's is `timing.linearize_seconds`
+(compile + accumulate, no loading or writing). Prints a markdown table and
+writes bench_torch.json.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+from generate_cnn import LeNet5  # noqa: E402
+
+NNLIN = os.path.join(ROOT, "target", "release", "nnlin")
+
+
+def mnist(n):
+    raw = gzip.open(os.path.join(ROOT, "fixtures/data/mnist/t10k-images-idx3-ubyte.gz")).read()
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].astype(np.float64) / 255.0
+
+
+def nnlin_time(model, x, threads, tmp):
+    xp = os.path.join(tmp, "x.npy")
+    np.save(xp, x)
+    out = os.path.join(tmp, "out")
+    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out],
+                   check=True, capture_output=True)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    return s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"])
+
+
+def torch_times(model, x, batch_too):
+    xt = torch.tensor(x, dtype=torch.float32)
+    f = lambda v: model(v[None])[0]
+    jac = torch.func.jacrev(f)
+    jac(xt[0])  # warm up
+    t = time.perf_counter()
+    for i in range(len(xt)):
+        jac(xt[i])
+    single = (time.perf_counter() - t) / len(xt)
+    batched = None
+    if batch_too:
+        vj = torch.func.vmap(jac)
+        vj(xt[:2])
+        t = time.perf_counter()
+        vj(xt)
+        batched = (time.perf_counter() - t) / len(xt)
+    return single, batched
+
+
+class Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.s = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.s(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers += [Basic(cin, cout, stride), Basic(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lenet-n", type=int, default=1000)
+    ap.add_argument("--resnet-n", type=int, default=8)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    tmp = tempfile.mkdtemp()
+    rows = []
+    # LeNet-5 with the fixture's weights
+    path = os.path.join(ROOT, "fixtures/cnn/lenet5.onnx")
+    lenet = LeNet5()
+    inits = {t.name: torch.tensor(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer}
+    lenet.load_state_dict({k: inits[k] for k in lenet.state_dict()})
+    lenet.eval()
+    x = mnist(a.lenet_n)
+    t_single, t_batch = torch_times(lenet, x, True)
+    t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
+    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, res))
+    # CIFAR ResNet-18, random weights
+    torch.manual_seed(0)
+    net = ResNet18().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.8, 1.2)
+    rpath = os.path.join(tmp, "resnet18.onnx")
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), rpath, dynamo=False, do_constant_folding=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    xr = np.random.default_rng(0).random((a.resnet_n, 3, 32, 32))
+    t_single, _ = torch_times(net, xr, False)
+    t_nnlin, res = nnlin_time(rpath, xr, a.threads, tmp)
+    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, res))
+    print(f"threads: {a.threads}; torch {torch.__version__} (float32), nnlin float64\n")
+    print("| model | instances | torch jacrev per instance | torch vmap(jacrev) per instance | nnlin per instance | nnlin vs jacrev | nnlin vs vmap | max residual |")
+    print("|---|---|---|---|---|---|---|---|")
+    out = []
+    for name, n, s, b, t, r in rows:
+        bs = f"{b * 1e3:.3f} ms" if b else "—"
+        vb = f"{b / t:.2f}x" if b else "—"
+        print(f"| {name} | {n} | {s * 1e3:.3f} ms | {bs} | {t * 1e3:.3f} ms | {s / t:.2f}x | {vb} | {r:.1e} |")
+        out.append({"model": name, "instances": n, "torch_jacrev_s": s, "torch_vmap_s": b, "nnlin_s": t, "residual": r})
+    json.dump({"threads": a.threads, "rows": out}, open("bench_torch.json", "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
