@@ -13,9 +13,11 @@ use nnlin::ir::{Activation, Dense, Expr, Layer, Network, Unary, ValueId};
 use nnlin::{Model, Options, Strategy};
 
 fn idx_images(file: &str, k: usize) -> Vec<f64> {
-    let gz = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file)).expect("test data");
+    let gz =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file)).expect("test data");
     let mut raw = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw).expect("gzip");
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw)
+        .expect("gzip");
     raw[16 + k * 784..16 + (k + 1) * 784].iter().map(|&v| f64::from(v) / 255.0).collect()
 }
 
@@ -31,10 +33,17 @@ fn bottleneck() -> (Model, Vec<f64>) {
     for i in 1..widths.len() {
         let (a, b) = (widths[i - 1], widths[i]);
         let weight = (0..a * b).map(|_| rnd() / (a as f64).sqrt()).collect();
-        let d = Dense { out_features: b, in_features: a, weight, bias: Some((0..b).map(|_| rnd()).collect()) };
+        let d = Dense {
+            out_features: b,
+            in_features: a,
+            weight,
+            bias: Some((0..b).map(|_| rnd()).collect()),
+        };
         v = net.push(format!("fc{i}"), "Gemm", Layer::Dense(d), vec![v]).expect("valid");
         let act = Activation { expr: Expr::unary(Unary::LeakyRelu { alpha: 0.1 }) };
-        v = net.push(format!("act{i}"), "LeakyRelu", Layer::Activation(act), vec![v]).expect("valid");
+        v = net
+            .push(format!("act{i}"), "LeakyRelu", Layer::Activation(act), vec![v])
+            .expect("valid");
     }
     (Model::from_network("bottleneck", net), (0..256).map(|i| (i as f64 * 0.37).sin()).collect())
 }
@@ -66,9 +75,11 @@ fn bench(c: &mut Criterion) {
         }
         for s in strategies {
             let opts = Options { strategy: s, ..Options::default() };
-            group.bench_with_input(BenchmarkId::new(*name, format!("{s:?}").to_lowercase()), x, |b, x| {
-                b.iter(|| model.linearize(x, &opts).expect("linearize"))
-            });
+            group.bench_with_input(
+                BenchmarkId::new(*name, format!("{s:?}").to_lowercase()),
+                x,
+                |b, x| b.iter(|| model.linearize(x, &opts).expect("linearize")),
+            );
         }
     }
     group.finish();

@@ -218,6 +218,9 @@ pub struct Model {
     name: String,
     info: ModelInfo,
     compiler: Compiler,
+    /// The auto strategy's choice per number of rows: the candidates' costs
+    /// depend on the network's structure and on m, so it is planned once.
+    auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(usize, Strategy)>>>,
 }
 
 impl Model {
@@ -228,7 +231,7 @@ impl Model {
                 .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
-        Ok(Self { name: name.to_string(), info, compiler })
+        Ok(Self { name: name.to_string(), info, compiler, auto_choice: Default::default() })
     }
 
     /// A model from a network built in code (no ONNX file).
@@ -241,7 +244,7 @@ impl Model {
             skipped_softmax: None,
         };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
-        Self { name: name.to_string(), info, compiler }
+        Self { name: name.to_string(), info, compiler, auto_choice: Default::default() }
     }
 
     /// Reads and imports an ONNX file.
@@ -453,12 +456,23 @@ impl Ensemble {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let chosen = match opts.strategy {
                 Strategy::Auto => {
-                    let (_, _, best) = plan::candidates(inst, m, &rates());
-                    match best {
-                        "forward" => Strategy::Forward,
-                        "dp" => Strategy::Dp,
-                        _ => Strategy::Reverse,
-                    }
+                    let cached = model
+                        .auto_choice
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
+                    cached.unwrap_or_else(|| {
+                        let (_, _, best) = plan::candidates(inst, m, &rates());
+                        let s = match best {
+                            "forward" => Strategy::Forward,
+                            "dp" => Strategy::Dp,
+                            _ => Strategy::Reverse,
+                        };
+                        if let Ok(mut c) = model.auto_choice.lock() {
+                            c.push((m, s));
+                        }
+                        s
+                    })
                 }
                 s => s,
             };

@@ -314,13 +314,20 @@ pub enum DenseError {
 /// The candidates' predicted costs (reverse, forward, and dp with its
 /// bracketing on chains) and the chosen one: reverse unless another is
 /// predicted at least 5 % faster.
-pub fn candidates(inst: &Instance, m: usize, rates: &Rates) -> (Vec<(&'static str, Cost)>, Option<Tree>, &'static str) {
+pub fn candidates(
+    inst: &Instance,
+    m: usize,
+    rates: &Rates,
+) -> (Vec<(&'static str, Cost)>, Option<Tree>, &'static str) {
     let rev = direction_cost(inst, m, Direction::Reverse);
     let fwd = direction_cost(inst, m, Direction::Forward);
     let mut cands: Vec<(&'static str, Cost)> = vec![("reverse", rev), ("forward", fwd)];
     let mut tree = None;
     if let Some(mut f) = chain_factors(inst).filter(|f| !f.is_empty()) {
-        f.push(Arc::new(Operator::Selection(Selection { ncols: inst.output.len(), cols: (0..m).collect() })));
+        f.push(Arc::new(Operator::Selection(Selection {
+            ncols: inst.output.len(),
+            cols: (0..m).collect(),
+        })));
         let (t, cost) = chain_plan(&f, rates);
         tree = Some(t);
         cands.push(("dp", cost));
