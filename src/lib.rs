@@ -43,8 +43,8 @@ use rayon::prelude::*;
 
 pub use nnlin_compile::plan;
 pub use nnlin_compile::{
-    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate, adjoints,
-    estimated_flops,
+    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate,
+    accumulate_split, adjoints, estimated_flops,
 };
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
@@ -100,7 +100,9 @@ pub enum Strategy {
     Reverse,
     /// From the input side.
     Forward,
-    /// Matrix-chain dynamic program over the explicit factors (chains only).
+    /// Matrix-chain dynamic program over the explicit factors on chain
+    /// networks; on DAGs, the cheapest of reverse, forward and a split at
+    /// one cut value (forward up to it, reverse down to it).
     Dp,
     /// The paper-literal baseline: every operator a dense matrix.
     Dense,
@@ -220,7 +222,7 @@ pub struct Model {
     compiler: Compiler,
     /// The auto strategy's choice per number of rows: the candidates' costs
     /// depend on the network's structure and on m, so it is planned once.
-    auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(usize, Strategy)>>>,
+    auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(usize, plan::Choice)>>>,
 }
 
 impl Model {
@@ -454,38 +456,41 @@ impl Ensemble {
         let mut direction = Direction::Reverse;
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
-            let chosen = match opts.strategy {
+            // what to run: auto plans once per model and row count
+            let choice = match opts.strategy {
                 Strategy::Auto => {
                     let cached = model
                         .auto_choice
                         .lock()
                         .ok()
                         .and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
-                    cached.unwrap_or_else(|| {
+                    Some(cached.unwrap_or_else(|| {
                         let (_, _, best) = plan::candidates(inst, m, &rates());
-                        let s = match best {
-                            "forward" => Strategy::Forward,
-                            "dp" => Strategy::Dp,
-                            _ => Strategy::Reverse,
-                        };
                         if let Ok(mut c) = model.auto_choice.lock() {
-                            c.push((m, s));
+                            c.push((m, best));
                         }
-                        s
-                    })
+                        best
+                    }))
                 }
-                s => s,
+                Strategy::Reverse => Some(plan::Choice::Reverse),
+                Strategy::Forward => Some(plan::Choice::Forward),
+                Strategy::Dp => Some(plan::Choice::Dp),
+                Strategy::Dense => None,
             };
-            let (wi, bi) = match chosen {
-                Strategy::Reverse | Strategy::Auto => {
+            let (wi, bi) = match choice {
+                Some(plan::Choice::Reverse) => {
                     direction = Direction::Reverse;
                     accumulate(inst, &rows, direction, par).map_err(compile_err)?
                 }
-                Strategy::Forward => {
+                Some(plan::Choice::Forward) => {
                     direction = Direction::Forward;
                     accumulate(inst, &rows, direction, par).map_err(compile_err)?
                 }
-                Strategy::Dp => match plan::chain_factors(inst).filter(|f| !f.is_empty()) {
+                Some(plan::Choice::Split(v)) => {
+                    nnlin_compile::accumulate_split(inst, &rows, v, par).map_err(compile_err)?
+                }
+                Some(plan::Choice::Dp) => match plan::chain_factors(inst).filter(|f| !f.is_empty())
+                {
                     Some(mut f) => {
                         f.push(std::sync::Arc::new(linalg::Operator::Selection(
                             linalg::Selection { ncols: inst.output.len(), cols: rows.clone() },
@@ -497,13 +502,23 @@ impl Ensemble {
                         (w_all, rows.iter().map(|&r| bias[r]).collect())
                     }
                     None => {
-                        return Err(Error::Input(format!(
-                            "{}: the dp strategy needs a chain network; this one branches (use auto, reverse or forward)",
-                            model.name
-                        )));
+                        // a DAG: the cheapest of reverse, forward and one cut split
+                        let (_, _, best) = plan::candidates(inst, m, &rates());
+                        match best {
+                            plan::Choice::Split(v) => {
+                                nnlin_compile::accumulate_split(inst, &rows, v, par)
+                                    .map_err(compile_err)?
+                            }
+                            plan::Choice::Forward => {
+                                accumulate(inst, &rows, Direction::Forward, par)
+                                    .map_err(compile_err)?
+                            }
+                            _ => accumulate(inst, &rows, Direction::Reverse, par)
+                                .map_err(compile_err)?,
+                        }
                     }
                 },
-                Strategy::Dense => plan::dense_accumulate(inst, &rows, available_memory(), par)
+                None => plan::dense_accumulate(inst, &rows, available_memory(), par)
                     .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
             };
             for j in 0..n {

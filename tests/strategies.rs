@@ -148,6 +148,37 @@ fn dp_splits_at_a_bottleneck() {
     );
 }
 
+/// On DAGs (ResNet, DenseNet) a split at any cut value — forward up to it,
+/// reverse down to it — gives the same W and b.
+#[test]
+fn splits_at_every_cut_value_agree() {
+    let xs = mnist(5..6);
+    let x = xs.row(0).to_vec();
+    for name in ["resnet_small", "densenet_small"] {
+        let m = Model::from_onnx_file(root().join(format!("cnn/{name}.onnx"))).unwrap();
+        let inst = m.compile_instance(&x, Mode::Tangent).unwrap();
+        let rows: Vec<usize> = (0..10).collect();
+        let (w0, b0) =
+            nnlin::accumulate(&inst, &rows, nnlin::Direction::Reverse, faer::Par::Seq).unwrap();
+        let cuts = nnlin::plan::cut_values(&inst);
+        assert!(cuts.len() >= 3, "{name}: cuts {cuts:?}");
+        let scale = (0..10)
+            .flat_map(|i| (0..784).map(move |j| (i, j)))
+            .fold(1.0f64, |a, (i, j)| a.max(w0[(i, j)].abs()));
+        // the first, a middle and the last cut (forward up to a late cut costs
+        // a full forward pass)
+        for c in [cuts[0], cuts[cuts.len() / 2], cuts[cuts.len() - 1]] {
+            let (w, b) = nnlin::accumulate_split(&inst, &rows, c, faer::Par::Seq).unwrap();
+            for i in 0..10 {
+                for j in 0..784 {
+                    assert!((w[(i, j)] - w0[(i, j)]).abs() <= 1e-11 * scale, "{name} cut {c}");
+                }
+                assert!((b[i] - b0[i]).abs() <= 1e-11 * scale.max(b0[i].abs()), "{name} cut {c}");
+            }
+        }
+    }
+}
+
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     let xs = mnist(0..16);

@@ -693,88 +693,14 @@ pub fn accumulate(
     if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
         return Err(CompileError::RowOutOfRange { row, len: out_len });
     }
-    let m = rows.len();
-    let n = inst.input_len;
-    let nvalues = inst.value_lens.len();
+    let (m, n) = (rows.len(), inst.input_len);
     Ok(match dir {
         Direction::Reverse => {
-            let mut adj: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
-            let mut g0 = Block::zeros(m, out_len);
-            for (i, &r) in rows.iter().enumerate() {
-                g0[(i, r)] = 1.0;
-            }
-            adj[inst.output_value] = Some(g0);
-            let mut b = vec![0.0; m];
-            for layer in inst.layers.iter().rev() {
-                let Some(g) = adj[layer.output].take() else { continue };
-                for (j, &cj) in layer.bias.iter().enumerate() {
-                    if cj != 0.0 {
-                        for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
-                            *bi += gij * cj;
-                        }
-                    }
-                }
-                let single = layer.inputs.len() == 1;
-                let mut g = Some(g);
-                for (v, op) in &layer.inputs {
-                    let contrib = match (&**op, single) {
-                        (Operator::Identity(_), true) => g.take().expect("adjoint"),
-                        (op, _) => op.left_mul(g.as_ref().expect("adjoint"), par),
-                    };
-                    add_into(&mut adj[*v], contrib);
-                }
-            }
-            (adj[0].take().unwrap_or_else(|| Block::zeros(m, n)), b)
+            let (g, b) = reverse_to(inst, rows, 0, par);
+            (g.unwrap_or_else(|| Block::zeros(m, n)), b)
         }
         Direction::Forward => {
-            let mut remaining = vec![0usize; nvalues];
-            for l in &inst.layers {
-                for (v, _) in &l.inputs {
-                    remaining[*v] += 1;
-                }
-            }
-            let mut tan: Vec<Option<Tangent>> = (0..nvalues).map(|_| None).collect();
-            let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
-            tan[0] = Some(Tangent::Identity);
-            off[0] = Some(vec![0.0; n]);
-            for layer in &inst.layers {
-                let mut t: Option<Tangent> = None;
-                let mut c = (*layer.bias).clone();
-                for (v, op) in &layer.inputs {
-                    let tv = tan[*v].as_ref().expect("tangent alive");
-                    let contrib = match (tv, &**op) {
-                        (Tangent::Identity, Operator::Identity(_)) => Tangent::Identity,
-                        (Tangent::Identity, op) => Tangent::Dense(op.to_dense()),
-                        (Tangent::Dense(b), op) => Tangent::Dense(op.right_mul(b, par)),
-                    };
-                    t = Some(match (t, contrib) {
-                        (None, x) => x,
-                        (Some(a), x) => {
-                            let dense = |t: Tangent| match t {
-                                Tangent::Identity => Block::identity(n, n),
-                                Tangent::Dense(b) => b,
-                            };
-                            let mut sum = dense(a);
-                            sum.add_assign(&dense(x));
-                            Tangent::Dense(sum)
-                        }
-                    });
-                    for (ci, t) in
-                        c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive")))
-                    {
-                        *ci += t;
-                    }
-                    remaining[*v] -= 1;
-                    if remaining[*v] == 0 && *v != inst.output_value {
-                        tan[*v] = None;
-                        off[*v] = None;
-                    }
-                }
-                tan[layer.output] = t;
-                off[layer.output] = Some(c);
-            }
-            let t = tan[inst.output_value].take().expect("output tangent");
-            let bias = off[inst.output_value].take().expect("output offset");
+            let (t, bias) = forward_to(inst, inst.output_value, par);
             let w = match t {
                 Tangent::Identity => Block::from_fn(m, n, |i, j| f64::from(u8::from(rows[i] == j))),
                 Tangent::Dense(t) => Block::from_fn(m, n, |i, j| t[(rows[i], j)]),
@@ -782,4 +708,134 @@ pub fn accumulate(
             (w, rows.iter().map(|&r| bias[r]).collect())
         }
     })
+}
+
+/// Reverse accumulation over the nodes after value `stop`: the adjoint of
+/// `stop` (`None` if the rows do not depend on it) and the offsets of those
+/// nodes pushed back (`Σ` adjoint · c).
+pub(crate) fn reverse_to(
+    inst: &Instance,
+    rows: &[usize],
+    stop: usize,
+    par: Par,
+) -> (Option<Block>, Vec<f64>) {
+    let m = rows.len();
+    let mut adj: Vec<Option<Block>> = (0..inst.value_lens.len()).map(|_| None).collect();
+    let mut g0 = Block::zeros(m, inst.output.len());
+    for (i, &r) in rows.iter().enumerate() {
+        g0[(i, r)] = 1.0;
+    }
+    adj[inst.output_value] = Some(g0);
+    let mut b = vec![0.0; m];
+    for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
+        let Some(g) = adj[layer.output].take() else { continue };
+        for (j, &cj) in layer.bias.iter().enumerate() {
+            if cj != 0.0 {
+                for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
+                    *bi += gij * cj;
+                }
+            }
+        }
+        let single = layer.inputs.len() == 1;
+        let mut g = Some(g);
+        for (v, op) in &layer.inputs {
+            let contrib = match (&**op, single) {
+                (Operator::Identity(_), true) => g.take().expect("adjoint"),
+                (op, _) => op.left_mul(g.as_ref().expect("adjoint"), par),
+            };
+            add_into(&mut adj[*v], contrib);
+        }
+    }
+    (adj[stop].take(), b)
+}
+
+/// Forward accumulation over the nodes up to value `stop`: its tangent
+/// (`numel(stop) × n`) and its offset (the offsets pushed forward from 0).
+fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
+    let n = inst.input_len;
+    let nvalues = inst.value_lens.len();
+    let layers: Vec<&CompiledLayer> = inst.layers.iter().filter(|l| l.output <= stop).collect();
+    let mut remaining = vec![0usize; nvalues];
+    for l in &layers {
+        for (v, _) in &l.inputs {
+            remaining[*v] += 1;
+        }
+    }
+    let mut tan: Vec<Option<Tangent>> = (0..nvalues).map(|_| None).collect();
+    let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+    tan[0] = Some(Tangent::Identity);
+    off[0] = Some(vec![0.0; n]);
+    for layer in layers {
+        let mut t: Option<Tangent> = None;
+        let mut c = (*layer.bias).clone();
+        for (v, op) in &layer.inputs {
+            let tv = tan[*v].as_ref().expect("tangent alive");
+            let contrib = match (tv, &**op) {
+                (Tangent::Identity, Operator::Identity(_)) => Tangent::Identity,
+                (Tangent::Identity, op) => Tangent::Dense(op.to_dense()),
+                (Tangent::Dense(b), op) => Tangent::Dense(op.right_mul(b, par)),
+            };
+            t = Some(match (t, contrib) {
+                (None, x) => x,
+                (Some(a), x) => {
+                    let dense = |t: Tangent| match t {
+                        Tangent::Identity => Block::identity(n, n),
+                        Tangent::Dense(b) => b,
+                    };
+                    let mut sum = dense(a);
+                    sum.add_assign(&dense(x));
+                    Tangent::Dense(sum)
+                }
+            });
+            for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
+                *ci += t;
+            }
+            remaining[*v] -= 1;
+            if remaining[*v] == 0 && *v != stop {
+                tan[*v] = None;
+                off[*v] = None;
+            }
+        }
+        tan[layer.output] = t;
+        off[layer.output] = Some(c);
+    }
+    (tan[stop].take().expect("tangent at stop"), off[stop].take().expect("offset at stop"))
+}
+
+/// `W` and `b` split at the cut value `cut` (every path from the input to the
+/// output passes through it): forward accumulation up to the cut, reverse
+/// accumulation down to it, one GEMM to join them.
+pub fn accumulate_split(
+    inst: &Instance,
+    rows: &[usize],
+    cut: usize,
+    par: Par,
+) -> Result<(Block, Vec<f64>), CompileError> {
+    let out_len = inst.output.len();
+    if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
+        return Err(CompileError::RowOutOfRange { row, len: out_len });
+    }
+    let (m, n) = (rows.len(), inst.input_len);
+    let (g, mut b) = reverse_to(inst, rows, cut, par);
+    let Some(g) = g else { return Ok((Block::zeros(m, n), b)) };
+    let (t, off) = forward_to(inst, cut, par);
+    for (bi, row) in b.iter_mut().zip(0..m) {
+        *bi += (0..off.len()).map(|j| g[(row, j)] * off[j]).sum::<f64>();
+    }
+    let w = match t {
+        Tangent::Identity => g,
+        Tangent::Dense(t) => {
+            let mut w = Block::zeros(m, n);
+            faer::linalg::matmul::matmul(
+                w.as_mut(),
+                faer::Accum::Replace,
+                g.as_ref(),
+                t.as_ref(),
+                1.0,
+                par,
+            );
+            w
+        }
+    };
+    Ok((w, b))
 }

@@ -311,17 +311,62 @@ pub enum DenseError {
     Compile(CompileError),
 }
 
-/// The candidates' predicted costs (reverse, forward, and dp with its
-/// bracketing on chains) and the chosen one: reverse unless another is
-/// predicted at least 5 % faster.
+/// What a plan does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Reverse accumulation.
+    Reverse,
+    /// Forward accumulation.
+    Forward,
+    /// The chain DP's bracketing (chains).
+    Dp,
+    /// Forward up to this cut value, reverse down to it, one GEMM (DAGs).
+    Split(usize),
+}
+
+/// Values every input-to-output path passes through (no later node reads
+/// an earlier value), other than the input and the output.
+pub fn cut_values(inst: &Instance) -> Vec<usize> {
+    let nvalues = inst.value_lens.len();
+    // min_after[v]: the smallest input index read by any node producing a value > v
+    let mut min_after = vec![usize::MAX; nvalues + 1];
+    for l in inst.layers.iter().rev() {
+        let lo = l.inputs.iter().map(|(v, _)| *v).min().unwrap_or(usize::MAX);
+        min_after[l.output - 1] = min_after[l.output].min(lo);
+    }
+    for v in (0..nvalues.saturating_sub(1)).rev() {
+        min_after[v] = min_after[v].min(min_after[v + 1]);
+    }
+    (1..inst.output_value).filter(|&v| min_after[v] >= v).collect()
+}
+
+/// Predicted cost of splitting at `cut`.
+pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
+    let n = inst.input_len;
+    let mut c = Cost { gemm: (m * inst.value_lens[cut] * n) as f64, sparse: 0.0 };
+    for l in &inst.layers {
+        let width = if l.output <= cut { n } else { m };
+        for (_, op) in &l.inputs {
+            c = c.add(op_cost(op, width));
+        }
+    }
+    c
+}
+
+/// The candidates' predicted costs (reverse, forward; the chain DP on
+/// chains, the best cut split on DAGs) and the chosen one: reverse unless
+/// another is predicted at least 5 % faster.
 pub fn candidates(
     inst: &Instance,
     m: usize,
     rates: &Rates,
-) -> (Vec<(&'static str, Cost)>, Option<Tree>, &'static str) {
+) -> (Vec<(String, Cost, Choice)>, Option<Tree>, Choice) {
     let rev = direction_cost(inst, m, Direction::Reverse);
     let fwd = direction_cost(inst, m, Direction::Forward);
-    let mut cands: Vec<(&'static str, Cost)> = vec![("reverse", rev), ("forward", fwd)];
+    let mut cands = vec![
+        ("reverse".to_string(), rev, Choice::Reverse),
+        ("forward".to_string(), fwd, Choice::Forward),
+    ];
     let mut tree = None;
     if let Some(mut f) = chain_factors(inst).filter(|f| !f.is_empty()) {
         f.push(Arc::new(Operator::Selection(Selection {
@@ -330,20 +375,26 @@ pub fn candidates(
         })));
         let (t, cost) = chain_plan(&f, rates);
         tree = Some(t);
-        cands.push(("dp", cost));
+        cands.push(("dp".to_string(), cost, Choice::Dp));
+    } else if let Some((v, cost)) = cut_values(inst)
+        .into_iter()
+        .map(|v| (v, split_cost(inst, m, v)))
+        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
+    {
+        cands.push((format!("split@{v}"), cost, Choice::Split(v)));
     }
     let base = rev.seconds(rates);
     let best = cands
         .iter()
         .filter(|c| c.1.seconds(rates) < 0.95 * base)
         .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
-        .map_or("reverse", |c| c.0);
+        .map_or(Choice::Reverse, |c| c.2);
     (cands, tree, best)
 }
 
 /// A stable text description of the candidate plans and their predicted
 /// costs (the `nnlin plan` output).
-pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static str) {
+pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
     let mut s = String::new();
     let _ = writeln!(s, "factors (input side first): {}", inst.layers.len());
     for (k, l) in inst.layers.iter().enumerate() {
@@ -365,11 +416,17 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static s
             let _ = writeln!(s, "chain bracketing: {}", render(t));
         }
         None => {
-            let _ = writeln!(s, "chain bracketing: none (the network is a DAG)");
+            let cuts = cut_values(inst);
+            let _ =
+                writeln!(s, "chain bracketing: none (the network is a DAG); cut values: {cuts:?}");
         }
     }
     let _ = writeln!(s, "candidates (multiply-adds: gemm + sparse; predicted seconds):");
-    for (name, c) in &cands {
+    let mut chosen = String::new();
+    for (name, c, choice) in &cands {
+        if *choice == best {
+            chosen.clone_from(name);
+        }
         let _ = writeln!(
             s,
             "  {:<8} {:>14.0} + {:>14.0}  {:.3e} s{}",
@@ -377,10 +434,10 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, &'static s
             c.gemm,
             c.sparse,
             c.seconds(rates),
-            if *name == best { "  <- chosen" } else { "" }
+            if *choice == best { "  <- chosen" } else { "" }
         );
     }
-    (s, best)
+    (s, chosen)
 }
 
 /// `((2 1) 0)`-style rendering of a bracketing (factor 0 is the input side).
