@@ -392,6 +392,32 @@ pub fn candidates(
     (cands, tree, best)
 }
 
+/// Bytes a plan must hold at its peak, estimated: every operator, the
+/// result W, and the two largest blocks alive at once (the block being
+/// formed and the one it is formed from).
+pub fn peak_bytes(inst: &Instance, m: usize, choice: Choice) -> usize {
+    let f = std::mem::size_of::<f64>();
+    let ops: usize =
+        inst.layers.iter().flat_map(|l| l.inputs.iter()).map(|(_, op)| op.bytes()).sum();
+    let n = inst.input_len;
+    let widest = |vals: &mut dyn Iterator<Item = usize>| vals.max().unwrap_or(0);
+    let blocks = match choice {
+        Choice::Reverse => m * widest(&mut inst.value_lens.iter().copied()) * 2,
+        Choice::Forward => n * widest(&mut inst.value_lens.iter().copied()) * 2,
+        Choice::Dp => {
+            // formed products are at most (widest value)² in a chain, bounded by n and m
+            let w = widest(&mut inst.value_lens.iter().copied());
+            w * n.max(m) * 2
+        }
+        Choice::Split(v) => {
+            let before = widest(&mut inst.value_lens[..=v].iter().copied()) * n;
+            let after = widest(&mut inst.value_lens[v..].iter().copied()) * m;
+            before.max(after) * 2 + inst.value_lens[v] * n
+        }
+    };
+    ops + (blocks + m * n) * f
+}
+
 /// A stable text description of the candidate plans and their predicted
 /// costs (the `nnlin plan` output).
 pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
@@ -429,11 +455,12 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
         }
         let _ = writeln!(
             s,
-            "  {:<8} {:>14.0} + {:>14.0}  {:.3e} s{}",
+            "  {:<8} {:>14.0} + {:>14.0}  {:.3e} s  peak ~{:.1} MB{}",
             name,
             c.gemm,
             c.sparse,
             c.seconds(rates),
+            peak_bytes(inst, m, *choice) as f64 / 1e6,
             if *choice == best { "  <- chosen" } else { "" }
         );
     }
