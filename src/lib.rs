@@ -558,13 +558,36 @@ fn batch(
         )));
     }
     let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+    if rows.len() == 1 {
+        // one instance: parallelism inside its products
+        return with_inner_par(rayon::current_num_threads(), || {
+            rows.iter().map(|x| f(x)).collect()
+        });
+    }
     rows.par_iter().map(|x| f(x)).collect()
 }
 
+thread_local! {
+    static INNER_PAR: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
 fn faer_par() -> faer::Par {
-    // Instances run in parallel; inside one instance products are sequential,
-    // which keeps results bit-identical whatever the thread count.
-    faer::Par::Seq
+    // A batch runs its instances in parallel with sequential products; a
+    // single instance runs its large GEMMs on the pool instead. faer splits
+    // a GEMM's output into tiles and keeps each element's reduction order,
+    // so the result is the same bits either way (tested).
+    match INNER_PAR.with(std::cell::Cell::get) {
+        0 | 1 => faer::Par::Seq,
+        t => faer::Par::rayon(t),
+    }
+}
+
+/// Runs `f` with products inside one instance spread over `threads`.
+fn with_inner_par<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let old = INNER_PAR.with(|c| c.replace(threads));
+    let out = f();
+    INNER_PAR.with(|c| c.set(old));
+    out
 }
 
 /// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that

@@ -222,3 +222,30 @@ fn plan_output_is_stable() {
         "plan output changed; rerun with NNLIN_BLESS=1 if intended"
     );
 }
+
+/// One instance: its GEMMs run on the pool; the bits do not change with the
+/// number of threads.
+#[test]
+fn single_instance_results_do_not_depend_on_the_thread_count() {
+    let xs = mnist(7..8);
+    for (name, strategy) in [
+        ("resnet_small", Strategy::Forward),
+        ("lenet300", Strategy::Reverse),
+        ("lenet5", Strategy::Dp),
+    ] {
+        let ens = Ensemble::single(
+            Model::from_onnx_file(root().join(format!("cnn/{name}.onnx"))).unwrap(),
+        );
+        let opts = Options { strategy, ..Options::default() };
+        let run = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(|| ens.linearize_batch(xs.view(), &opts).unwrap())
+        };
+        let (one, two) = (run(1), run(2));
+        assert_eq!(one[0].w, two[0].w, "{name}");
+        assert_eq!(one[0].b, two[0].b, "{name}");
+    }
+}
