@@ -126,17 +126,108 @@ pub fn chain_factors(inst: &Instance) -> Option<Vec<Arc<Operator>>> {
 pub enum Tree {
     /// One explicit factor.
     Leaf(usize),
+    /// A diagonal or selection factor folded into its explicit neighbour:
+    /// `(outer, inner)` = factors `inner + 1` and `inner`.
+    Fold(usize, usize),
     /// `left · right`: `left` covers the later (output-side) factors.
     Product(Box<Tree>, Box<Tree>),
 }
 
+/// Whether a diagonal or selection factor can be folded into an explicit
+/// neighbour (dense or CSR) into one explicit operator.
+fn foldable(outer: &Operator, inner: &Operator) -> bool {
+    let explicit = |o: &Operator| matches!(o, Operator::Dense(_) | Operator::Csr(_));
+    let cheap = |o: &Operator| matches!(o, Operator::Diagonal(_) | Operator::Selection(_));
+    (explicit(outer) && cheap(inner)) || (cheap(outer) && explicit(inner))
+}
+
+/// `outer · inner` for a foldable pair, as one CSR operator (explicit
+/// entries only).
+pub fn fold(outer: &Operator, inner: &Operator) -> Operator {
+    let (rows, cols) = (outer.nrows(), inner.ncols());
+    let mut tri: Vec<(usize, usize, f64)> = Vec::new();
+    let entries = |op: &Operator| -> Vec<(usize, usize, f64)> {
+        match op {
+            Operator::Dense(m) => (0..m.nrows())
+                .flat_map(|i| (0..m.ncols()).map(move |j| (i, j, m[(i, j)])))
+                .filter(|e| e.2 != 0.0)
+                .collect(),
+            Operator::Csr(m) => {
+                let indptr = m.indptr().raw_storage().to_vec();
+                (0..m.rows())
+                    .flat_map(|i| (indptr[i]..indptr[i + 1]).map(move |p| (i, p)))
+                    .map(|(i, p)| (i, m.indices()[p], m.data()[p]))
+                    .collect()
+            }
+            other => unreachable!("not explicit: {}", other.kind()),
+        }
+    };
+    match (outer, inner) {
+        (Operator::Diagonal(d), a) => {
+            tri.extend(entries(a).into_iter().map(|(i, j, v)| (i, j, d[i] * v)))
+        }
+        (a, Operator::Diagonal(d)) => {
+            tri.extend(entries(a).into_iter().map(|(i, j, v)| (i, j, v * d[j])))
+        }
+        (Operator::Selection(sel), a) => {
+            // gather rows of a
+            let e = entries(a);
+            let mut by_row: Vec<Vec<(usize, f64)>> = vec![vec![]; a.nrows()];
+            for (i, j, v) in e {
+                by_row[i].push((j, v));
+            }
+            for (r, &c) in sel.cols.iter().enumerate() {
+                if c != Selection::ZERO {
+                    tri.extend(by_row[c].iter().map(|&(j, v)| (r, j, v)));
+                }
+            }
+        }
+        (a, Operator::Selection(sel)) => {
+            // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
+            for (i, j, v) in entries(a) {
+                let c = sel.cols[j];
+                if c != Selection::ZERO {
+                    tri.push((i, c, v));
+                }
+            }
+        }
+        _ => unreachable!("fold of a non-foldable pair"),
+    }
+    Operator::csr_from_triplets(rows, cols, &tri)
+}
+
 /// The cheapest bracketing of `factors` (input side first) and its cost.
+///
+/// Besides every split, the program may *fold* a diagonal or selection
+/// factor into an explicit neighbour (one pass over the neighbour's
+/// nonzeros), leaving a single explicit factor that later products use as
+/// a leaf.
 pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
     let k = factors.len();
     assert!(k > 0, "chain_plan: no factors");
     // dims[i] = columns of factor i = rows of factor i-1; dims[k] = rows of the last
     let mut dims = vec![factors[0].ncols()];
     dims.extend(factors.iter().map(|f| f.nrows()));
+    // explicit-operator form: leaves and folded pairs, with their nnz
+    let op_nnz = |i: usize, j: usize| -> Option<usize> {
+        if i == j {
+            Some(factors[i].nnz())
+        } else if j == i + 1 && foldable(&factors[j], &factors[i]) {
+            let explicit =
+                if matches!(*factors[i], Operator::Dense(_) | Operator::Csr(_)) { i } else { j };
+            Some(factors[explicit].nnz())
+        } else {
+            None
+        }
+    };
+    let apply_cost = |nnz: usize, width: usize, conv: bool| {
+        let madds = (nnz * width) as f64;
+        if conv { Cost { gemm: madds, sparse: 0.0 } } else { Cost { gemm: 0.0, sparse: madds } }
+    };
+    let is_gemm_op = |i: usize, j: usize| {
+        i == j && matches!(*factors[i], Operator::Dense(_) | Operator::Conv(_))
+    };
+    // best[i][j] = (cost, split; usize::MAX marks a fold)
     let mut best: Vec<Vec<Option<(Cost, usize)>>> = vec![vec![None; k]; k];
     for i in 0..k {
         best[i][i] = Some((Cost::default(), i));
@@ -145,21 +236,29 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
         for i in 0..=k - len {
             let j = i + len - 1;
             let mut choice: Option<(Cost, usize)> = None;
+            let mut consider = |total: Cost, s: usize| {
+                if choice.is_none_or(|(c, _)| total.seconds(rates) < c.seconds(rates)) {
+                    choice = Some((total, s));
+                }
+            };
+            if len == 2 && foldable(&factors[j], &factors[i]) {
+                let nnz = op_nnz(i, j).expect("foldable pair");
+                consider(Cost { gemm: 0.0, sparse: nnz as f64 }, usize::MAX);
+            }
             for s in i..j {
                 // right = factors i..=s (input side), left = s+1..=j
                 let (cr, cl) = (best[i][s].expect("filled").0, best[s + 1][j].expect("filled").0);
                 let (rows, inner, cols) = (dims[j + 1], dims[s + 1], dims[i]);
-                let mult = match (s == i, s + 1 == j) {
-                    // left single factor applied to the formed right product
-                    (_, true) => op_cost(&factors[j], cols),
-                    // right single factor applied from the left side
-                    (true, false) => op_cost(&factors[i], rows),
-                    (false, false) => Cost { gemm: (rows * inner * cols) as f64, sparse: 0.0 },
+                let left_op = op_nnz(s + 1, j)
+                    .filter(|_| best[s + 1][j].is_some_and(|b| s + 1 == j || b.1 == usize::MAX));
+                let right_op = op_nnz(i, s)
+                    .filter(|_| best[i][s].is_some_and(|b| i == s || b.1 == usize::MAX));
+                let mult = match (left_op, right_op) {
+                    (Some(nl), _) => apply_cost(nl, cols, is_gemm_op(s + 1, j)),
+                    (None, Some(nr)) => apply_cost(nr, rows, is_gemm_op(i, s)),
+                    (None, None) => Cost { gemm: (rows * inner * cols) as f64, sparse: 0.0 },
                 };
-                let total = cr.add(cl).add(mult);
-                if choice.is_none_or(|(c, _)| total.seconds(rates) < c.seconds(rates)) {
-                    choice = Some((total, s));
-                }
+                consider(cr.add(cl).add(mult), s);
             }
             best[i][j] = choice;
         }
@@ -169,25 +268,29 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
             return Tree::Leaf(i);
         }
         let s = best[i][j].expect("filled").1;
+        if s == usize::MAX {
+            return Tree::Fold(j, i);
+        }
         Tree::Product(Box::new(tree(best, s + 1, j)), Box::new(tree(best, i, s)))
     }
     (tree(&best, 0, k - 1), best[0][k - 1].expect("filled").0)
 }
 
 enum Formed {
-    Leaf(usize),
+    Op(Arc<Operator>),
     Dense(Block),
 }
 
 fn eval(t: &Tree, f: &[Arc<Operator>], par: Par) -> Formed {
     match t {
-        Tree::Leaf(i) => Formed::Leaf(*i),
+        Tree::Leaf(i) => Formed::Op(Arc::clone(&f[*i])),
+        Tree::Fold(outer, inner) => Formed::Op(Arc::new(fold(&f[*outer], &f[*inner]))),
         Tree::Product(l, r) => {
             let (l, r) = (eval(l, f, par), eval(r, f, par));
             Formed::Dense(match (l, r) {
-                (Formed::Leaf(a), Formed::Dense(b)) => f[a].right_mul(&b, par),
-                (Formed::Dense(a), Formed::Leaf(b)) => f[b].left_mul(&a, par),
-                (Formed::Leaf(a), Formed::Leaf(b)) => f[a].right_mul(&f[b].to_dense(), par),
+                (Formed::Op(a), Formed::Dense(b)) => a.right_mul(&b, par),
+                (Formed::Dense(a), Formed::Op(b)) => b.left_mul(&a, par),
+                (Formed::Op(a), Formed::Op(b)) => a.right_mul(&b.to_dense(), par),
                 (Formed::Dense(a), Formed::Dense(b)) => {
                     let mut out = Block::zeros(a.nrows(), b.ncols());
                     faer::linalg::matmul::matmul(
@@ -230,7 +333,7 @@ pub fn chain_accumulate_factors(
         return Block::identity(inst.input_len, inst.input_len);
     }
     match eval(tree, factors, par) {
-        Formed::Leaf(i) => factors[i].to_dense(),
+        Formed::Op(op) => op.to_dense(),
         Formed::Dense(b) => b,
     }
 }
@@ -471,6 +574,48 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
 pub fn render(t: &Tree) -> String {
     match t {
         Tree::Leaf(i) => i.to_string(),
+        Tree::Fold(o, i) => format!("[{o}{i}]"),
         Tree::Product(l, r) => format!("({} {})", render(l), render(r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faer::Mat;
+
+    #[test]
+    fn folds_equal_the_products() {
+        let dense = Operator::Dense(Mat::from_fn(4, 5, |i, j| (i * 5 + j) as f64 - 7.0));
+        let csr = Operator::csr_from_triplets(
+            4,
+            5,
+            &[(0, 1, 2.0), (2, 4, -1.5), (3, 0, 0.5), (3, 3, 4.0)],
+        );
+        let diag_out = Operator::Diagonal(vec![1.0, -2.0, 0.0, 3.0]);
+        let diag_in = Operator::Diagonal(vec![0.5, 1.0, -1.0, 2.0, 0.0]);
+        let sel_out =
+            Operator::Selection(Selection { ncols: 4, cols: vec![3, Selection::ZERO, 0, 3] });
+        let sel_in =
+            Operator::Selection(Selection { ncols: 6, cols: vec![5, 0, 2, Selection::ZERO, 1] });
+        for a in [&dense, &csr] {
+            for (outer, inner) in [(&diag_out, a), (a, &diag_in), (&sel_out, a), (a, &sel_in)] {
+                assert!(foldable(outer, inner));
+                let f = fold(outer, inner).to_dense();
+                let p = outer.right_mul(&inner.to_dense(), Par::Seq);
+                assert_eq!((f.nrows(), f.ncols()), (p.nrows(), p.ncols()));
+                for i in 0..p.nrows() {
+                    for j in 0..p.ncols() {
+                        assert!(
+                            (f[(i, j)] - p[(i, j)]).abs() < 1e-12,
+                            "{} {}",
+                            outer.kind(),
+                            inner.kind()
+                        );
+                    }
+                }
+            }
+        }
+        assert!(!foldable(&diag_out, &diag_out));
     }
 }
