@@ -138,6 +138,7 @@ fn load_rates() -> Option<plan::Rates> {
     Some(plan::Rates {
         gemm: num("gemm_madds_per_second")?,
         sparse: num("sparse_madds_per_second")?,
+        bandwidth: num("bytes_per_second")?,
     })
 }
 

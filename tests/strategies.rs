@@ -122,7 +122,7 @@ fn dp_splits_at_a_bottleneck() {
     let m = Model::from_network("bottleneck", net);
     let x: Vec<f64> = (0..256).map(|i| (i as f64 * 0.37).sin()).collect();
     let inst = m.compile_instance(&x, Mode::Tangent).unwrap();
-    let rates = nnlin::plan::Rates { gemm: 1e10, sparse: 1e9 };
+    let rates = nnlin::plan::Rates { gemm: 1e10, sparse: 1e9, bandwidth: 1e10 };
     let (text, best) = nnlin::plan::describe(&inst, 256, &rates);
     assert_eq!(best, "dp", "{text}");
     let r = nnlin::plan::direction_cost(&inst, 256, nnlin::Direction::Reverse).flops();
@@ -206,7 +206,7 @@ fn plan_output_is_stable() {
             "--input",
             root().join("data/mnist/t10k-images-idx3-ubyte.gz[0]").to_str().unwrap(),
             "--rates",
-            "1e10,1e9",
+            "1e10,1e9,1e10",
         ])
         .output()
         .unwrap();

@@ -20,26 +20,41 @@ use nnlin_linalg::{Block, Operator, Selection};
 
 use crate::{CompileError, Direction, Instance, accumulate};
 
-/// Cost of one multiplication, split by kernel kind (multiply-adds).
+/// Cost of one multiplication: multiply-adds by kernel kind and bytes moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Cost {
     /// Multiply-adds done by dense GEMMs.
     pub gemm: f64,
     /// Multiply-adds done by explicit sparse / structured kernels.
     pub sparse: f64,
+    /// Bytes read and written (operator storage, input and output blocks).
+    pub bytes: f64,
 }
 
 impl Cost {
     fn add(self, o: Cost) -> Cost {
-        Cost { gemm: self.gemm + o.gemm, sparse: self.sparse + o.sparse }
+        Cost {
+            gemm: self.gemm + o.gemm,
+            sparse: self.sparse + o.sparse,
+            bytes: self.bytes + o.bytes,
+        }
     }
     /// Total multiply-adds.
     pub fn flops(self) -> f64 {
         self.gemm + self.sparse
     }
-    /// Predicted seconds at the given throughputs (multiply-adds per second).
+    /// Predicted seconds: compute time at the measured throughputs, or the
+    /// memory traffic at the measured bandwidth, whichever is larger.
     pub fn seconds(self, rates: &Rates) -> f64 {
-        self.gemm / rates.gemm + self.sparse / rates.sparse
+        (self.gemm / rates.gemm + self.sparse / rates.sparse).max(self.bytes / rates.bandwidth)
+    }
+    fn gemm(rows: usize, inner: usize, cols: usize) -> Cost {
+        let f = std::mem::size_of::<f64>() as f64;
+        Cost {
+            gemm: (rows * inner * cols) as f64,
+            sparse: 0.0,
+            bytes: f * (rows * inner + inner * cols + rows * cols) as f64,
+        }
     }
 }
 
@@ -51,6 +66,8 @@ pub struct Rates {
     pub gemm: f64,
     /// Sparse and structured operator products.
     pub sparse: f64,
+    /// Memory bandwidth, bytes per second (a large copy).
+    pub bandwidth: f64,
 }
 
 impl Rates {
@@ -79,16 +96,28 @@ impl Rates {
         let ts = time(&mut || {
             std::hint::black_box(s.left_mul(&g2, Par::Seq));
         });
-        Rates { gemm: 64.0 * 256.0 * 256.0 / tg, sparse: (4096.0 * 8.0 * 16.0) / ts }
+        let src = vec![1.0f64; 1 << 22];
+        let mut dst = vec![0.0f64; 1 << 22];
+        let tb = time(&mut || {
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&dst);
+        });
+        Rates {
+            gemm: 64.0 * 256.0 * 256.0 / tg,
+            sparse: (4096.0 * 8.0 * 16.0) / ts,
+            bandwidth: 2.0 * 8.0 * f64::from(1u32 << 22) / tb,
+        }
     }
 }
 
 fn op_cost(op: &Operator, width: usize) -> Cost {
+    let bytes =
+        (op.bytes() + std::mem::size_of::<f64>() * width * (op.nrows() + op.ncols())) as f64;
+    let madds = (op.nnz() * width) as f64;
     match op {
         Operator::Identity(_) => Cost::default(),
-        Operator::Dense(_) => Cost { gemm: (op.nnz() * width) as f64, sparse: 0.0 },
-        Operator::Conv(_) => Cost { gemm: (op.nnz() * width) as f64, sparse: 0.0 },
-        _ => Cost { gemm: 0.0, sparse: (op.nnz() * width) as f64 },
+        Operator::Dense(_) | Operator::Conv(_) => Cost { gemm: madds, sparse: 0.0, bytes },
+        _ => Cost { gemm: 0.0, sparse: madds, bytes },
     }
 }
 
@@ -220,9 +249,14 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
             None
         }
     };
-    let apply_cost = |nnz: usize, width: usize, conv: bool| {
+    let apply_cost = |nnz: usize, width: usize, conv: bool, rows: usize, cols: usize| {
         let madds = (nnz * width) as f64;
-        if conv { Cost { gemm: madds, sparse: 0.0 } } else { Cost { gemm: 0.0, sparse: madds } }
+        let bytes = (12 * nnz + 8 * width * (rows + cols)) as f64;
+        if conv {
+            Cost { gemm: madds, sparse: 0.0, bytes }
+        } else {
+            Cost { gemm: 0.0, sparse: madds, bytes }
+        }
     };
     let is_gemm_op = |i: usize, j: usize| {
         i == j && matches!(*factors[i], Operator::Dense(_) | Operator::Conv(_))
@@ -243,7 +277,10 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
             };
             if len == 2 && foldable(&factors[j], &factors[i]) {
                 let nnz = op_nnz(i, j).expect("foldable pair");
-                consider(Cost { gemm: 0.0, sparse: nnz as f64 }, usize::MAX);
+                consider(
+                    Cost { gemm: 0.0, sparse: nnz as f64, bytes: 24.0 * nnz as f64 },
+                    usize::MAX,
+                );
             }
             for s in i..j {
                 // right = factors i..=s (input side), left = s+1..=j
@@ -254,9 +291,9 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
                 let right_op = op_nnz(i, s)
                     .filter(|_| best[i][s].is_some_and(|b| i == s || b.1 == usize::MAX));
                 let mult = match (left_op, right_op) {
-                    (Some(nl), _) => apply_cost(nl, cols, is_gemm_op(s + 1, j)),
-                    (None, Some(nr)) => apply_cost(nr, rows, is_gemm_op(i, s)),
-                    (None, None) => Cost { gemm: (rows * inner * cols) as f64, sparse: 0.0 },
+                    (Some(nl), _) => apply_cost(nl, cols, is_gemm_op(s + 1, j), rows, inner),
+                    (None, Some(nr)) => apply_cost(nr, rows, is_gemm_op(i, s), inner, cols),
+                    (None, None) => Cost::gemm(rows, inner, cols),
                 };
                 consider(cr.add(cl).add(mult), s);
             }
@@ -446,7 +483,7 @@ pub fn cut_values(inst: &Instance) -> Vec<usize> {
 /// Predicted cost of splitting at `cut`.
 pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
     let n = inst.input_len;
-    let mut c = Cost { gemm: (m * inst.value_lens[cut] * n) as f64, sparse: 0.0 };
+    let mut c = Cost::gemm(m, inst.value_lens[cut], n);
     for l in &inst.layers {
         let width = if l.output <= cut { n } else { m };
         for (_, op) in &l.inputs {
@@ -550,7 +587,8 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
                 writeln!(s, "chain bracketing: none (the network is a DAG); cut values: {cuts:?}");
         }
     }
-    let _ = writeln!(s, "candidates (multiply-adds: gemm + sparse; predicted seconds):");
+    let _ =
+        writeln!(s, "candidates (multiply-adds: gemm + sparse; bytes moved; predicted seconds):");
     let mut chosen = String::new();
     for (name, c, choice) in &cands {
         if *choice == best {
@@ -558,10 +596,11 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
         }
         let _ = writeln!(
             s,
-            "  {:<8} {:>14.0} + {:>14.0}  {:.3e} s  peak ~{:.1} MB{}",
+            "  {:<8} {:>14.0} + {:>14.0}  {:>8.1} MB moved  {:.3e} s  peak ~{:.1} MB{}",
             name,
             c.gemm,
             c.sparse,
+            c.bytes / 1e6,
             c.seconds(rates),
             peak_bytes(inst, m, *choice) as f64 / 1e6,
             if *choice == best { "  <- chosen" } else { "" }

@@ -213,8 +213,9 @@ enum Command {
         /// Rows of W (as for explain).
         #[arg(long, default_value = "all")]
         rows: String,
-        /// Kernel throughputs gemm,sparse in multiply-adds per second (default:
-        /// the calibration file, else measured now).
+        /// Kernel throughputs gemm,sparse (multiply-adds per second) and memory
+        /// bandwidth (bytes per second); default: the calibration file, else
+        /// measured now.
         #[arg(long, value_delimiter = ',')]
         rates: Option<Vec<f64>>,
     },
@@ -376,12 +377,17 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let v = json!({"gemm_madds_per_second": r.gemm, "sparse_madds_per_second": r.sparse});
+            let v = json!({
+                "gemm_madds_per_second": r.gemm,
+                "sparse_madds_per_second": r.sparse,
+                "bytes_per_second": r.bandwidth,
+            });
             io::write_json_atomic(&path, &v)?;
             println!(
-                "gemm {:.3e} multiply-adds/s, sparse {:.3e} multiply-adds/s; wrote {}",
+                "gemm {:.3e} multiply-adds/s, sparse {:.3e} multiply-adds/s, memory {:.3e} bytes/s; wrote {}",
                 r.gemm,
                 r.sparse,
+                r.bandwidth,
                 path.display()
             );
             Ok(())
@@ -586,8 +592,10 @@ fn plan_cmd(
     };
     let rates = match rates.as_deref() {
         None => nnlin::rates(),
-        Some([g, s]) if *g > 0.0 && *s > 0.0 => nnlin::plan::Rates { gemm: *g, sparse: *s },
-        Some(v) => bail!("--rates takes gemm,sparse (two positive numbers), got {v:?}"),
+        Some([g, s, b]) if *g > 0.0 && *s > 0.0 && *b > 0.0 => {
+            nnlin::plan::Rates { gemm: *g, sparse: *s, bandwidth: *b }
+        }
+        Some(v) => bail!("--rates takes gemm,sparse,bandwidth (three positive numbers), got {v:?}"),
     };
     let inst = m.compile_instance(&xs.row(0).to_vec(), Mode::Tangent)?;
     let (text, best) = nnlin::plan::describe(&inst, count, &rates);
