@@ -653,20 +653,19 @@ pub fn adjoints(
     Ok(adj.into_iter().map(|a| a.map(|m| m.as_slice().to_vec())).collect())
 }
 
-/// Estimated multiply-adds of accumulating `m` rows in `dir` order.
+/// Estimated multiply-adds of accumulating `m` rows in `dir` order (see
+/// [`plan::direction_cost`] for the full cost).
 pub fn estimated_flops(inst: &Instance, m: usize, dir: Direction) -> f64 {
-    let width = match dir {
-        Direction::Reverse => m,
-        Direction::Forward => inst.input_len,
-    };
-    inst.layers
-        .iter()
-        .flat_map(|l| l.inputs.iter())
-        .map(|(_, op)| match **op {
-            Operator::Identity(_) => 0.0,
-            ref op => (op.nnz() * width) as f64,
-        })
-        .sum()
+    plan::direction_cost(inst, m, dir).flops()
+}
+
+/// Checks that every selected row is an output.
+pub(crate) fn check_rows(inst: &Instance, rows: &[usize]) -> Result<(), CompileError> {
+    let len = inst.output.len();
+    match rows.iter().find(|&&r| r >= len) {
+        Some(&row) => Err(CompileError::RowOutOfRange { row, len }),
+        None => Ok(()),
+    }
 }
 
 fn add_into(acc: &mut Option<Block>, x: Block) {
@@ -689,10 +688,7 @@ pub fn accumulate(
     dir: Direction,
     par: Par,
 ) -> Result<(Block, Vec<f64>), CompileError> {
-    let out_len = inst.output.len();
-    if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
-        return Err(CompileError::RowOutOfRange { row, len: out_len });
-    }
+    check_rows(inst, rows)?;
     let (m, n) = (rows.len(), inst.input_len);
     Ok(match dir {
         Direction::Reverse => {
@@ -811,10 +807,7 @@ pub fn accumulate_split(
     cut: usize,
     par: Par,
 ) -> Result<(Block, Vec<f64>), CompileError> {
-    let out_len = inst.output.len();
-    if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
-        return Err(CompileError::RowOutOfRange { row, len: out_len });
-    }
+    check_rows(inst, rows)?;
     let (m, n) = (rows.len(), inst.input_len);
     let (g, mut b) = reverse_to(inst, rows, cut, par);
     let Some(g) = g else { return Ok((Block::zeros(m, n), b)) };

@@ -387,10 +387,7 @@ pub fn chain_accumulate(
     tree: &Tree,
     par: Par,
 ) -> Result<(Block, Vec<f64>), CompileError> {
-    let out_len = inst.output.len();
-    if let Some(&row) = rows.iter().find(|&&r| r >= out_len) {
-        return Err(CompileError::RowOutOfRange { row, len: out_len });
-    }
+    crate::check_rows(inst, rows)?;
     let factors = chain_factors(inst).expect("chain_accumulate on a chain");
     let n = inst.input_len;
     let w_all = chain_accumulate_factors(inst, &factors, tree, par);
