@@ -9,8 +9,10 @@
 use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use nnlin::ir::{Activation, Dense, Expr, Layer, Network, Unary, ValueId};
 use nnlin::{Model, Options, Strategy};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn idx_images(file: &str, k: usize) -> Vec<f64> {
     let gz =
@@ -21,39 +23,13 @@ fn idx_images(file: &str, k: usize) -> Vec<f64> {
     raw[16 + k * 784..16 + (k + 1) * 784].iter().map(|&v| f64::from(v) / 255.0).collect()
 }
 
-fn bottleneck() -> (Model, Vec<f64>) {
-    let widths = [256usize, 256, 2, 256, 256];
-    let mut net = Network::new(vec![1, widths[0]]);
-    let mut v = ValueId(0);
-    let mut seed = 1u64;
-    let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-    };
-    for i in 1..widths.len() {
-        let (a, b) = (widths[i - 1], widths[i]);
-        let weight = (0..a * b).map(|_| rnd() / (a as f64).sqrt()).collect();
-        let d = Dense {
-            out_features: b,
-            in_features: a,
-            weight,
-            bias: Some((0..b).map(|_| rnd()).collect()),
-        };
-        v = net.push(format!("fc{i}"), "Gemm", Layer::Dense(d), vec![v]).expect("valid");
-        let act = Activation { expr: Expr::unary(Unary::LeakyRelu { alpha: 0.1 }) };
-        v = net
-            .push(format!("act{i}"), "LeakyRelu", Layer::Activation(act), vec![v])
-            .expect("valid");
-    }
-    (Model::from_network("bottleneck", net), (0..256).map(|i| (i as f64 * 0.37).sin()).collect())
-}
-
 fn bench(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let load = |f: &str| Model::from_onnx_file(root.join(f)).expect("fixture");
     let mnist = idx_images("fixtures/data/mnist/t10k-images-idx3-ubyte.gz", 0);
     let fashion = idx_images("fixtures/data/fashion/t10k-images-idx3-ubyte.gz", 0);
-    let (chain, xc) = bottleneck();
+    let (net, xc) = common::bottleneck_chain();
+    let chain = Model::from_network("bottleneck", net);
     let cases: Vec<(&str, Model, Vec<f64>, bool)> = vec![
         ("lenet300", load("fixtures/cnn/lenet300.onnx"), mnist.clone(), true),
         ("lenet5", load("fixtures/cnn/lenet5.onnx"), mnist, true),

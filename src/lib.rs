@@ -490,35 +490,27 @@ impl Ensemble {
                 Some(plan::Choice::Split(v)) => {
                     nnlin_compile::accumulate_split(inst, &rows, v, par).map_err(compile_err)?
                 }
-                Some(plan::Choice::Dp) => match plan::chain_factors(inst).filter(|f| !f.is_empty())
-                {
-                    Some(mut f) => {
-                        f.push(std::sync::Arc::new(linalg::Operator::Selection(
-                            linalg::Selection { ncols: inst.output.len(), cols: rows.clone() },
-                        )));
-                        let (tree, _) = plan::chain_plan(&f, &rates());
-                        // the plan includes the row selection as its last factor
-                        let w_all = plan::chain_accumulate_factors(inst, &f, &tree, par);
-                        let bias = plan::chain_offsets(inst);
-                        (w_all, rows.iter().map(|&r| bias[r]).collect())
-                    }
-                    None => {
-                        // a DAG: the cheapest of reverse, forward and one cut split
-                        let (_, _, best) = plan::candidates(inst, m, &rates());
-                        match best {
-                            plan::Choice::Split(v) => {
-                                nnlin_compile::accumulate_split(inst, &rows, v, par)
-                                    .map_err(compile_err)?
+                Some(plan::Choice::Dp) => {
+                    match plan::chain_accumulate(inst, &rows, &rates(), par).map_err(compile_err)? {
+                        Some(wb) => wb,
+                        None => {
+                            // a DAG: the cheapest of reverse, forward and one cut split
+                            let (_, _, best) = plan::candidates(inst, m, &rates());
+                            match best {
+                                plan::Choice::Split(v) => {
+                                    nnlin_compile::accumulate_split(inst, &rows, v, par)
+                                        .map_err(compile_err)?
+                                }
+                                plan::Choice::Forward => {
+                                    accumulate(inst, &rows, Direction::Forward, par)
+                                        .map_err(compile_err)?
+                                }
+                                _ => accumulate(inst, &rows, Direction::Reverse, par)
+                                    .map_err(compile_err)?,
                             }
-                            plan::Choice::Forward => {
-                                accumulate(inst, &rows, Direction::Forward, par)
-                                    .map_err(compile_err)?
-                            }
-                            _ => accumulate(inst, &rows, Direction::Reverse, par)
-                                .map_err(compile_err)?,
                         }
                     }
-                },
+                }
                 None => plan::dense_accumulate(inst, &rows, available_memory(), par)
                     .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
             };

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::ReadNpyExt;
-use nnlin::ir::{Activation, Dense, Expr, Layer, Network, Unary, ValueId};
 use nnlin::{Ensemble, Mode, Model, Options, Rows, Strategy};
+
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -91,36 +92,8 @@ fn every_strategy_gives_the_same_w_and_b() {
 /// bottleneck is far cheaper, and the DP finds it.
 #[test]
 fn dp_splits_at_a_bottleneck() {
-    let widths = [256usize, 256, 2, 256, 256];
-    let mut net = Network::new(vec![1, widths[0]]);
-    let mut v = ValueId(0);
-    let mut seed = 1u64;
-    let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-    };
-    for i in 1..widths.len() {
-        let (a, b) = (widths[i - 1], widths[i]);
-        let d = Dense {
-            out_features: b,
-            in_features: a,
-            weight: (0..a * b).map(|_| rnd() / (a as f64).sqrt()).collect(),
-            bias: Some((0..b).map(|_| rnd()).collect()),
-        };
-        v = net.push(format!("fc{i}"), "Gemm", Layer::Dense(d), vec![v]).unwrap();
-        v = net
-            .push(
-                format!("act{i}"),
-                "Relu",
-                Layer::Activation(Activation {
-                    expr: Expr::unary(Unary::LeakyRelu { alpha: 0.1 }),
-                }),
-                vec![v],
-            )
-            .unwrap();
-    }
+    let (net, x) = common::bottleneck_chain();
     let m = Model::from_network("bottleneck", net);
-    let x: Vec<f64> = (0..256).map(|i| (i as f64 * 0.37).sin()).collect();
     let inst = m.compile_instance(&x, Mode::Tangent).unwrap();
     let rates = nnlin::plan::Rates { gemm: 1e10, sparse: 1e9, bandwidth: 1e10 };
     let (text, best) = nnlin::plan::describe(&inst, 256, &rates);

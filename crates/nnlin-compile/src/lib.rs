@@ -107,9 +107,9 @@ pub struct CompiledLayer {
 }
 
 impl CompiledLayer {
-    /// `Σ_k A_k·u_k + c` given all values.
-    fn eval(&self, values: &[Option<Vec<f64>>]) -> Vec<f64> {
-        let mut y = (*self.bias).clone();
+    /// `Σ_k A_k·u_k (+ c)` given all values.
+    fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool) -> Vec<f64> {
+        let mut y = if with_offset { (*self.bias).clone() } else { vec![0.0; self.bias.len()] };
         for (v, op) in &self.inputs {
             let u = values[*v].as_ref().expect("input value alive");
             for (yi, t) in y.iter_mut().zip(op.apply(u)) {
@@ -136,44 +136,35 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// `W·x` and `b` over all outputs without forming `W`: the frozen
-    /// linear maps applied to `x` (no offsets), and the offsets propagated
-    /// from zero (the Horner form of `Σ_i (A_L⋯A_{i+1})·c_i`). Two passes of
-    /// matrix–vector products.
-    pub fn wx_and_b(&self, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let nvalues = self.value_lens.len();
-        let mut lin: Vec<Option<Vec<f64>>> = vec![None; nvalues];
-        let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
-        lin[0] = Some(x.to_vec());
-        off[0] = Some(vec![0.0; x.len()]);
+    /// Every value, pushing `start` from the input through the compiled
+    /// operators, with or without each node's offset.
+    fn propagate(&self, start: &[f64], with_offsets: bool) -> Vec<Option<Vec<f64>>> {
+        let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
+        values[0] = Some(start.to_vec());
         for l in &self.layers {
-            let mut yl = vec![0.0; l.bias.len()];
-            let mut yo = (*l.bias).clone();
-            for (v, op) in &l.inputs {
-                for (a, t) in yl.iter_mut().zip(op.apply(lin[*v].as_ref().expect("value"))) {
-                    *a += t;
-                }
-                for (a, t) in yo.iter_mut().zip(op.apply(off[*v].as_ref().expect("value"))) {
-                    *a += t;
-                }
-            }
-            lin[l.output] = Some(yl);
-            off[l.output] = Some(yo);
+            values[l.output] = Some(l.eval(&values, with_offsets));
         }
-        (
-            lin[self.output_value].take().unwrap_or_default(),
-            off[self.output_value].take().unwrap_or_default(),
-        )
+        values
+    }
+
+    /// `W·x` and `b` over all outputs without forming `W`: the frozen
+    /// linear maps applied to `x` (no offsets), and [`Instance::offsets`].
+    /// Two passes of matrix–vector products.
+    pub fn wx_and_b(&self, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let wx = self.propagate(x, false).swap_remove(self.output_value).unwrap_or_default();
+        (wx, self.offsets())
+    }
+
+    /// `b` over all outputs: the offsets pushed through the frozen maps from
+    /// zero, the Horner form of `Σ_i (∂out/∂node_i)·c_i`.
+    pub fn offsets(&self) -> Vec<f64> {
+        let zero = vec![0.0; self.input_len];
+        self.propagate(&zero, true).swap_remove(self.output_value).unwrap_or_default()
     }
 
     /// Every value at `x`, through the compiled operators.
     pub fn values(&self, x: &[f64]) -> Vec<Vec<f64>> {
-        let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
-        values[0] = Some(x.to_vec());
-        for l in &self.layers {
-            values[l.output] = Some(l.eval(&values));
-        }
-        values.into_iter().map(Option::unwrap_or_default).collect()
+        self.propagate(x, true).into_iter().map(Option::unwrap_or_default).collect()
     }
 }
 
@@ -498,7 +489,7 @@ impl Compiler {
                 output: node.output.0,
                 active,
             };
-            let y = layer.eval(&values);
+            let y = layer.eval(&values, true);
             if !y.iter().all(|v| v.is_finite()) {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),

@@ -345,20 +345,6 @@ fn eval(t: &Tree, f: &[Arc<Operator>], par: Par) -> Formed {
     }
 }
 
-/// The offsets pushed through the chain from zero: `b = Σ_i (A_L⋯A_{i+1})·c_i`
-/// in Horner form (matrix–vector products only).
-fn chain_bias(inst: &Instance) -> Vec<f64> {
-    let mut off = vec![0.0; inst.input_len];
-    for l in &inst.layers {
-        let mut y = l.inputs[0].1.apply(&off);
-        for (a, c) in y.iter_mut().zip(l.bias.iter()) {
-            *a += c;
-        }
-        off = y;
-    }
-    off
-}
-
 /// `W` (all rows of the last factor) by the bracketing `tree` of `factors`.
 pub fn chain_accumulate_factors(
     inst: &Instance,
@@ -375,25 +361,26 @@ pub fn chain_accumulate_factors(
     }
 }
 
-/// The offsets pushed through a chain from zero (see [`chain_accumulate`]).
-pub fn chain_offsets(inst: &Instance) -> Vec<f64> {
-    chain_bias(inst)
-}
-
-/// `W` and `b` by the chain bracketing `tree` over `chain_factors(inst)`.
+/// `W` and `b` of the selected rows by the matrix-chain DP (the row
+/// selection is the last factor, so the program brackets it too); `None`
+/// if the network is not a chain. `b` is the offsets pushed through the
+/// chain ([`Instance::offsets`]).
 pub fn chain_accumulate(
     inst: &Instance,
     rows: &[usize],
-    tree: &Tree,
+    rates: &Rates,
     par: Par,
-) -> Result<(Block, Vec<f64>), CompileError> {
+) -> Result<Option<(Block, Vec<f64>)>, CompileError> {
     crate::check_rows(inst, rows)?;
-    let factors = chain_factors(inst).expect("chain_accumulate on a chain");
-    let n = inst.input_len;
-    let w_all = chain_accumulate_factors(inst, &factors, tree, par);
-    let w = Block::from_fn(rows.len(), n, |i, j| w_all[(rows[i], j)]);
-    let off = chain_bias(inst);
-    Ok((w, rows.iter().map(|&r| off[r]).collect()))
+    let Some(mut factors) = chain_factors(inst).filter(|f| !f.is_empty()) else { return Ok(None) };
+    factors.push(Arc::new(Operator::Selection(Selection {
+        ncols: inst.output.len(),
+        cols: rows.to_vec(),
+    })));
+    let (tree, _) = chain_plan(&factors, rates);
+    let w = chain_accumulate_factors(inst, &factors, &tree, par);
+    let off = inst.offsets();
+    Ok(Some((w, rows.iter().map(|&r| off[r]).collect())))
 }
 
 /// Bytes the dense baseline needs for its largest factor and product.

@@ -18,7 +18,7 @@ pub fn geometry(shape: &[usize]) -> (usize, usize, usize) {
 }
 
 /// Sums a `c × h × w` vector over channels.
-fn per_pixel(v: &[f64], c: usize, hw: usize) -> Vec<f64> {
+pub fn per_pixel(v: &[f64], c: usize, hw: usize) -> Vec<f64> {
     (0..hw).map(|p| (0..c).map(|ch| v[ch * hw + p]).sum()).collect()
 }
 

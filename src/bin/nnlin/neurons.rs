@@ -169,7 +169,7 @@ fn draw(
     hw: usize,
     cell: u32,
 ) {
-    let m: Vec<f64> = (0..hw).map(|i| (0..c).map(|ch| p.map[ch * hw + i]).sum()).collect();
+    let m = heatmap::per_pixel(&p.map, c, hw);
     let vmax = m.iter().fold(0.0f64, |a, v| a.max(v.abs()));
     plot::map(img, x, y, h, w, &m, cell, |v| plot::diverging(v, vmax));
     let label = format!("{} {}", p.neuron, plot::format_num(p.contribution));
