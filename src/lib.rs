@@ -300,11 +300,57 @@ impl Model {
             .instance(x, mode)
             .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }
+    /// The auto strategy's plan for `m` rows, computed once per model and
+    /// row count (the candidates' costs depend on the structure, not on x).
+    fn planned(&self, inst: &Instance, m: usize) -> plan::Choice {
+        let cached =
+            self.auto_choice.lock().ok().and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
+        cached.unwrap_or_else(|| {
+            let (_, _, best) = plan::candidates(inst, m, &rates());
+            if let Ok(mut c) = self.auto_choice.lock() {
+                c.push((m, best));
+            }
+            best
+        })
+    }
+
+    /// Runs one plan; also says which accumulation direction it used when it
+    /// is one of the two fixed orders.
+    fn run_plan(
+        &self,
+        inst: &Instance,
+        rows: &[usize],
+        choice: plan::Choice,
+        par: faer::Par,
+    ) -> Result<(WAndB, Option<Direction>), CompileError> {
+        Ok(match choice {
+            plan::Choice::Reverse => {
+                (accumulate(inst, rows, Direction::Reverse, par)?, Some(Direction::Reverse))
+            }
+            plan::Choice::Forward => {
+                (accumulate(inst, rows, Direction::Forward, par)?, Some(Direction::Forward))
+            }
+            plan::Choice::Split(v) => (nnlin_compile::accumulate_split(inst, rows, v, par)?, None),
+            plan::Choice::Dp => match plan::chain_accumulate(inst, rows, &rates(), par)? {
+                Some(wb) => (wb, None),
+                // a DAG: the planner's cheapest of reverse, forward and a cut
+                // split (it proposes dp only for chains)
+                None => match self.planned(inst, rows.len()) {
+                    plan::Choice::Dp => (accumulate(inst, rows, Direction::Reverse, par)?, None),
+                    other => (self.run_plan(inst, rows, other, par)?.0, None),
+                },
+            },
+        })
+    }
+
     /// Linearizes this model alone at `x`.
     pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Ensemble::single(self.clone()).linearize(x, opts)
     }
 }
+
+/// `W` and `b` of one instance, as the compiler forms them.
+type WAndB = (Block, Vec<f64>);
 
 /// Per-layer activation pattern of one instance.
 #[derive(Clone, Debug, PartialEq)]
@@ -457,62 +503,23 @@ impl Ensemble {
         let mut direction = Direction::Reverse;
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
-            // what to run: auto plans once per model and row count
-            let choice = match opts.strategy {
-                Strategy::Auto => {
-                    let cached = model
-                        .auto_choice
-                        .lock()
-                        .ok()
-                        .and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
-                    Some(cached.unwrap_or_else(|| {
-                        let (_, _, best) = plan::candidates(inst, m, &rates());
-                        if let Ok(mut c) = model.auto_choice.lock() {
-                            c.push((m, best));
-                        }
-                        best
-                    }))
-                }
-                Strategy::Reverse => Some(plan::Choice::Reverse),
-                Strategy::Forward => Some(plan::Choice::Forward),
-                Strategy::Dp => Some(plan::Choice::Dp),
-                Strategy::Dense => None,
-            };
-            let (wi, bi) = match choice {
-                Some(plan::Choice::Reverse) => {
-                    direction = Direction::Reverse;
-                    accumulate(inst, &rows, direction, par).map_err(compile_err)?
-                }
-                Some(plan::Choice::Forward) => {
-                    direction = Direction::Forward;
-                    accumulate(inst, &rows, direction, par).map_err(compile_err)?
-                }
-                Some(plan::Choice::Split(v)) => {
-                    nnlin_compile::accumulate_split(inst, &rows, v, par).map_err(compile_err)?
-                }
-                Some(plan::Choice::Dp) => {
-                    match plan::chain_accumulate(inst, &rows, &rates(), par).map_err(compile_err)? {
-                        Some(wb) => wb,
-                        None => {
-                            // a DAG: the cheapest of reverse, forward and one cut split
-                            let (_, _, best) = plan::candidates(inst, m, &rates());
-                            match best {
-                                plan::Choice::Split(v) => {
-                                    nnlin_compile::accumulate_split(inst, &rows, v, par)
-                                        .map_err(compile_err)?
-                                }
-                                plan::Choice::Forward => {
-                                    accumulate(inst, &rows, Direction::Forward, par)
-                                        .map_err(compile_err)?
-                                }
-                                _ => accumulate(inst, &rows, Direction::Reverse, par)
-                                    .map_err(compile_err)?,
-                            }
-                        }
-                    }
-                }
-                None => plan::dense_accumulate(inst, &rows, available_memory(), par)
+            let (wi, bi) = match opts.strategy {
+                Strategy::Dense => plan::dense_accumulate(inst, &rows, available_memory(), par)
                     .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
+                s => {
+                    let choice = match s {
+                        Strategy::Reverse => plan::Choice::Reverse,
+                        Strategy::Forward => plan::Choice::Forward,
+                        Strategy::Dp => plan::Choice::Dp,
+                        _ => model.planned(inst, m),
+                    };
+                    let (wb, dir) =
+                        model.run_plan(inst, &rows, choice, par).map_err(compile_err)?;
+                    if let Some(d) = dir {
+                        direction = d;
+                    }
+                    wb
+                }
             };
             for j in 0..n {
                 for i in 0..m {
