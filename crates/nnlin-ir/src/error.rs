@@ -30,4 +30,12 @@ pub enum IrError {
         /// Referenced value id.
         value: usize,
     },
+    /// A shape whose element count (or a size computed from it) overflows.
+    #[error("layer `{layer}`: {what} overflows the address space")]
+    Overflow {
+        /// Layer name.
+        layer: String,
+        /// What overflowed, in words.
+        what: String,
+    },
 }

@@ -7,7 +7,9 @@
 //! and σ'(z) from one [`Dual`](crate::Dual) evaluation, however the exporter
 //! decomposed the function.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::scalar::Scalar;
 
@@ -135,7 +137,7 @@ pub struct Expr {
     /// Nodes; the last is the result.
     pub nodes: Vec<ExprNode>,
     /// Constant tensors, each of length 1 or `numel`.
-    pub consts: Vec<Vec<f64>>,
+    pub consts: Vec<Arc<[f64]>>,
 }
 
 impl Unary {
@@ -317,24 +319,82 @@ impl Expr {
 
     /// Appends a constant tensor (length 1 or `numel`) and a node for it.
     pub fn push_const(&mut self, values: Vec<f64>) -> usize {
-        self.consts.push(values);
+        self.consts.push(values.into());
         self.push(ExprNode::Const(self.consts.len() - 1))
     }
 
-    /// Copies all nodes of `other` into `self`, returning the index of its
-    /// result; `other`'s `Var` becomes node `var_at` of `self`.
+    /// A key identifying a node's operation and operands, for sharing equal
+    /// subexpressions (constants are the same when they share storage).
+    fn key(&self, node: &ExprNode) -> (u8, usize, usize, String) {
+        match node {
+            ExprNode::Var => (0, 0, 0, String::new()),
+            ExprNode::Const(c) => {
+                let v = &self.consts[*c];
+                (1, v.as_ptr() as usize, v.len(), String::new())
+            }
+            ExprNode::Unary(f, a) => (2, *a, 0, format!("{f:?}")),
+            ExprNode::Binary(f, a, b) => (3, *a, *b, format!("{f:?}")),
+        }
+    }
+
+    /// Copies `other` into `self`, returning the index of its result;
+    /// `other`'s `Var` becomes node `var_at` of `self`. Subexpressions that
+    /// `self` already holds (the same operation on the same operands, the
+    /// same constant storage) are shared, not copied: the expression is a
+    /// DAG, so a chain of `Add(r, r)` nodes grows by one node a step, not
+    /// doubles. The result is always the last node.
     pub fn splice(&mut self, other: &Expr, var_at: usize) -> usize {
+        let mut seen: HashMap<(u8, usize, usize, String), usize> =
+            (0..self.nodes.len()).map(|i| (self.key(&self.nodes[i]), i)).collect();
+        let mut const_map: HashMap<usize, usize> = HashMap::new();
         let mut map = Vec::with_capacity(other.nodes.len());
         for node in &other.nodes {
-            let idx = match node {
-                ExprNode::Var => var_at,
-                ExprNode::Const(c) => self.push_const(other.consts[*c].clone()),
-                ExprNode::Unary(f, a) => self.push(ExprNode::Unary(f.clone(), map[*a])),
-                ExprNode::Binary(f, a, b) => self.push(ExprNode::Binary(*f, map[*a], map[*b])),
+            let mapped = match node {
+                ExprNode::Var => None,
+                ExprNode::Const(c) => {
+                    let existing = self
+                        .consts
+                        .iter()
+                        .position(|v| Arc::ptr_eq(v, &other.consts[*c]))
+                        .or_else(|| const_map.get(c).copied());
+                    let k = match existing {
+                        Some(k) => k,
+                        None => {
+                            self.consts.push(Arc::clone(&other.consts[*c]));
+                            const_map.insert(*c, self.consts.len() - 1);
+                            self.consts.len() - 1
+                        }
+                    };
+                    Some(ExprNode::Const(k))
+                }
+                ExprNode::Unary(f, a) => Some(ExprNode::Unary(f.clone(), map[*a])),
+                ExprNode::Binary(f, a, b) => Some(ExprNode::Binary(*f, map[*a], map[*b])),
+            };
+            let idx = match mapped {
+                None => var_at,
+                Some(n) => {
+                    let key = self.key(&n);
+                    match seen.get(&key) {
+                        Some(&i) => i,
+                        None => {
+                            let i = self.push(n);
+                            seen.insert(key, i);
+                            i
+                        }
+                    }
+                }
             };
             map.push(idx);
         }
-        *map.last().expect("empty expression")
+        let result = *map.last().expect("empty expression");
+        if result + 1 == self.nodes.len() {
+            result
+        } else {
+            // keep the invariant that the result is the last node
+            let copy = self.nodes[result].clone();
+            self.nodes.push(copy);
+            self.nodes.len() - 1
+        }
     }
 
     /// Index of the variable node (inserting one if absent).
@@ -347,7 +407,7 @@ impl Expr {
 
     /// Longest constant; 1 if all are scalars.
     pub fn const_len(&self) -> usize {
-        self.consts.iter().map(Vec::len).max().unwrap_or(1)
+        self.consts.iter().map(|c| c.len()).max().unwrap_or(1)
     }
 
     /// Evaluates the expression for element `i` at `x`. `scratch` is reused

@@ -45,9 +45,10 @@ fn out_len(
     p1: usize,
     ceil: bool,
 ) -> Option<usize> {
-    let span = d * (k - 1) + 1;
-    let total = input + p0 + p1;
-    if total < span {
+    // every size here comes from a file: checked arithmetic throughout
+    let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let total = input.checked_add(p0)?.checked_add(p1)?;
+    if total < span || s == 0 {
         return None;
     }
     let num = total - span;
@@ -62,7 +63,7 @@ fn out_len(
 
 impl Window {
     /// Builds a window, computing the output size; `None` if the kernel does
-    /// not fit or a stride/dilation/kernel is zero.
+    /// not fit, a stride/dilation/kernel is zero, or a size overflows.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         (ih, iw): (usize, usize),
@@ -77,6 +78,13 @@ impl Window {
         }
         let oh = out_len(ih, kh, sh, dh, pt, pb, ceil_mode)?;
         let ow = out_len(iw, kw, sw, dw, pl, pr, ceil_mode)?;
+        // the largest input coordinate any tap reaches must be representable
+        let reach = |o: usize, s: usize, k: usize, d: usize| {
+            (o - 1).checked_mul(s)?.checked_add((k - 1).checked_mul(d)?)
+        };
+        reach(oh, sh, kh, dh)?;
+        reach(ow, sw, kw, dw)?;
+        oh.checked_mul(ow)?;
         Some(Self { ih, iw, kh, kw, sh, sw, dh, dw, pt, pl, pb, pr, oh, ow })
     }
 
@@ -129,5 +137,15 @@ mod tests {
         let w = Window::new((28, 28), (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), false).unwrap();
         assert_eq!((w.oh, w.ow), (28, 28));
         assert!(Window::new((2, 2), (3, 3), (1, 1), (1, 1), (0, 0, 0, 0), false).is_none());
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_not_wrapped() {
+        let big = usize::MAX / 2;
+        assert!(Window::new((4, 4), (2, 2), (1, 1), (1, 1), (big, big, big, big), false).is_none());
+        assert!(
+            Window::new((4, 4), (usize::MAX, 2), (1, 1), (2, 1), (0, 0, 0, 0), false).is_none()
+        );
+        assert!(Window::new((4, 4), (2, 2), (0, 1), (1, 1), (0, 0, 0, 0), false).is_none());
     }
 }

@@ -268,7 +268,7 @@ impl Layer {
         match self {
             Layer::Dense(d) => d.weight.len() + d.bias.as_ref().map_or(0, Vec::len),
             Layer::Affine(a) => a.scale.len() + a.shift.len(),
-            Layer::Activation(a) => a.expr.consts.iter().map(Vec::len).sum(),
+            Layer::Activation(a) => a.expr.consts.iter().map(|c| c.len()).sum(),
             Layer::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
             Layer::Reshape(_)
             | Layer::Pool(_)
@@ -394,7 +394,11 @@ impl Layer {
                     if !same {
                         return Err(mismatch(format!("shapes equal except axis {}", c.axis), s));
                     }
-                    out[c.axis] += s[c.axis];
+                    out[c.axis] =
+                        out[c.axis].checked_add(s[c.axis]).ok_or_else(|| IrError::Overflow {
+                            layer: name.to_string(),
+                            what: "the concatenated shape".into(),
+                        })?;
                 }
                 Ok(out)
             }
@@ -413,7 +417,14 @@ impl Layer {
                         x,
                     ));
                 }
-                Ok(x.iter().zip(p.begin.iter().zip(&p.end)).map(|(d, (b, e))| d + b + e).collect())
+                x.iter()
+                    .zip(p.begin.iter().zip(&p.end))
+                    .map(|(d, (b, e))| d.checked_add(*b).and_then(|v| v.checked_add(*e)))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| IrError::Overflow {
+                        layer: name.to_string(),
+                        what: "the padded shape".into(),
+                    })
             }
             Layer::Transpose(t) => {
                 let mut sorted = t.perm.clone();
@@ -460,6 +471,13 @@ pub struct Network {
     output: ValueId,
 }
 
+/// The element count of a shape, or `None` where it overflows `usize`.
+/// Every shape that comes from a file goes through this before it sizes
+/// anything.
+pub fn checked_numel(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 impl Network {
     /// An empty network (output = input) with the given input shape.
     pub fn new(input_shape: Vec<usize>) -> Self {
@@ -476,6 +494,13 @@ impl Network {
         inputs: Vec<ValueId>,
     ) -> Result<ValueId, IrError> {
         let name = name.into();
+        if inputs.is_empty() {
+            return Err(IrError::ShapeMismatch {
+                layer: name,
+                expected: "at least one input".into(),
+                got: vec![],
+            });
+        }
         for v in &inputs {
             if v.0 >= self.shapes.len() {
                 return Err(IrError::BadInput { layer: name, value: v.0 });
@@ -483,6 +508,12 @@ impl Network {
         }
         let in_shapes: Vec<&[usize]> = inputs.iter().map(|v| self.shapes[v.0].as_slice()).collect();
         let shape = layer.output_shape(&name, &in_shapes)?;
+        if checked_numel(&shape).is_none() {
+            return Err(IrError::Overflow {
+                layer: name,
+                what: format!("the element count of shape {shape:?}"),
+            });
+        }
         let output = ValueId(self.shapes.len());
         self.shapes.push(shape);
         self.nodes.push(Node { name, source: source.into(), layer, inputs, output });

@@ -130,10 +130,62 @@ pub enum OnnxError {
     /// The graph itself is malformed (no input, unknown value, …).
     #[error("malformed graph: {0}")]
     Graph(String),
+    /// A size stated in the file would allocate more than the memory budget
+    /// (or overflows).
+    #[error("node {node}: {what} needs {}, above the memory budget of {budget} bytes", need_text(*.need))]
+    TooLarge {
+        /// The node, as `` `name` (OpType) ``.
+        node: String,
+        /// What would be allocated, in words.
+        what: String,
+        /// How many bytes (`None` where the size overflows).
+        need: Option<usize>,
+        /// The budget in bytes.
+        budget: usize,
+    },
     /// The resulting network is invalid (shape mismatch, NaN weights).
     #[error(transparent)]
     Ir(#[from] IrError),
 }
+
+fn need_text(need: Option<usize>) -> String {
+    need.map_or_else(|| "more than 2^64 bytes".into(), |b| format!("{b} bytes"))
+}
+
+/// What the importer may allocate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ImportOptions {
+    /// The most bytes any one buffer sized by the file may take: a folded
+    /// constant, a value of the network (as `f64`), a convolution's unfolded
+    /// input, a pooling layer's window taps. Sizes are checked (with
+    /// overflow checks) before anything is allocated.
+    pub max_bytes: usize,
+}
+
+impl Default for ImportOptions {
+    /// A budget of 8 GiB.
+    fn default() -> Self {
+        Self { max_bytes: 8 << 30 }
+    }
+}
+
+impl ImportOptions {
+    /// The same options with a memory budget of `bytes`.
+    pub fn with_max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+}
+
+/// The most nodes one fused elementwise expression holds; a longer one is
+/// made a layer of its own and fusion starts again from its result. This
+/// keeps import linear in the number of nodes (each node copies its input's
+/// expression) without changing what is computed.
+pub const MAX_EXPR_NODES: usize = 256;
+
+/// The most op names a fused expression's label (`source`) lists.
+const MAX_SOURCES: usize = 32;
 
 /// A model as imported.
 #[derive(Clone, Debug)]
@@ -170,6 +222,7 @@ struct Importer<'a> {
     syms: HashMap<String, Sym>,
     opset: i64,
     node: &'a NodeProto,
+    budget: usize,
 }
 
 fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
@@ -252,7 +305,38 @@ const ELEMENTWISE: &[&str] = &[
     "Tanh",
 ];
 
+/// `v` as a `usize` (a dimension, stride, pad, index), or an error naming it.
+fn to_usize(v: i64, what: &str) -> Result<usize, String> {
+    usize::try_from(v).map_err(|_| format!("{what} {v} is negative"))
+}
+
 impl Importer<'_> {
+    /// Checks that `count` elements of `width` bytes fit the budget.
+    fn check_alloc(
+        &self,
+        what: &str,
+        count: Option<usize>,
+        width: usize,
+    ) -> Result<usize, OnnxError> {
+        let bytes = count.and_then(|c| c.checked_mul(width));
+        match bytes {
+            Some(b) if b <= self.budget => Ok(count.unwrap_or(0)),
+            _ => Err(OnnxError::TooLarge {
+                node: format!("`{}` ({})", node_name(self.node), self.op()),
+                what: what.to_string(),
+                need: bytes,
+                budget: self.budget,
+            }),
+        }
+    }
+    /// Checks a shape's element count (as `f64`s) against the budget.
+    fn check_shape(&self, what: &str, dims: &[usize]) -> Result<usize, OnnxError> {
+        self.check_alloc(&format!("{what} of shape {dims:?}"), nnlin_ir::checked_numel(dims), 8)
+    }
+    /// An integer attribute list as non-negative sizes.
+    fn sizes(&self, name: &str, v: &[i64]) -> Result<Vec<usize>, OnnxError> {
+        v.iter().map(|&x| to_usize(x, name).map_err(|e| self.unsupported(e))).collect()
+    }
     fn op(&self) -> &str {
         self.node.op_type.as_deref().unwrap_or("")
     }
@@ -380,7 +464,7 @@ impl Importer<'_> {
             let s = self.input(i)?.cloned();
             if let Some(s) = &s {
                 let shape = match s {
-                    Sym::Const(t) => self.legacy_broadcast(t, rank).dims,
+                    Sym::Const(t) => self.legacy_broadcast(t, rank)?.dims,
                     other => self.shape_of(other),
                 };
                 out_shape = tensor::broadcast_shape(&out_shape, &shape).ok_or_else(|| {
@@ -412,16 +496,23 @@ impl Importer<'_> {
         let var = 0;
         let mut sources = vec![];
         let mut args: Vec<Option<usize>> = vec![];
-        for s in &inputs {
+        for (k, s) in inputs.iter().enumerate() {
+            let repeated = self.node.input[..k].contains(&self.node.input[k]);
             args.push(match s {
                 None => None,
                 Some(Sym::Value(_)) => Some(var),
                 Some(Sym::Expr { expr, sources: src, .. }) => {
-                    sources.extend(src.iter().cloned());
+                    // the op names of a shared subexpression are listed once;
+                    // the list is a label, capped so that it cannot double
+                    // with every node
+                    if !repeated {
+                        let room = MAX_SOURCES.saturating_sub(sources.len());
+                        sources.extend(src.iter().take(room).cloned());
+                    }
                     Some(e.splice(expr, var))
                 }
                 Some(Sym::Const(t)) => {
-                    let t = &self.legacy_broadcast(t, root_shape.len());
+                    let t = &self.legacy_broadcast(t, root_shape.len())?;
                     let data = if t.numel() == 1 {
                         vec![t.data[0]]
                     } else {
@@ -545,6 +636,9 @@ impl Importer<'_> {
         };
         let bin = |f: fn(f64, f64) -> f64| -> Result<Tensor, OnnxError> {
             let (a, b) = (c(0)?, c(1)?);
+            if let Some(shape) = tensor::broadcast_shape(&a.dims, &b.dims) {
+                self.check_shape("the folded constant", &shape)?;
+            }
             let mut t = tensor::binary(&a, &b, f)
                 .ok_or_else(|| self.unsupported("constant shapes do not broadcast"))?;
             if t.is_int {
@@ -584,11 +678,7 @@ impl Importer<'_> {
             }
             "Transpose" => {
                 let t = c(0)?;
-                let rank = t.dims.len();
-                let perm: Vec<usize> = match attr_ints(n, "perm") {
-                    Some(p) => p.iter().map(|&v| v as usize).collect(),
-                    None => (0..rank).rev().collect(),
-                };
+                let perm = self.perm(t.dims.len())?;
                 tensor::transpose(&t, &perm)
             }
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
@@ -597,7 +687,8 @@ impl Importer<'_> {
                 Tensor::new(dims, t.data, t.is_int)
             }
             "ConstantOfShape" => {
-                let shape: Vec<usize> = c(0)?.as_ints().iter().map(|&v| v as usize).collect();
+                let shape = self.sizes("dimension", &c(0)?.as_ints())?;
+                let numel = self.check_shape("the constant", &shape)?;
                 let (value, is_int) = match attr(n, "value").and_then(|a| a.t.as_ref()) {
                     Some(t) => {
                         let t = tensor::decode(t).map_err(|reason| OnnxError::BadTensor {
@@ -608,7 +699,6 @@ impl Importer<'_> {
                     }
                     None => (0.0, false),
                 };
-                let numel = shape.iter().product();
                 Tensor::new(shape, vec![value; numel], is_int)
             }
             "Shape" => {
@@ -625,11 +715,23 @@ impl Importer<'_> {
                 Tensor::new(vec![data.len()], data, parts.iter().all(|p| p.is_int))
             }
             "Range" => {
-                let (start, limit, delta) = (c(0)?.data[0], c(1)?.data[0], c(2)?.data[0]);
+                let scalar = |i: usize| -> Result<f64, OnnxError> {
+                    match c(i)?.data.as_slice() {
+                        [v] if v.is_finite() => Ok(*v),
+                        _ => Err(self.unsupported("start, limit and delta must be finite scalars")),
+                    }
+                };
+                let (start, limit, delta) = (scalar(0)?, scalar(1)?, scalar(2)?);
                 if delta == 0.0 {
                     return Err(self.unsupported("delta 0"));
                 }
-                let count = ((limit - start) / delta).ceil().max(0.0) as usize;
+                let steps = ((limit - start) / delta).ceil().max(0.0);
+                let count = if steps.is_finite() && steps < 2f64.powi(62) {
+                    Some(steps as usize)
+                } else {
+                    None
+                };
+                let count = self.check_alloc(&format!("a range of {steps} elements"), count, 8)?;
                 let data: Vec<f64> = (0..count).map(|i| start + i as f64 * delta).collect();
                 Tensor::new(vec![count], data, c(0)?.is_int)
             }
@@ -653,6 +755,15 @@ impl Importer<'_> {
                 };
                 let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
                 let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+                if [ends.len(), axes.len(), steps.len()].iter().any(|&l| l != starts.len()) {
+                    return Err(self.unsupported(format!(
+                        "{} starts, {} ends, {} axes and {} steps (all must be equal)",
+                        starts.len(),
+                        ends.len(),
+                        axes.len(),
+                        steps.len()
+                    )));
+                }
                 // per axis: the list of source indices
                 let mut picks: Vec<Vec<usize>> = t.dims.iter().map(|&d| (0..d).collect()).collect();
                 for k in 0..starts.len() {
@@ -672,13 +783,15 @@ impl Importer<'_> {
                         let (mut i, e) = (clampi(starts[k], 0, d), clampi(ends[k], 0, d));
                         while i < e {
                             idx.push(i as usize);
-                            i += step;
+                            let Some(next) = i.checked_add(step) else { break };
+                            i = next;
                         }
                     } else {
                         let (mut i, e) = (clampi(starts[k], -1, d - 1), clampi(ends[k], -1, d - 1));
                         while i > e {
                             idx.push(i as usize);
-                            i += step;
+                            let Some(next) = i.checked_add(step) else { break };
+                            i = next;
                         }
                     }
                     picks[ax] = idx;
@@ -705,9 +818,10 @@ impl Importer<'_> {
             }
             "Expand" => {
                 let t = c(0)?;
-                let shape: Vec<usize> = c(1)?.as_ints().iter().map(|&v| v as usize).collect();
+                let shape = self.sizes("dimension", &c(1)?.as_ints())?;
                 let out = tensor::broadcast_shape(&t.dims, &shape)
                     .ok_or_else(|| self.unsupported("shapes do not broadcast"))?;
+                self.check_shape("the expanded constant", &out)?;
                 let data =
                     tensor::broadcast_to(&t, &out).ok_or_else(|| self.unsupported("broadcast"))?;
                 Tensor::new(out, data, t.is_int)
@@ -718,6 +832,7 @@ impl Importer<'_> {
                 let shape = tensor::broadcast_shape(&cond.dims, &a.dims)
                     .and_then(|s| tensor::broadcast_shape(&s, &b.dims))
                     .ok_or_else(|| self.unsupported("shapes do not broadcast"))?;
+                self.check_shape("the selected constant", &shape)?;
                 let bc = |t: &Tensor| {
                     tensor::broadcast_to(t, &shape).ok_or_else(|| self.unsupported("broadcast"))
                 };
@@ -798,8 +913,13 @@ impl Importer<'_> {
                         t => return Err(self.unsupported(format!("bad dimension {t}"))),
                     }
                 }
+                if target.iter().filter(|&&t| t == -1).count() > 1 {
+                    return Err(self.unsupported(format!("more than one -1 in {target:?}")));
+                }
                 if let Some(i) = infer {
-                    let known: usize = out.iter().product();
+                    let known = nnlin_ir::checked_numel(&out).ok_or_else(|| {
+                        self.unsupported(format!("cannot reshape {dims:?} to {target:?}"))
+                    })?;
                     if known == 0 || !numel.is_multiple_of(known) {
                         return Err(
                             self.unsupported(format!("cannot reshape {dims:?} to {target:?}"))
@@ -807,7 +927,7 @@ impl Importer<'_> {
                     }
                     out[i] = numel / known;
                 }
-                if out.iter().product::<usize>() != numel {
+                if nnlin_ir::checked_numel(&out) != Some(numel) {
                     return Err(self.unsupported(format!("cannot reshape {dims:?} to {target:?}")));
                 }
                 Ok(out)
@@ -835,13 +955,16 @@ impl Importer<'_> {
                     .map(|&x| norm_axis(x, rank).ok_or_else(|| self.unsupported("bad axis")))
                     .collect::<Result<_, _>>()?;
                 ins.sort_unstable();
+                if ins.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(self.unsupported(format!("duplicate axes {axes:?}")));
+                }
                 let mut out = Vec::with_capacity(rank);
                 let mut it = dims.iter();
                 for i in 0..rank {
                     if ins.contains(&i) {
                         out.push(1);
                     } else {
-                        out.push(*it.next().expect("rank"));
+                        out.push(*it.next().ok_or_else(|| self.unsupported("bad axes"))?);
                     }
                 }
                 Ok(out)
@@ -853,24 +976,49 @@ impl Importer<'_> {
     /// Opsets before 7 broadcast a constant only when `broadcast = 1`,
     /// aligning it at `axis` (PRelu: a per-channel slope at axis 1); later
     /// opsets use numpy rules. Returns the constant reshaped for numpy rules.
-    fn legacy_broadcast(&self, t: &Tensor, rank: usize) -> Tensor {
+    fn legacy_broadcast(&self, t: &Tensor, rank: usize) -> Result<Tensor, OnnxError> {
         if self.opset >= 7 || t.numel() == 1 || t.dims.len() >= rank {
-            return t.clone();
+            return Ok(t.clone());
         }
         let axis = if self.op() == "PRelu" {
             1
         } else if attr_i(self.node, "broadcast", 0) != 0 {
             match attr(self.node, "axis").and_then(|a| a.i) {
-                Some(a) => a.max(0) as usize,
+                Some(a) => norm_axis(a, rank).ok_or_else(|| {
+                    self.unsupported(format!("broadcast axis {a} outside rank {rank}"))
+                })?,
                 None => rank - t.dims.len(),
             }
         } else {
-            return t.clone();
+            return Ok(t.clone());
         };
+        if axis + t.dims.len() > rank {
+            return Err(self.unsupported(format!(
+                "a constant of shape {:?} at axis {axis} exceeds rank {rank}",
+                t.dims
+            )));
+        }
         let mut dims = vec![1; axis];
         dims.extend(&t.dims);
-        dims.resize(rank.max(dims.len()), 1);
-        Tensor::new(dims, t.data.clone(), t.is_int)
+        dims.resize(rank, 1);
+        Ok(Tensor::new(dims, t.data.clone(), t.is_int))
+    }
+
+    /// A transpose's permutation for `rank` axes (reversed by default),
+    /// validated.
+    fn perm(&self, rank: usize) -> Result<Vec<usize>, OnnxError> {
+        let perm: Vec<usize> = match attr_ints(self.node, "perm") {
+            Some(p) => self.sizes("perm entry", &p)?,
+            None => (0..rank).rev().collect(),
+        };
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        if !sorted.iter().copied().eq(0..rank) {
+            return Err(
+                self.unsupported(format!("perm {perm:?} is not a permutation of {rank} axes"))
+            );
+        }
+        Ok(perm)
     }
 
     /// Inference batch-norm, `(x − mean)/√(var + ε)·scale + B` per channel:
@@ -964,22 +1112,38 @@ impl Importer<'_> {
                 "only 1-D and 2-D windows are supported (input spatial {spatial:?})"
             )));
         }
-        let ints = |name: &str, default: usize| -> Vec<usize> {
-            attr_ints(n, name)
-                .map_or(vec![default; rank], |v| v.iter().map(|&x| x.max(0) as usize).collect())
+        let ints = |name: &str, default: usize| -> Result<Vec<usize>, OnnxError> {
+            match attr_ints(n, name) {
+                None => Ok(vec![default; rank]),
+                Some(v) => self.sizes(name, &v),
+            }
         };
-        let strides = ints("strides", 1);
-        let dil = ints("dilations", 1);
+        let strides = ints("strides", 1)?;
+        let dil = ints("dilations", 1)?;
+        if strides.len() != rank || dil.len() != rank {
+            return Err(self.unsupported("strides/dilations do not match the kernel rank"));
+        }
+        if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
+            return Err(self.unsupported(format!(
+                "strides {strides:?}, dilations {dil:?} and kernel {kernel:?} must be positive"
+            )));
+        }
         let auto_pad = attr_s(n, "auto_pad").unwrap_or_else(|| "NOTSET".into());
         let pads: Vec<usize> = match auto_pad.as_str() {
-            "NOTSET" => attr_ints(n, "pads")
-                .map_or(vec![0; 2 * rank], |v| v.iter().map(|&x| x.max(0) as usize).collect()),
+            "NOTSET" => match attr_ints(n, "pads") {
+                None => vec![0; 2 * rank],
+                Some(v) => self.sizes("pads", &v)?,
+            },
             "VALID" => vec![0; 2 * rank],
             "SAME_UPPER" | "SAME_LOWER" => {
                 let mut p = vec![0; 2 * rank];
                 for i in 0..rank {
                     let out = spatial[i].div_ceil(strides[i]);
-                    let need = ((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1)
+                    let need = (out.saturating_sub(1))
+                        .checked_mul(strides[i])
+                        .and_then(|v| v.checked_add((kernel[i] - 1).checked_mul(dil[i])?))
+                        .and_then(|v| v.checked_add(1))
+                        .ok_or_else(|| self.unsupported("the window overflows"))?
                         .saturating_sub(spatial[i]);
                     let (small, big) = (need / 2, need - need / 2);
                     if auto_pad == "SAME_UPPER" {
@@ -992,8 +1156,8 @@ impl Importer<'_> {
             }
             other => return Err(self.unsupported(format!("auto_pad={other}"))),
         };
-        if strides.len() != rank || dil.len() != rank || pads.len() != 2 * rank {
-            return Err(self.unsupported("strides/dilations/pads do not match the kernel rank"));
+        if pads.len() != 2 * rank {
+            return Err(self.unsupported("pads do not match the kernel rank"));
         }
         let w = if rank == 1 {
             nnlin_ir::Window::new(
@@ -1014,9 +1178,13 @@ impl Importer<'_> {
                 ceil,
             )
         };
-        w.ok_or_else(|| {
-            self.unsupported(format!("kernel {kernel:?} does not fit input {spatial:?}"))
-        })
+        let w = w.ok_or_else(|| {
+            self.unsupported(format!(
+                "kernel {kernel:?} (pads {pads:?}) does not fit input {spatial:?}"
+            ))
+        })?;
+        self.check_alloc("the output positions", w.oh.checked_mul(w.ow), 8)?;
+        Ok(w)
     }
 
     fn conv(&mut self) -> Result<Sym, OnnxError> {
@@ -1027,21 +1195,29 @@ impl Importer<'_> {
         if shape.len() < 3 || shape[0] != 1 || w.dims.len() != shape.len() {
             return Err(self.unsupported(format!("input {shape:?} with weight {:?}", w.dims)));
         }
-        let groups = attr_i(self.node, "group", 1).max(1) as usize;
+        let group = attr_i(self.node, "group", 1);
+        let groups = match usize::try_from(group) {
+            Ok(g) if g > 0 => g,
+            _ => return Err(self.unsupported(format!("group {group} must be positive"))),
+        };
         let kernel = w.dims[2..].to_vec();
         if let Some(k) = attr_ints(self.node, "kernel_shape")
-            && k.iter().map(|&v| v as usize).collect::<Vec<_>>() != kernel
+            && k.iter().map(|&v| usize::try_from(v).ok()).collect::<Vec<_>>()
+                != kernel.iter().map(|&v| Some(v)).collect::<Vec<_>>()
         {
             return Err(self.unsupported("kernel_shape disagrees with the weight"));
         }
         let window = self.window(&shape[2..], &kernel, false)?;
         let (c_in, c_out) = (shape[1], w.dims[0]);
-        if w.dims[1] * groups != c_in {
+        if w.dims[1].checked_mul(groups) != Some(c_in) || c_out % groups != 0 {
             return Err(self.unsupported(format!(
                 "weight {:?} with {groups} groups on {c_in} channels",
                 w.dims
             )));
         }
+        // the structured kernel unfolds the input: (C_in/g·kh·kw) × (oh·ow)
+        let unfolded = [w.dims[1], window.kh, window.kw, window.oh, window.ow];
+        self.check_alloc("the unfolded input", nnlin_ir::checked_numel(&unfolded), 8)?;
         let bias = self.const_input(2)?.map(|b| b.data);
         let one_d = shape.len() == 3;
         let layer = Layer::Conv(nnlin_ir::Conv {
@@ -1092,13 +1268,13 @@ impl Importer<'_> {
             }
             .ok_or_else(|| self.unsupported("only 1-D and 2-D pooling"))?
         } else {
-            let kernel: Vec<usize> = attr_ints(self.node, "kernel_shape")
-                .ok_or_else(|| self.unsupported("missing kernel_shape"))?
-                .iter()
-                .map(|&v| v as usize)
-                .collect();
+            let kernel = attr_ints(self.node, "kernel_shape")
+                .ok_or_else(|| self.unsupported("missing kernel_shape"))?;
+            let kernel = self.sizes("kernel_shape", &kernel)?;
             self.window(spatial, &kernel, attr_i(self.node, "ceil_mode", 0) != 0)?
         };
+        let taps = [shape[1], window.oh, window.ow, window.kh, window.kw];
+        self.check_alloc("the pooling windows' taps", nnlin_ir::checked_numel(&taps), 8)?;
         let kind = if op.contains("Max") {
             nnlin_ir::PoolKind::Max
         } else {
@@ -1243,10 +1419,7 @@ impl Importer<'_> {
     fn transpose(&mut self) -> Result<Sym, OnnxError> {
         let x = self.input_value(0)?;
         let rank = self.net.shape(x).len();
-        let perm: Vec<usize> = match attr_ints(self.node, "perm") {
-            Some(p) => p.iter().map(|&v| v as usize).collect(),
-            None => (0..rank).rev().collect(),
-        };
+        let perm = self.perm(rank)?;
         let layer = Layer::Transpose(nnlin_ir::Transpose { perm });
         Ok(Sym::Value(self.net.push(node_name(self.node), "Transpose", layer, vec![x])?))
     }
@@ -1333,8 +1506,15 @@ fn libm_erf(v: f64) -> f64 {
     <f64 as nnlin_ir::Scalar>::erf(v)
 }
 
-/// Decodes and imports an ONNX model.
+/// Decodes and imports an ONNX model with the default [`ImportOptions`].
 pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
+    import_with(bytes, &ImportOptions::default())
+}
+
+/// Decodes and imports an ONNX model; no buffer sized by the file exceeds
+/// `options.max_bytes`.
+pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, OnnxError> {
+    let budget = options.max_bytes;
     let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
     let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Decode("no graph".into()))?;
     let opset = model
@@ -1352,7 +1532,9 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
         let name = init.name.clone().unwrap_or_default();
         let t = tensor::decode(init)
             .map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
-        syms.insert(name, Sym::Const(t));
+        if syms.insert(name.clone(), Sym::Const(t)).is_some() {
+            return Err(OnnxError::Graph(format!("initializer `{name}` is defined twice")));
+        }
     }
     // Real inputs: not initializers (older exporters list those as inputs
     // too) and not produced by a node (some zoo models list computed weights).
@@ -1393,7 +1575,7 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
             // the batch dimension: one instance at a time, whatever the
             // exporter fixed it to
             _ if i == 0 && rank >= 2 => 1,
-            Some(Value::DimValue(v)) if *v > 0 => *v as usize,
+            Some(Value::DimValue(v)) if *v > 0 => usize::try_from(*v).unwrap_or(usize::MAX),
             _ if i == 0 => 1,
             _ => {
                 return Err(OnnxError::Graph(format!(
@@ -1405,6 +1587,14 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
     }
     if shape.is_empty() {
         return Err(OnnxError::Graph(format!("input `{input_name}` has no shape")));
+    }
+    match nnlin_ir::checked_numel(&shape).and_then(|n| n.checked_mul(8)) {
+        Some(b) if b <= budget => {}
+        _ => {
+            return Err(OnnxError::Graph(format!(
+                "input `{input_name}` of shape {shape:?} is larger than the memory budget of {budget} bytes"
+            )));
+        }
     }
 
     let [output] = graph.output.as_slice() else {
@@ -1427,7 +1617,22 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
                 op_type: format!("{}::{op}", node.domain.as_deref().unwrap_or("")),
             });
         }
-        let mut imp = Importer { net, syms, opset, node };
+        for out in node.output.iter().filter(|o| !o.is_empty()) {
+            if syms.contains_key(out) || node.output.iter().filter(|o| *o == out).count() > 1 {
+                return Err(OnnxError::Graph(format!(
+                    "node `{}` defines `{out}`, which is already defined",
+                    node_name(node)
+                )));
+            }
+        }
+        if op != "Constant" && node.input.iter().all(String::is_empty) {
+            return Err(OnnxError::Graph(format!(
+                "node `{}` ({op}) has no inputs",
+                node_name(node)
+            )));
+        }
+        let values_before = net.nodes().len();
+        let mut imp = Importer { net, syms, opset, node, budget };
         let result = (|| -> Result<(), OnnxError> {
             if op == "Constant" {
                 let a = node
@@ -1491,7 +1696,12 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
             match op.as_str() {
                 o if ELEMENTWISE.contains(&o) => {
                     let s = imp.elementwise()?;
+                    let long =
+                        matches!(&s, Sym::Expr { expr, .. } if expr.nodes.len() > MAX_EXPR_NODES);
                     imp.set_output(s);
+                    if long && let Some(out) = node.output.first() {
+                        imp.materialize(out)?;
+                    }
                 }
                 "Identity" | "Dropout" => {
                     let s =
@@ -1560,6 +1770,11 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
                     });
                 }
             }
+            // every value this node added must fit the budget (as f64s)
+            for k in values_before..imp.net.nodes().len() {
+                let v = imp.net.nodes()[k].output;
+                imp.check_shape("the value", imp.net.shape(v))?;
+            }
             Ok(())
         })();
         net = imp.net;
@@ -1568,7 +1783,7 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
     }
 
     let dummy = NodeProto { op_type: Some("<graph output>".into()), ..Default::default() };
-    let mut imp = Importer { net, syms, opset, node: &dummy };
+    let mut imp = Importer { net, syms, opset, node: &dummy, budget };
     let out = imp.materialize(&output_name)?;
     let mut net = imp.net;
     net.set_output(out);

@@ -63,7 +63,8 @@ pub fn decode(t: &TensorProto) -> Result<Tensor, String> {
     for &d in &t.dims {
         dims.push(usize::try_from(d).map_err(|_| format!("negative dimension {d}"))?);
     }
-    let numel: usize = dims.iter().product();
+    let numel = nnlin_ir::checked_numel(&dims)
+        .ok_or_else(|| format!("shape {dims:?} has more elements than memory can hold"))?;
     let ty = t.data_type.unwrap_or(0);
     let is_int = !matches!(ty, dt::FLOAT | dt::DOUBLE | dt::FLOAT16);
     let data: Vec<f64> = if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) {
@@ -74,12 +75,12 @@ pub fn decode(t: &TensorProto) -> Result<Tensor, String> {
             dt::INT8 | dt::UINT8 | dt::BOOL => 1,
             other => return Err(format!("unsupported tensor data type {other}")),
         };
-        if raw.len() != numel * width {
+        if numel.checked_mul(width) != Some(raw.len()) {
             return Err(format!(
                 "raw_data holds {} bytes, shape {:?} needs {}",
                 raw.len(),
                 dims,
-                numel * width
+                numel.saturating_mul(width)
             ));
         }
         raw.chunks_exact(width)
