@@ -48,7 +48,7 @@ pub use nnlin_compile::{
 };
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
-pub use nnlin_onnx::{Imported, OnnxError};
+pub use nnlin_onnx::{ImportOptions, Imported, OnnxError};
 
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +198,11 @@ pub struct Options {
     pub strategy: Strategy,
     /// Output rows to form.
     pub rows: Rows,
+    /// The most bytes one instance's plan may hold at its peak (predicted by
+    /// [`plan::peak_bytes`], or the dense baseline's factors); `None`: half
+    /// the available memory. Instances that run in parallel share it: each
+    /// gets `max_memory / threads`.
+    pub max_memory: Option<usize>,
 }
 
 /// What the importer reports about a model besides its network.
@@ -229,8 +234,14 @@ pub struct Model {
 impl Model {
     /// Imports an ONNX model from bytes; `name` appears in errors.
     pub fn from_onnx_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        Self::from_onnx_bytes_with(name, bytes, &ImportOptions::default())
+    }
+
+    /// [`Model::from_onnx_bytes`] with import options (the memory budget
+    /// every buffer sized by the file is checked against).
+    pub fn from_onnx_bytes_with(name: &str, bytes: &[u8], options: &ImportOptions) -> Result<Self> {
         let Imported { network, opset, producer, input_name, output_name, skipped_softmax } =
-            nnlin_onnx::import(bytes)
+            nnlin_onnx::import_with(bytes, options)
                 .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
@@ -252,10 +263,15 @@ impl Model {
 
     /// Reads and imports an ONNX file.
     pub fn from_onnx_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_onnx_file_with(path, &ImportOptions::default())
+    }
+
+    /// [`Model::from_onnx_file`] with import options.
+    pub fn from_onnx_file_with(path: impl AsRef<Path>, options: &ImportOptions) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        Self::from_onnx_bytes(&path.display().to_string(), &bytes)
+        Self::from_onnx_bytes_with(&path.display().to_string(), &bytes, options)
     }
 
     /// The same model with convolutions represented as `kernel` (explicit
@@ -501,10 +517,13 @@ impl Ensemble {
         let mut w = Mat::<f64>::zeros(m, n);
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
+        // instances running at once share the budget
+        let budget =
+            opts.max_memory.unwrap_or_else(available_memory) / rayon::current_num_threads().max(1);
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let (wi, bi) = match opts.strategy {
-                Strategy::Dense => plan::dense_accumulate(inst, &rows, available_memory(), par)
+                Strategy::Dense => plan::dense_accumulate(inst, &rows, budget, par)
                     .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
                 s => {
                     let choice = match s {
@@ -513,6 +532,14 @@ impl Ensemble {
                         Strategy::Dp => plan::Choice::Dp,
                         _ => model.planned(inst, m),
                     };
+                    let need = plan::peak_bytes(inst, m, choice);
+                    if need > budget {
+                        return Err(Error::Input(format!(
+                            "{}: the {} plan for {m} row(s) needs about {need} bytes at its peak, above the memory budget of {budget} bytes per instance (--max-memory, shared by the threads); select fewer --rows or use fewer --threads",
+                            model.name,
+                            format!("{choice:?}").to_lowercase()
+                        )));
+                    }
                     let (wb, dir) =
                         model.run_plan(inst, &rows, choice, par).map_err(compile_err)?;
                     if let Some(d) = dir {

@@ -73,7 +73,7 @@ fn check_tol(
             (npy3(&format!("{name}.secant_W.npy")), Some(npy2(&format!("{name}.secant_b.npy"))))
         }
     };
-    let opts = Options { mode, strategy, rows: Rows::All };
+    let opts = Options { mode, strategy, rows: Rows::All, max_memory: None };
     let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
     let mut worst_w: f64 = 0.0;
     let mut worst: f64 = 0.0;

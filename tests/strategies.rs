@@ -50,7 +50,8 @@ fn every_strategy_gives_the_same_w_and_b() {
             // tested, on the CNNs)
             let dense: &[Strategy] = if name == "lenet300" { &[Strategy::Dense] } else { &[] };
             for &s in [Strategy::Forward, Strategy::Auto, Strategy::Dp].iter().chain(dense) {
-                let opts = Options { strategy: s, rows: Rows::All, mode: Mode::Tangent };
+                let opts =
+                    Options { strategy: s, rows: Rows::All, mode: Mode::Tangent, max_memory: None };
                 match m.linearize(&x, &opts) {
                     Ok(l) => same(&base, &l, &format!("{name} {s:?}")),
                     Err(e) => {

@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use nnlin::{Mode, Model};
+use nnlin::Mode;
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -38,7 +38,7 @@ pub struct Table {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let model = Model::from_onnx_file(&args.model)?;
+    let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let xs = crate::io::read_instances(&args.data, model.input_shape())?;
     let labels = crate::io::read_labels(&args.labels)?;
     let count = args.limit.unwrap_or(usize::MAX).min(xs.nrows());
@@ -106,12 +106,16 @@ pub fn run(args: Args) -> Result<()> {
         table.b_accuracy,
         table.b_lfr
     );
+    use crate::output::{Payload, Target};
+    let (jp, mp) = (Payload::Json(&j), Payload::Bytes(md.clone().into_bytes()));
+    let mut targets = vec![];
     if let Some(p) = &args.json {
-        crate::io::write_json_atomic(p, &j)?;
+        targets.push(Target::File(p, &jp));
     }
     if let Some(p) = &args.markdown {
-        crate::io::write_text_atomic(p, &md)?;
+        targets.push(Target::File(p, &mp));
     }
+    crate::output::commit(&targets)?;
     print!("{md}");
     eprintln!("nnlin: {count} instances in {seconds:.2} s");
     Ok(())

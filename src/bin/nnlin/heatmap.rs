@@ -17,6 +17,38 @@ pub fn geometry(shape: &[usize]) -> (usize, usize, usize) {
     }
 }
 
+/// Checks that an image of `cells_w × cells_h` input-sized maps (each
+/// `pad_w`/`pad_h` pixels of margin, at `cell` pixels per input pixel) fits
+/// the memory budget and `u32` coordinates, before anything is drawn.
+pub fn check_canvas(
+    shape: &[usize],
+    cell: u64,
+    cells_w: u64,
+    cells_h: u64,
+    pad: (u64, u64),
+) -> anyhow::Result<()> {
+    let (_, h, w) = geometry(shape);
+    let width = (w as u64)
+        .saturating_mul(cell)
+        .saturating_add(pad.0)
+        .saturating_mul(cells_w)
+        .saturating_add(200);
+    let height = (h as u64)
+        .saturating_mul(cell)
+        .saturating_add(pad.1)
+        .saturating_mul(cells_h)
+        .saturating_add(100);
+    let bytes = width.saturating_mul(height).saturating_mul(3);
+    if width > u64::from(u32::MAX) || height > u64::from(u32::MAX) {
+        anyhow::bail!("a {width}×{height} image is too large to draw");
+    }
+    crate::io::check_budget(
+        &format!("a {width}×{height} image"),
+        usize::try_from(bytes.div_ceil(8)).ok(),
+    )?;
+    Ok(())
+}
+
 /// Sums a `c × h × w` vector over channels.
 pub fn per_pixel(v: &[f64], c: usize, hw: usize) -> Vec<f64> {
     (0..hw).map(|p| (0..c).map(|ch| v[ch * hw + p]).sum()).collect()

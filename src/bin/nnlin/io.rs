@@ -1,62 +1,177 @@
-//! The CLI's file handling: reading inputs, writing outputs atomically.
+//! The CLI's input files: `.npy`, IDX (optionally gzip), images, CSV.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use ndarray::{Array2, Array3, ArrayD, Ix2};
-use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use ndarray::{Array2, ArrayD, Ix2};
+use ndarray_npy::ReadNpyExt;
 
 fn squeeze(s: &[usize]) -> Vec<usize> {
     s.iter().copied().filter(|&d| d != 1).collect()
 }
 
-/// Reads an IDX file (optionally gzip-compressed); unsigned-byte data is
-/// scaled to [0, 1] (pixels / 255), as MNIST models are trained.
-pub fn read_idx(bytes: &[u8]) -> Result<ArrayD<f64>> {
-    let raw = gunzip(bytes)?;
-    if raw.len() < 4 || raw[0] != 0 || raw[1] != 0 {
+/// The memory budget of this process (`--max-memory`), set once by `main`.
+static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Sets the memory budget every input buffer is checked against.
+pub fn set_budget(bytes: usize) {
+    let _ = BUDGET.set(bytes);
+}
+
+/// The memory budget in bytes.
+pub fn budget() -> usize {
+    BUDGET.get().copied().unwrap_or(usize::MAX)
+}
+
+/// Checks that `count` values of `width` bytes (held as `f64`) fit the budget.
+pub fn check_budget(what: &str, count: Option<usize>) -> Result<usize> {
+    match count.and_then(|c| c.checked_mul(8)) {
+        Some(b) if b <= budget() => Ok(count.unwrap_or(0)),
+        Some(b) => bail!(
+            "{what} needs {b} bytes, above the memory budget of {} bytes (--max-memory)",
+            budget()
+        ),
+        None => bail!("{what} has more elements than memory can hold"),
+    }
+}
+
+/// Reads exactly `len` bytes from `r`, or says how many there were.
+fn read_exactly(r: &mut dyn std::io::Read, len: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    // `take` bounds the read: a gzip bomb stops at what the header states
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut *r, len as u64), &mut buf)
+        .with_context(|| format!("bad gzip data in {what}"))?;
+    if buf.len() < len {
+        bail!("truncated {what}: the header states {len} bytes, the file holds {}", buf.len());
+    }
+    Ok(buf)
+}
+
+/// A reader of the file's bytes, decompressed where they are gzip.
+fn maybe_gunzip(bytes: &[u8]) -> Box<dyn std::io::Read + '_> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    }
+}
+
+/// The IDX header: element type, dimensions, and the data's byte count
+/// (checked against overflow and the memory budget).
+fn idx_header(r: &mut dyn std::io::Read) -> Result<(u8, Vec<usize>, usize)> {
+    let head = read_exactly(r, 4, "IDX header")?;
+    if head[0] != 0 || head[1] != 0 {
         bail!("not an IDX file (bad magic number)");
     }
-    let (ty, ndim) = (raw[2], raw[3] as usize);
-    let mut dims = Vec::with_capacity(ndim);
-    for i in 0..ndim {
-        let b = raw.get(4 + 4 * i..8 + 4 * i).context("truncated IDX header")?;
-        dims.push(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-    }
-    let data = &raw[4 + 4 * ndim..];
-    let count: usize = dims.iter().product();
-    let short = || anyhow::anyhow!("truncated IDX data");
+    let (ty, ndim) = (head[2], usize::from(head[3]));
+    let dims_raw = read_exactly(r, 4 * ndim, "IDX header")?;
+    let dims: Vec<usize> = dims_raw
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let width = match ty {
+        0x08 => 1,
+        0x0D => 4,
+        0x0E => 8,
+        other => bail!("unsupported IDX element type 0x{other:02x}"),
+    };
+    let count =
+        check_budget(&format!("IDX data of shape {dims:?}"), nnlin::ir::checked_numel(&dims))?;
+    Ok((ty, dims, count * width))
+}
+
+/// Reads an IDX file (optionally gzip-compressed); unsigned-byte data is
+/// scaled to [0, 1] (pixels / 255), as MNIST models are trained. Only the
+/// bytes the header states are decompressed.
+pub fn read_idx(bytes: &[u8]) -> Result<ArrayD<f64>> {
+    let mut r = maybe_gunzip(bytes);
+    let (ty, dims, len) = idx_header(&mut *r)?;
+    let data = read_exactly(&mut *r, len, "IDX data")?;
     let values: Vec<f64> = match ty {
-        0x08 => {
-            data.get(..count).ok_or_else(short)?.iter().map(|&v| f64::from(v) / 255.0).collect()
-        }
+        0x08 => data.iter().map(|&v| f64::from(v) / 255.0).collect(),
         0x0D => data
-            .get(..count * 4)
-            .ok_or_else(short)?
             .chunks_exact(4)
             .map(|c| f64::from(f32::from_be_bytes([c[0], c[1], c[2], c[3]])))
             .collect(),
-        0x0E => data
-            .get(..count * 8)
-            .ok_or_else(short)?
+        _ => data
             .chunks_exact(8)
-            .map(|c| f64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .map(|c| f64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect(),
-        other => bail!("unsupported IDX element type 0x{other:02x}"),
     };
     Ok(ArrayD::from_shape_vec(dims, values)?)
 }
 
-fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out)
-            .context("bad gzip data")?;
-        Ok(out)
-    } else {
-        Ok(bytes.to_vec())
+/// What a `.npy` header states: the dtype, the shape, where the data start.
+struct NpyHeader {
+    descr: String,
+    shape: Vec<usize>,
+    data_start: usize,
+}
+
+/// Parses and checks a `.npy` header against the bytes present, so that no
+/// reader allocates what the file does not hold.
+fn npy_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
+    let p = path.display();
+    if !bytes.starts_with(b"\x93NUMPY") {
+        bail!("`{p}` is not a .npy file (bad magic string)");
     }
+    let (len, start): (Option<usize>, usize) = match bytes.get(6) {
+        Some(1) => (bytes.get(8..10).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))), 10),
+        Some(2 | 3) => {
+            (bytes.get(8..12).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize), 12)
+        }
+        _ => bail!("`{p}`: unsupported .npy format version"),
+    };
+    let header = len
+        .and_then(|l| bytes.get(start..start.checked_add(l)?))
+        .with_context(|| format!("`{p}`: truncated .npy header"))?;
+    let header = String::from_utf8_lossy(header);
+    let field = |key: &str| -> Option<String> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest.to_string())
+    };
+    let descr = field("descr")
+        .and_then(|r| {
+            let q = r.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+            let body = r.strip_prefix(q)?;
+            Some(body.split_once(q)?.0.to_string())
+        })
+        .with_context(|| format!("`{p}`: the .npy header has no 'descr'"))?;
+    let shape_text = field("shape")
+        .and_then(|r| Some(r.strip_prefix('(')?.split_once(')')?.0.to_string()))
+        .with_context(|| format!("`{p}`: the .npy header has no 'shape'"))?;
+    let shape = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.trim_end_matches('L').parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow::anyhow!("`{p}`: bad .npy shape ({shape_text})"))?;
+    let width = match descr.get(1..) {
+        Some("f8" | "i8" | "u8") => 8,
+        Some("f4" | "i4" | "u4") => 4,
+        Some("i2" | "u2" | "f2") => 2,
+        Some("i1" | "u1" | "b1") => 1,
+        _ if descr.contains('O') => {
+            bail!("`{p}` holds Python objects (dtype '{descr}'); nnlin never unpickles")
+        }
+        _ => bail!("`{p}`: unsupported .npy dtype '{descr}'"),
+    };
+    let data_start = start + len.unwrap_or(0);
+    let count = nnlin::ir::checked_numel(&shape);
+    let need = count.and_then(|c| c.checked_mul(width));
+    let have = bytes.len().saturating_sub(data_start);
+    match need {
+        Some(n) if n <= have => {}
+        Some(n) => bail!(
+            "`{p}` is truncated: its header states shape {shape:?} of '{descr}' ({n} bytes), the file holds {have}"
+        ),
+        None => bail!("`{p}`: the .npy shape {shape:?} has more elements than memory can hold"),
+    }
+    check_budget(&format!("`{p}`"), count)?;
+    Ok(NpyHeader { descr, shape, data_start })
 }
 
 /// Reads labels: an IDX unsigned-byte vector (optionally `.gz`) or an
@@ -64,20 +179,50 @@ fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
 pub fn read_labels(path: &Path) -> Result<Vec<usize>> {
     let bytes =
         fs::read(path).with_context(|| format!("cannot read labels `{}`", path.display()))?;
+    parse_labels(&bytes, path)
+}
+
+/// [`read_labels`] of bytes already read; `path` names the format (IDX or
+/// `.npy`) and appears in errors.
+pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Vec<usize>> {
+    let p = path.display();
     if is_idx(path) {
-        let raw = gunzip(&bytes)?;
-        if raw.len() < 8 || raw[2] != 0x08 || raw[3] != 1 {
-            bail!("`{}` is not a 1-D unsigned-byte IDX label file", path.display());
+        let mut r = maybe_gunzip(bytes);
+        let (ty, dims, len) = idx_header(&mut *r).with_context(|| format!("`{p}`"))?;
+        if ty != 0x08 || dims.len() != 1 {
+            bail!("`{p}` is not a 1-D unsigned-byte IDX label file");
         }
-        let n = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]) as usize;
-        let labels = raw.get(8..8 + n).context("truncated IDX labels")?;
+        let labels = read_exactly(&mut *r, len, "IDX labels").with_context(|| format!("`{p}`"))?;
         return Ok(labels.iter().map(|&v| usize::from(v)).collect());
     }
-    if let Ok(a) = ndarray::Array1::<i64>::read_npy(bytes.as_slice()) {
-        return a.iter().map(|&v| usize::try_from(v).context("negative label")).collect();
+    let header = npy_header(bytes, path)?;
+    if header.shape.len() != 1 {
+        bail!("`{p}`: labels must be a 1-D array, got shape {:?}", header.shape);
     }
-    let a = read_npy_any(&bytes, path)?;
-    Ok(a.iter().map(|&v| v as usize).collect())
+    if header.descr.contains('i') || header.descr.contains('u') {
+        let a = ndarray::Array1::<i64>::read_npy(bytes)
+            .with_context(|| format!("`{p}`: labels must be int64 or float"))?;
+        return a
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                usize::try_from(v)
+                    .map_err(|_| anyhow::anyhow!("`{p}`: label {v} at index {i} is negative"))
+            })
+            .collect();
+    }
+    let a = read_npy_any(bytes, path)?;
+    a.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= f64::from(u32::MAX) {
+                Ok(v as usize)
+            } else {
+                let v = if v.abs() >= 1e15 { format!("{v:e}") } else { format!("{v}") };
+                bail!("`{p}`: label {v} at index {i} is not a class index (a non-negative integer)")
+            }
+        })
+        .collect()
 }
 
 fn is_idx(path: &Path) -> bool {
@@ -85,12 +230,22 @@ fn is_idx(path: &Path) -> bool {
     name.ends_with(".gz") || name.contains("idx") || name.ends_with("-ubyte")
 }
 
-fn read_npy_any(bytes: &[u8], path: &Path) -> Result<ArrayD<f64>> {
-    Ok(match ArrayD::<f64>::read_npy(bytes) {
-        Ok(a) => a,
-        Err(_) => ArrayD::<f32>::read_npy(bytes).map(|a| a.mapv(f64::from)).map_err(|e| {
-            anyhow::anyhow!("`{}` is not a float32/float64 .npy file ({e})", path.display())
-        })?,
+/// Reads a float32/float64 `.npy` file's bytes as `f64`; the header is
+/// checked against the bytes present first.
+pub fn read_npy_any(bytes: &[u8], path: &Path) -> Result<ArrayD<f64>> {
+    let header = npy_header(bytes, path)?;
+    let _ = header.data_start;
+    let bad = |e: ndarray_npy::ReadNpyError| {
+        anyhow::anyhow!("`{}`: cannot read the .npy data ({e})", path.display())
+    };
+    Ok(match header.descr.as_str() {
+        "<f8" | "=f8" | ">f8" => ArrayD::<f64>::read_npy(bytes).map_err(bad)?,
+        "<f4" | "=f4" | ">f4" => {
+            ArrayD::<f32>::read_npy(bytes).map(|a| a.mapv(f64::from)).map_err(bad)?
+        }
+        other => {
+            bail!("`{}` holds dtype '{other}'; inputs must be float32 or float64", path.display())
+        }
     })
 }
 
@@ -103,7 +258,7 @@ pub fn read_instances(path: &Path, model_shape: &[usize]) -> Result<Array2<f64>>
 }
 
 /// Splits `file[A..B]` / `file[N]` into the file and the instance range.
-fn split_range(path: &Path) -> Result<(PathBuf, Option<std::ops::Range<usize>>)> {
+pub fn split_range(path: &Path) -> Result<(PathBuf, Option<std::ops::Range<usize>>)> {
     let s = path.to_string_lossy();
     if let (true, Some(open)) = (s.ends_with(']'), s.rfind('[')) {
         let spec = &s[open + 1..s.len() - 1];
@@ -116,7 +271,7 @@ fn split_range(path: &Path) -> Result<(PathBuf, Option<std::ops::Range<usize>>)>
             }
             None => {
                 let n = spec.trim().parse::<usize>().map_err(|_| bad())?;
-                n..n + 1
+                n..n.checked_add(1).ok_or_else(bad)?
             }
         };
         if range.is_empty() {
@@ -146,6 +301,22 @@ fn read_image(
     };
     let mut img = image::load_from_memory(bytes)
         .with_context(|| format!("cannot decode image `{}`", path.display()))?;
+    let have = img.color().channel_count();
+    let kind = |n: u8| match n {
+        1 => "grayscale",
+        2 => "grayscale with alpha",
+        3 => "RGB",
+        _ => "RGBA",
+    };
+    if usize::from(have) != c {
+        bail!(
+            "image `{}` is {} ({have} channels) but the model takes {} ({c} channel{}); convert it first",
+            path.display(),
+            kind(have),
+            kind(c as u8),
+            if c == 1 { "" } else { "s" }
+        );
+    }
     if (img.width() as usize, img.height() as usize) != (w, h) {
         if !resize {
             bail!(
@@ -200,16 +371,28 @@ pub fn read_instances_opts(
     let path = file.as_path();
     let bytes =
         fs::read(path).with_context(|| format!("cannot read input `{}`", path.display()))?;
+    parse_instances(&bytes, path, model_shape, resize, range)
+}
+
+/// [`read_instances_opts`] of bytes already read; `path` names the format
+/// (by its extension) and appears in errors; `range` selects instances.
+pub fn parse_instances(
+    bytes: &[u8],
+    path: &Path,
+    model_shape: &[usize],
+    resize: bool,
+    range: Option<std::ops::Range<usize>>,
+) -> Result<Array2<f64>> {
     let lower = path.to_string_lossy().to_lowercase();
     let n_model: usize = model_shape.iter().product();
     let arr: ArrayD<f64> = if is_idx(path) {
-        read_idx(&bytes).with_context(|| format!("`{}`", path.display()))?
+        read_idx(bytes).with_context(|| format!("`{}`", path.display()))?
     } else if lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
-        read_image(&bytes, path, model_shape, resize)?
+        read_image(bytes, path, model_shape, resize)?
     } else if lower.ends_with(".csv") {
-        read_csv(&String::from_utf8_lossy(&bytes), path, n_model)?
+        read_csv(&String::from_utf8_lossy(bytes), path, n_model)?
     } else {
-        read_npy_any(&bytes, path)?
+        read_npy_any(bytes, path)?
     };
     let arr = match range {
         None => arr,
@@ -249,125 +432,115 @@ pub fn read_instances_opts(
     Ok(Array2::from_shape_vec((count, n), flat)?.into_dimensionality::<Ix2>()?)
 }
 
-/// One output file's contents.
-pub enum Payload<'a> {
-    /// A JSON document.
-    Json(&'a serde_json::Value),
-    /// A 2-D float64 array.
-    Npy2(&'a Array2<f64>),
-    /// A 2-D array written as float32.
-    Npy2F32(&'a Array2<f64>),
-    /// A 3-D float64 array.
-    Npy3(&'a Array3<f64>),
-    /// A 3-D array written as float32.
-    Npy3F32(&'a Array3<f64>),
-    /// Raw bytes (a PNG).
-    Bytes(Vec<u8>),
+/// Parses a comma-separated list of finite numbers (`--weights`, `--box`,
+/// `--rates`).
+pub fn parse_numbers(s: &str, flag: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .map(|t| match t.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => bail!("{flag}: `{}` is not finite (a number is expected)", t.trim()),
+        })
+        .collect()
 }
 
-/// Writes `files` into the directory `out` atomically: everything goes to a
-/// staging directory beside `out` first, then each file is renamed into
-/// place. On failure nothing is left behind and `out` keeps what it had.
-pub fn write_files(out: &Path, files: &[(&str, &Payload)]) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        bail!("output `{}` exists and is not a directory", out.display());
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out.file_name().map_or("nnlin-out".into(), |n| n.to_string_lossy().into_owned());
-    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot write output directory `{}`", out.display()))?;
-        for (file, payload) in files {
-            let p = staging.join(file);
-            if let Some(dir) = p.parent() {
-                fs::create_dir_all(dir)?;
-            }
-            let mut fh =
-                fs::File::create(&p).with_context(|| format!("cannot create `{}`", p.display()))?;
-            match payload {
-                Payload::Json(v) => serde_json::to_writer_pretty(&mut fh, v)?,
-                Payload::Npy2(a) => a.write_npy(&mut fh)?,
-                Payload::Npy2F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
-                Payload::Npy3(a) => a.write_npy(&mut fh)?,
-                Payload::Npy3F32(a) => a.mapv(|v| v as f32).write_npy(&mut fh)?,
-                Payload::Bytes(b) => std::io::Write::write_all(&mut fh, b)?,
-            }
-            fh.sync_all()?;
-        }
-        fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-        for (file, _) in files {
-            let dst = out.join(file);
-            if let Some(dir) = dst.parent() {
-                fs::create_dir_all(dir)?;
-            }
-            fs::rename(staging.join(file), &dst)
-                .with_context(|| format!("cannot move output into `{}`", out.display()))?;
-        }
-        Ok(())
-    })();
-    let _ = fs::remove_dir_all(&staging);
-    result
-}
-
-/// Writes W.npy, b.npy and summary.json into `out` atomically.
-pub fn write_outputs(
-    out: &Path,
-    w: &Array3<f64>,
-    b: &Array2<f64>,
-    f32_out: bool,
-    summary: &serde_json::Value,
-    extra: &[(String, Payload)],
-) -> Result<()> {
-    let (wp, bp) = if f32_out {
-        (Payload::Npy3F32(w), Payload::Npy2F32(b))
-    } else {
-        (Payload::Npy3(w), Payload::Npy2(b))
-    };
-    let sp = Payload::Json(summary);
-    let mut files: Vec<(&str, &Payload)> =
-        vec![("W.npy", &wp), ("b.npy", &bp), ("summary.json", &sp)];
-    files.extend(extra.iter().map(|(n, p)| (n.as_str(), p)));
-    write_files(out, &files)
-}
-
-/// Writes one JSON file atomically (a temporary file beside it, renamed).
-pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    write_text_atomic(path, &serde_json::to_string_pretty(value)?)
-}
-
-/// Writes one text file atomically (a temporary file beside it, renamed).
-pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
-    let res = (|| -> Result<()> {
-        let mut fh =
-            fs::File::create(&tmp).with_context(|| format!("cannot write `{}`", path.display()))?;
-        std::io::Write::write_all(&mut fh, text.as_bytes())?;
-        fh.sync_all()?;
-        fs::rename(&tmp, path).with_context(|| format!("cannot write `{}`", path.display()))?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
-}
+/// The most worker threads `--threads` may ask for.
+pub const MAX_THREADS: usize = 1024;
 
 /// A rayon pool with `threads` workers (all cores by default).
 pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    if threads == Some(0) {
-        bail!("--threads must be at least 1");
+    match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) if t > MAX_THREADS => {
+            bail!("--threads {t} is above the limit of {MAX_THREADS}")
+        }
+        _ => {}
     }
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(t) = threads {
         builder = builder.num_threads(t);
     }
     builder.build().context("cannot start worker threads")
+}
+
+/// Parses a byte size: `123`, `64K`, `512M`, `4G`, `1T` (powers of 1024;
+/// a trailing `B` or `iB` is allowed).
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let bad = || anyhow::anyhow!("bad --max-memory `{s}`: expected bytes such as 512M or 4G");
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let bytes = v * 2f64.powi(shift);
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(bad());
+    }
+    Ok(bytes as usize)
+}
+
+/// The default memory budget: half of the least of the available memory,
+/// the cgroup's remaining limit and the address-space limit (8 GiB where
+/// none of them can be read).
+pub fn default_budget() -> usize {
+    let read = |p: &str| fs::read_to_string(p).ok();
+    let field = |text: &str, key: &str| -> Option<u64> {
+        text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut limits: Vec<u64> = vec![];
+    if let Some(kb) = read("/proc/meminfo").and_then(|t| field(&t, "MemAvailable:")) {
+        limits.push(kb.saturating_mul(1024));
+    }
+    let cg_max = read("/sys/fs/cgroup/memory.max").and_then(|t| t.trim().parse::<u64>().ok());
+    let cg_cur = read("/sys/fs/cgroup/memory.current").and_then(|t| t.trim().parse::<u64>().ok());
+    if let Some(max) = cg_max {
+        limits.push(max.saturating_sub(cg_cur.unwrap_or(0)));
+    }
+    if let Some(t) = read("/proc/self/limits")
+        && let Some(line) = t.lines().find(|l| l.starts_with("Max address space"))
+        && let Some(v) = line.split_whitespace().nth(3).and_then(|v| v.parse::<u64>().ok())
+    {
+        limits.push(v);
+    }
+    let least = limits.into_iter().min().unwrap_or(16 << 30);
+    usize::try_from(least / 2).unwrap_or(usize::MAX)
+}
+
+/// Imports a model under the memory budget; with explicit CSR convolutions,
+/// checks their storage against the budget before building them.
+pub fn load_model(path: &Path, kernel: nnlin::ConvKernel) -> Result<nnlin::Model> {
+    let opts = nnlin::ImportOptions::default().with_max_bytes(budget());
+    let model = nnlin::Model::from_onnx_file_with(path, &opts)?;
+    if kernel == nnlin::ConvKernel::Csr {
+        let mut bytes: usize = 0;
+        for node in model.network().nodes() {
+            if let nnlin::ir::Layer::Conv(c) = &node.layer {
+                let w = &c.window;
+                let nnz = nnlin::ir::checked_numel(&[
+                    c.c_out,
+                    c.c_in / c.groups.max(1),
+                    w.kh,
+                    w.kw,
+                    w.oh,
+                    w.ow,
+                ]);
+                bytes = nnz
+                    .and_then(|n| n.checked_mul(16))
+                    .and_then(|b| bytes.checked_add(b))
+                    .unwrap_or(usize::MAX);
+            }
+        }
+        if bytes > budget() {
+            bail!(
+                "`{}`: explicit CSR convolutions need up to {bytes} bytes, above the memory budget of {} bytes (--max-memory); use --conv-kernel structured",
+                path.display(),
+                budget()
+            );
+        }
+    }
+    Ok(model.with_conv_kernel(kernel))
 }

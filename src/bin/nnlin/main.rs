@@ -11,6 +11,7 @@ mod decompose;
 mod heatmap;
 mod io;
 mod neurons;
+mod output;
 mod region;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ndarray::{Array2, Array3};
-use nnlin::{ConvKernel, Ensemble, Mode, Model, Options, Rows, Strategy};
+use nnlin::{ConvKernel, Ensemble, Mode, Options, Rows, Strategy};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -34,6 +35,11 @@ struct Cli {
     /// bundled LeNet-5 and write heat maps to nnlin-out/.
     #[command(subcommand)]
     command: Option<Command>,
+    /// Memory budget (e.g. 512M, 4G): no buffer sized by an input file, and
+    /// no instance's plan, may exceed it. Default: half of the least of the
+    /// available memory, the cgroup limit and the address-space limit.
+    #[arg(long, global = true)]
+    max_memory: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -87,8 +93,8 @@ enum Command {
         #[arg(required = true)]
         models: Vec<PathBuf>,
         /// Ensemble weights a1,a2,... (default: all 1).
-        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-        weights: Option<Vec<f64>>,
+        #[arg(long, allow_hyphen_values = true)]
+        weights: Option<String>,
         /// Input .npy (float32/float64): one instance or a batch (N, ...).
         #[arg(long)]
         input: PathBuf,
@@ -141,8 +147,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         verify: usize,
         /// Input bounds lo,hi (e.g. 0,1 for pixels).
-        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-        r#box: Option<Vec<f64>>,
+        #[arg(long, allow_hyphen_values = true)]
+        r#box: Option<String>,
         /// Also write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -216,8 +222,8 @@ enum Command {
         /// Kernel throughputs gemm,sparse (multiply-adds per second) and memory
         /// bandwidth (bytes per second); default: the calibration file, else
         /// measured now.
-        #[arg(long, value_delimiter = ',')]
-        rates: Option<Vec<f64>>,
+        #[arg(long)]
+        rates: Option<String>,
     },
     /// Measure this machine's kernel throughputs for the cost model and store
     /// them (NNLIN_CALIBRATION or ~/.config/nnlin/calibration.json).
@@ -243,8 +249,31 @@ enum Command {
     },
 }
 
+/// Escapes control characters (a model's node names reach error lines).
+fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let budget = match cli.max_memory.as_deref().map(io::parse_bytes) {
+        None => io::default_budget(),
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
+            eprintln!("nnlin: error: {}", escape_controls(&e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
+    io::set_budget(budget);
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // one line: the chain of causes, skipping a cause whose text its
@@ -259,7 +288,7 @@ fn main() -> ExitCode {
                     msg.push_str(&text);
                 }
             }
-            eprintln!("nnlin: error: {}", msg.replace('\n', " "));
+            eprintln!("nnlin: error: {}", escape_controls(&msg.replace('\n', " ")));
             ExitCode::FAILURE
         }
     }
@@ -327,7 +356,7 @@ fn run(cli: Cli) -> Result<()> {
             resize,
         } => explain(ExplainArgs {
             models,
-            weights,
+            weights: weights.map(|w| io::parse_numbers(&w, "--weights")).transpose()?,
             input,
             out,
             mode,
@@ -346,7 +375,7 @@ fn run(cli: Cli) -> Result<()> {
                 input,
                 norm,
                 verify,
-                input_box: r#box,
+                input_box: r#box.map(|b| io::parse_numbers(&b, "--box")).transpose()?,
                 json,
                 out,
                 limit,
@@ -368,7 +397,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Neurons { model, input, top, out, limit } => {
             neurons::run(neurons::Args { model, input, top, out, limit })
         }
-        Command::Plan { model, input, rows, rates } => plan_cmd(&model, &input, &rows, rates),
+        Command::Plan { model, input, rows, rates } => {
+            let rates = rates.map(|r| io::parse_numbers(&r, "--rates")).transpose()?;
+            plan_cmd(&model, &input, &rows, rates)
+        }
         Command::Calibrate { out } => {
             let r = nnlin::plan::Rates::measure();
             let path = out
@@ -382,7 +414,7 @@ fn run(cli: Cli) -> Result<()> {
                 "sparse_madds_per_second": r.sparse,
                 "bytes_per_second": r.bandwidth,
             });
-            io::write_json_atomic(&path, &v)?;
+            output::write_json_atomic(&path, &v)?;
             println!(
                 "gemm {:.3e} multiply-adds/s, sparse {:.3e} multiply-adds/s, memory {:.3e} bytes/s; wrote {}",
                 r.gemm,
@@ -433,7 +465,7 @@ fn load_ensemble(
     };
     let mut members = Vec::with_capacity(models.len());
     for (path, a) in models.iter().zip(weights) {
-        members.push((Model::from_onnx_file(path)?.with_conv_kernel(kernel), a));
+        members.push((io::load_model(path, kernel)?, a));
     }
     Ok(Ensemble::new(members)?)
 }
@@ -443,7 +475,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
-        then.push(Model::from_onnx_file(p)?.with_conv_kernel(args.conv_kernel));
+        then.push(io::load_model(p, args.conv_kernel)?);
     }
     let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
@@ -458,9 +490,21 @@ fn explain(args: ExplainArgs) -> Result<()> {
             StrategyArg::Dense => Strategy::Dense,
         },
         rows,
+        max_memory: Some(io::budget()),
     };
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
+    // W for every instance is held (and written) at once
+    let m_rows = match &opts.rows {
+        Rows::All => pipeline.output_len(),
+        Rows::Top(k) => *k,
+        Rows::Indices(v) => v.len(),
+    };
+    io::check_budget(
+        &format!("W for {} instance(s) of {m_rows}×{}", xs.nrows(), xs.ncols()),
+        nnlin::ir::checked_numel(&[xs.nrows(), m_rows, xs.ncols(), 2]),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}; select fewer --rows or instances ([A..B])"))?;
 
     if opts.strategy == Strategy::Auto {
         let _ = nnlin::rates(); // load or measure the cost model's rates before timing
@@ -471,6 +515,13 @@ fn explain(args: ExplainArgs) -> Result<()> {
 
     let (n_inst, n) = xs.dim();
     let m = lins.first().map_or(0, |l| l.rows.len());
+    for (k, lin) in lins.iter().enumerate() {
+        if lin.w.iter().chain(&lin.b).any(|v| !v.is_finite()) {
+            bail!(
+                "instance {k}: W or b holds a non-finite value (an overflow: check the ensemble weights and the model's scale); nothing was written"
+            );
+        }
+    }
     let round = |v: f64| match args.precision {
         PrecisionArg::F64 => v,
         PrecisionArg::F32 => f64::from(v as f32),
@@ -546,6 +597,9 @@ fn explain(args: ExplainArgs) -> Result<()> {
     });
     let mut extra = vec![];
     if args.heatmap {
+        let (_, img_h, img_w) = heatmap::geometry(first.input_shape());
+        let cell = (112 / img_h.max(img_w).max(1)).clamp(2, 32) as u64;
+        heatmap::check_canvas(first.input_shape(), cell, 3, m as u64, (80, 26))?;
         for (k, lin) in lins.iter().enumerate() {
             let x = xs.row(k).to_vec();
             let inst = &instances[k];
@@ -561,10 +615,17 @@ fn explain(args: ExplainArgs) -> Result<()> {
                 .collect();
             let title = format!("INSTANCE {k}  PREDICTED {}", inst["predicted"]);
             let png = heatmap::render(first.input_shape(), &x, &rows, &title);
-            extra.push((format!("heatmaps/instance_{k}.png"), io::Payload::Bytes(png)));
+            extra.push((format!("heatmaps/instance_{k}.png"), output::Payload::Bytes(png)));
         }
     }
-    io::write_outputs(&args.out, &w, &b, args.precision == PrecisionArg::F32, &summary, &extra)?;
+    output::write_outputs(
+        &args.out,
+        &w,
+        &b,
+        args.precision == PrecisionArg::F32,
+        &summary,
+        &extra,
+    )?;
     for s in &skipped {
         eprintln!("nnlin: note: {s}");
     }
@@ -582,13 +643,22 @@ fn plan_cmd(
     rows: &str,
     rates: Option<Vec<f64>>,
 ) -> Result<()> {
-    let m = Model::from_onnx_file(model)?;
+    let m = io::load_model(model, ConvKernel::Auto)?;
     let xs = io::read_instances(input, m.input_shape())?;
     let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;
+    let outputs = m.output_len();
     let count = match &rows {
-        Rows::All => m.output_len(),
+        Rows::All => outputs,
+        Rows::Top(k) if *k > outputs => {
+            bail!("--rows top{k}: the model has only {outputs} outputs")
+        }
         Rows::Top(k) => *k,
-        Rows::Indices(v) => v.len(),
+        Rows::Indices(v) => {
+            if let Some(r) = v.iter().find(|&&r| r >= outputs) {
+                bail!("--rows: row {r} out of range, the model has {outputs} outputs");
+            }
+            v.len()
+        }
     };
     let rates = match rates.as_deref() {
         None => nnlin::rates(),
@@ -615,7 +685,11 @@ fn inspect(
     mode: ModeArg,
     kernel: ConvKernel,
 ) -> Result<()> {
-    let model = Model::from_onnx_file(path)?.with_conv_kernel(kernel);
+    // convolutions shown as CSR are reported from their geometry (nnz and
+    // storage computed exactly), never built: explicit Toeplitz matrices of a
+    // 224×224 network would take tens of gigabytes
+    let show_csr = kernel == ConvKernel::Csr;
+    let model = io::load_model(path, if show_csr { ConvKernel::Structured } else { kernel })?;
     let net = model.network();
     let imp = model.info();
     println!("model: {}", path.display());
@@ -670,14 +744,21 @@ fn inspect(
                 format!("{}/{}", m.iter().filter(|&&b| b).count(), m.len())
             });
             for (k, (_, op)) in l.inputs.iter().enumerate() {
+                let (kind, bytes) = match &**op {
+                    nnlin::linalg::Operator::Conv(_) if show_csr => {
+                        let (f, u) = (size_of::<f64>(), size_of::<usize>());
+                        ("csr", op.nnz() * (f + u) + (op.nrows() + 1) * u)
+                    }
+                    _ => (op.kind(), op.bytes()),
+                };
                 println!(
                     "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
                     if k == 0 { i.to_string() } else { String::new() },
                     if k == 0 { l.name.as_str() } else { "" },
-                    op.kind(),
+                    kind,
                     format!("{}×{}", op.nrows(), op.ncols()),
                     op.nnz(),
-                    op.bytes(),
+                    bytes,
                     if k == 0 { active.as_str() } else { "" }
                 );
             }

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use nnlin::{Mode, Model};
+use nnlin::Mode;
 use serde_json::json;
 
 use crate::{heatmap, io};
@@ -29,12 +29,22 @@ struct Pick {
     map: Vec<f64>,
 }
 
+/// The most neurons per sign and layer `--top` may ask for (each is a cell of
+/// the grid image).
+pub const MAX_TOP: usize = 64;
+
 pub fn run(args: Args) -> Result<()> {
-    if args.top == 0 {
-        bail!("--top must be at least 1");
+    if !(1..=MAX_TOP).contains(&args.top) {
+        bail!("--top must be between 1 and {MAX_TOP}, got {}", args.top);
     }
-    let model = Model::from_onnx_file(&args.model)?;
+    let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let xs = io::read_instances(&args.input, model.input_shape())?;
+    {
+        let (_, h, w) = heatmap::geometry(model.input_shape());
+        let cell = (56 / h.max(w).max(1)).clamp(2, 16) as u64;
+        let layers = model.network().nodes().len() as u64;
+        heatmap::check_canvas(model.input_shape(), cell, 2 * args.top as u64, layers, (72, 34))?;
+    }
     let count = args.limit.unwrap_or(xs.nrows()).min(xs.nrows());
     let n = model.input_len();
     let mut reports = vec![];
@@ -99,14 +109,15 @@ pub fn run(args: Args) -> Result<()> {
         reports.push(json!({"index": k, "predicted": c, "output": inst.output, "layers": layers}));
         files.push((
             format!("neurons_{k}.png"),
-            io::Payload::Bytes(render(model.input_shape(), c, &grid, args.top)),
+            crate::output::Payload::Bytes(render(model.input_shape(), c, &grid, args.top)),
         ));
     }
     let report = json!({"model": args.model.display().to_string(), "instances": reports});
-    let mut list: Vec<(&str, &io::Payload)> = files.iter().map(|(n, p)| (n.as_str(), p)).collect();
-    let rp = io::Payload::Json(&report);
+    let mut list: Vec<(&str, &crate::output::Payload)> =
+        files.iter().map(|(n, p)| (n.as_str(), p)).collect();
+    let rp = crate::output::Payload::Json(&report);
     list.push(("neurons.json", &rp));
-    io::write_files(&args.out, &list)?;
+    crate::output::write_files(&args.out, &list)?;
     println!("nnlin: neuron maps for {count} instance(s) written to {}", args.out.display());
     Ok(())
 }

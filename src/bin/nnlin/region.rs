@@ -82,7 +82,7 @@ fn pattern_json(model: &Model, inst: &nnlin::Instance, x: &[f64]) -> Value {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let model = Model::from_onnx_file(&args.model)?;
+    let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
     if let Some(l) = args.limit {
         let l = l.min(xs.nrows());
@@ -93,6 +93,17 @@ pub fn run(args: Args) -> Result<()> {
         Some([lo, hi]) if lo < hi => Some((*lo, *hi)),
         Some(v) => bail!("--box takes lo,hi with lo < hi, got {v:?}"),
     };
+    if let Some((lo, hi)) = input_box
+        && let Some((k, i, v)) = xs
+            .rows()
+            .into_iter()
+            .enumerate()
+            .find_map(|(k, r)| r.iter().position(|&v| v < lo || v > hi).map(|i| (k, i, r[i])))
+    {
+        bail!(
+            "instance {k} lies outside --box {lo},{hi} (element {i} is {v}); no region around it is inside the box"
+        );
+    }
     let pool = crate::io::thread_pool(args.threads)?;
     let smooth = model
         .network()
@@ -179,17 +190,16 @@ pub fn run(args: Args) -> Result<()> {
         "timing": {"seconds": seconds, "per_instance": seconds / n_inst.max(1) as f64},
         "instances": instances,
     });
-    crate::io::write_files(
+    use crate::output::{Payload, Target};
+    let (rj, d2, d1) = (Payload::Json(&report), Payload::Npy2(&dir), Payload::Npy2(&dir_inf));
+    let mut targets = vec![Target::Dir(
         &args.out,
-        &[
-            ("region.json", &crate::io::Payload::Json(&report)),
-            ("direction.npy", &crate::io::Payload::Npy2(&dir)),
-            ("direction_linf.npy", &crate::io::Payload::Npy2(&dir_inf)),
-        ],
-    )?;
+        vec![("region.json", &rj), ("direction.npy", &d2), ("direction_linf.npy", &d1)],
+    )];
     if let Some(path) = &args.json {
-        crate::io::write_json_atomic(path, &report)?;
+        targets.push(Target::File(path, &rj));
     }
+    crate::output::commit(&targets)?;
     for v in report["instances"].as_array().expect("array") {
         if v.get("smooth").is_some() {
             println!(
