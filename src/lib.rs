@@ -48,7 +48,7 @@ pub use nnlin_compile::{
 };
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
-pub use nnlin_onnx::{ImportOptions, Imported, OnnxError};
+pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};
 
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,56 @@ fn available_memory() -> usize {
         .map_or(8 << 30, |kb| kb * 1024 / 2)
 }
 
+/// Reads the bytes an external-data reference names, from a file inside
+/// `dir` (the model's folder): absolute locations, `..` components and
+/// symbolic links leading out of `dir` are refused, and the offset and
+/// length are checked against the file's size before anything is read or
+/// allocated.
+pub fn read_external(dir: &Path, r: &ExternalRef) -> std::result::Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::path::Component;
+    let loc = &r.location;
+    let rel = Path::new(loc);
+    if rel.as_os_str().is_empty()
+        || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!(
+            "external data location `{loc}` must be a relative path inside the model's folder"
+        ));
+    }
+    let root = dir.canonicalize().map_err(|e| format!("cannot read the model's folder: {e}"))?;
+    let file = root
+        .join(rel)
+        .canonicalize()
+        .map_err(|e| format!("cannot open external data `{loc}`: {e}"))?;
+    if !file.starts_with(&root) {
+        return Err(format!("external data `{loc}` leads out of the model's folder"));
+    }
+    let mut f = std::fs::File::open(&file)
+        .map_err(|e| format!("cannot open external data `{loc}`: {e}"))?;
+    let size = f.metadata().map_err(|e| format!("external data `{loc}`: {e}"))?.len();
+    let end = match r.length {
+        Some(len) => r.offset.checked_add(len),
+        None => Some(size),
+    };
+    let end = end.filter(|&e| e <= size && r.offset <= e).ok_or_else(|| {
+        format!(
+            "external data `{loc}`: bytes {}..{} lie past the end of the file ({size} bytes)",
+            r.offset,
+            r.length.map_or("end".into(), |l| r.offset.saturating_add(l).to_string())
+        )
+    })?;
+    let len = usize::try_from(end - r.offset)
+        .map_err(|_| format!("external data `{loc}` is too large"))?;
+    f.seek(SeekFrom::Start(r.offset)).map_err(|e| format!("external data `{loc}`: {e}"))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf).map_err(|e| format!("external data `{loc}`: {e}"))?;
+    if buf.len() != len {
+        return Err(format!("external data `{loc}`: the file shrank while being read"));
+    }
+    Ok(buf)
+}
+
 /// Which output rows of `W` and `b` to form.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Rows {
@@ -240,8 +290,25 @@ impl Model {
     /// [`Model::from_onnx_bytes`] with import options (the memory budget
     /// every buffer sized by the file is checked against).
     pub fn from_onnx_bytes_with(name: &str, bytes: &[u8], options: &ImportOptions) -> Result<Self> {
+        Self::from_onnx_bytes_with_resolver(name, bytes, options, &|r: &ExternalRef| {
+            Err(format!(
+                "its data lie in the external file `{}`: load the model with Model::from_onnx_file (or pass a resolver)",
+                r.location
+            ))
+        })
+    }
+
+    /// [`Model::from_onnx_bytes_with`] for a model whose tensors may be
+    /// stored as external data: `resolve` returns the bytes each reference
+    /// names.
+    pub fn from_onnx_bytes_with_resolver(
+        name: &str,
+        bytes: &[u8],
+        options: &ImportOptions,
+        resolve: &dyn Fn(&ExternalRef) -> std::result::Result<Vec<u8>, String>,
+    ) -> Result<Self> {
         let Imported { network, opset, producer, input_name, output_name, skipped_softmax } =
-            nnlin_onnx::import_with(bytes, options)
+            nnlin_onnx::import_with_resolver(bytes, options, resolve)
                 .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
@@ -266,12 +333,19 @@ impl Model {
         Self::from_onnx_file_with(path, &ImportOptions::default())
     }
 
-    /// [`Model::from_onnx_file`] with import options.
+    /// [`Model::from_onnx_file`] with import options. Tensors stored as
+    /// external data are read from files inside the model's own folder only
+    /// (see [`read_external`]).
     pub fn from_onnx_file_with(path: impl AsRef<Path>, options: &ImportOptions) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        Self::from_onnx_bytes_with(&path.display().to_string(), &bytes, options)
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let resolve = |r: &ExternalRef| read_external(&dir, r);
+        Self::from_onnx_bytes_with_resolver(&path.display().to_string(), &bytes, options, &resolve)
     }
 
     /// The same model with convolutions represented as `kernel` (explicit
@@ -375,11 +449,12 @@ pub struct LayerPattern {
     pub model: usize,
     /// Layer (node) name.
     pub layer: String,
-    /// Units with a nonzero slope.
+    /// Active units: on the positive piece (z > 0) for functions with one
+    /// kink at 0 (ReLU, LeakyReLU, PReLU, Abs), else with a nonzero slope.
     pub active: usize,
     /// All units.
     pub total: usize,
-    /// Per-unit mask (slope ≠ 0).
+    /// Per-unit mask (as `active`).
     pub mask: Vec<bool>,
 }
 

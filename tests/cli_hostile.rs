@@ -116,7 +116,7 @@ fn gzip_bombs_behind_idx_headers_stop_at_the_stated_size() {
     let model = iris("relu.onnx");
     let out = tmp.path().join("res");
     let script = format!(
-        "ulimit -v 786432; exec '{}' explain '{model}' --input '{}' --out '{}'",
+        "ulimit -v 786432; MALLOC_ARENA_MAX=2 exec '{}' explain '{model}' --input '{}' --out '{}' --threads 1",
         env!("CARGO_BIN_EXE_nnlin"),
         path.display(),
         out.display()

@@ -534,7 +534,16 @@ fn per_instance(
                 slope.push(s);
                 offset.push(c);
             }
-            let active = slope.iter().map(|&s| s != 0.0).collect();
+            // the activation pattern: for functions with one kink at 0
+            // (ReLU, LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0
+            // (a LeakyReLU unit below 0 still has a nonzero slope); for the
+            // others (Clip, HardSigmoid, smooth ones) a nonzero slope
+            let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
+            let active = if kink_at_zero {
+                u.iter().map(|&z| z > 0.0).collect()
+            } else {
+                slope.iter().map(|&s| s != 0.0).collect()
+            };
             (Operator::Diagonal(slope), offset, Some(active))
         }
         Layer::Pool(p) => {

@@ -25,6 +25,7 @@ use nnlin_ir::{
 use prost::Message;
 
 use crate::proto::{AttributeProto, ModelProto, NodeProto};
+pub use crate::tensor::ExternalRef;
 use crate::tensor::Tensor;
 
 /// The ONNX operator types nnlin imports.
@@ -161,12 +162,15 @@ pub struct ImportOptions {
     /// input, a pooling layer's window taps. Sizes are checked (with
     /// overflow checks) before anything is allocated.
     pub max_bytes: usize,
+    /// Which graph output to explain, by name; `None`: the only one (a
+    /// graph with several outputs then needs a name).
+    pub output: Option<String>,
 }
 
 impl Default for ImportOptions {
     /// A budget of 8 GiB.
     fn default() -> Self {
-        Self { max_bytes: 8 << 30 }
+        Self { max_bytes: 8 << 30, output: None }
     }
 }
 
@@ -174,6 +178,11 @@ impl ImportOptions {
     /// The same options with a memory budget of `bytes`.
     pub fn with_max_bytes(mut self, bytes: usize) -> Self {
         self.max_bytes = bytes;
+        self
+    }
+    /// The same options explaining the graph output named `name`.
+    pub fn with_output(mut self, name: impl Into<String>) -> Self {
+        self.output = Some(name.into());
         self
     }
 }
@@ -1512,9 +1521,44 @@ pub fn import(bytes: &[u8]) -> Result<Imported, OnnxError> {
 }
 
 /// Decodes and imports an ONNX model; no buffer sized by the file exceeds
-/// `options.max_bytes`.
+/// `options.max_bytes`. Tensors stored as external data are refused: see
+/// [`import_with_resolver`].
 pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, OnnxError> {
+    import_with_resolver(bytes, options, &|r: &ExternalRef| {
+        Err(format!(
+            "its data lie in the external file `{}`: load the model from its file (or pass a resolver)",
+            r.location
+        ))
+    })
+}
+
+/// [`import_with`] for models whose tensors may be stored as external data
+/// (`data_location = EXTERNAL`, as PyTorch's default exporter writes them):
+/// `resolve` returns the bytes a reference names (it decides where files
+/// may be read from and bounds the read by what is there; the importer
+/// checks the length against the tensor's shape).
+pub fn import_with_resolver(
+    bytes: &[u8],
+    options: &ImportOptions,
+    resolve: &dyn Fn(&ExternalRef) -> Result<Vec<u8>, String>,
+) -> Result<Imported, OnnxError> {
     let budget = options.max_bytes;
+    // a tensor, its external data read through `resolve`
+    let load = |tp: &proto::TensorProto| -> Result<Tensor, String> {
+        match tensor::external_ref(tp)? {
+            None => tensor::decode(tp),
+            Some(r) => {
+                let raw = resolve(&r)?;
+                let inline = proto::TensorProto {
+                    raw_data: Some(raw),
+                    data_location: None,
+                    external_data: vec![],
+                    ..tp.clone()
+                };
+                tensor::decode(&inline)
+            }
+        }
+    };
     let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
     let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Decode("no graph".into()))?;
     let opset = model
@@ -1530,8 +1574,7 @@ pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, On
     let mut syms: HashMap<String, Sym> = HashMap::new();
     for init in &graph.initializer {
         let name = init.name.clone().unwrap_or_default();
-        let t = tensor::decode(init)
-            .map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
+        let t = load(init).map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
         if syms.insert(name.clone(), Sym::Const(t)).is_some() {
             return Err(OnnxError::Graph(format!("initializer `{name}` is defined twice")));
         }
@@ -1597,11 +1640,32 @@ pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, On
         }
     }
 
-    let [output] = graph.output.as_slice() else {
-        return Err(OnnxError::Graph(format!(
-            "the graph must have exactly one output, it has {}",
-            graph.output.len()
-        )));
+    let names = || {
+        graph
+            .output
+            .iter()
+            .map(|o| format!("`{}`", o.name.as_deref().unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let output = match (&options.output, graph.output.as_slice()) {
+        (_, []) => return Err(OnnxError::Graph("the graph has no output".into())),
+        (Some(want), outs) => {
+            outs.iter().find(|o| o.name.as_deref() == Some(want.as_str())).ok_or_else(|| {
+                OnnxError::Graph(format!(
+                    "the graph has no output `{want}`; its outputs are {}",
+                    names()
+                ))
+            })?
+        }
+        (None, [one]) => one,
+        (None, outs) => {
+            return Err(OnnxError::Graph(format!(
+                "the graph has {} outputs ({}); choose one (--output NAME)",
+                outs.len(),
+                names()
+            )));
+        }
     };
     let mut output_name = output.name.clone().unwrap_or_default();
 
@@ -1642,7 +1706,7 @@ pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, On
                 let t = match a.name.as_deref() {
                     Some("value") => {
                         let tp = a.t.as_ref().ok_or_else(|| imp.unsupported("no tensor"))?;
-                        let mut t = tensor::decode(tp).map_err(|reason| OnnxError::BadTensor {
+                        let mut t = load(tp).map_err(|reason| OnnxError::BadTensor {
                             name: node_name(node),
                             reason,
                         })?;
@@ -1755,13 +1819,24 @@ pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, On
                 "Softmax" | "LogSoftmax" => {
                     let out = node.output.first().cloned().unwrap_or_default();
                     let consumed = graph.node.iter().any(|m| m.input.contains(&out));
-                    if out != output_name || consumed {
+                    if out == output_name && !consumed {
+                        skipped_softmax = Some(op.clone());
+                        output_name = node.input.first().cloned().unwrap_or_default();
+                    } else if trailing_through_shape_ops(graph, &out, &output_name) {
+                        // Softmax → Reshape/Flatten/… → output: the shape ops
+                        // apply to the logits instead
+                        let s = imp
+                            .input(0)?
+                            .cloned()
+                            .ok_or_else(|| imp.unsupported("missing input"))?;
+                        imp.set_output(s);
+                        skipped_softmax = Some(op.clone());
+                    } else {
                         return Err(imp.unsupported(
-                            "only a trailing Softmax/LogSoftmax (the graph output) is supported; it is skipped",
+                            "only a trailing Softmax/LogSoftmax (the graph output, or followed only by \
+                             Reshape/Flatten/Squeeze/Unsqueeze/Identity) is supported; it is skipped",
                         ));
                     }
-                    skipped_softmax = Some(op.clone());
-                    output_name = node.input.first().cloned().unwrap_or_default();
                 }
                 _ => {
                     return Err(OnnxError::UnsupportedOp {
@@ -1803,6 +1878,32 @@ pub fn import_with(bytes: &[u8], options: &ImportOptions) -> Result<Imported, On
         output_name: output.name.clone().unwrap_or_default(),
         skipped_softmax,
     })
+}
+
+/// Whether `value` reaches the graph output `output` through shape ops
+/// alone, each the only reader of the previous value.
+fn trailing_through_shape_ops(graph: &proto::GraphProto, value: &str, output: &str) -> bool {
+    const SHAPE_OPS: &[&str] =
+        &["Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"];
+    let mut v = value.to_string();
+    // each step moves to a later node, so at most one step per node
+    for _ in 0..=graph.node.len() {
+        if v == output {
+            return true;
+        }
+        let readers: Vec<&NodeProto> = graph.node.iter().filter(|m| m.input.contains(&v)).collect();
+        match readers.as_slice() {
+            [m] if SHAPE_OPS.contains(&m.op_type.as_deref().unwrap_or(""))
+                && m.input.first() == Some(&v)
+                && !m.input[1..].contains(&v) =>
+            {
+                let Some(next) = m.output.first() else { return false };
+                v = next.clone();
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Rebuilds the network keeping only the nodes the output depends on.

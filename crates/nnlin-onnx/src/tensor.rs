@@ -54,10 +54,51 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Where a tensor's data lie when `data_location = EXTERNAL`: a file
+/// (relative to the model's folder), a byte offset and a length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalRef {
+    /// The `location` entry, as written in the model.
+    pub location: String,
+    /// The `offset` entry (0 if absent).
+    pub offset: u64,
+    /// The `length` entry (to the end of the file if absent).
+    pub length: Option<u64>,
+}
+
+/// The external-data reference of a tensor stored outside the model, if it
+/// is one.
+pub fn external_ref(t: &TensorProto) -> Result<Option<ExternalRef>, String> {
+    if t.data_location != Some(1) {
+        return Ok(None);
+    }
+    let (mut location, mut offset, mut length) = (None, 0u64, None);
+    for e in &t.external_data {
+        let value = e.value.clone().unwrap_or_default();
+        let number = |what: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("external data {what} `{value}` is not a byte count"))
+        };
+        match e.key.as_deref() {
+            Some("location") => location = Some(value.clone()),
+            Some("offset") => offset = number("offset")?,
+            Some("length") => length = Some(number("length")?),
+            _ => {}
+        }
+    }
+    let location = location.ok_or("external data without a location")?;
+    Ok(Some(ExternalRef { location, offset, length }))
+}
+
 /// Decodes a `TensorProto` (typed fields or `raw_data`, little-endian).
+/// External data must have been resolved into `raw_data` first.
 pub fn decode(t: &TensorProto) -> Result<Tensor, String> {
     if t.data_location == Some(1) {
-        return Err("external data is not supported (save the model with weights inside)".into());
+        return Err(
+            "external data was not resolved (load the model from its file, or pass a resolver)"
+                .into(),
+        );
     }
     let mut dims = Vec::with_capacity(t.dims.len());
     for &d in &t.dims {

@@ -510,10 +510,31 @@ pub fn default_budget() -> usize {
     usize::try_from(least / 2).unwrap_or(usize::MAX)
 }
 
-/// Imports a model under the memory budget; with explicit CSR convolutions,
-/// checks their storage against the budget before building them.
+/// The graph output `--output` names, set once by `main`.
+static OUTPUT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets the graph output the commands' models are explained at.
+pub fn set_output(name: Option<String>) {
+    let _ = OUTPUT.set(name);
+}
+
+/// Imports a model (at the `--output` graph output) under the memory
+/// budget; with explicit CSR convolutions, checks their storage against the
+/// budget before building them.
 pub fn load_model(path: &Path, kernel: nnlin::ConvKernel) -> Result<nnlin::Model> {
-    let opts = nnlin::ImportOptions::default().with_max_bytes(budget());
+    load_model_at(path, kernel, OUTPUT.get().cloned().flatten())
+}
+
+/// [`load_model`] at the graph output `output` (`None`: the only one).
+pub fn load_model_at(
+    path: &Path,
+    kernel: nnlin::ConvKernel,
+    output: Option<String>,
+) -> Result<nnlin::Model> {
+    let mut opts = nnlin::ImportOptions::default().with_max_bytes(budget());
+    if let Some(name) = output {
+        opts = opts.with_output(name);
+    }
     let model = nnlin::Model::from_onnx_file_with(path, &opts)?;
     if kernel == nnlin::ConvKernel::Csr {
         let mut bytes: usize = 0;

@@ -40,6 +40,10 @@ struct Cli {
     /// available memory, the cgroup limit and the address-space limit.
     #[arg(long, global = true)]
     max_memory: Option<String>,
+    /// The graph output to explain, by name, for models with several
+    /// outputs (a detector's heads); `--then` models use their only output.
+    #[arg(long, global = true)]
+    output: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -273,6 +277,7 @@ fn main() -> ExitCode {
         }
     };
     io::set_budget(budget);
+    io::set_output(cli.output.clone());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -475,7 +480,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
-        then.push(io::load_model(p, args.conv_kernel)?);
+        then.push(io::load_model_at(p, args.conv_kernel, None)?);
     }
     let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
@@ -580,6 +585,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
             "opset": m.info().opset,
             "producer": m.info().producer,
             "skipped_softmax": m.info().skipped_softmax,
+            "output": m.info().output_name,
         })).collect::<Vec<_>>(),
         "notes": skipped,
         "input": args.input.display().to_string(),
