@@ -174,6 +174,10 @@ fn size_options_have_upper_bounds() {
     let o = run(&["neurons", &m, "--input", &x, "--out", s(&neu), "--top", "99999"]);
     one_line(&o, "--top must be between 1 and 64");
     assert!(!neu.exists());
+    let reg = tmp.path().join("reg");
+    let o = run(&["region", &m, "--input", &x, "--out", s(&reg), "--verify", "1000000000"]);
+    one_line(&o, "--verify 1000000000 is above the limit");
+    assert!(!reg.exists());
     let o = run(&["plan", &m, "--input", &x, "--rows", "top99999"]);
     one_line(&o, "top99999: the model has only 3 outputs");
     let o = run(&["plan", &m, "--input", &x, "--rows", "0,9"]);

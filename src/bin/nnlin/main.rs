@@ -267,6 +267,21 @@ fn escape_controls(s: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    // a bug must still end in one line (exit code 101 says it was a bug)
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at =
+            info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!(
+            "nnlin: internal error: {}{at} (a bug: please report it with the command)",
+            escape_controls(&msg.replace('\n', " "))
+        );
+    }));
     let cli = Cli::parse();
     let budget = match cli.max_memory.as_deref().map(io::parse_bytes) {
         None => io::default_budget(),
@@ -633,7 +648,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         &extra,
     )?;
     for s in &skipped {
-        eprintln!("nnlin: note: {s}");
+        eprintln!("nnlin: note: {}", escape_controls(s));
     }
     let worst = instances.iter().map(|i| i["residual"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
     println!(

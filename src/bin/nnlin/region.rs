@@ -81,12 +81,18 @@ fn pattern_json(model: &Model, inst: &nnlin::Instance, x: &[f64]) -> Value {
     Value::Array(out)
 }
 
+/// The most points `--verify` may sample per instance.
+pub const MAX_VERIFY: usize = 100_000;
+
 pub fn run(args: Args) -> Result<()> {
     let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
     if let Some(l) = args.limit {
         let l = l.min(xs.nrows());
         xs = xs.select(ndarray::Axis(0), &(0..l).collect::<Vec<_>>());
+    }
+    if args.verify > MAX_VERIFY {
+        bail!("--verify {} is above the limit of {MAX_VERIFY} samples per instance", args.verify);
     }
     let input_box = match args.input_box.as_deref() {
         None => None,
