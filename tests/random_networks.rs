@@ -291,11 +291,14 @@ proptest! {
         });
         prop_assert!(all_smooth_or_homogeneous);
         let scale = max_abs(wp.iter().flatten().copied()).max(max_abs(bp.iter().copied())).max(1e-300);
+        // the two products associate differently: over 6 layers of width up
+        // to 64 the rounding reaches ~1e-12 of the scale (a seeded case at
+        // 1.2e-12 is in the regressions file), so the bound is 1e-11
         for i in 0..w.len() {
             for j in 0..x.len() {
-                prop_assert!((w[i][j] - wp[i][j]).abs() <= 1e-12 * scale);
+                prop_assert!((w[i][j] - wp[i][j]).abs() <= 1e-11 * scale);
             }
-            prop_assert!((b[i] - bp[i]).abs() <= 1e-12 * scale);
+            prop_assert!((b[i] - bp[i]).abs() <= 1e-11 * scale, "b {} vs {} scale {scale}", b[i], bp[i]);
         }
     }
 
