@@ -201,3 +201,149 @@ fn leaky_and_parametric_relu_report_their_pieces() {
         assert!(below > 0, "{name}: every unit reported on the positive piece");
     }
 }
+
+mod common;
+use common::onnx::{floats, int, int64s, ints, model, node};
+
+/// Imports `bytes` (input x of 6 elements through Tanh, then the op under
+/// test) and checks F(x) and W against the expected selection: output i is
+/// tanh(x[src[i]]), or the constant `fill[i]` where `src[i]` is `None`.
+fn check_select(bytes: &[u8], src: &[Option<usize>], fill: &[f64]) {
+    let m = Model::from_onnx_bytes("select", bytes).unwrap();
+    let x = [0.3, -0.7, 1.1, 0.05, -1.3, 0.6];
+    let f = m.forward_reference(&x);
+    assert_eq!(f.len(), src.len());
+    let lin = m.linearize(&x, &Options::default()).unwrap();
+    for (i, s) in src.iter().enumerate() {
+        let want = match s {
+            Some(j) => x[*j].tanh(),
+            None => fill[i],
+        };
+        assert!((f[i] - want).abs() < 1e-15, "F[{i}] = {}, want {want}", f[i]);
+        for j in 0..6 {
+            let dw = if *s == Some(j) { 1.0 - x[j].tanh().powi(2) } else { 0.0 };
+            assert!(
+                (lin.w[(i, j)] - dw).abs() < 1e-15,
+                "W[{i},{j}] = {}, want {dw}",
+                lin.w[(i, j)]
+            );
+        }
+        let wx: f64 = (0..6).map(|j| lin.w[(i, j)] * x[j]).sum();
+        assert!((wx + lin.b[i] - f[i]).abs() < 1e-14);
+    }
+}
+
+fn tanh_then(
+    nodes: Vec<nnlin_onnx::proto::NodeProto>,
+    inits: Vec<nnlin_onnx::proto::TensorProto>,
+    input: &[i64],
+) -> Vec<u8> {
+    let mut all = vec![node("Tanh", &["x"], &["t"], vec![])];
+    all.extend(nodes);
+    model(17, input, all, inits)
+}
+
+#[test]
+fn slices_of_activations_are_selections() {
+    // t[:, 1:6:2] and a negative step t[:, 4:0:-3]
+    let b = tanh_then(
+        vec![node("Slice", &["t", "s", "e", "a", "st"], &["y"], vec![])],
+        vec![
+            int64s("s", &[1], &[1]),
+            int64s("e", &[1], &[6]),
+            int64s("a", &[1], &[1]),
+            int64s("st", &[1], &[2]),
+        ],
+        &[1, 6],
+    );
+    check_select(&b, &[Some(1), Some(3), Some(5)], &[]);
+    let b = tanh_then(
+        vec![node("Slice", &["t", "s", "e", "a", "st"], &["y"], vec![])],
+        vec![
+            int64s("s", &[1], &[4]),
+            int64s("e", &[1], &[0]),
+            int64s("a", &[1], &[-1]),
+            int64s("st", &[1], &[-3]),
+        ],
+        &[1, 6],
+    );
+    check_select(&b, &[Some(4), Some(1)], &[]);
+}
+
+#[test]
+fn splits_gathers_expands_and_tiles_are_selections() {
+    // Split [1, 6] along axis 1 into 2 + 4: the second part
+    let b = tanh_then(
+        vec![node("Split", &["t", "sp"], &["a", "y"], vec![int("axis", 1)])],
+        vec![int64s("sp", &[2], &[2, 4])],
+        &[1, 6],
+    );
+    check_select(&b, &[Some(2), Some(3), Some(4), Some(5)], &[]);
+    // Gather on axis 1 of [1, 2, 3] with indices [[2, 0], [-1, 1]]
+    let b = tanh_then(
+        vec![node("Gather", &["t", "i"], &["y"], vec![int("axis", 2)])],
+        vec![int64s("i", &[2, 2], &[2, 0, -1, 1])],
+        &[1, 2, 3],
+    );
+    check_select(
+        &b,
+        &[Some(2), Some(0), Some(2), Some(1), Some(5), Some(3), Some(5), Some(4)],
+        &[],
+    );
+    // Expand [1, 2, 3] to [2, 2, 3]
+    let b = tanh_then(
+        vec![node("Expand", &["t", "sh"], &["y"], vec![])],
+        vec![int64s("sh", &[3], &[2, 1, 3])],
+        &[1, 2, 3],
+    );
+    let twice: Vec<Option<usize>> = (0..12).map(|k| Some(k % 6)).collect();
+    check_select(&b, &twice, &[]);
+    // Tile [1, 2, 3] by [1, 1, 2]
+    let b = tanh_then(
+        vec![node("Tile", &["t", "r"], &["y"], vec![])],
+        vec![int64s("r", &[3], &[1, 1, 2])],
+        &[1, 2, 3],
+    );
+    let tiled = [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5].map(Some);
+    check_select(&b, &tiled, &[]);
+}
+
+#[test]
+fn concats_and_wheres_with_constants_are_selections() {
+    // a class token: Concat(const [1, 1, 3], t [1, 2, 3]) on axis 1
+    let b = tanh_then(
+        vec![node("Concat", &["c", "t"], &["y"], vec![int("axis", 1)])],
+        vec![floats("c", &[1, 1, 3], &[0.5, -0.25, 2.0])],
+        &[1, 2, 3],
+    );
+    let mut src = vec![None, None, None];
+    src.extend((0..6).map(Some));
+    check_select(&b, &src, &[0.5, -0.25, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    // Where(const cond, t, 7)
+    let cond = nnlin_onnx::proto::TensorProto {
+        name: Some("cond".into()),
+        dims: vec![1, 6],
+        data_type: Some(9),
+        int32_data: vec![1, 0, 0, 1, 1, 0],
+        ..Default::default()
+    };
+    let b = tanh_then(
+        vec![node("Where", &["cond", "t", "seven"], &["y"], vec![])],
+        vec![cond, floats("seven", &[], &[7.0])],
+        &[1, 6],
+    );
+    check_select(
+        &b,
+        &[Some(0), None, None, Some(3), Some(4), None],
+        &[0.0, 7.0, 7.0, 0.0, 0.0, 7.0],
+    );
+    // a condition that depends on the input is refused with one line
+    let b = tanh_then(
+        vec![node("Where", &["t", "t", "seven"], &["y"], vec![])],
+        vec![floats("seven", &[], &[7.0])],
+        &[1, 6],
+    );
+    let e = Model::from_onnx_bytes("w", &b).unwrap_err().to_string();
+    assert!(e.contains("input 0 must be a constant"), "{e}");
+    let _ = ints; // (shared builders)
+}

@@ -7,7 +7,7 @@
 
 use nnlin::ir::{
     Activation, Affine, Concat, Conv, Expr, Layer, Lrn, Network, Pad, PadMode, Pool, PoolKind,
-    Transpose, Unary, ValueId, Window, reference,
+    Select, Transpose, Unary, ValueId, Window, reference,
 };
 use nnlin::{Compiler, ConvKernel, Direction, Mode, accumulate};
 use proptest::prelude::*;
@@ -185,6 +185,32 @@ proptest! {
         let mut net = Network::new(vec![1, c, hw, hw]);
         net.push("lrn", "LRN", Layer::Lrn(lrn), vec![ValueId(0)]).unwrap();
         let x = rng.vec(net.input_len(), 1.0);
+        check(&net, &x, Mode::Tangent)?;
+        check(&net, &x, Mode::Secant)?;
+    }
+
+    #[test]
+    fn select_matches_reference(
+        shape in prop::collection::vec(1usize..5, 1..4), out_len in 1usize..40,
+        picks in prop::collection::vec((any::<u32>(), 0u8..4), 40), seed in any::<u64>(),
+    ) {
+        // a smooth layer before and after, so W depends on the selection
+        let mut rng = Rng(seed);
+        let mut net = Network::new(shape.clone());
+        let n = net.input_len();
+        let t = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![ValueId(0)]).unwrap();
+        let src: Vec<Option<usize>> = picks[..out_len]
+            .iter()
+            .map(|&(j, c)| if c == 0 { None } else { Some(j as usize % n) })
+            .collect();
+        let fill = if src.iter().any(Option::is_none) {
+            src.iter().map(|s| if s.is_none() { rng.next() } else { 0.0 }).collect()
+        } else {
+            vec![]
+        };
+        let s = net.push("select", "Slice", Layer::Select(Select { shape: vec![1, out_len], src, fill }), vec![t]).unwrap();
+        net.push("sig", "Sigmoid", Layer::Activation(Activation { expr: Expr::unary(Unary::Sigmoid) }), vec![s]).unwrap();
+        let x = rng.vec(n, 1.0);
         check(&net, &x, Mode::Tangent)?;
         check(&net, &x, Mode::Secant)?;
     }

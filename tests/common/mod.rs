@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod onnx;
+
 /// A small seeded generator (LCG) for test weights and inputs.
 pub struct Rng(pub u64);
 

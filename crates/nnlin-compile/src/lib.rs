@@ -424,6 +424,15 @@ impl Compiler {
                     transpose_operator(&t.perm, in_shape, net.shape(node.output)),
                     vec![0.0; numel],
                 ),
+                Layer::Select(sel) => {
+                    let cols = sel.src.iter().map(|s| s.unwrap_or(Selection::ZERO)).collect();
+                    let bias = if sel.fill.is_empty() {
+                        vec![0.0; sel.src.len()]
+                    } else {
+                        sel.fill.clone()
+                    };
+                    one(Operator::Selection(Selection { ncols: numel, cols }), bias)
+                }
                 Layer::Activation(_) | Layer::Lrn(_) => Fixed::PerInstance,
             };
             fixed.push(f);

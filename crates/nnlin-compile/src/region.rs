@@ -248,7 +248,17 @@ pub fn region(
                 }
             }
             Layer::Lrn(_) => return Err(RegionError::Smooth(node.name.clone())),
-            _ => {}
+            // fixed linear maps (and average pooling): no boundary
+            Layer::Dense(_)
+            | Layer::Affine(_)
+            | Layer::Reshape(_)
+            | Layer::Conv(_)
+            | Layer::Pool(_)
+            | Layer::Add(_)
+            | Layer::Concat(_)
+            | Layer::Pad(_)
+            | Layer::Transpose(_)
+            | Layer::Select(_) => {}
         }
     }
     // gradient norms, one column block at a time

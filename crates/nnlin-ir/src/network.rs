@@ -190,6 +190,23 @@ pub struct Transpose {
     pub perm: Vec<usize>,
 }
 
+/// A fixed selection: every output element is an input element or a
+/// constant, `y[i] = x[src[i]]` or `fill[i]` where `src[i]` is `None`.
+/// `Slice`, `Split`, `Gather` with constant indices, `Expand`, `Tile`,
+/// `Concat` with constants and `Where` with a constant condition on an
+/// activation all lower to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Select {
+    /// Output shape.
+    pub shape: Vec<usize>,
+    /// For every output element (row-major), its input element, or `None`
+    /// for a constant.
+    pub src: Vec<Option<usize>>,
+    /// The constants: `fill[i]` where `src[i]` is `None` (0 elsewhere);
+    /// empty when every element is selected.
+    pub fill: Vec<f64>,
+}
+
 /// Local response normalization across channels:
 /// `y_c = x_c / (bias + alpha/size · Σ_{c' ∈ window(c)} x_{c'}²)^beta`.
 #[derive(Clone, Debug, PartialEq)]
@@ -240,6 +257,8 @@ pub enum Layer {
     Transpose(Transpose),
     /// Local response normalization.
     Lrn(Lrn),
+    /// Fixed selection of elements and constants.
+    Select(Select),
 }
 
 impl Layer {
@@ -259,6 +278,7 @@ impl Layer {
             Layer::Concat(_) => "concat",
             Layer::Pad(_) => "pad",
             Layer::Transpose(_) => "transpose",
+            Layer::Select(_) => "select",
             Layer::Lrn(_) => "lrn",
         }
     }
@@ -276,6 +296,7 @@ impl Layer {
             | Layer::Concat(_)
             | Layer::Pad(_)
             | Layer::Transpose(_)
+            | Layer::Select(_)
             | Layer::Lrn(_) => 0,
         }
     }
@@ -436,6 +457,25 @@ impl Layer {
                     ));
                 }
                 Ok(t.perm.iter().map(|&p| x[p]).collect())
+            }
+            Layer::Select(sel) => {
+                if checked_numel(&sel.shape) != Some(sel.src.len()) {
+                    return Err(mismatch(
+                        format!("{} selections for {:?}", sel.src.len(), sel.shape),
+                        x,
+                    ));
+                }
+                if let Some(j) = sel.src.iter().flatten().find(|&&j| j >= numel) {
+                    return Err(mismatch(format!("more than {j} elements"), x));
+                }
+                let constants = sel.src.iter().any(Option::is_none);
+                if (constants && sel.fill.len() != sel.src.len())
+                    || (!constants && !sel.fill.is_empty())
+                {
+                    return Err(mismatch(format!("{} constants", sel.fill.len()), x));
+                }
+                finite("fill", &sel.fill)?;
+                Ok(sel.shape.clone())
             }
             Layer::Lrn(l) => {
                 if x.len() < 2 || l.size == 0 {

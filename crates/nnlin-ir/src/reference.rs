@@ -206,6 +206,15 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     })
                     .collect()
             }
+            Layer::Select(sel) => sel
+                .src
+                .iter()
+                .enumerate()
+                .map(|(i, s)| match s {
+                    Some(j) => u[*j],
+                    None => S::from_f64(sel.fill[i]),
+                })
+                .collect(),
             Layer::Lrn(l) => {
                 let channels = in_shape[1];
                 let spatial: usize = in_shape[2..].iter().product();

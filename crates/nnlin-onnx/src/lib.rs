@@ -45,7 +45,9 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Dropout",
     "Elu",
     "Erf",
+    "Equal (of constants)",
     "Exp",
+    "Expand",
     "Flatten",
     "Gather",
     "Gelu",
@@ -76,17 +78,20 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Selu",
     "Shape",
     "Sigmoid",
-    "Slice (of constants)",
+    "Slice",
     "Softmax (trailing)",
     "Softplus",
     "Softsign",
+    "Split",
     "Sqrt",
     "Squeeze",
     "Sub",
     "Sum",
     "Tanh",
+    "Tile",
     "Transpose",
     "Unsqueeze",
+    "Where (constant condition)",
 ];
 
 /// Lowest and highest default-domain opset accepted.
@@ -715,13 +720,61 @@ impl Importer<'_> {
                 Tensor::ints(&t.dims.iter().map(|&d| d as i64).collect::<Vec<_>>())
             }
             "Concat" => {
-                let axis = attr_i(n, "axis", 0);
                 let parts: Vec<Tensor> = (0..n.input.len()).map(c).collect::<Result<_, _>>()?;
-                if parts.iter().any(|p| p.dims.len() != 1) || !(axis == 0 || axis == -1) {
-                    return Err(self.unsupported("only 1-D constant concatenation is folded"));
+                let first = parts.first().ok_or_else(|| self.unsupported("no inputs"))?;
+                let rank = first.dims.len();
+                let axis = norm_axis(attr_i(n, "axis", 0), rank)
+                    .ok_or_else(|| self.unsupported("bad axis"))?;
+                let same = |p: &Tensor| {
+                    p.dims.len() == rank
+                        && p.dims
+                            .iter()
+                            .zip(&first.dims)
+                            .enumerate()
+                            .all(|(i, (a, b))| i == axis || a == b)
+                };
+                if !parts.iter().all(same) {
+                    return Err(self.unsupported("concatenated shapes differ off the axis"));
                 }
-                let data: Vec<f64> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-                Tensor::new(vec![data.len()], data, parts.iter().all(|p| p.is_int))
+                let mut dims = first.dims.clone();
+                dims[axis] = parts.iter().map(|p| p.dims[axis]).sum();
+                self.check_shape("the concatenation", &dims)?;
+                let outer: usize = dims[..axis].iter().product();
+                let mut data = Vec::with_capacity(parts.iter().map(Tensor::numel).sum());
+                for o in 0..outer {
+                    for p in &parts {
+                        let inner: usize = p.dims[axis..].iter().product();
+                        data.extend_from_slice(&p.data[o * inner..(o + 1) * inner]);
+                    }
+                }
+                Tensor::new(dims, data, parts.iter().all(|p| p.is_int))
+            }
+            "Tile" => {
+                let t = c(0)?;
+                let reps = self.sizes("repeats", &c(1)?.as_ints())?;
+                if reps.len() != t.dims.len() {
+                    return Err(self.unsupported("repeats must have one entry per axis"));
+                }
+                let dims: Option<Vec<usize>> =
+                    t.dims.iter().zip(&reps).map(|(d, r)| d.checked_mul(*r)).collect();
+                let dims = dims.ok_or_else(|| self.unsupported("the tiled shape overflows"))?;
+                let numel = self.check_shape("the tiled tensor", &dims)?;
+                let rank = dims.len();
+                let mut st = vec![1usize; rank];
+                for ax in (0..rank.saturating_sub(1)).rev() {
+                    st[ax] = st[ax + 1] * t.dims[ax + 1];
+                }
+                let data = (0..numel)
+                    .map(|flat| {
+                        let (mut rem, mut src) = (flat, 0);
+                        for ax in (0..rank).rev() {
+                            src += (rem % dims[ax]) % t.dims[ax] * st[ax];
+                            rem /= dims[ax];
+                        }
+                        t.data[src]
+                    })
+                    .collect();
+                Tensor::new(dims, data, t.is_int)
             }
             "Range" => {
                 let scalar = |i: usize| -> Result<f64, OnnxError> {
@@ -852,23 +905,33 @@ impl Importer<'_> {
             }
             "Gather" => {
                 let (t, idx) = (c(0)?, c(1)?);
-                let axis = attr_i(n, "axis", 0);
-                if t.dims.len() != 1 || axis != 0 {
-                    return Err(self.unsupported("only gathering from 1-D constants is folded"));
-                }
-                let len = t.numel() as i64;
-                let data = idx
+                let axis = norm_axis(attr_i(n, "axis", 0), t.dims.len())
+                    .ok_or_else(|| self.unsupported("bad axis"))?;
+                let len = t.dims[axis] as i64;
+                let picks = idx
                     .as_ints()
                     .iter()
                     .map(|&i| {
                         let j = if i < 0 { i + len } else { i };
-                        t.data
-                            .get(j as usize)
-                            .copied()
-                            .ok_or_else(|| self.unsupported("index out of range"))
+                        (0..len).contains(&j).then_some(j as usize).ok_or_else(|| {
+                            self.unsupported(format!("index {i} out of range for {len}"))
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Tensor::new(idx.dims.clone(), data, t.is_int)
+                let mut dims = t.dims[..axis].to_vec();
+                dims.extend(&idx.dims);
+                dims.extend(&t.dims[axis + 1..]);
+                self.check_shape("the gathered tensor", &dims)?;
+                let outer: usize = t.dims[..axis].iter().product();
+                let inner: usize = t.dims[axis + 1..].iter().product();
+                let mut data = Vec::with_capacity(outer * picks.len() * inner);
+                for o in 0..outer {
+                    for &j in &picks {
+                        let at = (o * t.dims[axis] + j) * inner;
+                        data.extend_from_slice(&t.data[at..at + inner]);
+                    }
+                }
+                Tensor::new(dims, data, t.is_int)
             }
             other => {
                 return Err(OnnxError::UnsupportedOp {
@@ -1365,12 +1428,202 @@ impl Importer<'_> {
         Ok(Sym::Value(v))
     }
 
+    /// The split sizes along `axis` of a tensor of length `len`, for
+    /// `outputs` outputs (the `split` attribute or input, else equal parts).
+    fn split_sizes(&self, len: usize, outputs: usize) -> Result<Vec<usize>, OnnxError> {
+        let given = if self.opset < 13 {
+            attr_ints(self.node, "split")
+        } else {
+            self.const_input(1)?.map(|t| t.as_ints())
+        };
+        let sizes = match given {
+            Some(v) => self.sizes("split", &v)?,
+            None => {
+                let parts = match attr(self.node, "num_outputs").and_then(|a| a.i) {
+                    Some(k) => usize::try_from(k).ok().filter(|&k| k > 0).ok_or_else(|| {
+                        self.unsupported(format!("num_outputs {k} must be positive"))
+                    })?,
+                    None => outputs.max(1),
+                };
+                let each = len.div_ceil(parts);
+                (0..parts).map(|k| each.min(len.saturating_sub(k * each))).collect()
+            }
+        };
+        if sizes.len() != outputs
+            || sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(len)
+        {
+            return Err(self.unsupported(format!(
+                "split {sizes:?} does not cut an axis of {len} into {outputs} outputs"
+            )));
+        }
+        Ok(sizes)
+    }
+
+    /// `Split`: every output is a slice along the axis (of a constant, or a
+    /// selection of a tensor that depends on the input).
+    fn split(&mut self) -> Result<(), OnnxError> {
+        let sym = self.input(0)?.cloned().ok_or_else(|| self.unsupported("missing input"))?;
+        let dims = self.shape_of(&sym);
+        let axis = norm_axis(attr_i(self.node, "axis", 0), dims.len())
+            .ok_or_else(|| self.unsupported("bad axis"))?;
+        let sizes = self.split_sizes(dims[axis], self.node.output.len())?;
+        let (source, index) = match &sym {
+            Sym::Const(t) => (None, t.clone()),
+            _ => {
+                let v = self.input_value(0)?;
+                let numel = self.net.numel(v);
+                (Some(v), Tensor::new(dims.clone(), (0..numel).map(|k| k as f64).collect(), false))
+            }
+        };
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let mut start = 0;
+        for (k, &len) in sizes.iter().enumerate() {
+            let name = self.node.output[k].clone();
+            let mut part_dims = dims.clone();
+            part_dims[axis] = len;
+            let mut data = Vec::with_capacity(outer * len * inner);
+            for o in 0..outer {
+                let at = (o * dims[axis] + start) * inner;
+                data.extend_from_slice(&index.data[at..at + len * inner]);
+            }
+            start += len;
+            if name.is_empty() {
+                continue;
+            }
+            let part = Tensor::new(part_dims.clone(), data, index.is_int);
+            let sym = match source {
+                None => Sym::Const(part),
+                Some(v) => {
+                    let src = part.data.iter().map(|&d| Some(d as usize)).collect();
+                    let layer =
+                        Layer::Select(nnlin_ir::Select { shape: part_dims, src, fill: vec![] });
+                    Sym::Value(self.net.push(name.clone(), "Split", layer, vec![v])?)
+                }
+            };
+            self.syms.insert(name, sym);
+        }
+        Ok(())
+    }
+
+    /// `Slice`, `Gather`, `Expand`, `Tile`, `Where` and `Concat` with
+    /// constants, on tensors that depend on the input: a [`Layer::Select`].
+    /// The constant folder computes it: it runs on a tensor of element
+    /// indices in place of the data (constants as negative codes into a fill
+    /// table), so each op's indexing rules are written once.
+    fn select(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        let n_in = self.node.input.len();
+        let data_inputs: Vec<usize> = match op.as_str() {
+            "Where" => vec![1, 2],
+            "Concat" => (0..n_in).collect(),
+            _ => vec![0],
+        };
+        for i in 0..n_in {
+            if !data_inputs.contains(&i) && !matches!(self.input(i)?, None | Some(Sym::Const(_))) {
+                return Err(self.unsupported(format!("input {i} must be a constant")));
+            }
+        }
+        // the tensors that depend on the input, each once
+        let mut values: Vec<ValueId> = vec![];
+        for &i in &data_inputs {
+            if matches!(self.input(i)?, Some(Sym::Value(_) | Sym::Expr { .. })) {
+                let v = self.input_value(i)?;
+                if !values.contains(&v) {
+                    values.push(v);
+                }
+            }
+        }
+        // one source value: several are flattened and concatenated first
+        let source = match values.as_slice() {
+            [] => return Err(self.unsupported("no input depends on the model input")),
+            [v] => *v,
+            vs => {
+                let mut flat = vec![];
+                for (k, v) in vs.iter().enumerate() {
+                    let numel = self.net.numel(*v);
+                    let layer = Layer::Reshape(nnlin_ir::Reshape { shape: vec![numel] });
+                    flat.push(self.net.push(
+                        format!("{}.flat{k}", node_name(self.node)),
+                        op.clone(),
+                        layer,
+                        vec![*v],
+                    )?);
+                }
+                let layer = Layer::Concat(nnlin_ir::Concat { axis: 0 });
+                self.net.push(
+                    format!("{}.sources", node_name(self.node)),
+                    op.clone(),
+                    layer,
+                    flat,
+                )?
+            }
+        };
+        let mut offset = std::collections::HashMap::new();
+        let mut at = 0usize;
+        for v in &values {
+            offset.insert(*v, at);
+            at += self.net.numel(*v);
+        }
+        // index tensors in place of the data inputs
+        let mut fill: Vec<f64> = vec![];
+        let mut saved = vec![];
+        for &i in &data_inputs {
+            let Some(name) = self.node.input.get(i).filter(|s| !s.is_empty()).cloned() else {
+                continue;
+            };
+            if saved.iter().any(|(n, _)| n == &name) {
+                continue;
+            }
+            let sym = self.syms.get(&name).cloned().expect("checked above");
+            let index = match &sym {
+                Sym::Const(t) => {
+                    let base = fill.len();
+                    fill.extend(&t.data);
+                    let codes = (0..t.numel()).map(|k| -((base + k) as f64) - 1.0).collect();
+                    Tensor::new(t.dims.clone(), codes, false)
+                }
+                Sym::Value(v) | Sym::Expr { root: v, .. } => {
+                    let v = match self.syms.get(&name) {
+                        Some(Sym::Value(m)) => *m,
+                        _ => *v,
+                    };
+                    let base = offset[&v];
+                    let dims = self.net.shape(v).to_vec();
+                    let numel = self.net.numel(v);
+                    Tensor::new(dims, (0..numel).map(|k| (base + k) as f64).collect(), false)
+                }
+            };
+            saved.push((name.clone(), sym));
+            self.syms.insert(name, Sym::Const(index));
+        }
+        let folded = self.fold();
+        for (name, sym) in saved {
+            self.syms.insert(name, sym);
+        }
+        let out = folded?;
+        let mut src = Vec::with_capacity(out.numel());
+        let mut consts = vec![0.0; if out.data.iter().any(|&d| d < 0.0) { out.numel() } else { 0 }];
+        for (i, &d) in out.data.iter().enumerate() {
+            if d >= 0.0 {
+                src.push(Some(d as usize));
+            } else {
+                src.push(None);
+                consts[i] = fill[(-d - 1.0) as usize];
+            }
+        }
+        let layer = Layer::Select(nnlin_ir::Select { shape: out.dims, src, fill: consts });
+        Ok(Sym::Value(self.net.push(node_name(self.node), op, layer, vec![source])?))
+    }
+
     fn concat(&mut self) -> Result<Sym, OnnxError> {
         let mut inputs = vec![];
         for i in 0..self.node.input.len() {
             if matches!(self.input(i)?, Some(Sym::Const(_))) {
-                return Err(self.unsupported("concatenating a constant with a tensor"));
+                return self.select();
             }
+        }
+        for i in 0..self.node.input.len() {
             inputs.push(self.input_value(i)?);
         }
         let rank = self.net.shape(inputs[0]).len();
@@ -1752,6 +2005,9 @@ pub fn import_with_resolver(
                 .iter()
                 .filter(|i| !i.is_empty())
                 .all(|i| matches!(imp.syms.get(i), Some(Sym::Const(_))));
+            if all_const && op == "Split" {
+                return imp.split();
+            }
             if all_const && !node.input.is_empty() {
                 let t = imp.fold()?;
                 imp.set_output(Sym::Const(t));
@@ -1792,6 +2048,11 @@ pub fn import_with_resolver(
                     let s = imp.concat()?;
                     imp.set_output(s);
                 }
+                "Slice" | "Gather" | "Expand" | "Tile" | "Where" => {
+                    let s = imp.select()?;
+                    imp.set_output(s);
+                }
+                "Split" => imp.split()?,
                 "Pad" => {
                     let s = imp.pad()?;
                     imp.set_output(s);
