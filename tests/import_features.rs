@@ -347,3 +347,61 @@ fn concats_and_wheres_with_constants_are_selections() {
     assert!(e.contains("input 0 must be a constant"), "{e}");
     let _ = ints; // (shared builders)
 }
+
+#[test]
+fn gates_and_divisions_are_products() {
+    use nnlin::ir::reference;
+    // squeeze-and-excitation: y = tanh(x) ⊙ sigmoid(mean over space of x)
+    let se = model(
+        17,
+        &[1, 2, 2, 2],
+        vec![
+            node("Tanh", &["x"], &["t"], vec![]),
+            node("GlobalAveragePool", &["x"], &["p"], vec![]),
+            node("Sigmoid", &["p"], &["s"], vec![]),
+            node("Mul", &["s", "t"], &["y"], vec![]),
+        ],
+        vec![],
+    );
+    // a division by an activation: y = tanh(x) / (1 + sigmoid(x))
+    let div = model(
+        17,
+        &[1, 8],
+        vec![
+            node("Tanh", &["x"], &["t"], vec![]),
+            node("Sigmoid", &["x"], &["s"], vec![]),
+            node("Add", &["s", "one"], &["d"], vec![]),
+            node("Relu", &["d"], &["r"], vec![]),
+            node("Div", &["t", "r"], &["y"], vec![]),
+        ],
+        vec![floats("one", &[], &[1.0])],
+    );
+    let x = [0.3, -0.7, 1.1, 0.05, -1.3, 0.6, 0.2, -0.4];
+    for bytes in [se, div] {
+        let m = Model::from_onnx_bytes("gate", &bytes).unwrap();
+        let (f, jac) = reference::jacobian(m.network(), &x);
+        for mode in [nnlin::Mode::Tangent, nnlin::Mode::Secant] {
+            let lin = m.linearize(&x, &Options { mode, ..Options::default() }).unwrap();
+            for i in 0..f.len() {
+                let wx: f64 = (0..8).map(|j| lin.w[(i, j)] * x[j]).sum();
+                assert!((wx + lin.b[i] - f[i]).abs() < 1e-14, "{mode:?}: W·x + b != F");
+                for j in 0..8 {
+                    if mode == nnlin::Mode::Tangent {
+                        assert!(
+                            (lin.w[(i, j)] - jac[i * 8 + j]).abs() < 1e-14,
+                            "W is not the Jacobian"
+                        );
+                    }
+                }
+            }
+        }
+        // F itself, independently: the SE output at element 0 and the quotient
+        let f0 = if m.network().input_shape().len() == 4 {
+            let mean = (x[0] + x[1] + x[2] + x[3]) / 4.0;
+            x[0].tanh() / (1.0 + (-mean).exp())
+        } else {
+            x[0].tanh() / (1.0 + 1.0 / (1.0 + (-x[0]).exp()))
+        };
+        assert!((f[0] - f0).abs() < 1e-15);
+    }
+}

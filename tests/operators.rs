@@ -7,7 +7,7 @@
 
 use nnlin::ir::{
     Activation, Affine, Concat, Conv, Expr, Layer, Lrn, Network, Pad, PadMode, Pool, PoolKind,
-    Select, Transpose, Unary, ValueId, Window, reference,
+    Product, Select, Transpose, Unary, ValueId, Window, reference,
 };
 use nnlin::{Compiler, ConvKernel, Direction, Mode, accumulate};
 use proptest::prelude::*;
@@ -210,6 +210,31 @@ proptest! {
         };
         let s = net.push("select", "Slice", Layer::Select(Select { shape: vec![1, out_len], src, fill }), vec![t]).unwrap();
         net.push("sig", "Sigmoid", Layer::Activation(Activation { expr: Expr::unary(Unary::Sigmoid) }), vec![s]).unwrap();
+        let x = rng.vec(n, 1.0);
+        check(&net, &x, Mode::Tangent)?;
+        check(&net, &x, Mode::Secant)?;
+    }
+
+    #[test]
+    fn product_matches_reference(
+        shape in prop::collection::vec(1usize..4, 1..4), ones in prop::collection::vec(any::<bool>(), 4),
+        swap in any::<bool>(), seed in any::<u64>(),
+    ) {
+        // a = tanh(x), g = sigmoid(affine(x)) reduced to the gate's shape by
+        // a selection, y = a ⊙ broadcast(g), then softplus
+        let mut rng = Rng(seed);
+        let mut net = Network::new(shape.clone());
+        let n = net.input_len();
+        let gate: Vec<usize> = shape.iter().zip(&ones).map(|(&d, &o)| if o { 1 } else { d }).collect();
+        let a = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![ValueId(0)]).unwrap();
+        let aff = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 1.0), shift: rng.vec(n, 0.5) }), vec![ValueId(0)]).unwrap();
+        let s = net.push("sigmoid", "Sigmoid", Layer::Activation(Activation { expr: Expr::unary(Unary::Sigmoid) }), vec![aff]).unwrap();
+        let gn: usize = gate.iter().product();
+        let src = (0..gn).map(|k| Some((k * 7 + 3) % n)).collect();
+        let g = net.push("gate", "Slice", Layer::Select(Select { shape: gate.clone(), src, fill: vec![] }), vec![s]).unwrap();
+        let inputs = if swap && gate == shape { vec![g, a] } else { vec![a, g] };
+        let p = net.push("product", "Mul", Layer::Product(Product {}), inputs).unwrap();
+        net.push("softplus", "Softplus", Layer::Activation(Activation { expr: Expr::unary(Unary::Softplus) }), vec![p]).unwrap();
         let x = rng.vec(n, 1.0);
         check(&net, &x, Mode::Tangent)?;
         check(&net, &x, Mode::Secant)?;

@@ -433,7 +433,7 @@ impl Compiler {
                     };
                     one(Operator::Selection(Selection { ncols: numel, cols }), bias)
                 }
-                Layer::Activation(_) | Layer::Lrn(_) => Fixed::PerInstance,
+                Layer::Activation(_) | Layer::Lrn(_) | Layer::Product(_) => Fixed::PerInstance,
             };
             fixed.push(f);
         }
@@ -478,6 +478,13 @@ impl Compiler {
             let mut active = None;
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
+                Fixed::PerInstance if matches!(node.layer, Layer::Product(_)) => {
+                    let g = values[node.inputs[1].0].as_ref().expect("input value alive");
+                    let gate_shape = self.net.shape(node.inputs[1]);
+                    let (ops, bias) =
+                        product_operators(u, g, self.net.shape(node.inputs[0]), gate_shape, mode);
+                    (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
+                }
                 Fixed::PerInstance => {
                     let (op, bias, act) = per_instance(
                         &node.layer,
@@ -521,6 +528,37 @@ impl Compiler {
 }
 
 /// The operator of a node that depends on its input `u`.
+/// The two operators and the offset of `y = a ⊙ broadcast(g)` at (a, g).
+/// Tangent: the product rule, `dy = diag(g̃)·da + diag(a)·B·dg` (B the
+/// broadcast), offset `−a ⊙ g̃` so that `W·x + b = F(x)`. Secant: the gate is
+/// frozen, `y = diag(g̃)·a`, no dependence through g and no offset.
+fn product_operators(
+    a: &[f64],
+    g: &[f64],
+    shape: &[usize],
+    gate_shape: &[usize],
+    mode: Mode,
+) -> (Vec<Operator>, Vec<f64>) {
+    let idx = nnlin_ir::Product::gate_index(shape, gate_shape);
+    let gt: Vec<f64> = idx.iter().map(|&k| g[k]).collect();
+    let n = a.len();
+    match mode {
+        Mode::Tangent => {
+            let tri: Vec<(usize, usize, f64)> =
+                idx.iter().enumerate().map(|(i, &k)| (i, k, a[i])).collect();
+            let offset = a.iter().zip(&gt).map(|(p, q)| -p * q).collect();
+            (vec![Operator::Diagonal(gt), Operator::csr_from_triplets(n, g.len(), &tri)], offset)
+        }
+        Mode::Secant => (
+            vec![
+                Operator::Diagonal(gt),
+                Operator::Selection(Selection { ncols: g.len(), cols: vec![Selection::ZERO; n] }),
+            ],
+            vec![0.0; n],
+        ),
+    }
+}
+
 fn per_instance(
     layer: &Layer,
     u: &[f64],

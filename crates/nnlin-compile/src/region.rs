@@ -247,7 +247,10 @@ pub fn region(
                     }
                 }
             }
-            Layer::Lrn(_) => return Err(RegionError::Smooth(node.name.clone())),
+            // a product of two tensors is not piecewise linear: no region
+            Layer::Lrn(_) | Layer::Product(_) => {
+                return Err(RegionError::Smooth(node.name.clone()));
+            }
             // fixed linear maps (and average pooling): no boundary
             Layer::Dense(_)
             | Layer::Affine(_)

@@ -207,6 +207,39 @@ pub struct Select {
     pub fill: Vec<f64>,
 }
 
+/// The elementwise product of two tensors, `y = a ⊙ broadcast(g)`: input
+/// 0 (`a`) has the output's shape, input 1 (`g`, a gate such as a
+/// squeeze-and-excitation scale) the same rank with each axis equal or 1.
+/// Tangent mode linearizes by the product rule; secant mode freezes the
+/// gate `g` at x (see ARCHITECTURE.md).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Product {}
+
+impl Product {
+    /// For every element of the output (shape `out`), the element of the
+    /// gate (shape `gate`) it is multiplied by.
+    pub fn gate_index(out: &[usize], gate: &[usize]) -> Vec<usize> {
+        let rank = out.len();
+        let numel: usize = out.iter().product();
+        let mut strides = vec![0usize; rank];
+        let mut s = 1;
+        for ax in (0..rank).rev() {
+            strides[ax] = if gate[ax] == 1 { 0 } else { s };
+            s *= gate[ax];
+        }
+        (0..numel)
+            .map(|flat| {
+                let (mut rem, mut g) = (flat, 0);
+                for ax in (0..rank).rev() {
+                    g += (rem % out[ax]) * strides[ax];
+                    rem /= out[ax];
+                }
+                g
+            })
+            .collect()
+    }
+}
+
 /// Local response normalization across channels:
 /// `y_c = x_c / (bias + alpha/size · Σ_{c' ∈ window(c)} x_{c'}²)^beta`.
 #[derive(Clone, Debug, PartialEq)]
@@ -259,6 +292,8 @@ pub enum Layer {
     Lrn(Lrn),
     /// Fixed selection of elements and constants.
     Select(Select),
+    /// Product of two tensors (a gate).
+    Product(Product),
 }
 
 impl Layer {
@@ -279,6 +314,7 @@ impl Layer {
             Layer::Pad(_) => "pad",
             Layer::Transpose(_) => "transpose",
             Layer::Select(_) => "select",
+            Layer::Product(_) => "product",
             Layer::Lrn(_) => "lrn",
         }
     }
@@ -297,6 +333,7 @@ impl Layer {
             | Layer::Pad(_)
             | Layer::Transpose(_)
             | Layer::Select(_)
+            | Layer::Product(_)
             | Layer::Lrn(_) => 0,
         }
     }
@@ -457,6 +494,18 @@ impl Layer {
                     ));
                 }
                 Ok(t.perm.iter().map(|&p| x[p]).collect())
+            }
+            Layer::Product(_) => {
+                let fits = inputs.len() == 2
+                    && inputs[1].len() == x.len()
+                    && inputs[1].iter().zip(x).all(|(g, a)| g == a || *g == 1);
+                if !fits {
+                    return Err(mismatch(
+                        format!("two inputs, the second broadcasting to {x:?}"),
+                        inputs.get(1).copied().unwrap_or(&[]),
+                    ));
+                }
+                Ok(x.to_vec())
             }
             Layer::Select(sel) => {
                 if checked_numel(&sel.shape) != Some(sel.src.len()) {

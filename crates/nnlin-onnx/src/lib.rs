@@ -468,6 +468,9 @@ impl Importer<'_> {
             })
             .collect();
         if roots.iter().any(|r| *r != roots[0]) {
+            if matches!(op.as_str(), "Mul" | "Div") && self.node.input.len() == 2 {
+                return self.product(op == "Div");
+            }
             return self.branch_sum();
         }
         let mut root: Option<ValueId> = None;
@@ -1135,6 +1138,39 @@ impl Importer<'_> {
         e.push(ExprNode::Binary(Binary::Add, xm, t));
         sources.push("BatchNormalization".into());
         Ok(Sym::Expr { root, expr: e, sources })
+    }
+
+    /// `Mul` of two tensors that depend on the input (a gate), or `Div` by
+    /// one (the product with its reciprocal): a `Product` layer whose first
+    /// input has the output's shape and whose second broadcasts to it. In
+    /// secant mode the second is frozen: the gate, or the denominator.
+    fn product(&mut self, divide: bool) -> Result<Sym, OnnxError> {
+        let (mut a, mut g) = (self.input_value(0)?, self.input_value(1)?);
+        let (sa, sg) = (self.net.shape(a).to_vec(), self.net.shape(g).to_vec());
+        if divide {
+            let layer =
+                Layer::Activation(nnlin_ir::Activation { expr: Expr::unary(Unary::Reciprocal) });
+            g = self.net.push(
+                format!("{}.reciprocal", node_name(self.node)),
+                "Div",
+                layer,
+                vec![g],
+            )?;
+        } else if sa != sg && tensor::broadcast_shape(&sa, &sg).as_deref() == Some(sg.as_slice()) {
+            // the larger operand first (its shape is the output's)
+            std::mem::swap(&mut a, &mut g);
+        }
+        let (sa, sg) = (self.net.shape(a).to_vec(), self.net.shape(g).to_vec());
+        if sa.len() != sg.len()
+            || tensor::broadcast_shape(&sa, &sg).as_deref() != Some(sa.as_slice())
+        {
+            return Err(self.unsupported(format!(
+                "a product of shapes {sa:?} and {sg:?} (one must broadcast to the other at equal rank)"
+            )));
+        }
+        let layer = Layer::Product(nnlin_ir::Product {});
+        let y = self.net.push(node_name(self.node), self.op().to_string(), layer, vec![a, g])?;
+        Ok(Sym::Value(y))
     }
 
     /// `Add`/`Sub`/`Sum` of different tensors: an `Add` layer.
