@@ -405,3 +405,148 @@ fn gates_and_divisions_are_products() {
         assert!((f[0] - f0).abs() < 1e-15);
     }
 }
+
+/// Imports, checks F against `expected`, W against the dual Jacobian
+/// (tangent) and W·x + b = F (both modes).
+fn check_model(bytes: &[u8], x: &[f64], expected: &[f64]) {
+    use nnlin::ir::reference;
+    let m = Model::from_onnx_bytes("m", bytes).unwrap();
+    let (f, jac) = reference::jacobian(m.network(), x);
+    assert_eq!(f.len(), expected.len());
+    for (a, b) in f.iter().zip(expected) {
+        assert!((a - b).abs() < 1e-12, "F = {a}, expected {b}");
+    }
+    let n = x.len();
+    for mode in [nnlin::Mode::Tangent, nnlin::Mode::Secant] {
+        let lin = m.linearize(x, &Options { mode, ..Options::default() }).unwrap();
+        for i in 0..f.len() {
+            let wx: f64 = (0..n).map(|j| lin.w[(i, j)] * x[j]).sum();
+            assert!((wx + lin.b[i] - f[i]).abs() < 1e-12, "{mode:?}: W·x + b != F");
+            if mode == nnlin::Mode::Tangent {
+                for j in 0..n {
+                    assert!(
+                        (lin.w[(i, j)] - jac[i * n + j]).abs() < 1e-12,
+                        "W is not the Jacobian"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// (v − mean) / √(var + ε) of one group.
+fn normalized(v: &[f64], eps: f64) -> Vec<f64> {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / v.len() as f64;
+    v.iter().map(|a| (a - mean) / (var + eps).sqrt()).collect()
+}
+
+#[test]
+fn normalizations_are_exact() {
+    let x: Vec<f64> = (0..12).map(|k| ((k * 7 % 12) as f64 - 5.5) / 3.0).collect();
+    // LayerNormalization over the last axis of [1, 3, 4], scale and bias per feature
+    let ln = model(
+        17,
+        &[1, 3, 4],
+        vec![node("LayerNormalization", &["x", "g", "b"], &["y"], vec![int("axis", -1)])],
+        vec![
+            floats("g", &[4], &[1.0, 2.0, -0.5, 0.25]),
+            floats("b", &[4], &[0.125, 0.0, -0.25, 0.375]),
+        ],
+    );
+    let (g, b) = ([1.0, 2.0, -0.5, 0.25], [0.125, 0.0, -0.25, 0.375]);
+    let want: Vec<f64> = x
+        .chunks(4)
+        .flat_map(|row| {
+            normalized(row, 1e-5)
+                .into_iter()
+                .enumerate()
+                .map(|(k, v)| v * g[k] + b[k])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    check_model(&ln, &x, &want);
+    // the same, decomposed as exporters write it
+    let decomposed = model(
+        17,
+        &[1, 3, 4],
+        vec![
+            node("ReduceMean", &["x", "ax"], &["m"], vec![]),
+            node("Sub", &["x", "m"], &["c"], vec![]),
+            node("Pow", &["c", "two"], &["c2"], vec![]),
+            node("ReduceMean", &["c2", "ax"], &["v"], vec![]),
+            node("Add", &["v", "eps"], &["ve"], vec![]),
+            node("Sqrt", &["ve"], &["sd"], vec![]),
+            node("Div", &["c", "sd"], &["n"], vec![]),
+            node("Mul", &["n", "g"], &["ng"], vec![]),
+            node("Add", &["ng", "b"], &["y"], vec![]),
+        ],
+        vec![
+            int64s("ax", &[1], &[-1]),
+            floats("two", &[], &[2.0]),
+            floats("eps", &[], &[1e-5]),
+            floats("g", &[4], &[1.0, 2.0, -0.5, 0.25]),
+            floats("b", &[4], &[0.125, 0.0, -0.25, 0.375]),
+        ],
+    );
+    let m = Model::from_onnx_bytes("d", &decomposed).unwrap();
+    let fd = m.forward_reference(&x);
+    for (a, w) in fd.iter().zip(&want) {
+        // eps was written as a float32 literal
+        assert!((a - w).abs() < 1e-6, "{a} vs {w}");
+    }
+    check_model(&decomposed, &x, &fd);
+    // InstanceNormalization on [1, 3, 2, 2]: per channel over space
+    let inorm = model(
+        17,
+        &[1, 3, 2, 2],
+        vec![node("InstanceNormalization", &["x", "g", "b"], &["y"], vec![])],
+        vec![floats("g", &[3], &[1.0, -2.0, 0.5]), floats("b", &[3], &[0.0, 1.0, -1.0])],
+    );
+    let want: Vec<f64> = x
+        .chunks(4)
+        .enumerate()
+        .flat_map(|(c, ch)| {
+            let (g, b) = ([1.0, -2.0, 0.5][c], [0.0, 1.0, -1.0][c]);
+            normalized(ch, 1e-5).into_iter().map(move |v| v * g + b)
+        })
+        .collect();
+    check_model(&inorm, &x, &want);
+    // GroupNormalization: 4 channels in 2 groups, per-channel scale (opset 21)
+    let x16: Vec<f64> = (0..16).map(|k| ((k * 5 % 16) as f64 - 7.5) / 4.0).collect();
+    let gn = model(
+        21,
+        &[1, 4, 2, 2],
+        vec![node("GroupNormalization", &["x", "g", "b"], &["y"], vec![int("num_groups", 2)])],
+        vec![floats("g", &[4], &[1.0, 2.0, 3.0, 4.0]), floats("b", &[4], &[0.5, 0.0, 0.0, -0.5])],
+    );
+    let want: Vec<f64> = x16
+        .chunks(8)
+        .flat_map(|grp| normalized(grp, 1e-5))
+        .enumerate()
+        .map(|(i, v)| v * [1.0, 2.0, 3.0, 4.0][i / 4] + [0.5, 0.0, 0.0, -0.5][i / 4])
+        .collect();
+    check_model(&gn, &x16, &want);
+}
+
+#[test]
+fn reductions_over_any_axes() {
+    let x: Vec<f64> = (0..24).map(|k| k as f64 * 0.1 - 1.0).collect();
+    // ReduceSum over axis 1 of [2, 3, 4] (keepdims 0) → [2, 4]; the batch axis
+    // is fixed to 1 only for rank ≥ 2 inputs, so use [1, 6, 4] as [1, 2·3, 4]
+    let rs = model(
+        17,
+        &[1, 6, 4],
+        vec![node("ReduceSum", &["x", "ax"], &["y"], vec![int("keepdims", 0)])],
+        vec![int64s("ax", &[1], &[1])],
+    );
+    let want: Vec<f64> = (0..4).map(|c| (0..6).map(|r| x[r * 4 + c]).sum()).collect();
+    check_model(&rs, &x, &want);
+    let rm = model(
+        17,
+        &[1, 6, 4],
+        vec![node("ReduceMean", &["x"], &["y"], vec![ints("axes", &[1, 2])])],
+        vec![],
+    );
+    check_model(&rm, &x, &[x.iter().sum::<f64>() / 24.0]);
+}

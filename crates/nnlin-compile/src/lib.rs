@@ -433,6 +433,17 @@ impl Compiler {
                     };
                     one(Operator::Selection(Selection { ncols: numel, cols }), bias)
                 }
+                Layer::Reduce(r) => {
+                    let w = if r.mean { 1.0 / r.count(in_shape) as f64 } else { 1.0 };
+                    let tri: Vec<(usize, usize, f64)> = r
+                        .target(in_shape)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, t)| (t, i, w))
+                        .collect();
+                    let rows = net.numel(node.output);
+                    one(Operator::csr_from_triplets(rows, numel, &tri), vec![0.0; rows])
+                }
                 Layer::Activation(_) | Layer::Lrn(_) | Layer::Product(_) => Fixed::PerInstance,
             };
             fixed.push(f);

@@ -261,7 +261,8 @@ pub fn region(
             | Layer::Concat(_)
             | Layer::Pad(_)
             | Layer::Transpose(_)
-            | Layer::Select(_) => {}
+            | Layer::Select(_)
+            | Layer::Reduce(_) => {}
         }
     }
     // gradient norms, one column block at a time

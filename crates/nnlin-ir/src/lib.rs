@@ -14,6 +14,6 @@ pub use expr::{Binary, Expr, ExprClass, ExprNode, Unary};
 pub use geometry::Window;
 pub use network::{
     Activation, Add, Affine, Concat, Conv, Dense, Layer, Lrn, Network, Node, Pad, PadMode, Pool,
-    PoolKind, Product, Reshape, Select, Transpose, ValueId, checked_numel,
+    PoolKind, Product, Reduce, Reshape, Select, Transpose, ValueId, checked_numel,
 };
 pub use scalar::{Dual, Scalar};

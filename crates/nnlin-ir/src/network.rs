@@ -240,6 +240,46 @@ impl Product {
     }
 }
 
+/// A sum or mean over some axes (`ReduceSum`/`ReduceMean`, and the means of
+/// a layer, instance or group normalization). Reduced axes are kept with
+/// length 1 (a `Reshape` drops them where `keepdims = 0`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduce {
+    /// The reduced axes, ascending.
+    pub axes: Vec<usize>,
+    /// Mean (else sum).
+    pub mean: bool,
+}
+
+impl Reduce {
+    /// For every input element (shape `shape`), the output element it adds
+    /// to.
+    pub fn target(&self, shape: &[usize]) -> Vec<usize> {
+        let rank = shape.len();
+        let out: Vec<usize> =
+            (0..rank).map(|a| if self.axes.contains(&a) { 1 } else { shape[a] }).collect();
+        let numel: usize = shape.iter().product();
+        (0..numel)
+            .map(|flat| {
+                let (mut rem, mut t, mut stride) = (flat, 0, 1);
+                for ax in (0..rank).rev() {
+                    let i = rem % shape[ax];
+                    rem /= shape[ax];
+                    if out[ax] != 1 {
+                        t += i * stride;
+                    }
+                    stride *= out[ax];
+                }
+                t
+            })
+            .collect()
+    }
+    /// Elements summed into each output.
+    pub fn count(&self, shape: &[usize]) -> usize {
+        self.axes.iter().map(|&a| shape[a]).product()
+    }
+}
+
 /// Local response normalization across channels:
 /// `y_c = x_c / (bias + alpha/size · Σ_{c' ∈ window(c)} x_{c'}²)^beta`.
 #[derive(Clone, Debug, PartialEq)]
@@ -294,6 +334,8 @@ pub enum Layer {
     Select(Select),
     /// Product of two tensors (a gate).
     Product(Product),
+    /// Sum or mean over axes.
+    Reduce(Reduce),
 }
 
 impl Layer {
@@ -315,6 +357,13 @@ impl Layer {
             Layer::Transpose(_) => "transpose",
             Layer::Select(_) => "select",
             Layer::Product(_) => "product",
+            Layer::Reduce(r) => {
+                if r.mean {
+                    "reduce_mean"
+                } else {
+                    "reduce_sum"
+                }
+            }
             Layer::Lrn(_) => "lrn",
         }
     }
@@ -334,6 +383,7 @@ impl Layer {
             | Layer::Transpose(_)
             | Layer::Select(_)
             | Layer::Product(_)
+            | Layer::Reduce(_)
             | Layer::Lrn(_) => 0,
         }
     }
@@ -494,6 +544,13 @@ impl Layer {
                     ));
                 }
                 Ok(t.perm.iter().map(|&p| x[p]).collect())
+            }
+            Layer::Reduce(r) => {
+                let ascending = r.axes.windows(2).all(|w| w[0] < w[1]);
+                if r.axes.is_empty() || !ascending || r.axes.iter().any(|&a| a >= x.len()) {
+                    return Err(mismatch(format!("axes {:?} within the rank", r.axes), x));
+                }
+                Ok((0..x.len()).map(|a| if r.axes.contains(&a) { 1 } else { x[a] }).collect())
             }
             Layer::Product(_) => {
                 let fits = inputs.len() == 2

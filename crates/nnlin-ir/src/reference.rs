@@ -206,6 +206,18 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     })
                     .collect()
             }
+            Layer::Reduce(r) => {
+                let out_len = net.numel(node.output);
+                let mut y = vec![S::from_f64(0.0); out_len];
+                for (i, t) in r.target(in_shape).into_iter().enumerate() {
+                    y[t] = y[t] + u[i];
+                }
+                if r.mean {
+                    let c = S::from_f64(1.0 / r.count(in_shape) as f64);
+                    y.iter_mut().for_each(|v| *v = *v * c);
+                }
+                y
+            }
             Layer::Product(_) => {
                 let g = &values[node.inputs[1].0];
                 let idx = crate::network::Product::gate_index(in_shape, net.shape(node.inputs[1]));

@@ -53,10 +53,13 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Gelu",
     "Gemm",
     "GlobalAveragePool",
+    "GroupNormalization",
     "GlobalMaxPool",
     "HardSigmoid",
     "HardSwish",
     "Identity",
+    "InstanceNormalization",
+    "LayerNormalization",
     "LeakyRelu",
     "LRN",
     "Log",
@@ -71,8 +74,8 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "PRelu",
     "Range (of constants)",
     "Reciprocal",
-    "ReduceMean (spatial)",
-    "ReduceSum (spatial)",
+    "ReduceMean",
+    "ReduceSum",
     "Relu",
     "Reshape",
     "Selu",
@@ -157,6 +160,9 @@ pub enum OnnxError {
 fn need_text(need: Option<usize>) -> String {
     need.map_or_else(|| "more than 2^64 bytes".into(), |b| format!("{b} bytes"))
 }
+
+/// A normalization parameter (scale or bias) spread over every output element.
+type PerElement = Box<dyn Fn(&Tensor) -> Option<Vec<f64>>>;
 
 /// What the importer may allocate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1173,6 +1179,134 @@ impl Importer<'_> {
         Ok(Sym::Value(y))
     }
 
+    /// `v` broadcast to `shape` (numpy rules): a selection.
+    fn expand_to(&mut self, v: ValueId, shape: &[usize]) -> Result<ValueId, OnnxError> {
+        let small = self.net.shape(v).to_vec();
+        let mut padded = vec![1; shape.len().saturating_sub(small.len())];
+        padded.extend(&small);
+        self.check_shape("the broadcast value", shape)?;
+        let src = nnlin_ir::Product::gate_index(shape, &padded).into_iter().map(Some).collect();
+        let layer = Layer::Select(nnlin_ir::Select { shape: shape.to_vec(), src, fill: vec![] });
+        let name = format!("{}.expand{}", node_name(self.node), v.0);
+        Ok(self.net.push(name, "Expand", layer, vec![v])?)
+    }
+
+    /// `(x − mean) / √(var + ε)` over `axes`, as layers: a mean (`Reduce`),
+    /// its broadcast subtracted (`Add`), the mean of squares, `1/√(· + ε)`
+    /// (an activation) and their `Product`. Tangent mode is the Jacobian;
+    /// secant mode freezes the standard deviation (the product's gate),
+    /// while the mean subtraction is linear and stays exact.
+    fn normalize(&mut self, x: ValueId, axes: Vec<usize>, eps: f64) -> Result<ValueId, OnnxError> {
+        let name = node_name(self.node);
+        let op = self.op().to_string();
+        let shape = self.net.shape(x).to_vec();
+        let reduce =
+            |axes: &Vec<usize>| Layer::Reduce(nnlin_ir::Reduce { axes: axes.clone(), mean: true });
+        let mean = self.net.push(format!("{name}.mean"), op.clone(), reduce(&axes), vec![x])?;
+        let mean = self.expand_to(mean, &shape)?;
+        let sub = Layer::Add(nnlin_ir::Add { coeffs: vec![1.0, -1.0] });
+        let centred = self.net.push(format!("{name}.centred"), op.clone(), sub, vec![x, mean])?;
+        let mut sq = Expr::var();
+        sq.push(ExprNode::Binary(Binary::Mul, 0, 0));
+        let sq = Layer::Activation(nnlin_ir::Activation { expr: sq });
+        let squared = self.net.push(format!("{name}.squared"), op.clone(), sq, vec![centred])?;
+        let var =
+            self.net.push(format!("{name}.variance"), op.clone(), reduce(&axes), vec![squared])?;
+        let mut inv = Expr::var();
+        let e = inv.push_const(vec![eps]);
+        let ve = inv.push(ExprNode::Binary(Binary::Add, 0, e));
+        let sd = inv.push(ExprNode::Unary(Unary::Sqrt, ve));
+        inv.push(ExprNode::Unary(Unary::Reciprocal, sd));
+        let inv = Layer::Activation(nnlin_ir::Activation { expr: inv });
+        let inv_sd = self.net.push(format!("{name}.inv_std"), op.clone(), inv, vec![var])?;
+        let product = Layer::Product(nnlin_ir::Product {});
+        Ok(self.net.push(name, op, product, vec![centred, inv_sd])?)
+    }
+
+    /// `LayerNormalization`, `InstanceNormalization`, `GroupNormalization`:
+    /// [`Self::normalize`] over their axes, then the scale and bias (an
+    /// `Affine` layer).
+    fn normalization(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        if self.node.output.iter().skip(1).any(|o| !o.is_empty()) {
+            return Err(
+                self.unsupported("the mean and inverse-deviation outputs are not supported")
+            );
+        }
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        let rank = shape.len();
+        let eps = attr_f(self.node, "epsilon", 1e-5);
+        let scale =
+            self.const_input(1)?.ok_or_else(|| self.unsupported("scale must be a constant"))?;
+        let bias = self.const_input(2)?;
+        let name = node_name(self.node);
+        // each parameter element's value for every element of the output
+        let (y, per_element): (ValueId, PerElement) = match op.as_str() {
+            "LayerNormalization" => {
+                let axis = norm_axis(attr_i(self.node, "axis", -1), rank)
+                    .ok_or_else(|| self.unsupported("bad axis"))?;
+                let y = self.normalize(x, (axis..rank).collect(), eps)?;
+                let sh = shape.clone();
+                (y, Box::new(move |t: &Tensor| tensor::broadcast_to(t, &sh)))
+            }
+            _ => {
+                let channels = shape.get(1).copied().unwrap_or(0);
+                if rank < 3 {
+                    return Err(self.unsupported(format!("input {shape:?} has no spatial axes")));
+                }
+                let groups = if op == "InstanceNormalization" {
+                    channels
+                } else {
+                    usize::try_from(attr_i(self.node, "num_groups", 0)).unwrap_or(0)
+                };
+                if groups == 0 || channels % groups != 0 {
+                    return Err(self.unsupported(format!(
+                        "num_groups {groups} must divide the {channels} channels"
+                    )));
+                }
+                let y = if groups == channels {
+                    self.normalize(x, (2..rank).collect(), eps)?
+                } else {
+                    let per_group = shape[1..].iter().product::<usize>() / groups;
+                    let grouped =
+                        Layer::Reshape(nnlin_ir::Reshape { shape: vec![1, groups, per_group] });
+                    let g =
+                        self.net.push(format!("{name}.groups"), op.clone(), grouped, vec![x])?;
+                    let n = self.normalize(g, vec![2], eps)?;
+                    let back = Layer::Reshape(nnlin_ir::Reshape { shape: shape.clone() });
+                    self.net.push(format!("{name}.ungroup"), op.clone(), back, vec![n])?
+                };
+                // per channel, or per group (GroupNormalization at opset 18)
+                let spatial: usize = shape[2..].iter().product();
+                (
+                    y,
+                    Box::new(move |t: &Tensor| {
+                        let per = match t.numel() {
+                            n if n == channels => 1,
+                            n if n == groups => channels / groups,
+                            _ => return None,
+                        };
+                        Some(
+                            (0..channels)
+                                .flat_map(|c| std::iter::repeat_n(t.data[c / per], spatial))
+                                .collect(),
+                        )
+                    }),
+                )
+            }
+        };
+        let sc = per_element(&scale)
+            .ok_or_else(|| self.unsupported(format!("scale of shape {:?}", scale.dims)))?;
+        let sh = match &bias {
+            None => vec![0.0; sc.len()],
+            Some(b) => per_element(b)
+                .ok_or_else(|| self.unsupported(format!("bias of shape {:?}", b.dims)))?,
+        };
+        let layer = Layer::Affine(nnlin_ir::Affine { scale: sc, shift: sh });
+        Ok(Sym::Value(self.net.push(format!("{name}.affine"), op, layer, vec![y])?))
+    }
+
     /// `Add`/`Sub`/`Sum` of different tensors: an `Add` layer.
     fn branch_sum(&mut self) -> Result<Sym, OnnxError> {
         let op = self.op().to_string();
@@ -1188,11 +1322,17 @@ impl Importer<'_> {
             }
             inputs.push(self.input_value(i)?);
         }
-        let shape = self.net.shape(inputs[0]).to_vec();
-        if inputs.iter().any(|v| self.net.shape(*v) != shape.as_slice()) {
-            return Err(
-                self.unsupported("branches of different shapes (broadcasting between tensors)")
-            );
+        // broadcasting between branches (x − mean(x)): the smaller ones are
+        // expanded by a selection
+        let mut shape: Vec<usize> = vec![];
+        for v in &inputs {
+            shape = tensor::broadcast_shape(&shape, self.net.shape(*v))
+                .ok_or_else(|| self.unsupported("branches whose shapes do not broadcast"))?;
+        }
+        for v in inputs.iter_mut() {
+            if self.net.shape(*v) != shape.as_slice() {
+                *v = self.expand_to(*v, &shape)?;
+            }
         }
         let coeffs =
             (0..inputs.len()).map(|i| if op == "Sub" && i == 1 { -1.0 } else { 1.0 }).collect();
@@ -1424,11 +1564,29 @@ impl Importer<'_> {
             None => (0..rank).collect(),
         };
         axes.sort_unstable();
+        if axes.windows(2).any(|w| w[0] == w[1]) {
+            return Err(self.unsupported(format!("duplicate axes {axes:?}")));
+        }
+        if axes.is_empty() && attr_i(self.node, "noop_with_empty_axes", 0) != 0 {
+            return Ok(Sym::Value(x));
+        }
+        if axes.is_empty() {
+            axes = (0..rank).collect();
+        }
         let spatial: Vec<usize> = (2..rank).collect();
         if rank < 3 || axes != spatial || rank > 4 {
-            return Err(self.unsupported(format!(
-                "reducing axes {axes:?} of {shape:?} (only the spatial axes are supported)"
-            )));
+            // any other axes: a Reduce layer (the spatial case stays a pool)
+            let name = node_name(self.node);
+            let layer =
+                Layer::Reduce(nnlin_ir::Reduce { axes: axes.clone(), mean: op == "ReduceMean" });
+            let mut v = self.net.push(name.clone(), op.clone(), layer, vec![x])?;
+            if attr_i(self.node, "keepdims", 1) == 0 {
+                let kept: Vec<usize> =
+                    (0..rank).filter(|a| !axes.contains(a)).map(|a| shape[a]).collect();
+                let layer = Layer::Reshape(nnlin_ir::Reshape { shape: kept });
+                v = self.net.push(format!("{name}.squeeze"), op, layer, vec![v])?;
+            }
+            return Ok(Sym::Value(v));
         }
         let window = if rank == 3 {
             nnlin_ir::Window::new((1, shape[2]), (1, shape[2]), (1, 1), (1, 1), (0, 0, 0, 0), false)
@@ -2082,6 +2240,10 @@ pub fn import_with_resolver(
                 }
                 "Concat" => {
                     let s = imp.concat()?;
+                    imp.set_output(s);
+                }
+                "LayerNormalization" | "InstanceNormalization" | "GroupNormalization" => {
+                    let s = imp.normalization()?;
                     imp.set_output(s);
                 }
                 "Slice" | "Gather" | "Expand" | "Tile" | "Where" => {
