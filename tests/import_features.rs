@@ -550,3 +550,59 @@ fn reductions_over_any_axes() {
     );
     check_model(&rm, &x, &[x.iter().sum::<f64>() / 24.0]);
 }
+
+#[test]
+fn attention_is_exact() {
+    // one head over 4 tokens of width 3: softmax(Q·Kᵀ/√3)·V, Q = x·Wq, …
+    let wq = [0.5f32, -0.25, 0.125, 0.75, 0.5, -0.5, 0.25, 0.0, 1.0];
+    let wk = [0.25f32, 0.5, -0.75, 0.0, 1.0, 0.5, -0.25, 0.125, 0.5];
+    let wv = [1.0f32, 0.0, 0.5, -0.5, 0.25, 0.0, 0.125, 0.75, -1.0];
+    let attn = model(
+        17,
+        &[1, 4, 3],
+        vec![
+            node("MatMul", &["x", "wq"], &["q"], vec![]),
+            node("MatMul", &["x", "wk"], &["k"], vec![]),
+            node("MatMul", &["x", "wv"], &["v"], vec![]),
+            node("Transpose", &["k"], &["kt"], vec![ints("perm", &[0, 2, 1])]),
+            node("MatMul", &["q", "kt"], &["s"], vec![]),
+            node("Div", &["s", "scale"], &["ss"], vec![]),
+            node("Softmax", &["ss"], &["p"], vec![int("axis", -1)]),
+            node("MatMul", &["p", "v"], &["o"], vec![]),
+            node("Tanh", &["o"], &["y"], vec![]),
+        ],
+        vec![
+            floats("wq", &[3, 3], &wq),
+            floats("wk", &[3, 3], &wk),
+            floats("wv", &[3, 3], &wv),
+            floats("scale", &[], &[2.0]),
+        ],
+    );
+    let x: Vec<f64> = (0..12).map(|k| ((k * 5 % 12) as f64 - 5.5) / 4.0).collect();
+    let mm = |a: &[f64], w: &[f32]| -> Vec<f64> {
+        (0..4)
+            .flat_map(|t| {
+                (0..3).map(move |j| {
+                    (0..3).map(|q| a[t * 3 + q] * f64::from(w[q * 3 + j])).sum::<f64>()
+                })
+            })
+            .collect()
+    };
+    let (q, k, v) = (mm(&x, &wq), mm(&x, &wk), mm(&x, &wv));
+    let mut want = vec![];
+    for t in 0..4 {
+        let s: Vec<f64> = (0..4)
+            .map(|u| (0..3).map(|d| q[t * 3 + d] * k[u * 3 + d]).sum::<f64>() / 2.0)
+            .collect();
+        let top = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - top).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for d in 0..3 {
+            want.push((0..4).map(|u| e[u] / sum * v[u * 3 + d]).sum::<f64>().tanh());
+        }
+    }
+    check_model(&attn, &x, &want);
+    // the same softmax is still skipped where it is the graph output
+    let m = Model::from_onnx_bytes("a", &attn).unwrap();
+    assert!(m.info().skipped_softmax.is_none());
+}

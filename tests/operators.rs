@@ -6,8 +6,8 @@
 //! structured operators.
 
 use nnlin::ir::{
-    Activation, Affine, Concat, Conv, Expr, Layer, Lrn, Network, Pad, PadMode, Pool, PoolKind,
-    Product, Select, Transpose, Unary, ValueId, Window, reference,
+    Activation, Affine, Concat, Conv, Expr, Layer, Lrn, MatMul, Network, Pad, PadMode, Pool,
+    PoolKind, Product, Select, Softmax, Transpose, Unary, ValueId, Window, reference,
 };
 use nnlin::{Compiler, ConvKernel, Direction, Mode, accumulate};
 use proptest::prelude::*;
@@ -236,6 +236,43 @@ proptest! {
         let p = net.push("product", "Mul", Layer::Product(Product {}), inputs).unwrap();
         net.push("softplus", "Softplus", Layer::Activation(Activation { expr: Expr::unary(Unary::Softplus) }), vec![p]).unwrap();
         let x = rng.vec(n, 1.0);
+        check(&net, &x, Mode::Tangent)?;
+        check(&net, &x, Mode::Secant)?;
+    }
+
+    #[test]
+    fn softmax_matches_reference(
+        shape in prop::collection::vec(1usize..5, 1..4), axis_seed in any::<usize>(), log in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let mut net = Network::new(shape.clone());
+        let n = net.input_len();
+        let axis = axis_seed % shape.len();
+        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 2.0), shift: rng.vec(n, 1.0) }), vec![ValueId(0)]).unwrap();
+        net.push("softmax", "Softmax", Layer::Softmax(Softmax { axis, log }), vec![a]).unwrap();
+        let x = rng.vec(n, 1.0);
+        check(&net, &x, Mode::Tangent)?;
+        check(&net, &x, Mode::Secant)?;
+    }
+
+    #[test]
+    fn matmul_of_two_tensors_matches_reference(
+        batch in prop::collection::vec(1usize..3, 0..2), m in 1usize..4, k in 1usize..4, nn in 1usize..4, seed in any::<u64>(),
+    ) {
+        // A = tanh(x)[..., m, k] selected from x, B = sigmoid(x) selected as [..., k, n]
+        let mut rng = Rng(seed);
+        let mut sa = batch.clone();
+        sa.extend([m, k]);
+        let mut sb = batch.clone();
+        sb.extend([k, nn]);
+        let (la, lb): (usize, usize) = (sa.iter().product(), sb.iter().product());
+        let mut net = Network::new(vec![1, la + lb]);
+        let t = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![ValueId(0)]).unwrap();
+        let s = net.push("sig", "Sigmoid", Layer::Activation(Activation { expr: Expr::unary(Unary::Sigmoid) }), vec![ValueId(0)]).unwrap();
+        let a = net.push("a", "Slice", Layer::Select(Select { shape: sa, src: (0..la).map(Some).collect(), fill: vec![] }), vec![t]).unwrap();
+        let b = net.push("b", "Slice", Layer::Select(Select { shape: sb, src: (la..la + lb).map(Some).collect(), fill: vec![] }), vec![s]).unwrap();
+        net.push("matmul", "MatMul", Layer::MatMul(MatMul {}), vec![a, b]).unwrap();
+        let x = rng.vec(la + lb, 1.0);
         check(&net, &x, Mode::Tangent)?;
         check(&net, &x, Mode::Secant)?;
     }

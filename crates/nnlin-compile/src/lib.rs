@@ -444,7 +444,11 @@ impl Compiler {
                     let rows = net.numel(node.output);
                     one(Operator::csr_from_triplets(rows, numel, &tri), vec![0.0; rows])
                 }
-                Layer::Activation(_) | Layer::Lrn(_) | Layer::Product(_) => Fixed::PerInstance,
+                Layer::Activation(_)
+                | Layer::Lrn(_)
+                | Layer::Product(_)
+                | Layer::Softmax(_)
+                | Layer::MatMul(_) => Fixed::PerInstance,
             };
             fixed.push(f);
         }
@@ -489,11 +493,16 @@ impl Compiler {
             let mut active = None;
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
-                Fixed::PerInstance if matches!(node.layer, Layer::Product(_)) => {
+                Fixed::PerInstance
+                    if matches!(node.layer, Layer::Product(_) | Layer::MatMul(_)) =>
+                {
                     let g = values[node.inputs[1].0].as_ref().expect("input value alive");
-                    let gate_shape = self.net.shape(node.inputs[1]);
-                    let (ops, bias) =
-                        product_operators(u, g, self.net.shape(node.inputs[0]), gate_shape, mode);
+                    let (sa, sb) = (self.net.shape(node.inputs[0]), self.net.shape(node.inputs[1]));
+                    let (ops, bias) = if matches!(node.layer, Layer::MatMul(_)) {
+                        matmul_operators(u, g, sa, sb, mode)
+                    } else {
+                        product_operators(u, g, sa, sb, mode)
+                    };
                     (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
                 }
                 Fixed::PerInstance => {
@@ -570,6 +579,48 @@ fn product_operators(
     }
 }
 
+/// The two operators and the offset of `Y = A·B` (batched) at (A, B).
+/// Tangent: the product rule, `dY = dA·B + A·dB` (two CSR operators, one
+/// entry per multiply-add), offset `−A·B`. Secant: the first factor (the
+/// attention weights) is frozen, `Y = Ã·B`, no dependence through A.
+fn matmul_operators(
+    a: &[f64],
+    b: &[f64],
+    sa: &[usize],
+    sb: &[usize],
+    mode: Mode,
+) -> (Vec<Operator>, Vec<f64>) {
+    let (batch, m, k, n) = nnlin_ir::MatMul::dims(sa, sb);
+    let rows = batch * m * n;
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::with_capacity(rows * k));
+    let mut y = vec![0.0; rows];
+    for t in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let r = (t * m + i) * n + j;
+                for q in 0..k {
+                    let (ai, bi) = ((t * m + i) * k + q, (t * k + q) * n + j);
+                    y[r] += a[ai] * b[bi];
+                    if mode == Mode::Tangent {
+                        on_a.push((r, ai, b[bi]));
+                    }
+                    on_b.push((r, bi, a[ai]));
+                }
+            }
+        }
+    }
+    let (op_a, offset) = match mode {
+        Mode::Tangent => {
+            (Operator::csr_from_triplets(rows, a.len(), &on_a), y.iter().map(|v| -v).collect())
+        }
+        Mode::Secant => (
+            Operator::Selection(Selection { ncols: a.len(), cols: vec![Selection::ZERO; rows] }),
+            vec![0.0; rows],
+        ),
+    };
+    (vec![op_a, Operator::csr_from_triplets(rows, b.len(), &on_b)], offset)
+}
+
 fn per_instance(
     layer: &Layer,
     u: &[f64],
@@ -627,6 +678,53 @@ fn per_instance(
             }
             let rows = cols.len();
             (Operator::Selection(Selection { ncols: u.len(), cols }), vec![0.0; rows], None)
+        }
+        Layer::Softmax(sm) => {
+            // values of each slice, shifted by its largest element
+            let mut y = vec![0.0; u.len()];
+            let mut tri = Vec::new();
+            let mut offset = vec![0.0; u.len()];
+            for idx in sm.slices(in_shape) {
+                let top = idx.iter().map(|&i| u[i]).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = idx.iter().map(|&i| (u[i] - top).exp()).sum();
+                let s: Vec<f64> = idx.iter().map(|&i| (u[i] - top).exp() / sum).collect();
+                for (a, &i) in idx.iter().enumerate() {
+                    y[i] = if sm.log { u[i] - top - sum.ln() } else { s[a] };
+                }
+                if mode == Mode::Tangent {
+                    // softmax: diag(s) − s·sᵀ; log-softmax: I − 1·sᵀ
+                    for (a, &i) in idx.iter().enumerate() {
+                        let mut jz = 0.0;
+                        for (b, &j) in idx.iter().enumerate() {
+                            let d = if a == b { 1.0 } else { 0.0 };
+                            let v = if sm.log { d - s[b] } else { s[a] * (d - s[b]) };
+                            tri.push((i, j, v));
+                            jz += v * u[j];
+                        }
+                        offset[i] = y[i] - jz;
+                    }
+                }
+            }
+            let op = match mode {
+                Mode::Tangent => Operator::csr_from_triplets(u.len(), u.len(), &tri),
+                // secant: each output its own ratio y/z (the normalizer frozen
+                // with the rest of the slice); where z = 0 the value is offset
+                Mode::Secant => Operator::Diagonal(
+                    u.iter()
+                        .zip(&y)
+                        .zip(offset.iter_mut())
+                        .map(|((&z, &v), o)| {
+                            if z == 0.0 {
+                                *o = v;
+                                0.0
+                            } else {
+                                v / z
+                            }
+                        })
+                        .collect(),
+                ),
+            };
+            (op, offset, None)
         }
         Layer::Lrn(l) => {
             let channels = in_shape[1];

@@ -248,7 +248,7 @@ pub fn region(
                 }
             }
             // a product of two tensors is not piecewise linear: no region
-            Layer::Lrn(_) | Layer::Product(_) => {
+            Layer::Lrn(_) | Layer::Product(_) | Layer::Softmax(_) | Layer::MatMul(_) => {
                 return Err(RegionError::Smooth(node.name.clone()));
             }
             // fixed linear maps (and average pooling): no boundary

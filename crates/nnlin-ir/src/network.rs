@@ -280,6 +280,45 @@ impl Reduce {
     }
 }
 
+/// Softmax (or log-softmax) along one axis, inside the graph (attention
+/// weights). A trailing softmax is skipped at import instead.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Softmax {
+    /// The normalized axis.
+    pub axis: usize,
+    /// `LogSoftmax` (else `Softmax`).
+    pub log: bool,
+}
+
+impl Softmax {
+    /// The slices along the axis of a tensor of shape `shape`: for each, the
+    /// flat indices of its elements.
+    pub fn slices(&self, shape: &[usize]) -> impl Iterator<Item = Vec<usize>> + '_ {
+        let len = shape[self.axis];
+        let inner: usize = shape[self.axis + 1..].iter().product();
+        let outer: usize = shape[..self.axis].iter().product();
+        (0..outer * inner).map(move |k| {
+            let (o, i) = (k / inner, k % inner);
+            (0..len).map(|a| (o * len + a) * inner + i).collect()
+        })
+    }
+}
+
+/// The matrix product of two tensors that depend on the input (attention's
+/// `Q·Kᵀ` and `weights·V`): `[..., m, k] × [..., k, n] → [..., m, n]`, the
+/// leading (batch) axes equal. Tangent mode: the product rule; secant mode
+/// freezes the first factor (the attention weights).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct MatMul {}
+
+impl MatMul {
+    /// (batch, m, k, n) of inputs of shapes `a` and `b`.
+    pub fn dims(a: &[usize], b: &[usize]) -> (usize, usize, usize, usize) {
+        let r = a.len();
+        (a[..r - 2].iter().product(), a[r - 2], a[r - 1], b[r - 1])
+    }
+}
+
 /// Local response normalization across channels:
 /// `y_c = x_c / (bias + alpha/size · Σ_{c' ∈ window(c)} x_{c'}²)^beta`.
 #[derive(Clone, Debug, PartialEq)]
@@ -336,6 +375,10 @@ pub enum Layer {
     Product(Product),
     /// Sum or mean over axes.
     Reduce(Reduce),
+    /// Softmax along an axis.
+    Softmax(Softmax),
+    /// Matrix product of two tensors.
+    MatMul(MatMul),
 }
 
 impl Layer {
@@ -357,6 +400,14 @@ impl Layer {
             Layer::Transpose(_) => "transpose",
             Layer::Select(_) => "select",
             Layer::Product(_) => "product",
+            Layer::MatMul(_) => "matmul",
+            Layer::Softmax(s) => {
+                if s.log {
+                    "log_softmax"
+                } else {
+                    "softmax"
+                }
+            }
             Layer::Reduce(r) => {
                 if r.mean {
                     "reduce_mean"
@@ -384,6 +435,8 @@ impl Layer {
             | Layer::Select(_)
             | Layer::Product(_)
             | Layer::Reduce(_)
+            | Layer::Softmax(_)
+            | Layer::MatMul(_)
             | Layer::Lrn(_) => 0,
         }
     }
@@ -544,6 +597,27 @@ impl Layer {
                     ));
                 }
                 Ok(t.perm.iter().map(|&p| x[p]).collect())
+            }
+            Layer::MatMul(_) => {
+                let b = inputs.get(1).copied().unwrap_or(&[]);
+                let r = x.len();
+                let fits = inputs.len() == 2
+                    && r >= 2
+                    && b.len() == r
+                    && x[..r - 2] == b[..r - 2]
+                    && x[r - 1] == b[r - 2];
+                if !fits {
+                    return Err(mismatch(format!("[..., k, n] after {x:?}"), b));
+                }
+                let mut out = x.to_vec();
+                out[r - 1] = b[r - 1];
+                Ok(out)
+            }
+            Layer::Softmax(sm) => {
+                if sm.axis >= x.len() {
+                    return Err(mismatch(format!("rank above {}", sm.axis), x));
+                }
+                Ok(x.to_vec())
             }
             Layer::Reduce(r) => {
                 let ascending = r.axes.windows(2).all(|w| w[0] < w[1]);

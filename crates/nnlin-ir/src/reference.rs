@@ -206,6 +206,40 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     })
                     .collect()
             }
+            Layer::MatMul(_) => {
+                let b = &values[node.inputs[1].0];
+                let (batch, m, k, n) =
+                    crate::network::MatMul::dims(in_shape, net.shape(node.inputs[1]));
+                let mut y = Vec::with_capacity(batch * m * n);
+                for t in 0..batch {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut acc = S::from_f64(0.0);
+                            for q in 0..k {
+                                acc = acc + u[(t * m + i) * k + q] * b[(t * k + q) * n + j];
+                            }
+                            y.push(acc);
+                        }
+                    }
+                }
+                y
+            }
+            Layer::Softmax(sm) => {
+                let mut y = vec![S::from_f64(0.0); u.len()];
+                for idx in sm.slices(in_shape) {
+                    // shifted by the largest value, as every implementation
+                    let top = idx.iter().map(|&i| u[i].value()).fold(f64::NEG_INFINITY, f64::max);
+                    let mut sum = S::from_f64(0.0);
+                    for &i in &idx {
+                        sum = sum + (u[i] - S::from_f64(top)).exp();
+                    }
+                    for &i in &idx {
+                        let z = u[i] - S::from_f64(top);
+                        y[i] = if sm.log { z - sum.ln() } else { z.exp() / sum };
+                    }
+                }
+                y
+            }
             Layer::Reduce(r) => {
                 let out_len = net.numel(node.output);
                 let mut y = vec![S::from_f64(0.0); out_len];

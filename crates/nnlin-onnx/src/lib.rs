@@ -63,7 +63,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "LeakyRelu",
     "LRN",
     "Log",
-    "LogSoftmax (trailing)",
+    "LogSoftmax",
     "MatMul",
     "MaxPool",
     "Mish",
@@ -82,7 +82,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Shape",
     "Sigmoid",
     "Slice",
-    "Softmax (trailing)",
+    "Softmax",
     "Softplus",
     "Softsign",
     "Split",
@@ -1179,6 +1179,31 @@ impl Importer<'_> {
         Ok(Sym::Value(y))
     }
 
+    /// A `Softmax`/`LogSoftmax` inside the graph (attention weights). Before
+    /// opset 13 the input is read as 2-D, `[∏ dims[..axis], ∏ dims[axis..]]`.
+    fn softmax(&mut self) -> Result<Sym, OnnxError> {
+        let op = self.op().to_string();
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        let rank = shape.len();
+        let default = if self.opset < 13 { 1 } else { -1 };
+        let axis = norm_axis(attr_i(self.node, "axis", default), rank)
+            .ok_or_else(|| self.unsupported("bad axis"))?;
+        let log = op == "LogSoftmax";
+        let name = node_name(self.node);
+        if self.opset >= 13 || axis + 1 == rank {
+            let layer = Layer::Softmax(nnlin_ir::Softmax { axis, log });
+            return Ok(Sym::Value(self.net.push(name, op, layer, vec![x])?));
+        }
+        let flat = vec![shape[..axis].iter().product(), shape[axis..].iter().product()];
+        let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat });
+        let v = self.net.push(format!("{name}.2d"), op.clone(), r, vec![x])?;
+        let layer = Layer::Softmax(nnlin_ir::Softmax { axis: 1, log });
+        let v = self.net.push(name.clone(), op.clone(), layer, vec![v])?;
+        let back = Layer::Reshape(nnlin_ir::Reshape { shape });
+        Ok(Sym::Value(self.net.push(format!("{name}.nd"), op, back, vec![v])?))
+    }
+
     /// `v` broadcast to `shape` (numpy rules): a selection.
     fn expand_to(&mut self, v: ValueId, shape: &[usize]) -> Result<ValueId, OnnxError> {
         let small = self.net.shape(v).to_vec();
@@ -1898,6 +1923,16 @@ impl Importer<'_> {
 
     fn dense(&mut self) -> Result<Sym, OnnxError> {
         let n = self.node;
+        if self.op() == "MatMul" && matches!(self.input(1)?, Some(Sym::Value(_) | Sym::Expr { .. }))
+        {
+            // both factors depend on the input (attention)
+            if matches!(self.input(0)?, Some(Sym::Const(_))) {
+                return Err(self.unsupported("a constant times a tensor (MatMul(C, x))"));
+            }
+            let (a, b) = (self.input_value(0)?, self.input_value(1)?);
+            let layer = Layer::MatMul(nnlin_ir::MatMul {});
+            return Ok(Sym::Value(self.net.push(node_name(n), "MatMul", layer, vec![a, b])?));
+        }
         let x = self.input_value(0)?;
         let xshape = self.net.shape(x).to_vec();
         let b = self.const_input(1)?.ok_or_else(|| self.unsupported("missing weight"))?;
@@ -2291,10 +2326,8 @@ pub fn import_with_resolver(
                         imp.set_output(s);
                         skipped_softmax = Some(op.clone());
                     } else {
-                        return Err(imp.unsupported(
-                            "only a trailing Softmax/LogSoftmax (the graph output, or followed only by \
-                             Reshape/Flatten/Squeeze/Unsqueeze/Identity) is supported; it is skipped",
-                        ));
+                        let s = imp.softmax()?;
+                        imp.set_output(s);
                     }
                 }
                 _ => {
