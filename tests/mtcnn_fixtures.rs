@@ -65,3 +65,53 @@ fn every_head_matches_jacrev() {
         }
     }
 }
+
+#[test]
+fn a_dynamic_size_detector_takes_the_inputs_shape() {
+    let file = dir().join("pnet.dynamic.onnx");
+    let e = Model::from_onnx_file(&file).unwrap_err().to_string();
+    assert!(e.contains("dynamic dimension 2"), "{e}");
+    let xs: ArrayD<f64> = read_npy(dir().join("pnet.dynamic.inputs.npy")).unwrap();
+    for head in ["box", "prob"] {
+        let jac: Array3<f64> =
+            read_npy(dir().join(format!("pnet.dynamic.{head}.jac.npy"))).unwrap();
+        // with the batch axis, and without it
+        for shape in [xs.shape().to_vec(), xs.shape()[1..].to_vec()] {
+            let opts = ImportOptions::default().with_output(head).with_input_shape(shape);
+            let m = Model::from_onnx_file_with(&file, &opts).unwrap();
+            assert_eq!(m.input_shape(), &[1, 3, 14, 16]);
+            let x = xs.iter().copied().collect::<Vec<_>>();
+            let lin = m.linearize(&x, &Options::default()).unwrap();
+            let scale = jac.iter().fold(1e-300f64, |a, v| a.max(v.abs()));
+            for ((i, j), w) in lin.w.indexed_iter() {
+                assert!((w - jac[(0, i, j)]).abs() <= 1e-9 * scale, "{head}: W[{i},{j}]");
+            }
+        }
+    }
+    // the CLI reads the shape from the input file; inspect takes --input-shape
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nnlin")).args(args).output().unwrap()
+    };
+    let input = dir().join("pnet.dynamic.inputs.npy");
+    let o = run(&[
+        "explain",
+        file.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "box",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w: Array3<f64> = read_npy(out.join("W.npy")).unwrap();
+    assert_eq!(w.dim(), (1, 24, 672));
+    let o = run(&["inspect", file.to_str().unwrap(), "--output", "box"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--input-shape"));
+    let o =
+        run(&["inspect", file.to_str().unwrap(), "--output", "box", "--input-shape", "1,3,14,16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -176,12 +176,16 @@ pub struct ImportOptions {
     /// Which graph output to explain, by name; `None`: the only one (a
     /// graph with several outputs then needs a name).
     pub output: Option<String>,
+    /// The shape of the data the model will run on, with or without its
+    /// batch axis: it fixes the input's dynamic dimensions other than the
+    /// batch (static ones are the model's).
+    pub input_shape: Option<Vec<usize>>,
 }
 
 impl Default for ImportOptions {
     /// A budget of 8 GiB.
     fn default() -> Self {
-        Self { max_bytes: 8 << 30, output: None }
+        Self { max_bytes: 8 << 30, output: None, input_shape: None }
     }
 }
 
@@ -189,6 +193,12 @@ impl ImportOptions {
     /// The same options with a memory budget of `bytes`.
     pub fn with_max_bytes(mut self, bytes: usize) -> Self {
         self.max_bytes = bytes;
+        self
+    }
+    /// The same options with dynamic input dimensions fixed from `shape`
+    /// (the data's shape, with or without its batch axis).
+    pub fn with_input_shape(mut self, shape: Vec<usize>) -> Self {
+        self.input_shape = Some(shape);
         self
     }
     /// The same options explaining the graph output named `name`.
@@ -2102,9 +2112,26 @@ pub fn import_with_resolver(
             _ if i == 0 && rank >= 2 => 1,
             Some(Value::DimValue(v)) if *v > 0 => usize::try_from(*v).unwrap_or(usize::MAX),
             _ if i == 0 => 1,
+            // a dynamic dimension (a fully convolutional detector's height
+            // and width): fixed from the data the model will run on, given
+            // with or without its batch axis
+            _ if options
+                .input_shape
+                .as_ref()
+                .is_some_and(|h| h.len() == rank || h.len() + 1 == rank) =>
+            {
+                let h = options.input_shape.as_ref().expect("checked");
+                let d = if h.len() == rank { h[i] } else { h[i - 1] };
+                if d == 0 {
+                    return Err(OnnxError::Graph(format!(
+                        "input `{input_name}`: the given shape {h:?} has a zero dimension"
+                    )));
+                }
+                d
+            }
             _ => {
                 return Err(OnnxError::Graph(format!(
-                    "input `{input_name}` has a dynamic dimension {i}; only the batch dimension may be dynamic"
+                    "input `{input_name}` has a dynamic dimension {i}; it is fixed from the input's shape (inspect: --input-shape)"
                 )));
             }
         };

@@ -518,6 +518,46 @@ pub fn set_output(name: Option<String>) {
     let _ = OUTPUT.set(name);
 }
 
+/// The shape of the data the command runs on, which fixes a model's
+/// dynamic input dimensions (a fully convolutional detector's size).
+static INPUT_SHAPE: std::sync::Mutex<Option<Vec<usize>>> = std::sync::Mutex::new(None);
+
+/// Sets the data shape models are imported for: given (`--input-shape`), or
+/// read from the header of the input file (`.npy`, IDX, image).
+pub fn set_input_shape(shape: Option<Vec<usize>>) {
+    if let Ok(mut s) = INPUT_SHAPE.lock() {
+        *s = shape;
+    }
+}
+
+/// The shape an input file's header states (`.npy`, IDX, PNG/JPEG as
+/// `[C, H, W]`), without reading its data; `None` for other files.
+pub fn input_shape_of(path: &Path) -> Option<Vec<usize>> {
+    let (file, range) = split_range(path).ok()?;
+    let bytes = fs::read(&file).ok()?;
+    let lower = file.to_string_lossy().to_lowercase();
+    let mut shape = if is_idx(&file) {
+        let mut r = maybe_gunzip(&bytes);
+        idx_header(&mut *r).ok()?.1
+    } else if lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+        let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+            .with_guessed_format()
+            .ok()?
+            .into_dimensions()
+            .ok()?;
+        let c = image::load_from_memory(&bytes).ok()?.color().channel_count();
+        vec![usize::from(c), h as usize, w as usize]
+    } else if lower.ends_with(".npy") {
+        npy_header(&bytes, &file).ok()?.shape
+    } else {
+        return None;
+    };
+    if let (Some(r), Some(first)) = (range, shape.first_mut()) {
+        *first = r.len();
+    }
+    Some(shape)
+}
+
 /// Imports a model (at the `--output` graph output) under the memory
 /// budget; with explicit CSR convolutions, checks their storage against the
 /// budget before building them.
@@ -534,6 +574,9 @@ pub fn load_model_at(
     let mut opts = nnlin::ImportOptions::default().with_max_bytes(budget());
     if let Some(name) = output {
         opts = opts.with_output(name);
+    }
+    if let Some(shape) = INPUT_SHAPE.lock().ok().and_then(|s| s.clone()) {
+        opts = opts.with_input_shape(shape);
     }
     let model = nnlin::Model::from_onnx_file_with(path, &opts)?;
     if kernel == nnlin::ConvKernel::Csr {

@@ -250,6 +250,10 @@ enum Command {
         /// How convolutions are shown (the explicit CSR Toeplitz matrix by default).
         #[arg(long, value_enum, default_value_t = ConvKernelArg::Csr)]
         conv_kernel: ConvKernelArg,
+        /// The input shape (e.g. 1,3,48,48) fixing dynamic dimensions when
+        /// no --input is given.
+        #[arg(long)]
+        input_shape: Option<String>,
     },
 }
 
@@ -444,7 +448,24 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Inspect { model, input, mode, conv_kernel } => {
+        Command::Inspect { model, input, mode, conv_kernel, input_shape } => {
+            let shape = match (input_shape, &input) {
+                (Some(s), _) => Some(
+                    io::parse_numbers(&s, "--input-shape")?
+                        .iter()
+                        .map(|&v| {
+                            if v >= 1.0 && v.fract() == 0.0 && v < 2f64.powi(40) {
+                                Ok(v as usize)
+                            } else {
+                                bail!("--input-shape: {v} is not a dimension")
+                            }
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+                (None, Some(p)) => io::input_shape_of(p),
+                (None, None) => None,
+            };
+            io::set_input_shape(shape);
             inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
         }
     }
@@ -492,7 +513,10 @@ fn load_ensemble(
 
 fn explain(args: ExplainArgs) -> Result<()> {
     let rows: Rows = args.rows.parse().map_err(anyhow::Error::msg)?;
+    io::set_input_shape(io::input_shape_of(&args.input));
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
+    // `--then` models read the first one's output, not the input file
+    io::set_input_shape(None);
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
         then.push(io::load_model_at(p, args.conv_kernel, None)?);
@@ -664,6 +688,7 @@ fn plan_cmd(
     rows: &str,
     rates: Option<Vec<f64>>,
 ) -> Result<()> {
+    io::set_input_shape(io::input_shape_of(input));
     let m = io::load_model(model, ConvKernel::Auto)?;
     let xs = io::read_instances(input, m.input_shape())?;
     let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;
