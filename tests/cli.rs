@@ -10,6 +10,8 @@ use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use nnlin_onnx::proto;
 use prost::Message;
 
+mod common;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nnlin"))
 }
@@ -200,25 +202,7 @@ fn nan_and_inf_inputs() {
 }
 
 fn write_model(path: &Path, op: &str) {
-    let vi = |name: &str, dims: &[i64]| proto::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(proto::TypeProto {
-            tensor_type: Some(proto::type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(proto::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| proto::tensor_shape_proto::Dimension {
-                            value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let vi = common::onnx::value_info;
     let model = proto::ModelProto {
         ir_version: Some(8),
         opset_import: vec![proto::OperatorSetIdProto {

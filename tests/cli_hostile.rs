@@ -47,6 +47,14 @@ fn one_line(o: &Output, needle: &str) {
     assert!(!err.trim_end().chars().any(char::is_control), "control characters in: {err:?}");
 }
 
+/// `decompose` of the first 3 iris flowers against the labels `y`.
+fn decompose(y: &Path, extra: &[&str]) -> Output {
+    let (m, x) = (iris("relu.onnx"), iris("inputs.npy"));
+    let mut args = vec!["decompose", &m, "--data", &x, "--labels", s(y), "--limit", "3"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Runs a good explain into `out` and returns its W.npy.
 fn good_run(out: &Path) -> Vec<u8> {
     let o = run(&["explain", &iris("relu.onnx"), "--input", &iris("inputs.npy"), "--out", s(out)]);
@@ -213,19 +221,7 @@ fn labels_must_be_class_indices() {
     ] {
         let y = tmp.path().join("y.npy");
         Array1::from(vec![0.0, v, 2.0]).write_npy(std::fs::File::create(&y).unwrap()).unwrap();
-        let o = run(&[
-            "decompose",
-            &iris("relu.onnx"),
-            "--data",
-            &iris("inputs.npy"),
-            "--labels",
-            s(&y),
-            "--limit",
-            "3",
-            "--json",
-            s(&j),
-        ]);
-        one_line(&o, needle);
+        one_line(&decompose(&y, &["--json", s(&j)]), needle);
         assert!(!j.exists());
     }
 }
@@ -376,20 +372,7 @@ fn several_targets_commit_all_or_none() {
     std::fs::create_dir(&md).unwrap();
     let y = tmp.path().join("y.npy");
     Array1::from(vec![0i64, 1, 2]).write_npy(std::fs::File::create(&y).unwrap()).unwrap();
-    let o = run(&[
-        "decompose",
-        &iris("relu.onnx"),
-        "--data",
-        &iris("inputs.npy"),
-        "--labels",
-        s(&y),
-        "--limit",
-        "3",
-        "--json",
-        s(&j),
-        "--markdown",
-        s(&md),
-    ]);
+    let o = decompose(&y, &["--json", s(&j), "--markdown", s(&md)]);
     one_line(&o, "is a directory");
     assert!(!j.exists());
     no_leftovers(tmp.path());
