@@ -423,3 +423,27 @@ fn the_auto_planner_handles_deep_chains() {
         }
     }
 }
+
+#[test]
+fn operators_that_grow_with_the_data_are_checked_against_the_budget() {
+    // a 1000×1000 dense over 2 000 rows: an explicit I ⊗ W of 2e9 entries
+    let w = floats("w", &[1000, 1000], &vec![0.001; 1_000_000]);
+    let gemm = model(17, &[1, 2000, 1000], vec![node("MatMul", &["x", "w"], &["y"], vec![])], vec![w]);
+    refused(&gemm, "I ⊗ W");
+    // a softmax over 10 000 elements: a 10 000² Jacobian block
+    let sm = model(
+        17,
+        &[1, 10_000],
+        vec![node("Tanh", &["x"], &["t"], vec![]), node("Softmax", &["t"], &["s"], vec![int("axis", -1)]), node("Tanh", &["s"], &["y"], vec![])],
+        vec![],
+    );
+    refused(&sm, "softmax Jacobian");
+    // a product of two 3 000 × 3 000 activations
+    let mm = model(
+        17,
+        &[1, 3000, 3000],
+        vec![node("Tanh", &["x"], &["t"], vec![]), node("MatMul", &["t", "t"], &["y"], vec![])],
+        vec![],
+    );
+    refused(&mm, "memory budget");
+}

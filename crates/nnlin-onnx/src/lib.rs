@@ -1202,12 +1202,17 @@ impl Importer<'_> {
         let log = op == "LogSoftmax";
         let name = node_name(self.node);
         if self.opset >= 13 || axis + 1 == rank {
+            // its Jacobian has a dense block per slice
+            let nnz = nnlin_ir::checked_numel(&[nnlin_ir::checked_numel(&shape).unwrap_or(0), shape[axis]]);
+            self.check_alloc("the softmax Jacobian", nnz, 24)?;
             let layer = Layer::Softmax(nnlin_ir::Softmax { axis, log });
             return Ok(Sym::Value(self.net.push(name, op, layer, vec![x])?));
         }
         let flat = vec![shape[..axis].iter().product(), shape[axis..].iter().product()];
-        let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat });
+        let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat.clone() });
         let v = self.net.push(format!("{name}.2d"), op.clone(), r, vec![x])?;
+        let nnz = nnlin_ir::checked_numel(&[flat[0], flat[1], flat[1]]);
+        self.check_alloc("the softmax Jacobian", nnz, 24)?;
         let layer = Layer::Softmax(nnlin_ir::Softmax { axis: 1, log });
         let v = self.net.push(name.clone(), op.clone(), layer, vec![v])?;
         let back = Layer::Reshape(nnlin_ir::Reshape { shape });
@@ -1940,6 +1945,13 @@ impl Importer<'_> {
                 return Err(self.unsupported("a constant times a tensor (MatMul(C, x))"));
             }
             let (a, b) = (self.input_value(0)?, self.input_value(1)?);
+            let (sa, sb) = (self.net.shape(a).to_vec(), self.net.shape(b).to_vec());
+            if sa.len() >= 2 && sb.len() == sa.len() {
+                // two per-instance operators with one entry per multiply-add
+                let (batch, m, k, n) = nnlin_ir::MatMul::dims(&sa, &sb);
+                let nnz = nnlin_ir::checked_numel(&[batch, m, k, n, 2]);
+                self.check_alloc("the product's operators", nnz, 24)?;
+            }
             let layer = Layer::MatMul(nnlin_ir::MatMul {});
             return Ok(Sym::Value(self.net.push(node_name(n), "MatMul", layer, vec![a, b])?));
         }
@@ -1995,6 +2007,13 @@ impl Importer<'_> {
                 Layer::Reshape(nnlin_ir::Reshape { shape: vec![1, k] }),
                 vec![v],
             )?;
+        }
+        // over several rows (a token or channels-last tensor) the operator
+        // is the explicit block diagonal I ⊗ W: its entries count
+        let rows = nnlin_ir::checked_numel(self.net.shape(v)).map_or(0, |n| n / k.max(1));
+        if rows > 1 {
+            let nnz = nnlin_ir::checked_numel(&[rows, out, k]);
+            self.check_alloc("the block-diagonal operator I ⊗ W", nnz, 24)?;
         }
         let layer = Layer::Dense(Dense { out_features: out, in_features: k, weight, bias });
         let source = self.op().to_string();
