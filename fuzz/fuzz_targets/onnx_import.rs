@@ -1,0 +1,23 @@
+//! ONNX import, then compile and linearize at a fixed input: `Ok` or `Err`,
+//! never a panic, a hang or an allocation past the 64 MiB budget.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use nnlin::{ImportOptions, Model, Options, Rows, Strategy};
+
+const BUDGET: usize = 64 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let opts = ImportOptions::default().with_max_bytes(BUDGET);
+    let Ok(model) = Model::from_onnx_bytes_with("fuzz", data, &opts) else { return };
+    let n = model.input_len();
+    let x: Vec<f64> = (0..n).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
+    let _ = model.forward_reference(&x);
+    let lin = Options {
+        rows: Rows::Top(1),
+        strategy: Strategy::Reverse,
+        max_memory: Some(BUDGET),
+        ..Options::default()
+    };
+    let _ = model.linearize(&x, &lin);
+});
