@@ -428,13 +428,18 @@ fn the_auto_planner_handles_deep_chains() {
 fn operators_that_grow_with_the_data_are_checked_against_the_budget() {
     // a 1000×1000 dense over 2 000 rows: an explicit I ⊗ W of 2e9 entries
     let w = floats("w", &[1000, 1000], &vec![0.001; 1_000_000]);
-    let gemm = model(17, &[1, 2000, 1000], vec![node("MatMul", &["x", "w"], &["y"], vec![])], vec![w]);
+    let gemm =
+        model(17, &[1, 2000, 1000], vec![node("MatMul", &["x", "w"], &["y"], vec![])], vec![w]);
     refused(&gemm, "I ⊗ W");
     // a softmax over 10 000 elements: a 10 000² Jacobian block
     let sm = model(
         17,
         &[1, 10_000],
-        vec![node("Tanh", &["x"], &["t"], vec![]), node("Softmax", &["t"], &["s"], vec![int("axis", -1)]), node("Tanh", &["s"], &["y"], vec![])],
+        vec![
+            node("Tanh", &["x"], &["t"], vec![]),
+            node("Softmax", &["t"], &["s"], vec![int("axis", -1)]),
+            node("Tanh", &["s"], &["y"], vec![]),
+        ],
         vec![],
     );
     refused(&sm, "softmax Jacobian");
@@ -446,4 +451,25 @@ fn operators_that_grow_with_the_data_are_checked_against_the_budget() {
         vec![],
     );
     refused(&mm, "memory budget");
+}
+
+#[test]
+fn mod_folds_with_both_sign_conventions() {
+    // y = x + (c mod d): Python's % for fmod = 0, C's fmod for fmod = 1
+    for (fmod, want) in [(0, [1.0, 2.0, -2.0, -1.0]), (1, [1.0, -1.0, 1.0, -1.0])] {
+        let b = model(
+            17,
+            &[1, 4],
+            vec![
+                node("Mod", &["c", "d"], &["m"], vec![int("fmod", fmod)]),
+                node("Add", &["x", "m"], &["y"], vec![]),
+            ],
+            vec![
+                floats("c", &[4], &[7.0, -7.0, 7.0, -7.0]),
+                floats("d", &[4], &[3.0, 3.0, -3.0, -3.0]),
+            ],
+        );
+        let m = Model::from_onnx_bytes("mod", &b).unwrap();
+        assert_eq!(m.forward_reference(&[0.0; 4]), want, "fmod = {fmod}");
+    }
 }

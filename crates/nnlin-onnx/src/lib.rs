@@ -67,6 +67,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "MatMul",
     "MaxPool",
     "Mish",
+    "Mod (of constants)",
     "Mul",
     "Neg",
     "Pad",
@@ -908,6 +909,10 @@ impl Importer<'_> {
                 Tensor::new(out, data, t.is_int)
             }
             "Equal" => bin(|a, b| f64::from(u8::from(a == b)))?,
+            // integer Mod takes the divisor's sign (Python's %); fmod = 1
+            // the dividend's, as C's fmod
+            "Mod" if attr_i(n, "fmod", 0) != 0 => bin(|a, b| a % b)?,
+            "Mod" => bin(|a, b| a - b * (a / b).floor())?,
             "Where" => {
                 let (cond, a, b) = (c(0)?, c(1)?, c(2)?);
                 let shape = tensor::broadcast_shape(&cond.dims, &a.dims)
@@ -1203,7 +1208,10 @@ impl Importer<'_> {
         let name = node_name(self.node);
         if self.opset >= 13 || axis + 1 == rank {
             // its Jacobian has a dense block per slice
-            let nnz = nnlin_ir::checked_numel(&[nnlin_ir::checked_numel(&shape).unwrap_or(0), shape[axis]]);
+            let nnz = nnlin_ir::checked_numel(&[
+                nnlin_ir::checked_numel(&shape).unwrap_or(0),
+                shape[axis],
+            ]);
             self.check_alloc("the softmax Jacobian", nnz, 24)?;
             let layer = Layer::Softmax(nnlin_ir::Softmax { axis, log });
             return Ok(Sym::Value(self.net.push(name, op, layer, vec![x])?));
