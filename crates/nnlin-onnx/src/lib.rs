@@ -2409,6 +2409,25 @@ pub fn import_with_resolver(
     let mut net = imp.net;
     net.set_output(out);
     let net = fuse_dense_affine(prune(net)?)?;
+    // the explicit block-diagonal operators of dense layers over several
+    // rows are built together, once per model: their sum must fit too
+    let mut kron: usize = 0;
+    for node in net.nodes() {
+        if let Layer::Dense(d) = &node.layer {
+            let rows = net.numel(node.inputs[0]) / d.in_features.max(1);
+            if rows > 1 {
+                kron = kron.saturating_add(rows.saturating_mul(d.weight.len()).saturating_mul(24));
+            }
+        }
+    }
+    if kron > budget {
+        return Err(OnnxError::TooLarge {
+            node: "(all dense layers over several rows)".into(),
+            what: "the block-diagonal operators I ⊗ W".into(),
+            need: Some(kron),
+            budget,
+        });
+    }
     let producer = format!(
         "{} {}",
         model.producer_name.as_deref().unwrap_or(""),
