@@ -259,6 +259,13 @@ fn self_sums_share_subexpressions() {
     // F(x) = 2^2000 relu(x) overflows to inf: refused as non-finite or
     // linearized; what matters is that import finished
     assert_eq!(m.input_len(), 4);
+    // and that the fused expressions print (inspect) in bounded time: as
+    // trees they would have 2^256 nodes
+    for node in m.network().nodes() {
+        if let nnlin::ir::Layer::Activation(a) = &node.layer {
+            assert!(a.expr.to_string().len() < 2000);
+        }
+    }
     // and a long chain of distinct elementwise ops is split into layers
     let mut nodes = vec![];
     let mut prev = "x".to_string();

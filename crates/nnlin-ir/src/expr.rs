@@ -574,23 +574,36 @@ impl Expr {
 
     /// A readable rendering, e.g. `mul(x, sigmoid(x))`.
     pub fn render(&self) -> String {
-        self.render_node(self.nodes.len() - 1)
+        // an expression is a DAG: written out as a tree, shared operands
+        // repeat, and a chain of Add(r, r) would double with every node; the
+        // text is cut after RENDER_NODES nodes, so the work is bounded too
+        let mut left = RENDER_NODES;
+        self.render_node(self.nodes.len() - 1, &mut left)
     }
 
-    fn render_node(&self, i: usize) -> String {
+    fn render_node(&self, i: usize, left: &mut usize) -> String {
+        if *left == 0 {
+            return "…".into();
+        }
+        *left -= 1;
         match &self.nodes[i] {
             ExprNode::Var => "x".into(),
             ExprNode::Const(c) => {
                 let v = &self.consts[*c];
                 if v.len() == 1 { format!("{}", v[0]) } else { format!("c[{}]", v.len()) }
             }
-            ExprNode::Unary(f, a) => format!("{}({})", f.name(), self.render_node(*a)),
+            ExprNode::Unary(f, a) => format!("{}({})", f.name(), self.render_node(*a, left)),
             ExprNode::Binary(f, a, b) => {
-                format!("{}({}, {})", f.name(), self.render_node(*a), self.render_node(*b))
+                let ra = self.render_node(*a, left);
+                let rb = self.render_node(*b, left);
+                format!("{}({ra}, {rb})", f.name())
             }
         }
     }
 }
+
+/// The most nodes [`Expr::render`] writes out.
+const RENDER_NODES: usize = 64;
 
 impl fmt::Display for Expr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
