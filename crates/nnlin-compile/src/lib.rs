@@ -493,29 +493,31 @@ impl Compiler {
             let mut active = None;
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
-                Fixed::PerInstance
-                    if matches!(node.layer, Layer::Product(_) | Layer::MatMul(_)) =>
-                {
-                    let g = values[node.inputs[1].0].as_ref().expect("input value alive");
-                    let (sa, sb) = (self.net.shape(node.inputs[0]), self.net.shape(node.inputs[1]));
-                    let (ops, bias) = if matches!(node.layer, Layer::MatMul(_)) {
-                        matmul_operators(u, g, sa, sb, mode)
-                    } else {
-                        product_operators(u, g, sa, sb, mode)
-                    };
-                    (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
-                }
-                Fixed::PerInstance => {
-                    let (op, bias, act) = per_instance(
-                        &node.layer,
-                        u,
-                        self.net.shape(node.inputs[0]),
-                        mode,
-                        &mut scratch,
-                    );
-                    active = act;
-                    (vec![Arc::new(op)], Arc::new(bias))
-                }
+                Fixed::PerInstance => match &node.layer {
+                    // two factors that both depend on the input
+                    Layer::Product(_) | Layer::MatMul(_) => {
+                        let g = values[node.inputs[1].0].as_ref().expect("input value alive");
+                        let sa = self.net.shape(node.inputs[0]);
+                        let sb = self.net.shape(node.inputs[1]);
+                        let (ops, bias) = if matches!(node.layer, Layer::MatMul(_)) {
+                            matmul_operators(u, g, sa, sb, mode)
+                        } else {
+                            product_operators(u, g, sa, sb, mode)
+                        };
+                        (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
+                    }
+                    _ => {
+                        let (op, bias, act) = per_instance(
+                            &node.layer,
+                            u,
+                            self.net.shape(node.inputs[0]),
+                            mode,
+                            &mut scratch,
+                        );
+                        active = act;
+                        (vec![Arc::new(op)], Arc::new(bias))
+                    }
+                },
             };
             let layer = CompiledLayer {
                 name: node.name.clone(),
@@ -547,7 +549,6 @@ impl Compiler {
     }
 }
 
-/// The operator of a node that depends on its input `u`.
 /// The two operators and the offset of `y = a ⊙ broadcast(g)` at (a, g).
 /// Tangent: the product rule, `dy = diag(g̃)·da + diag(a)·B·dg` (B the
 /// broadcast), offset `−a ⊙ g̃` so that `W·x + b = F(x)`. Secant: the gate is
@@ -559,7 +560,7 @@ fn product_operators(
     gate_shape: &[usize],
     mode: Mode,
 ) -> (Vec<Operator>, Vec<f64>) {
-    let idx = nnlin_ir::Product::gate_index(shape, gate_shape);
+    let idx = nnlin_ir::broadcast_index(shape, gate_shape);
     let gt: Vec<f64> = idx.iter().map(|&k| g[k]).collect();
     let n = a.len();
     match mode {
@@ -621,6 +622,7 @@ fn matmul_operators(
     (vec![op_a, Operator::csr_from_triplets(rows, b.len(), &on_b)], offset)
 }
 
+/// The operator of a node that depends on its input `u`.
 fn per_instance(
     layer: &Layer,
     u: &[f64],

@@ -215,29 +215,29 @@ pub struct Select {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Product {}
 
-impl Product {
-    /// For every element of the output (shape `out`), the element of the
-    /// gate (shape `gate`) it is multiplied by.
-    pub fn gate_index(out: &[usize], gate: &[usize]) -> Vec<usize> {
-        let rank = out.len();
-        let numel: usize = out.iter().product();
-        let mut strides = vec![0usize; rank];
-        let mut s = 1;
-        for ax in (0..rank).rev() {
-            strides[ax] = if gate[ax] == 1 { 0 } else { s };
-            s *= gate[ax];
-        }
-        (0..numel)
-            .map(|flat| {
-                let (mut rem, mut g) = (flat, 0);
-                for ax in (0..rank).rev() {
-                    g += (rem % out[ax]) * strides[ax];
-                    rem /= out[ax];
-                }
-                g
-            })
-            .collect()
+/// For every element of a tensor of shape `big`, the element of a tensor of
+/// shape `small` (the same rank, each axis equal or 1) broadcast onto it.
+/// The same map serves a broadcast (a product's gate, an expanded value) and
+/// a reduction (the output each input element adds to).
+pub fn broadcast_index(big: &[usize], small: &[usize]) -> Vec<usize> {
+    let rank = big.len();
+    let numel: usize = big.iter().product();
+    let mut strides = vec![0usize; rank];
+    let mut s = 1;
+    for ax in (0..rank).rev() {
+        strides[ax] = if small[ax] == 1 { 0 } else { s };
+        s *= small[ax];
     }
+    (0..numel)
+        .map(|flat| {
+            let (mut rem, mut g) = (flat, 0);
+            for ax in (0..rank).rev() {
+                g += (rem % big[ax]) * strides[ax];
+                rem /= big[ax];
+            }
+            g
+        })
+        .collect()
 }
 
 /// A sum or mean over some axes (`ReduceSum`/`ReduceMean`, and the means of
@@ -252,27 +252,15 @@ pub struct Reduce {
 }
 
 impl Reduce {
+    /// The output shape for an input of shape `shape` (reduced axes kept
+    /// with length 1).
+    pub fn out_shape(&self, shape: &[usize]) -> Vec<usize> {
+        (0..shape.len()).map(|a| if self.axes.contains(&a) { 1 } else { shape[a] }).collect()
+    }
     /// For every input element (shape `shape`), the output element it adds
     /// to.
     pub fn target(&self, shape: &[usize]) -> Vec<usize> {
-        let rank = shape.len();
-        let out: Vec<usize> =
-            (0..rank).map(|a| if self.axes.contains(&a) { 1 } else { shape[a] }).collect();
-        let numel: usize = shape.iter().product();
-        (0..numel)
-            .map(|flat| {
-                let (mut rem, mut t, mut stride) = (flat, 0, 1);
-                for ax in (0..rank).rev() {
-                    let i = rem % shape[ax];
-                    rem /= shape[ax];
-                    if out[ax] != 1 {
-                        t += i * stride;
-                    }
-                    stride *= out[ax];
-                }
-                t
-            })
-            .collect()
+        broadcast_index(shape, &self.out_shape(shape))
     }
     /// Elements summed into each output.
     pub fn count(&self, shape: &[usize]) -> usize {
@@ -624,7 +612,7 @@ impl Layer {
                 if r.axes.is_empty() || !ascending || r.axes.iter().any(|&a| a >= x.len()) {
                     return Err(mismatch(format!("axes {:?} within the rank", r.axes), x));
                 }
-                Ok((0..x.len()).map(|a| if r.axes.contains(&a) { 1 } else { x[a] }).collect())
+                Ok(r.out_shape(x))
             }
             Layer::Product(_) => {
                 let fits = inputs.len() == 2

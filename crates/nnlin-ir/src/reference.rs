@@ -254,7 +254,7 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
             }
             Layer::Product(_) => {
                 let g = &values[node.inputs[1].0];
-                let idx = crate::network::Product::gate_index(in_shape, net.shape(node.inputs[1]));
+                let idx = crate::network::broadcast_index(in_shape, net.shape(node.inputs[1]));
                 u.iter().zip(idx).map(|(&a, k)| a * g[k]).collect()
             }
             Layer::Select(sel) => sel

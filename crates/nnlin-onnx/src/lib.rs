@@ -1233,7 +1233,7 @@ impl Importer<'_> {
         let mut padded = vec![1; shape.len().saturating_sub(small.len())];
         padded.extend(&small);
         self.check_shape("the broadcast value", shape)?;
-        let src = nnlin_ir::Product::gate_index(shape, &padded).into_iter().map(Some).collect();
+        let src = nnlin_ir::broadcast_index(shape, &padded).into_iter().map(Some).collect();
         let layer = Layer::Select(nnlin_ir::Select { shape: shape.to_vec(), src, fill: vec![] });
         let name = format!("{}.expand{}", node_name(self.node), v.0);
         Ok(self.net.push(name, "Expand", layer, vec![v])?)
