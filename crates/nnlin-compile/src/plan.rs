@@ -367,10 +367,19 @@ pub fn chain_accumulate_factors(
     }
 }
 
+/// The factors the matrix-chain program brackets: the chain's operators,
+/// then the selection of `rows` as the last factor; `None` if the network
+/// is not a chain, is empty, or is longer than [`MAX_DP_FACTORS`].
+fn dp_factors(inst: &Instance, rows: Vec<usize>) -> Option<Vec<Arc<Operator>>> {
+    let mut factors = chain_factors(inst).filter(|f| !f.is_empty() && f.len() < MAX_DP_FACTORS)?;
+    factors.push(Arc::new(Operator::Selection(Selection { ncols: inst.output.len(), cols: rows })));
+    Some(factors)
+}
+
 /// `W` and `b` of the selected rows by the matrix-chain DP (the row
 /// selection is the last factor, so the program brackets it too); `None`
-/// if the network is not a chain or is longer than [`MAX_DP_FACTORS`]. `b` is the offsets pushed through the
-/// chain ([`Instance::offsets`]).
+/// if the network is not a chain or is longer than [`MAX_DP_FACTORS`]. `b` is
+/// the offsets pushed through the chain ([`Instance::offsets`]).
 pub fn chain_accumulate(
     inst: &Instance,
     rows: &[usize],
@@ -378,15 +387,7 @@ pub fn chain_accumulate(
     par: Par,
 ) -> Result<Option<(Block, Vec<f64>)>, CompileError> {
     crate::check_rows(inst, rows)?;
-    let Some(mut factors) =
-        chain_factors(inst).filter(|f| !f.is_empty() && f.len() < MAX_DP_FACTORS)
-    else {
-        return Ok(None);
-    };
-    factors.push(Arc::new(Operator::Selection(Selection {
-        ncols: inst.output.len(),
-        cols: rows.to_vec(),
-    })));
+    let Some(factors) = dp_factors(inst, rows.to_vec()) else { return Ok(None) };
     let (tree, _) = chain_plan(&factors, rates);
     let w = chain_accumulate_factors(inst, &factors, &tree, par);
     let off = inst.offsets();
@@ -502,11 +503,7 @@ pub fn candidates(
         ("forward".to_string(), fwd, Choice::Forward),
     ];
     let mut tree = None;
-    if let Some(mut f) = chain_factors(inst).filter(|f| !f.is_empty() && f.len() < MAX_DP_FACTORS) {
-        f.push(Arc::new(Operator::Selection(Selection {
-            ncols: inst.output.len(),
-            cols: (0..m).collect(),
-        })));
+    if let Some(f) = dp_factors(inst, (0..m).collect()) {
         let (t, cost) = chain_plan(&f, rates);
         tree = Some(t);
         cands.push(("dp".to_string(), cost, Choice::Dp));
