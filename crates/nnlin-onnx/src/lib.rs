@@ -1206,21 +1206,18 @@ impl Importer<'_> {
             .ok_or_else(|| self.unsupported("bad axis"))?;
         let log = op == "LogSoftmax";
         let name = node_name(self.node);
-        if self.opset >= 13 || axis + 1 == rank {
-            // its Jacobian has a dense block per slice
-            let nnz = nnlin_ir::checked_numel(&[
-                nnlin_ir::checked_numel(&shape).unwrap_or(0),
-                shape[axis],
-            ]);
-            self.check_alloc("the softmax Jacobian", nnz, 24)?;
+        let coerced = self.opset < 13 && axis + 1 < rank;
+        // its Jacobian has a dense block per slice: numel × slice length
+        let slice: usize = if coerced { shape[axis..].iter().product() } else { shape[axis] };
+        let nnz = nnlin_ir::checked_numel(&shape).and_then(|n| n.checked_mul(slice));
+        self.check_alloc("the softmax Jacobian", nnz, 24)?;
+        if !coerced {
             let layer = Layer::Softmax(nnlin_ir::Softmax { axis, log });
             return Ok(Sym::Value(self.net.push(name, op, layer, vec![x])?));
         }
-        let flat = vec![shape[..axis].iter().product(), shape[axis..].iter().product()];
-        let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat.clone() });
+        let flat = vec![shape[..axis].iter().product(), slice];
+        let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat });
         let v = self.net.push(format!("{name}.2d"), op.clone(), r, vec![x])?;
-        let nnz = nnlin_ir::checked_numel(&[flat[0], flat[1], flat[1]]);
-        self.check_alloc("the softmax Jacobian", nnz, 24)?;
         let layer = Layer::Softmax(nnlin_ir::Softmax { axis: 1, log });
         let v = self.net.push(name.clone(), op.clone(), layer, vec![v])?;
         let back = Layer::Reshape(nnlin_ir::Reshape { shape });
@@ -1818,6 +1815,7 @@ impl Importer<'_> {
                 continue;
             }
             let sym = self.syms.get(&name).cloned().expect("checked above");
+            // the tensors that depend on the input were materialized above
             let index = match &sym {
                 Sym::Const(t) => {
                     let base = fill.len();
@@ -1825,16 +1823,13 @@ impl Importer<'_> {
                     let codes = (0..t.numel()).map(|k| -((base + k) as f64) - 1.0).collect();
                     Tensor::new(t.dims.clone(), codes, false)
                 }
-                Sym::Value(v) | Sym::Expr { root: v, .. } => {
-                    let v = match self.syms.get(&name) {
-                        Some(Sym::Value(m)) => *m,
-                        _ => *v,
-                    };
-                    let base = offset[&v];
-                    let dims = self.net.shape(v).to_vec();
-                    let numel = self.net.numel(v);
-                    Tensor::new(dims, (0..numel).map(|k| (base + k) as f64).collect(), false)
+                Sym::Value(v) => {
+                    let base = offset[v];
+                    let numel = self.net.numel(*v);
+                    let data = (0..numel).map(|k| (base + k) as f64).collect();
+                    Tensor::new(self.net.shape(*v).to_vec(), data, false)
                 }
+                Sym::Expr { .. } => unreachable!("data inputs are materialized before indexing"),
             };
             saved.push((name.clone(), sym));
             self.syms.insert(name, Sym::Const(index));
