@@ -153,6 +153,17 @@ pub enum OnnxError {
         /// The budget in bytes.
         budget: usize,
     },
+    /// The input has a dynamic dimension other than the batch and no
+    /// [`ImportOptions::input_shape`] fixes it.
+    #[error(
+        "input `{input}` has a dynamic dimension {dim}; it is fixed from the input's shape (inspect: --input-shape)"
+    )]
+    DynamicInput {
+        /// The graph input's name.
+        input: String,
+        /// The dynamic dimension.
+        dim: usize,
+    },
     /// The resulting network is invalid (shape mismatch, NaN weights).
     #[error(transparent)]
     Ir(#[from] IrError),
@@ -2151,11 +2162,7 @@ pub fn import_with_resolver(
                 }
                 d
             }
-            _ => {
-                return Err(OnnxError::Graph(format!(
-                    "input `{input_name}` has a dynamic dimension {i}; it is fixed from the input's shape (inspect: --input-shape)"
-                )));
-            }
+            _ => return Err(OnnxError::DynamicInput { input: input_name, dim: i }),
         };
         shape.push(v);
     }

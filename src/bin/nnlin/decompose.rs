@@ -38,7 +38,7 @@ pub struct Table {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    crate::io::set_input_shape(crate::io::input_shape_of(&args.data));
+    crate::io::set_input_file(Some(&args.data));
     let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let xs = crate::io::read_instances(&args.data, model.input_shape())?;
     let labels = crate::io::read_labels(&args.labels)?;

@@ -24,7 +24,8 @@ pub fn budget() -> usize {
     BUDGET.get().copied().unwrap_or(usize::MAX)
 }
 
-/// Checks that `count` values of `width` bytes (held as `f64`) fit the budget.
+/// Checks that `count` values, held as `f64`, fit the budget; returns
+/// `count`.
 pub fn check_budget(what: &str, count: Option<usize>) -> Result<usize> {
     match count.and_then(|c| c.checked_mul(8)) {
         Some(b) if b <= budget() => Ok(count.unwrap_or(0)),
@@ -102,11 +103,10 @@ pub fn read_idx(bytes: &[u8]) -> Result<ArrayD<f64>> {
     Ok(ArrayD::from_shape_vec(dims, values)?)
 }
 
-/// What a `.npy` header states: the dtype, the shape, where the data start.
+/// What a `.npy` header states: the dtype and the shape.
 struct NpyHeader {
     descr: String,
     shape: Vec<usize>,
-    data_start: usize,
 }
 
 /// Parses and checks a `.npy` header against the bytes present, so that no
@@ -171,7 +171,7 @@ fn npy_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
         None => bail!("`{p}`: the .npy shape {shape:?} has more elements than memory can hold"),
     }
     check_budget(&format!("`{p}`"), count)?;
-    Ok(NpyHeader { descr, shape, data_start })
+    Ok(NpyHeader { descr, shape })
 }
 
 /// Reads labels: an IDX unsigned-byte vector (optionally `.gz`) or an
@@ -225,6 +225,11 @@ pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Vec<usize>> {
         .collect()
 }
 
+fn is_image(path: &Path) -> bool {
+    let lower = path.to_string_lossy().to_lowercase();
+    lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg")
+}
+
 fn is_idx(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     name.ends_with(".gz") || name.contains("idx") || name.ends_with("-ubyte")
@@ -234,7 +239,6 @@ fn is_idx(path: &Path) -> bool {
 /// checked against the bytes present first.
 pub fn read_npy_any(bytes: &[u8], path: &Path) -> Result<ArrayD<f64>> {
     let header = npy_header(bytes, path)?;
-    let _ = header.data_start;
     let bad = |e: ndarray_npy::ReadNpyError| {
         anyhow::anyhow!("`{}`: cannot read the .npy data ({e})", path.display())
     };
@@ -387,7 +391,7 @@ pub fn parse_instances(
     let n_model: usize = model_shape.iter().product();
     let arr: ArrayD<f64> = if is_idx(path) {
         read_idx(bytes).with_context(|| format!("`{}`", path.display()))?
-    } else if lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+    } else if is_image(path) {
         read_image(bytes, path, model_shape, resize)?
     } else if lower.ends_with(".csv") {
         read_csv(&String::from_utf8_lossy(bytes), path, n_model)?
@@ -518,16 +522,32 @@ pub fn set_output(name: Option<String>) {
     let _ = OUTPUT.set(name);
 }
 
-/// The shape of the data the command runs on, which fixes a model's
-/// dynamic input dimensions (a fully convolutional detector's size).
-static INPUT_SHAPE: std::sync::Mutex<Option<Vec<usize>>> = std::sync::Mutex::new(None);
+/// What fixes a model's dynamic input dimensions (a fully convolutional
+/// detector's size): a shape given on the command line, or the input file,
+/// whose header is read only for a model that has such dimensions.
+#[derive(Clone)]
+enum InputHint {
+    Shape(Vec<usize>),
+    File(PathBuf),
+}
 
-/// Sets the data shape models are imported for: given (`--input-shape`), or
-/// read from the header of the input file (`.npy`, IDX, image).
-pub fn set_input_shape(shape: Option<Vec<usize>>) {
-    if let Ok(mut s) = INPUT_SHAPE.lock() {
-        *s = shape;
+static INPUT_HINT: std::sync::Mutex<Option<InputHint>> = std::sync::Mutex::new(None);
+
+fn set_hint(hint: Option<InputHint>) {
+    if let Ok(mut h) = INPUT_HINT.lock() {
+        *h = hint;
     }
+}
+
+/// Sets the data shape models are imported for (`--input-shape`).
+pub fn set_input_shape(shape: Option<Vec<usize>>) {
+    set_hint(shape.map(InputHint::Shape));
+}
+
+/// Sets the input file whose shape fixes dynamic dimensions, if a model has
+/// any (`None`: no input, as for `--then` models).
+pub fn set_input_file(path: Option<&Path>) {
+    set_hint(path.map(|p| InputHint::File(p.to_path_buf())));
 }
 
 /// The shape an input file's header states (`.npy`, IDX, PNG/JPEG as
@@ -539,14 +559,16 @@ pub fn input_shape_of(path: &Path) -> Option<Vec<usize>> {
     let mut shape = if is_idx(&file) {
         let mut r = maybe_gunzip(&bytes);
         idx_header(&mut *r).ok()?.1
-    } else if lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
-        let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    } else if is_image(&file) {
+        // the decoder's header, not the pixels
+        use image::ImageDecoder;
+        let decoder = image::ImageReader::new(std::io::Cursor::new(&bytes))
             .with_guessed_format()
             .ok()?
-            .into_dimensions()
+            .into_decoder()
             .ok()?;
-        let c = image::load_from_memory(&bytes).ok()?.color().channel_count();
-        vec![usize::from(c), h as usize, w as usize]
+        let (w, h) = decoder.dimensions();
+        vec![usize::from(decoder.color_type().channel_count()), h as usize, w as usize]
     } else if lower.ends_with(".npy") {
         npy_header(&bytes, &file).ok()?.shape
     } else {
@@ -575,10 +597,23 @@ pub fn load_model_at(
     if let Some(name) = output {
         opts = opts.with_output(name);
     }
-    if let Some(shape) = INPUT_SHAPE.lock().ok().and_then(|s| s.clone()) {
-        opts = opts.with_input_shape(shape);
+    let hint = INPUT_HINT.lock().ok().and_then(|h| h.clone());
+    if let Some(InputHint::Shape(shape)) = &hint {
+        opts = opts.with_input_shape(shape.clone());
     }
-    let model = nnlin::Model::from_onnx_file_with(path, &opts)?;
+    let first = nnlin::Model::from_onnx_file_with(path, &opts);
+    // dynamic dimensions: only now is the input file's header read
+    let shape = match (&first, &hint) {
+        (
+            Err(nnlin::Error::Onnx { source: nnlin::OnnxError::DynamicInput { .. }, .. }),
+            Some(InputHint::File(file)),
+        ) => input_shape_of(file),
+        _ => None,
+    };
+    let model = match shape {
+        Some(shape) => nnlin::Model::from_onnx_file_with(path, &opts.with_input_shape(shape))?,
+        None => first?,
+    };
     if kernel == nnlin::ConvKernel::Csr {
         let mut bytes: usize = 0;
         for node in model.network().nodes() {

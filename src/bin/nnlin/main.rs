@@ -449,8 +449,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { model, input, mode, conv_kernel, input_shape } => {
-            let shape = match (input_shape, &input) {
-                (Some(s), _) => Some(
+            match input_shape {
+                Some(s) => io::set_input_shape(Some(
                     io::parse_numbers(&s, "--input-shape")?
                         .iter()
                         .map(|&v| {
@@ -461,11 +461,9 @@ fn run(cli: Cli) -> Result<()> {
                             }
                         })
                         .collect::<Result<Vec<_>>>()?,
-                ),
-                (None, Some(p)) => io::input_shape_of(p),
-                (None, None) => None,
-            };
-            io::set_input_shape(shape);
+                )),
+                None => io::set_input_file(input.as_deref()),
+            }
             inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
         }
     }
@@ -513,10 +511,10 @@ fn load_ensemble(
 
 fn explain(args: ExplainArgs) -> Result<()> {
     let rows: Rows = args.rows.parse().map_err(anyhow::Error::msg)?;
-    io::set_input_shape(io::input_shape_of(&args.input));
+    io::set_input_file(Some(&args.input));
     let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
     // `--then` models read the first one's output, not the input file
-    io::set_input_shape(None);
+    io::set_input_file(None);
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
         then.push(io::load_model_at(p, args.conv_kernel, None)?);
@@ -688,7 +686,7 @@ fn plan_cmd(
     rows: &str,
     rates: Option<Vec<f64>>,
 ) -> Result<()> {
-    io::set_input_shape(io::input_shape_of(input));
+    io::set_input_file(Some(input));
     let m = io::load_model(model, ConvKernel::Auto)?;
     let xs = io::read_instances(input, m.input_shape())?;
     let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;

@@ -34,7 +34,7 @@ struct Pick {
 pub const MAX_TOP: usize = 64;
 
 pub fn run(args: Args) -> Result<()> {
-    crate::io::set_input_shape(crate::io::input_shape_of(&args.input));
+    crate::io::set_input_file(Some(&args.input));
     if !(1..=MAX_TOP).contains(&args.top) {
         bail!("--top must be between 1 and {MAX_TOP}, got {}", args.top);
     }

@@ -85,7 +85,7 @@ fn pattern_json(model: &Model, inst: &nnlin::Instance, x: &[f64]) -> Value {
 pub const MAX_VERIFY: usize = 100_000;
 
 pub fn run(args: Args) -> Result<()> {
-    crate::io::set_input_shape(crate::io::input_shape_of(&args.input));
+    crate::io::set_input_file(Some(&args.input));
     let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
     let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
     if let Some(l) = args.limit {
