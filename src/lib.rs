@@ -482,30 +482,37 @@ pub struct Ensemble {
     members: Vec<(Model, f64)>,
 }
 
+impl Rows {
+    /// How many rows this selects of a model with `outputs` outputs; an
+    /// error where it names more outputs than there are.
+    pub fn count(&self, outputs: usize) -> Result<usize> {
+        match self {
+            Rows::All => Ok(outputs),
+            Rows::Top(k) if *k > outputs => {
+                Err(Error::Input(format!("--rows top{k}: the model has only {outputs} outputs")))
+            }
+            Rows::Top(k) => Ok(*k),
+            Rows::Indices(v) => match v.iter().find(|&&r| r >= outputs) {
+                Some(r) => Err(Error::Input(format!(
+                    "--rows: row {r} out of range, the model has {outputs} outputs"
+                ))),
+                None => Ok(v.len()),
+            },
+        }
+    }
+}
+
 fn select_rows(rows: &Rows, output: &[f64]) -> Result<Vec<usize>> {
+    rows.count(output.len())?;
     Ok(match rows {
         Rows::All => (0..output.len()).collect(),
         Rows::Top(k) => {
-            if *k > output.len() {
-                return Err(Error::Input(format!(
-                    "--rows top{k}: the model has only {} outputs",
-                    output.len()
-                )));
-            }
             let mut idx: Vec<usize> = (0..output.len()).collect();
             idx.sort_by(|&a, &b| output[b].total_cmp(&output[a]).then(a.cmp(&b)));
             idx.truncate(*k);
             idx
         }
-        Rows::Indices(v) => {
-            if let Some(&r) = v.iter().find(|&&r| r >= output.len()) {
-                return Err(Error::Input(format!(
-                    "--rows: row {r} out of range, the model has {} outputs",
-                    output.len()
-                )));
-            }
-            v.clone()
-        }
+        Rows::Indices(v) => v.clone(),
     })
 }
 

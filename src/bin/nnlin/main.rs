@@ -537,11 +537,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     // W for every instance is held (and written) at once
-    let m_rows = match &opts.rows {
-        Rows::All => pipeline.output_len(),
-        Rows::Top(k) => *k,
-        Rows::Indices(v) => v.len(),
-    };
+    let m_rows = opts.rows.count(pipeline.output_len())?;
     io::check_budget(
         &format!("W for {} instance(s) of {m_rows}×{}", xs.nrows(), xs.ncols()),
         nnlin::ir::checked_numel(&[xs.nrows(), m_rows, xs.ncols(), 2]),
@@ -690,20 +686,7 @@ fn plan_cmd(
     let m = io::load_model(model, ConvKernel::Auto)?;
     let xs = io::read_instances(input, m.input_shape())?;
     let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;
-    let outputs = m.output_len();
-    let count = match &rows {
-        Rows::All => outputs,
-        Rows::Top(k) if *k > outputs => {
-            bail!("--rows top{k}: the model has only {outputs} outputs")
-        }
-        Rows::Top(k) => *k,
-        Rows::Indices(v) => {
-            if let Some(r) = v.iter().find(|&&r| r >= outputs) {
-                bail!("--rows: row {r} out of range, the model has {outputs} outputs");
-            }
-            v.len()
-        }
-    };
+    let count = rows.count(m.output_len())?;
     let rates = match rates.as_deref() {
         None => nnlin::rates(),
         Some([g, s, b]) if *g > 0.0 && *s > 0.0 && *b > 0.0 => {
