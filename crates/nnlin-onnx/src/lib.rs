@@ -791,10 +791,7 @@ impl Importer<'_> {
                 let dims = dims.ok_or_else(|| self.unsupported("the tiled shape overflows"))?;
                 let numel = self.check_shape("the tiled tensor", &dims)?;
                 let rank = dims.len();
-                let mut st = vec![1usize; rank];
-                for ax in (0..rank.saturating_sub(1)).rev() {
-                    st[ax] = st[ax + 1] * t.dims[ax + 1];
-                }
+                let st = tensor::strides(&t.dims);
                 let data = (0..numel)
                     .map(|flat| {
                         let (mut rem, mut src) = (flat, 0);
@@ -891,10 +888,7 @@ impl Importer<'_> {
                 }
                 let dims: Vec<usize> = picks.iter().map(Vec::len).collect();
                 let numel: usize = dims.iter().product();
-                let mut st = vec![1usize; rank];
-                for ax in (0..rank.saturating_sub(1)).rev() {
-                    st[ax] = st[ax + 1] * t.dims[ax + 1];
-                }
+                let st = tensor::strides(&t.dims);
                 let mut data = Vec::with_capacity(numel);
                 let mut idx = vec![0usize; rank];
                 for _ in 0..numel {

@@ -218,14 +218,20 @@ pub fn binary(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64) -> Option<Ten
     Some(Tensor::new(shape, data, a.is_int && b.is_int))
 }
 
+/// Row-major strides of a shape (elements, not bytes).
+pub fn strides(dims: &[usize]) -> Vec<usize> {
+    let mut st = vec![1usize; dims.len()];
+    for ax in (0..dims.len().saturating_sub(1)).rev() {
+        st[ax] = st[ax + 1] * dims[ax + 1];
+    }
+    st
+}
+
 /// Transpose by a permutation.
 pub fn transpose(t: &Tensor, perm: &[usize]) -> Tensor {
     let n = t.dims.len();
     let out_dims: Vec<usize> = perm.iter().map(|&p| t.dims[p]).collect();
-    let mut in_strides = vec![1usize; n];
-    for i in (0..n.saturating_sub(1)).rev() {
-        in_strides[i] = in_strides[i + 1] * t.dims[i + 1];
-    }
+    let in_strides = strides(&t.dims);
     let numel = t.numel();
     let mut out = Vec::with_capacity(numel);
     let mut idx = vec![0usize; n];
