@@ -22,7 +22,7 @@ use std::sync::Arc;
 use faer::{Mat, Par};
 use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
-use nnlin_linalg::{ConvOp, Operator, Selection};
+use nnlin_linalg::{ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Selection, SoftmaxJac};
 
 /// How smooth activations are linearized (piecewise-linear ones always use
 /// the linear piece `x` lies on, which both modes agree on).
@@ -186,24 +186,13 @@ pub struct Compiler {
 
 fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
     let bias1: Vec<f64> = d.bias.clone().unwrap_or_else(|| vec![0.0; d.out_features]);
+    let m = Mat::from_fn(d.out_features, d.in_features, |i, j| d.weight[i * d.in_features + j]);
     if rows == 1 {
-        let m = Mat::from_fn(d.out_features, d.in_features, |i, j| d.weight[i * d.in_features + j]);
         (Operator::Dense(m), bias1)
     } else {
-        // I_rows ⊗ W: block diagonal, explicit CSR.
-        let mut tri = Vec::with_capacity(rows * d.weight.len());
-        for r in 0..rows {
-            for o in 0..d.out_features {
-                for k in 0..d.in_features {
-                    let w = d.weight[o * d.in_features + k];
-                    if w != 0.0 {
-                        tri.push((r * d.out_features + o, r * d.in_features + k, w));
-                    }
-                }
-            }
-        }
-        let op = Operator::csr_from_triplets(rows * d.out_features, rows * d.in_features, &tri);
-        (op, (0..rows).flat_map(|_| bias1.iter().copied()).collect())
+        // I_rows ⊗ W over a token or channels-last tensor: W held once
+        let op = KronOp::new(rows, Arc::new(m)).expect("the network's shapes fit in memory");
+        (Operator::Kron(op), (0..rows).flat_map(|_| bias1.iter().copied()).collect())
     }
 }
 
@@ -591,35 +580,31 @@ fn matmul_operators(
     sb: &[usize],
     mode: Mode,
 ) -> (Vec<Operator>, Vec<f64>) {
-    let (batch, m, k, n) = nnlin_ir::MatMul::dims(sa, sb);
+    let dims = nnlin_ir::MatMul::dims(sa, sb);
+    let (batch, m, _, n) = dims;
     let rows = batch * m * n;
-    let (mut on_a, mut on_b) = (Vec::new(), Vec::with_capacity(rows * k));
-    let mut y = vec![0.0; rows];
-    for t in 0..batch {
-        for i in 0..m {
-            for j in 0..n {
-                let r = (t * m + i) * n + j;
-                for q in 0..k {
-                    let (ai, bi) = ((t * m + i) * k + q, (t * k + q) * n + j);
-                    y[r] += a[ai] * b[bi];
-                    if mode == Mode::Tangent {
-                        on_a.push((r, ai, b[bi]));
-                    }
-                    on_b.push((r, bi, a[ai]));
-                }
-            }
-        }
-    }
-    let (op_a, offset) = match mode {
+    let structured = |fixed, f: &[f64]| {
+        Operator::MatMul(
+            MatMulOp::new(dims, fixed, f.into()).expect("the network's shapes fit in memory"),
+        )
+    };
+    // on B: dY = A·dB (A fixed)
+    let on_b = structured(FixedFactor::Left, a);
+    match mode {
         Mode::Tangent => {
-            (Operator::csr_from_triplets(rows, a.len(), &on_a), y.iter().map(|v| -v).collect())
+            // on A: dY = dA·B (B fixed); offset −A·B
+            let on_a = structured(FixedFactor::Right, b);
+            let offset = on_b.apply(b).into_iter().map(|v| -v).collect();
+            (vec![on_a, on_b], offset)
         }
         Mode::Secant => (
-            Operator::Selection(Selection { ncols: a.len(), cols: vec![Selection::ZERO; rows] }),
+            vec![
+                Operator::Selection(Selection { ncols: a.len(), cols: vec![Selection::ZERO; rows] }),
+                on_b,
+            ],
             vec![0.0; rows],
         ),
-    };
-    (vec![op_a, Operator::csr_from_triplets(rows, b.len(), &on_b)], offset)
+    }
 }
 
 /// The operator of a node that depends on its input `u`.
@@ -684,35 +669,34 @@ fn per_instance(
         Layer::Softmax(sm) => {
             // values of each slice, shifted by its largest element
             let mut y = vec![0.0; u.len()];
-            let mut tri = Vec::new();
-            let mut offset = vec![0.0; u.len()];
+            let mut s = vec![0.0; u.len()];
             for idx in sm.slices(in_shape) {
                 let top = idx.iter().map(|&i| u[i]).fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = idx.iter().map(|&i| (u[i] - top).exp()).sum();
-                let s: Vec<f64> = idx.iter().map(|&i| (u[i] - top).exp() / sum).collect();
-                for (a, &i) in idx.iter().enumerate() {
-                    y[i] = if sm.log { u[i] - top - sum.ln() } else { s[a] };
-                }
-                if mode == Mode::Tangent {
-                    // softmax: diag(s) − s·sᵀ; log-softmax: I − 1·sᵀ
-                    for (a, &i) in idx.iter().enumerate() {
-                        let mut jz = 0.0;
-                        for (b, &j) in idx.iter().enumerate() {
-                            let d = if a == b { 1.0 } else { 0.0 };
-                            let v = if sm.log { d - s[b] } else { s[a] * (d - s[b]) };
-                            tri.push((i, j, v));
-                            jz += v * u[j];
-                        }
-                        offset[i] = y[i] - jz;
-                    }
+                for &i in &idx {
+                    s[i] = (u[i] - top).exp() / sum;
+                    y[i] = if sm.log { u[i] - top - sum.ln() } else { s[i] };
                 }
             }
-            let op = match mode {
-                Mode::Tangent => Operator::csr_from_triplets(u.len(), u.len(), &tri),
+            match mode {
+                Mode::Tangent => {
+                    // softmax: diag(s) − s·sᵀ; log-softmax: I − 1·sᵀ, per
+                    // slice, applied structurally; offset y − J·u
+                    let len = in_shape[sm.axis];
+                    let inner: usize = in_shape[sm.axis + 1..].iter().product();
+                    let outer: usize = in_shape[..sm.axis].iter().product();
+                    let jac = SoftmaxJac::new(outer, len, inner, s, sm.log)
+                        .expect("probabilities of the input's shape");
+                    let ju = jac.apply(u);
+                    let offset = y.iter().zip(&ju).map(|(v, j)| v - j).collect();
+                    (Operator::Softmax(jac), offset, None)
+                }
                 // secant: each output its own ratio y/z (the normalizer frozen
                 // with the rest of the slice); where z = 0 the value is offset
-                Mode::Secant => Operator::Diagonal(
-                    u.iter()
+                Mode::Secant => {
+                    let mut offset = vec![0.0; u.len()];
+                    let ratio = u
+                        .iter()
                         .zip(&y)
                         .zip(offset.iter_mut())
                         .map(|((&z, &v), o)| {
@@ -723,10 +707,10 @@ fn per_instance(
                                 v / z
                             }
                         })
-                        .collect(),
-                ),
-            };
-            (op, offset, None)
+                        .collect();
+                    (Operator::Diagonal(ratio), offset, None)
+                }
+            }
         }
         Layer::Lrn(l) => {
             let channels = in_shape[1];

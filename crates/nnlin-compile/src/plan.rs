@@ -116,8 +116,13 @@ fn op_cost(op: &Operator, width: usize) -> Cost {
     let madds = (op.nnz() * width) as f64;
     match op {
         Operator::Identity(_) => Cost::default(),
-        Operator::Dense(_) | Operator::Conv(_) => Cost { gemm: madds, sparse: 0.0, bytes },
-        _ => Cost { gemm: 0.0, sparse: madds, bytes },
+        Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) => {
+            Cost { gemm: madds, sparse: 0.0, bytes }
+        }
+        Operator::Diagonal(_)
+        | Operator::Csr(_)
+        | Operator::Selection(_)
+        | Operator::Softmax(_) => Cost { gemm: 0.0, sparse: madds, bytes },
     }
 }
 

@@ -11,6 +11,9 @@
 use faer::{Accum, Mat, Par};
 use sprs::CsMat;
 
+mod structured;
+pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
+
 /// A dense column-major block with contiguous columns: the adjoint blocks of
 /// reverse accumulation and the tangent blocks of forward accumulation.
 /// Column access is a plain slice (no per-call stride arithmetic), and faer
@@ -451,6 +454,12 @@ pub enum Operator {
     Selection(Selection),
     /// A convolution's Toeplitz matrix, structured.
     Conv(ConvOp),
+    /// `I ⊗ W`: one dense matrix applied to every row of a tensor.
+    Kron(KronOp),
+    /// The block-diagonal Jacobian of a softmax or log-softmax.
+    Softmax(SoftmaxJac),
+    /// A batched matrix product with one factor fixed.
+    MatMul(MatMulOp),
 }
 
 /// An affine map `y = A·u + bias`.
@@ -483,6 +492,9 @@ impl Operator {
             Operator::Csr(_) => "csr",
             Operator::Selection(_) => "selection",
             Operator::Conv(_) => "conv",
+            Operator::Kron(_) => "kron",
+            Operator::Softmax(_) => "softmax",
+            Operator::MatMul(_) => "matmul",
         }
     }
 
@@ -495,6 +507,9 @@ impl Operator {
             Operator::Csr(m) => m.rows(),
             Operator::Selection(s) => s.cols.len(),
             Operator::Conv(c) => c.nrows(),
+            Operator::Kron(k) => k.nrows(),
+            Operator::Softmax(j) => j.size(),
+            Operator::MatMul(p) => p.nrows(),
         }
     }
 
@@ -507,10 +522,15 @@ impl Operator {
             Operator::Csr(m) => m.cols(),
             Operator::Selection(s) => s.ncols,
             Operator::Conv(c) => c.ncols(),
+            Operator::Kron(k) => k.ncols(),
+            Operator::Softmax(j) => j.size(),
+            Operator::MatMul(p) => p.ncols(),
         }
     }
 
-    /// Stored entries (the explicit nonzeros; `n` for identity).
+    /// Entries the operator stands for (the explicit nonzeros; `n` for
+    /// identity; for the structured operators the multiply-adds of one
+    /// application, which is what the cost model prices).
     pub fn nnz(&self) -> usize {
         match self {
             Operator::Identity(n) => *n,
@@ -519,6 +539,9 @@ impl Operator {
             Operator::Csr(m) => m.nnz(),
             Operator::Selection(s) => s.cols.iter().filter(|&&c| c != Selection::ZERO).count(),
             Operator::Conv(c) => c.nnz(),
+            Operator::Kron(k) => k.nrows() * k.weight().ncols(),
+            Operator::Softmax(j) => 2 * j.size(),
+            Operator::MatMul(p) => p.madds(),
         }
     }
 
@@ -533,6 +556,9 @@ impl Operator {
             Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
             Operator::Selection(s) => s.cols.len() * u,
             Operator::Conv(c) => c.weight.len() * f,
+            Operator::Kron(k) => k.weight().nrows() * k.weight().ncols() * f,
+            Operator::Softmax(j) => j.size() * f,
+            Operator::MatMul(p) => p.bytes(),
         }
     }
 
@@ -568,6 +594,9 @@ impl Operator {
                 s.cols.iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
             }
             Operator::Conv(c) => c.forward_gemm(x, 1, Par::Seq),
+            Operator::Kron(k) => k.forward(x, 1, Par::Seq),
+            Operator::Softmax(j) => j.apply(x),
+            Operator::MatMul(p) => p.forward(x, 1, Par::Seq),
         }
     }
 
@@ -663,6 +692,9 @@ impl Operator {
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
             }
+            Operator::Kron(op) => op.backward(g, par),
+            Operator::Softmax(j) => j.backward(g),
+            Operator::MatMul(p) => p.backward(g, par),
         }
     }
 
@@ -714,6 +746,20 @@ impl Operator {
             }
             Operator::Conv(c) => {
                 Block::from_col_major(c.nrows(), k, c.forward_gemm(t.as_slice(), k, par))
+            }
+            Operator::Kron(op) => {
+                Block::from_col_major(op.nrows(), k, op.forward(t.as_slice(), k, par))
+            }
+            Operator::Softmax(j) => {
+                let n = j.size();
+                let mut out = Vec::with_capacity(n * k);
+                for c in 0..k {
+                    out.extend(j.apply(t.col_as_slice(c)));
+                }
+                Block::from_col_major(n, k, out)
+            }
+            Operator::MatMul(p) => {
+                Block::from_col_major(p.nrows(), k, p.forward(t.as_slice(), k, par))
             }
         }
     }
@@ -773,7 +819,42 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             };
-            match seed % 5 {
+            match seed % 8 {
+                5 => {
+                    // I ⊗ W with r blocks of a c × (seed-sized) matrix
+                    let inner = 1 + (seed / 8 % 4) as usize;
+                    let w = Mat::from_fn(c, inner, |_, _| rnd());
+                    Operator::Kron(KronOp::new(r, std::sync::Arc::new(w)).unwrap())
+                }
+                6 => {
+                    let (outer, len, inner) = (1 + r % 3, c, 1 + (seed / 8 % 3) as usize);
+                    let raw: Vec<f64> = (0..outer * len * inner).map(|_| rnd().exp()).collect();
+                    // normalized along the axis, as probabilities are
+                    let mut s = raw.clone();
+                    for o in 0..outer {
+                        for t in 0..inner {
+                            let z: f64 = (0..len).map(|a| raw[(o * len + a) * inner + t]).sum();
+                            for a in 0..len {
+                                s[(o * len + a) * inner + t] /= z;
+                            }
+                        }
+                    }
+                    Operator::Softmax(
+                        SoftmaxJac::new(outer, len, inner, s, seed / 24 % 2 == 1).unwrap(),
+                    )
+                }
+                7 => {
+                    let (b, m, k, n) = (
+                        1 + r % 3,
+                        1 + c % 4,
+                        1 + (seed / 8 % 4) as usize,
+                        1 + (seed / 32 % 4) as usize,
+                    );
+                    let fixed = if seed / 128 % 2 == 0 { FixedFactor::Left } else { FixedFactor::Right };
+                    let len = if fixed == FixedFactor::Left { b * m * k } else { b * k * n };
+                    let f: Vec<f64> = (0..len).map(|_| rnd()).collect();
+                    Operator::MatMul(MatMulOp::new((b, m, k, n), fixed, f.into()).unwrap())
+                }
                 0 => Operator::Identity(c),
                 1 => Operator::Diagonal((0..c).map(|_| rnd()).collect()),
                 2 => Operator::Dense(Mat::from_fn(r, c, |_, _| rnd())),

@@ -1212,14 +1212,11 @@ impl Importer<'_> {
         let log = op == "LogSoftmax";
         let name = node_name(self.node);
         let coerced = self.opset < 13 && axis + 1 < rank;
-        // its Jacobian has a dense block per slice: numel × slice length
-        let slice: usize = if coerced { shape[axis..].iter().product() } else { shape[axis] };
-        let nnz = nnlin_ir::checked_numel(&shape).and_then(|n| n.checked_mul(slice));
-        self.check_alloc("the softmax Jacobian", nnz, 24)?;
         if !coerced {
             let layer = Layer::Softmax(nnlin_ir::Softmax { axis, log });
             return Ok(Sym::Value(self.net.push(name, op, layer, vec![x])?));
         }
+        let slice: usize = shape[axis..].iter().product();
         let flat = vec![shape[..axis].iter().product(), slice];
         let r = Layer::Reshape(nnlin_ir::Reshape { shape: flat });
         let v = self.net.push(format!("{name}.2d"), op.clone(), r, vec![x])?;
@@ -1953,13 +1950,6 @@ impl Importer<'_> {
                 return Err(self.unsupported("a constant times a tensor (MatMul(C, x))"));
             }
             let (a, b) = (self.input_value(0)?, self.input_value(1)?);
-            let (sa, sb) = (self.net.shape(a).to_vec(), self.net.shape(b).to_vec());
-            if sa.len() >= 2 && sb.len() == sa.len() {
-                // two per-instance operators with one entry per multiply-add
-                let (batch, m, k, n) = nnlin_ir::MatMul::dims(&sa, &sb);
-                let nnz = nnlin_ir::checked_numel(&[batch, m, k, n, 2]);
-                self.check_alloc("the product's operators", nnz, 24)?;
-            }
             let layer = Layer::MatMul(nnlin_ir::MatMul {});
             return Ok(Sym::Value(self.net.push(node_name(n), "MatMul", layer, vec![a, b])?));
         }
@@ -2015,13 +2005,6 @@ impl Importer<'_> {
                 Layer::Reshape(nnlin_ir::Reshape { shape: vec![1, k] }),
                 vec![v],
             )?;
-        }
-        // over several rows (a token or channels-last tensor) the operator
-        // is the explicit block diagonal I ⊗ W: its entries count
-        let rows = nnlin_ir::checked_numel(self.net.shape(v)).map_or(0, |n| n / k.max(1));
-        if rows > 1 {
-            let nnz = nnlin_ir::checked_numel(&[rows, out, k]);
-            self.check_alloc("the block-diagonal operator I ⊗ W", nnz, 24)?;
         }
         let layer = Layer::Dense(Dense { out_features: out, in_features: k, weight, bias });
         let source = self.op().to_string();
@@ -2405,25 +2388,6 @@ pub fn import_with_resolver(
     let mut net = imp.net;
     net.set_output(out);
     let net = fuse_dense_affine(prune(net)?)?;
-    // the explicit block-diagonal operators of dense layers over several
-    // rows are built together, once per model: their sum must fit too
-    let mut kron: usize = 0;
-    for node in net.nodes() {
-        if let Layer::Dense(d) = &node.layer {
-            let rows = net.numel(node.inputs[0]) / d.in_features.max(1);
-            if rows > 1 {
-                kron = kron.saturating_add(rows.saturating_mul(d.weight.len()).saturating_mul(24));
-            }
-        }
-    }
-    if kron > budget {
-        return Err(OnnxError::TooLarge {
-            node: "(all dense layers over several rows)".into(),
-            what: "the block-diagonal operators I ⊗ W".into(),
-            need: Some(kron),
-            budget,
-        });
-    }
     let producer = format!(
         "{} {}",
         model.producer_name.as_deref().unwrap_or(""),
