@@ -1,52 +1,129 @@
-"""Exports torchvision classifiers with random weights by both exporters and the float64
-gradient of their top-1 output (docs/SCALE.md's torchvision table).
+"""torchvision classifiers with random weights, exported by both exporters, linearized by
+nnlin and compared with the float64 gradient of their top-1 output (docs/SCALE.md's
+torchvision tables).
 
-Pinned: torch==2.15.0 torchvision==0.29.2 onnx==1.23.2 onnxscript. Writes /tmp/zoo/:
-<name>.{legacy,default}.onnx, <name>.x.npy, <name>.grad.npy (the top-1 row of the
-Jacobian), <name>.out.npy. Then, per file:
-  nnlin explain /tmp/zoo/NAME.EXPORT.onnx --input /tmp/zoo/NAME.x.npy --rows top1 --out OUT
-and compare OUT/W.npy with NAME.grad.npy. Usage: python benches/torchvision_zoo.py [NAME ...]
+Pinned: torch==2.15.0 torchvision==0.29.2 onnx==1.23.2 onnxscript. Batch-norm statistics
+are measured on random batches (as fixtures/generate_zoo.py does) so activations stay O(1).
+For each model and exporter it writes /tmp/zoo/<size>/<name>.{legacy,default}.onnx (the
+default exporter's weights as external data), <name>.x.npy and <name>.grad.npy, runs
+  target/release/nnlin explain MODEL --input X --rows top1 --out OUT
+under /usr/bin/time, and prints one markdown row: the top-1 row's max abs error relative to
+max |grad|, W·x + b − F(x) as nnlin reports it, the linearize time nnlin reports, the whole
+process's wall time and peak RSS.
+
+Usage: python benches/torchvision_zoo.py [--size S] [NAME ...]   (build nnlin first:
+cargo build --release)
 """
-import os, sys, time, warnings
+import os, re, subprocess, sys, time, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, torch, torchvision.models as tvm
+
+args = sys.argv[1:]
+size = 64
+if args[:1] == ["--size"]:
+    size, args = int(args[1]), args[2:]
 torch.manual_seed(0)
-OUT = "/tmp/zoo"
+OUT = f"/tmp/zoo/{size}"
 os.makedirs(OUT, exist_ok=True)
+BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "nnlin")
 specs = {
-    "mobilenet_v3_small": (lambda: tvm.mobilenet_v3_small(), 64),
-    "efficientnet_b0": (lambda: tvm.efficientnet_b0(), 64),
-    "regnet_y_400mf": (lambda: tvm.regnet_y_400mf(), 64),
-    "shufflenet_v2_x0_5": (lambda: tvm.shufflenet_v2_x0_5(), 64),
-    "convnext_tiny": (lambda: tvm.convnext_tiny(), 64),
-    "vit_b_16": (lambda: tvm.vit_b_16(image_size=32), 32),
-    "swin_t": (lambda: tvm.swin_t(), 64),
+    "mobilenet_v3_small": lambda s: tvm.mobilenet_v3_small(),
+    "efficientnet_b0": lambda s: tvm.efficientnet_b0(),
+    "regnet_y_400mf": lambda s: tvm.regnet_y_400mf(),
+    "shufflenet_v2_x0_5": lambda s: tvm.shufflenet_v2_x0_5(),
+    "convnext_tiny": lambda s: tvm.convnext_tiny(),
+    "vit_b_16": lambda s: tvm.vit_b_16(image_size=s),
+    "swin_t": lambda s: tvm.swin_t(),
 }
-only = sys.argv[1:] or list(specs)
-for name in only:
-    make, size = specs[name]
-    m = make().eval()
+
+
+class ExactHardswish(torch.nn.Module):
+    """x·relu6(x + 3)/6 in the module's own precision (torch's Hardswish backward
+    multiplies by a float32 1/6 even in float64)."""
+    def forward(self, x):
+        return x * torch.clamp(x + 3, 0, 6) / 6
+
+
+class ExactHardsigmoid(torch.nn.Module):
+    def forward(self, x):
+        return torch.clamp(x + 3, 0, 6) / 6
+
+
+def exact_reference(m):
+    """The float64 reference model: hard activations as their formulas."""
+    for name, child in m.named_children():
+        if isinstance(child, torch.nn.Hardswish):
+            setattr(m, name, ExactHardswish())
+        elif isinstance(child, torch.nn.Hardsigmoid):
+            setattr(m, name, ExactHardsigmoid())
+        else:
+            exact_reference(child)
+    return m
+
+
+def nonzero_linears(m):
+    """torchvision zero-initializes some heads (ViT): random fan-in scaled weights instead."""
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.detach().any():
+            torch.nn.init.normal_(mod.weight, std=mod.in_features ** -0.5)
+
+
+def calibrate(m, size):
+    """Batch-norm running statistics from random batches (cumulative average)."""
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None
+    m.train()
+    with torch.no_grad():
+        for _ in range(4):
+            m(torch.rand(4, 3, size, size))
+    m.eval()
+
+
+print("| model | export | top-1 row: max abs err / max \\|grad\\| | max \\|W·x + b − F(x)\\| "
+      "| linearize (s) | whole run (s) | peak RSS (MiB) |")
+print("|---|---|---|---|---|---|---|")
+for name in args or list(specs):
+    m = specs[name](size).eval()
+    nonzero_linears(m)
+    calibrate(m, size)
     x = torch.rand(1, 3, size, size)
-    for tag, kw in [("legacy", dict(dynamo=False, do_constant_folding=False)), ("default", dict())]:
-        path = f"{OUT}/{name}.{tag}.onnx"
-        try:
-            t0 = time.time()
-            if tag == "legacy":
-                torch.onnx.export(m, (x,), path, opset_version=17, **kw)
-            else:
-                torch.onnx.export(m, (x,), dynamo=True).save(path, external_data=True)
-            print(name, tag, "exported", round(time.time() - t0, 1), flush=True)
-        except Exception as e:
-            print(name, tag, "EXPORT FAILED", str(e).splitlines()[0][:200], flush=True)
-    m64 = make().eval()
+    m64 = specs[name](size).eval()
     m64.load_state_dict(m.state_dict())
-    m64 = m64.double()
+    m64 = exact_reference(m64).double()
     xd = x.double().requires_grad_(True)
     y = m64(xd)[0]
-    top = int(torch.argmax(y))
-    t0 = time.time()
-    y[top].backward()
+    y[int(torch.argmax(y))].backward()
+    grad = xd.grad.reshape(-1).numpy()
     np.save(f"{OUT}/{name}.x.npy", x.double().numpy())
-    np.save(f"{OUT}/{name}.grad.npy", xd.grad.reshape(1, -1).numpy())
-    np.save(f"{OUT}/{name}.out.npy", y.detach().numpy())
-    print(name, "top", top, "torch f64 fwd+vjp", round(time.time() - t0, 3), flush=True)
+    np.save(f"{OUT}/{name}.grad.npy", grad.reshape(1, -1))
+    for tag in ["legacy", "default"]:
+        path = f"{OUT}/{name}.{tag}.onnx"
+        try:
+            if tag == "legacy":
+                torch.onnx.export(m, (x,), path, opset_version=17, dynamo=False,
+                                  do_constant_folding=False)
+            else:
+                torch.onnx.export(m, (x,), dynamo=True).save(path, external_data=True)
+        except Exception as e:  # report, keep going
+            print(f"| {name} | {tag} | export failed: {str(e).splitlines()[0][:120]} | | | | |")
+            continue
+        out = f"{OUT}/{name}.{tag}.out"
+        t0 = time.time()
+        p = subprocess.run(["/usr/bin/time", "-f", "RSS %M", BIN, "explain", path, "--input",
+                            f"{OUT}/{name}.x.npy", "--rows", "top1", "--out", out],
+                           capture_output=True, text=True)
+        wall = time.time() - t0
+        rss = int(re.search(r"RSS (\d+)", p.stderr).group(1)) / 1024
+        if p.returncode != 0:
+            line = [l for l in p.stderr.splitlines() if l.startswith("nnlin")][0]
+            print(f"| {name} | {tag} | {line[:200]} | | | {wall:.1f} | {rss:.0f} |", flush=True)
+            continue
+        fit = re.search(r"= ([0-9.e+-]+), ([0-9.]+) s", p.stdout + p.stderr)
+        w = np.load(f"{out}/W.npy").reshape(-1)
+        err = np.abs(w - grad).max() / np.abs(grad).max()
+        print(f"| {name} | {tag} | {err:.1e} | {float(fit.group(1)):.1e} | {float(fit.group(2)):.2f} "
+              f"| {wall:.1f} | {rss:.0f} |", flush=True)

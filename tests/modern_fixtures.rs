@@ -14,7 +14,17 @@ use ndarray::{Array2, Array3, ArrayD};
 use ndarray_npy::read_npy;
 use nnlin::{Mode, Model, Options};
 
-const MODELS: [&str; 5] = ["attention", "ln_mlp", "norms", "se", "shuffle"];
+const MODELS: [&str; 9] = [
+    "attention",
+    "deconv",
+    "deconv1d",
+    "einsum_reduce",
+    "ln_mlp",
+    "norms",
+    "resize",
+    "se",
+    "shuffle",
+];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/modern")

@@ -376,6 +376,18 @@ impl Compiler {
                     let (op, b) = conv_operator(c, kernel);
                     one(op, b)
                 }
+                Layer::ConvTranspose(t) => {
+                    // the adjoint convolution's operator, transposed
+                    let (op, _) = conv_operator(&t.conv, kernel);
+                    let spatial = t.conv.window.ih * t.conv.window.iw;
+                    let bias = match &t.bias {
+                        Some(b) => {
+                            b.iter().flat_map(|&v| std::iter::repeat_n(v, spatial)).collect()
+                        }
+                        None => vec![0.0; t.conv.c_in * spatial],
+                    };
+                    one(Operator::Transposed(Box::new(op)), bias)
+                }
                 Layer::Pool(p) => match p.kind {
                     PoolKind::Max => Fixed::PerInstance,
                     PoolKind::Average { count_include_pad } => {
@@ -599,7 +611,10 @@ fn matmul_operators(
         }
         Mode::Secant => (
             vec![
-                Operator::Selection(Selection { ncols: a.len(), cols: vec![Selection::ZERO; rows] }),
+                Operator::Selection(Selection {
+                    ncols: a.len(),
+                    cols: vec![Selection::ZERO; rows],
+                }),
                 on_b,
             ],
             vec![0.0; rows],

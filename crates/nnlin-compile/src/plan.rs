@@ -116,6 +116,7 @@ fn op_cost(op: &Operator, width: usize) -> Cost {
     let madds = (op.nnz() * width) as f64;
     match op {
         Operator::Identity(_) => Cost::default(),
+        Operator::Transposed(a) => op_cost(a, width),
         Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) => {
             Cost { gemm: madds, sparse: 0.0, bytes }
         }

@@ -256,6 +256,7 @@ pub fn region(
             | Layer::Affine(_)
             | Layer::Reshape(_)
             | Layer::Conv(_)
+            | Layer::ConvTranspose(_)
             | Layer::Pool(_)
             | Layer::Add(_)
             | Layer::Concat(_)

@@ -13,8 +13,8 @@ pub use error::IrError;
 pub use expr::{Binary, Expr, ExprClass, ExprNode, Unary};
 pub use geometry::Window;
 pub use network::{
-    Activation, Add, Affine, Concat, Conv, Dense, Layer, Lrn, MatMul, Network, Node, Pad, PadMode,
-    Pool, PoolKind, Product, Reduce, Reshape, Select, Softmax, Transpose, ValueId, broadcast_index,
-    checked_numel,
+    Activation, Add, Affine, Concat, Conv, ConvTranspose, Dense, Layer, Lrn, MatMul, Network, Node,
+    Pad, PadMode, Pool, PoolKind, Product, Reduce, Reshape, Select, Softmax, Transpose, ValueId,
+    broadcast_index, checked_numel,
 };
 pub use scalar::{Dual, Scalar};

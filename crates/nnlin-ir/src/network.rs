@@ -110,6 +110,36 @@ impl Conv {
     }
 }
 
+/// A transposed convolution (`ConvTranspose`), stored as the convolution
+/// whose adjoint it is: `conv` maps this layer's *output* space to its
+/// *input* space (`conv.c_in` = output channels, `conv.c_out` = input
+/// channels, `conv.window` over the output), so the layer computes
+/// `y = convᵀ·x + bias`. ONNX's weight `[C_in, C_out/groups, kh, kw]` is
+/// exactly `conv`'s weight layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvTranspose {
+    /// The adjoint convolution (its own bias is `None`).
+    pub conv: Conv,
+    /// Per output channel (`conv.c_in`), if any.
+    pub bias: Option<Vec<f64>>,
+}
+
+impl ConvTranspose {
+    /// Input shape (the adjoint convolution's output shape).
+    pub fn in_shape(&self) -> Vec<usize> {
+        self.conv.out_shape()
+    }
+    /// Output shape (the adjoint convolution's input shape).
+    pub fn out_shape(&self) -> Vec<usize> {
+        let w = &self.conv.window;
+        if self.conv.one_d {
+            vec![1, self.conv.c_in, w.iw]
+        } else {
+            vec![1, self.conv.c_in, w.ih, w.iw]
+        }
+    }
+}
+
 /// Pooling kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolKind {
@@ -345,6 +375,8 @@ pub enum Layer {
     Reshape(Reshape),
     /// Convolution.
     Conv(Conv),
+    /// Transposed convolution.
+    ConvTranspose(ConvTranspose),
     /// Max / average pooling.
     Pool(Pool),
     /// Weighted sum of several inputs.
@@ -378,6 +410,7 @@ impl Layer {
             Layer::Activation(_) => "activation",
             Layer::Reshape(_) => "reshape",
             Layer::Conv(_) => "conv",
+            Layer::ConvTranspose(_) => "conv_transpose",
             Layer::Pool(p) => match p.kind {
                 PoolKind::Max => "maxpool",
                 PoolKind::Average { .. } => "avgpool",
@@ -414,6 +447,7 @@ impl Layer {
             Layer::Affine(a) => a.scale.len() + a.shift.len(),
             Layer::Activation(a) => a.expr.consts.iter().map(|c| c.len()).sum(),
             Layer::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
+            Layer::ConvTranspose(t) => t.conv.weight.len() + t.bias.as_ref().map_or(0, Vec::len),
             Layer::Reshape(_)
             | Layer::Pool(_)
             | Layer::Add(_)
@@ -513,6 +547,30 @@ impl Layer {
                 }
                 finite("weight", &c.weight)?;
                 Ok(c.out_shape())
+            }
+            Layer::ConvTranspose(t) => {
+                let c = &t.conv;
+                if x != t.in_shape().as_slice() {
+                    return Err(mismatch(format!("{:?}", t.in_shape()), x));
+                }
+                if c.bias.is_some() {
+                    return Err(mismatch("an adjoint convolution without bias".into(), x));
+                }
+                if c.groups == 0 || c.c_in % c.groups != 0 || c.c_out % c.groups != 0 {
+                    return Err(mismatch(format!("channels divisible by {} groups", c.groups), x));
+                }
+                let w = &c.window;
+                if c.weight.len() != c.c_out * (c.c_in / c.groups) * w.kh * w.kw {
+                    return Err(mismatch("a weight matching the kernel".into(), &[c.weight.len()]));
+                }
+                if let Some(b) = &t.bias {
+                    if b.len() != c.c_in {
+                        return Err(mismatch(format!("bias of {}", c.c_in), &[b.len()]));
+                    }
+                    finite("bias", b)?;
+                }
+                finite("weight", &c.weight)?;
+                Ok(t.out_shape())
             }
             Layer::Pool(p) => {
                 let w = &p.window;

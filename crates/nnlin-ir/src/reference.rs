@@ -87,6 +87,49 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                 }
                 y
             }
+            Layer::ConvTranspose(t) => {
+                // the scatter form of the definition: every input element
+                // adds weight × itself to the outputs its taps reach
+                let c = &t.conv;
+                let w = &c.window;
+                let (cin_t, cout_t) = (c.c_out, c.c_in);
+                let (coutg, cing) = (cout_t / c.groups, cin_t / c.groups);
+                let mut y = vec![S::from_f64(0.0); cout_t * w.ih * w.iw];
+                for ic in 0..cin_t {
+                    let g = ic / cing;
+                    for iy in 0..w.oh {
+                        for ix in 0..w.ow {
+                            let xv = u[(ic * w.oh + iy) * w.ow + ix];
+                            for j in 0..coutg {
+                                let oc = g * coutg + j;
+                                for ky in 0..w.kh {
+                                    let oy = (iy * w.sh + ky * w.dh) as isize - w.pt as isize;
+                                    if oy < 0 || oy >= w.ih as isize {
+                                        continue;
+                                    }
+                                    for kx in 0..w.kw {
+                                        let ox = (ix * w.sw + kx * w.dw) as isize - w.pl as isize;
+                                        if ox < 0 || ox >= w.iw as isize {
+                                            continue;
+                                        }
+                                        let wt =
+                                            c.weight[((ic * coutg + j) * w.kh + ky) * w.kw + kx];
+                                        let o = (oc * w.ih + oy as usize) * w.iw + ox as usize;
+                                        y[o] = y[o] + S::from_f64(wt) * xv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some(b) = &t.bias {
+                    let spatial = w.ih * w.iw;
+                    for (k, v) in y.iter_mut().enumerate() {
+                        *v = *v + S::from_f64(b[k / spatial]);
+                    }
+                }
+                y
+            }
             Layer::Pool(p) => {
                 let w = &p.window;
                 let mut y = Vec::with_capacity(p.channels * w.oh * w.ow);

@@ -90,6 +90,18 @@ impl Block {
     pub fn to_mat(&self) -> Mat<f64> {
         Mat::from_fn(self.nrows, self.ncols, |i, j| self[(i, j)])
     }
+    /// The transpose, as a new block.
+    pub fn transpose(&self) -> Block {
+        let (r, c) = (self.nrows(), self.ncols());
+        let mut out = vec![0.0; r * c];
+        for j in 0..c {
+            for (i, &v) in self.col_as_slice(j).iter().enumerate() {
+                out[i * c + j] = v;
+            }
+        }
+        Block::from_col_major(c, r, out)
+    }
+
     /// `self += other`.
     ///
     /// # Panics
@@ -460,6 +472,9 @@ pub enum Operator {
     Softmax(SoftmaxJac),
     /// A batched matrix product with one factor fixed.
     MatMul(MatMulOp),
+    /// The transpose of another operator (a transposed convolution is the
+    /// transpose of a convolution).
+    Transposed(Box<Operator>),
 }
 
 /// An affine map `y = A·u + bias`.
@@ -495,6 +510,10 @@ impl Operator {
             Operator::Kron(_) => "kron",
             Operator::Softmax(_) => "softmax",
             Operator::MatMul(_) => "matmul",
+            Operator::Transposed(a) => match **a {
+                Operator::Conv(_) => "conv_transpose",
+                _ => "transposed",
+            },
         }
     }
 
@@ -510,6 +529,7 @@ impl Operator {
             Operator::Kron(k) => k.nrows(),
             Operator::Softmax(j) => j.size(),
             Operator::MatMul(p) => p.nrows(),
+            Operator::Transposed(a) => a.ncols(),
         }
     }
 
@@ -525,6 +545,7 @@ impl Operator {
             Operator::Kron(k) => k.ncols(),
             Operator::Softmax(j) => j.size(),
             Operator::MatMul(p) => p.ncols(),
+            Operator::Transposed(a) => a.nrows(),
         }
     }
 
@@ -542,6 +563,7 @@ impl Operator {
             Operator::Kron(k) => k.nrows() * k.weight().ncols(),
             Operator::Softmax(j) => 2 * j.size(),
             Operator::MatMul(p) => p.madds(),
+            Operator::Transposed(a) => a.nnz(),
         }
     }
 
@@ -559,6 +581,7 @@ impl Operator {
             Operator::Kron(k) => k.weight().nrows() * k.weight().ncols() * f,
             Operator::Softmax(j) => j.size() * f,
             Operator::MatMul(p) => p.bytes(),
+            Operator::Transposed(a) => a.bytes(),
         }
     }
 
@@ -597,6 +620,9 @@ impl Operator {
             Operator::Kron(k) => k.forward(x, 1, Par::Seq),
             Operator::Softmax(j) => j.apply(x),
             Operator::MatMul(p) => p.forward(x, 1, Par::Seq),
+            Operator::Transposed(a) => {
+                a.left_mul(&Block::from_col_major(1, x.len(), x.to_vec()), Par::Seq).data
+            }
         }
     }
 
@@ -695,6 +721,8 @@ impl Operator {
             Operator::Kron(op) => op.backward(g, par),
             Operator::Softmax(j) => j.backward(g),
             Operator::MatMul(p) => p.backward(g, par),
+            // G·Aᵀ = (A·Gᵀ)ᵀ
+            Operator::Transposed(a) => a.right_mul(&g.transpose(), par).transpose(),
         }
     }
 
@@ -761,6 +789,8 @@ impl Operator {
             Operator::MatMul(p) => {
                 Block::from_col_major(p.nrows(), k, p.forward(t.as_slice(), k, par))
             }
+            // Aᵀ·T = (Tᵀ·A)ᵀ
+            Operator::Transposed(a) => a.left_mul(&t.transpose(), par).transpose(),
         }
     }
 
@@ -819,7 +849,11 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             };
-            match seed % 8 {
+            match seed % 9 {
+                8 => {
+                    let w = Mat::from_fn(r, c, |_, _| rnd());
+                    Operator::Transposed(Box::new(Operator::Dense(w)))
+                }
                 5 => {
                     // I ⊗ W with r blocks of a c × (seed-sized) matrix
                     let inner = 1 + (seed / 8 % 4) as usize;
@@ -850,7 +884,8 @@ mod tests {
                         1 + (seed / 8 % 4) as usize,
                         1 + (seed / 32 % 4) as usize,
                     );
-                    let fixed = if seed / 128 % 2 == 0 { FixedFactor::Left } else { FixedFactor::Right };
+                    let fixed =
+                        if seed / 128 % 2 == 0 { FixedFactor::Left } else { FixedFactor::Right };
                     let len = if fixed == FixedFactor::Left { b * m * k } else { b * k * n };
                     let f: Vec<f64> = (0..len).map(|_| rnd()).collect();
                     Operator::MatMul(MatMulOp::new((b, m, k, n), fixed, f.into()).unwrap())

@@ -14,6 +14,7 @@
 //! - structural nodes (`Gemm`, `MatMul`, `Flatten`, `Reshape`, …) become
 //!   layers directly.
 
+mod expand;
 pub mod proto;
 pub mod tensor;
 
@@ -32,56 +33,72 @@ use crate::tensor::Tensor;
 pub const SUPPORTED_OPS: &[&str] = &[
     "Abs",
     "Add",
+    "And (of constants)",
     "AveragePool",
     "BatchNormalization",
     "Cast",
+    "Ceil (of constants)",
     "Celu",
     "Clip",
     "Concat",
     "Constant",
     "ConstantOfShape",
     "Conv",
+    "ConvTranspose",
     "Div",
     "Dropout",
+    "Einsum",
     "Elu",
-    "Erf",
     "Equal (of constants)",
+    "Erf",
     "Exp",
     "Expand",
     "Flatten",
+    "Floor (of constants)",
     "Gather",
     "Gelu",
     "Gemm",
     "GlobalAveragePool",
-    "GroupNormalization",
     "GlobalMaxPool",
+    "Greater (of constants)",
+    "GreaterOrEqual (of constants)",
+    "GroupNormalization",
     "HardSigmoid",
     "HardSwish",
     "Identity",
     "InstanceNormalization",
     "LayerNormalization",
     "LeakyRelu",
-    "LRN",
+    "Less (of constants)",
+    "LessOrEqual (of constants)",
     "Log",
     "LogSoftmax",
+    "LRN",
     "MatMul",
     "MaxPool",
     "Mish",
     "Mod (of constants)",
     "Mul",
     "Neg",
+    "Not (of constants)",
+    "Or (of constants)",
     "Pad",
     "Pow",
     "PRelu",
     "Range (of constants)",
     "Reciprocal",
+    "ReduceMax",
     "ReduceMean",
+    "ReduceMin",
     "ReduceSum",
     "Relu",
     "Reshape",
+    "Resize",
+    "ScatterND (of constants)",
     "Selu",
     "Shape",
     "Sigmoid",
+    "Sign (of constants)",
     "Slice",
     "Softmax",
     "Softplus",
@@ -95,7 +112,9 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Tile",
     "Transpose",
     "Unsqueeze",
+    "Upsample",
     "Where (constant condition)",
+    "Xor (of constants)",
 ];
 
 /// Lowest and highest default-domain opset accepted.
@@ -691,6 +710,16 @@ impl Importer<'_> {
             }
             Ok(t)
         };
+        let bool_bin = |f: fn(f64, f64) -> bool| -> Result<Tensor, OnnxError> {
+            let (a, b) = (c(0)?, c(1)?);
+            if let Some(shape) = tensor::broadcast_shape(&a.dims, &b.dims) {
+                self.check_shape("the folded constant", &shape)?;
+            }
+            let mut t = tensor::binary(&a, &b, |x, y| f64::from(u8::from(f(x, y))))
+                .ok_or_else(|| self.unsupported("constant shapes do not broadcast"))?;
+            t.is_int = true;
+            Ok(t)
+        };
         Ok(match op {
             "Identity" | "Dropout" => c(0)?,
             "Add" => bin(|a, b| a + b)?,
@@ -913,7 +942,33 @@ impl Importer<'_> {
                     tensor::broadcast_to(&t, &out).ok_or_else(|| self.unsupported("broadcast"))?;
                 Tensor::new(out, data, t.is_int)
             }
-            "Equal" => bin(|a, b| f64::from(u8::from(a == b)))?,
+            "Equal" => bool_bin(|a, b| a == b)?,
+            "Less" => bool_bin(|a, b| a < b)?,
+            "LessOrEqual" => bool_bin(|a, b| a <= b)?,
+            "Greater" => bool_bin(|a, b| a > b)?,
+            "GreaterOrEqual" => bool_bin(|a, b| a >= b)?,
+            "And" => bool_bin(|a, b| a != 0.0 && b != 0.0)?,
+            "Or" => bool_bin(|a, b| a != 0.0 || b != 0.0)?,
+            "Xor" => bool_bin(|a, b| (a != 0.0) != (b != 0.0))?,
+            "Not" => {
+                let t = c(0)?;
+                Tensor::new(
+                    t.dims,
+                    t.data.iter().map(|&v| f64::from(u8::from(v == 0.0))).collect(),
+                    true,
+                )
+            }
+            "Floor" => unary(f64::floor)?,
+            "Ceil" => unary(f64::ceil)?,
+            "Sign" => unary(|v| {
+                if v > 0.0 {
+                    1.0
+                } else if v < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            })?,
             // integer Mod takes the divisor's sign (Python's %); fmod = 1
             // the dividend's, as C's fmod
             "Mod" if attr_i(n, "fmod", 0) != 0 => bin(|a, b| a % b)?,
@@ -961,6 +1016,54 @@ impl Importer<'_> {
                     }
                 }
                 Tensor::new(dims, data, t.is_int)
+            }
+            "ScatterND" => {
+                // a copy of data with the slices named by indices replaced
+                // (or combined, per `reduction`) by updates
+                let (data, idx, upd) = (c(0)?, c(1)?, c(2)?);
+                let (r, q) = (data.dims.len(), idx.dims.len());
+                let k = idx.dims.last().copied().unwrap_or(0);
+                if q == 0 || k == 0 || k > r {
+                    return Err(self.unsupported(format!(
+                        "indices of shape {:?} for data of rank {r}",
+                        idx.dims
+                    )));
+                }
+                let mut want = idx.dims[..q - 1].to_vec();
+                want.extend(&data.dims[k..]);
+                if upd.dims != want {
+                    return Err(self.unsupported(format!(
+                        "updates of shape {:?}, expected {want:?}",
+                        upd.dims
+                    )));
+                }
+                let combine: fn(f64, f64) -> f64 = match attr_s(n, "reduction").as_deref() {
+                    None | Some("none") => |_, u| u,
+                    Some("add") => |a, u| a + u,
+                    Some("mul") => |a, u| a * u,
+                    Some("max") => f64::max,
+                    Some("min") => f64::min,
+                    Some(other) => return Err(self.unsupported(format!("reduction={other}"))),
+                };
+                let slice: usize = data.dims[k..].iter().product();
+                let st = tensor::strides(&data.dims);
+                let ints = idx.as_ints();
+                let mut out = data.data.clone();
+                for (t, tuple) in ints.chunks_exact(k).enumerate() {
+                    let mut at = 0usize;
+                    for (a, &i) in tuple.iter().enumerate() {
+                        let d = data.dims[a] as i64;
+                        let j = if i < 0 { i + d } else { i };
+                        if !(0..d).contains(&j) {
+                            return Err(self.unsupported(format!("index {i} out of range for {d}")));
+                        }
+                        at += j as usize * st[a];
+                    }
+                    for (o, &u) in out[at..at + slice].iter_mut().zip(&upd.data[t * slice..]) {
+                        *o = combine(*o, u);
+                    }
+                }
+                Tensor::new(data.dims.clone(), out, data.is_int && upd.is_int)
             }
             other => {
                 return Err(OnnxError::UnsupportedOp {
@@ -1525,6 +1628,143 @@ impl Importer<'_> {
             one_d,
         });
         Ok(Sym::Value(self.net.push(node_name(self.node), "Conv", layer, vec![x])?))
+    }
+
+    /// `ConvTranspose` (1-D and 2-D), as the transpose of the convolution
+    /// from its output space to its input space.
+    fn conv_transpose(&mut self) -> Result<Sym, OnnxError> {
+        let n = self.node;
+        let x = self.input_value(0)?;
+        let shape = self.net.shape(x).to_vec();
+        let w =
+            self.const_input(1)?.ok_or_else(|| self.unsupported("weight must be a constant"))?;
+        let rank = shape.len().saturating_sub(2);
+        if !(1..=2).contains(&rank) || shape[0] != 1 || w.dims.len() != shape.len() {
+            return Err(self.unsupported(format!("input {shape:?} with weight {:?}", w.dims)));
+        }
+        let group = attr_i(n, "group", 1);
+        let groups = match usize::try_from(group) {
+            Ok(g) if g > 0 => g,
+            _ => return Err(self.unsupported(format!("group {group} must be positive"))),
+        };
+        let c_in = shape[1];
+        if w.dims[0] != c_in || !c_in.is_multiple_of(groups) {
+            return Err(self.unsupported(format!(
+                "weight {:?} with {groups} groups on {c_in} channels",
+                w.dims
+            )));
+        }
+        let c_out = w.dims[1]
+            .checked_mul(groups)
+            .ok_or_else(|| self.unsupported("the channel count overflows"))?;
+        let kernel = w.dims[2..].to_vec();
+        let list = |name: &str, default: usize| -> Result<Vec<usize>, OnnxError> {
+            match attr_ints(n, name) {
+                None => Ok(vec![default; rank]),
+                Some(v) => self.sizes(name, &v),
+            }
+        };
+        let (strides, dil, out_pad) =
+            (list("strides", 1)?, list("dilations", 1)?, list("output_padding", 0)?);
+        if strides.len() != rank || dil.len() != rank || out_pad.len() != rank {
+            return Err(
+                self.unsupported("strides/dilations/output_padding do not match the kernel rank")
+            );
+        }
+        if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
+            return Err(self.unsupported(format!(
+                "strides {strides:?}, dilations {dil:?} and kernel {kernel:?} must be positive"
+            )));
+        }
+        let spatial = &shape[2..];
+        // the full extent s·(in − 1) + output_padding + d·(k − 1) + 1
+        let mut full = Vec::with_capacity(rank);
+        for i in 0..rank {
+            let f = (spatial[i] - 1)
+                .checked_mul(strides[i])
+                .and_then(|v| v.checked_add(out_pad[i]))
+                .and_then(|v| v.checked_add((kernel[i] - 1).checked_mul(dil[i])?))
+                .and_then(|v| v.checked_add(1))
+                .ok_or_else(|| self.unsupported("the output extent overflows"))?;
+            full.push(f);
+        }
+        let auto_pad = attr_s(n, "auto_pad").unwrap_or_else(|| "NOTSET".into());
+        let target: Option<Vec<usize>> = match attr_ints(n, "output_shape") {
+            Some(v) => {
+                let v = self.sizes("output_shape", &v)?;
+                // output_shape may list the spatial axes or all of them
+                Some(if v.len() == rank + 2 { v[2..].to_vec() } else { v })
+            }
+            None if auto_pad.starts_with("SAME") => {
+                Some(spatial.iter().zip(&strides).map(|(a, b)| a.saturating_mul(*b)).collect())
+            }
+            None => None,
+        };
+        let pads: Vec<usize> = match (&target, auto_pad.as_str()) {
+            (Some(t), _) => {
+                if t.len() != rank {
+                    return Err(self.unsupported("output_shape does not match the kernel rank"));
+                }
+                let mut p = vec![0; 2 * rank];
+                for i in 0..rank {
+                    let total = full[i].checked_sub(t[i]).ok_or_else(|| {
+                        self.unsupported(format!(
+                            "output_shape {t:?} exceeds the full extent {full:?}"
+                        ))
+                    })?;
+                    let (half, rest) = (total / 2, total - total / 2);
+                    (p[i], p[i + rank]) =
+                        if auto_pad == "SAME_UPPER" { (half, rest) } else { (rest, half) };
+                }
+                p
+            }
+            (None, "NOTSET") => match attr_ints(n, "pads") {
+                None => vec![0; 2 * rank],
+                Some(v) => self.sizes("pads", &v)?,
+            },
+            (None, "VALID") => vec![0; 2 * rank],
+            (None, other) => return Err(self.unsupported(format!("auto_pad={other}"))),
+        };
+        if pads.len() != 2 * rank {
+            return Err(self.unsupported("pads do not match the kernel rank"));
+        }
+        let mut out = Vec::with_capacity(rank);
+        for i in 0..rank {
+            let o = full[i].checked_sub(pads[i] + pads[i + rank]).filter(|&o| o > 0);
+            out.push(o.ok_or_else(|| self.unsupported(format!("pads {pads:?} leave no output")))?);
+        }
+        let g2 = |v: &[usize], d: usize| if rank == 1 { (d, v[0]) } else { (v[0], v[1]) };
+        let (pt, pl, pb, pr) =
+            if rank == 1 { (0, pads[0], 0, pads[1]) } else { (pads[0], pads[1], pads[2], pads[3]) };
+        let window = nnlin_ir::Window::new(
+            g2(&out, 1),
+            g2(&kernel, 1),
+            g2(&strides, 1),
+            g2(&dil, 1),
+            (pt, pl, pb, pr),
+            false,
+        )
+        .filter(|w| (w.oh, w.ow) == g2(spatial, 1))
+        .ok_or_else(|| {
+            self.unsupported(format!(
+                "output_padding {out_pad:?} must be smaller than the stride or the dilation"
+            ))
+        })?;
+        let unfolded = [w.dims[1], window.kh, window.kw, window.oh, window.ow];
+        self.check_alloc("the unfolded input", nnlin_ir::checked_numel(&unfolded), 8)?;
+        self.check_shape("the output", &[c_out, window.ih, window.iw])?;
+        let bias = self.const_input(2)?.map(|b| b.data);
+        let conv = nnlin_ir::Conv {
+            window,
+            c_in: c_out,
+            c_out: c_in,
+            groups,
+            weight: std::sync::Arc::new(w.data),
+            bias: None,
+            one_d: rank == 1,
+        };
+        let layer = Layer::ConvTranspose(nnlin_ir::ConvTranspose { conv, bias });
+        Ok(Sym::Value(self.net.push(node_name(n), "ConvTranspose", layer, vec![x])?))
     }
 
     fn pool(&mut self) -> Result<Sym, OnnxError> {
@@ -2188,8 +2428,45 @@ pub fn import_with_resolver(
     let mut net = Network::new(shape);
     let mut skipped_softmax = None;
 
-    for node in &graph.node {
+    // composite operators are rewritten into primitive nodes (expand.rs),
+    // which are imported next, in order
+    let mut queue: std::collections::VecDeque<std::borrow::Cow<'_, NodeProto>> =
+        graph.node.iter().map(std::borrow::Cow::Borrowed).collect();
+    while let Some(node) = queue.pop_front() {
+        let node: &NodeProto = &node;
         let op = node.op_type.clone().unwrap_or_default();
+        if expand::EXPANDED.contains(&op.as_str())
+            && matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+        {
+            let shape = |name: &str| -> Option<Vec<usize>> {
+                syms.get(name).map(|s| match s {
+                    Sym::Const(t) => t.dims.clone(),
+                    Sym::Value(v) | Sym::Expr { root: v, .. } => net.shape(*v).to_vec(),
+                })
+            };
+            let constant = |name: &str| match syms.get(name) {
+                Some(Sym::Const(t)) => Some(t.clone()),
+                _ => None,
+            };
+            let ctx = expand::Ctx { shape: &shape, constant: &constant, opset, budget };
+            let expansion = expand::expand(node, &ctx).map_err(|reason| {
+                OnnxError::Unsupported { node: node_name(node), op_type: op.clone(), reason }
+            })?;
+            if let Some(e) = expansion {
+                for (name, t) in e.consts {
+                    if syms.insert(name.clone(), Sym::Const(t)).is_some() {
+                        return Err(OnnxError::Graph(format!(
+                            "node `{}` defines `{name}`, which is already defined",
+                            node_name(node)
+                        )));
+                    }
+                }
+                for n in e.nodes.into_iter().rev() {
+                    queue.push_front(std::borrow::Cow::Owned(n));
+                }
+                continue;
+            }
+        }
         if !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
             return Err(OnnxError::UnsupportedOp {
                 node: node_name(node),
@@ -2296,6 +2573,10 @@ pub fn import_with_resolver(
                 }
                 "Conv" => {
                     let s = imp.conv()?;
+                    imp.set_output(s);
+                }
+                "ConvTranspose" => {
+                    let s = imp.conv_transpose()?;
                     imp.set_output(s);
                 }
                 "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" => {
