@@ -8,13 +8,15 @@ For each model and exporter it writes /tmp/zoo/<size>/<name>.{legacy,default}.on
 default exporter's weights as external data), <name>.x.npy and <name>.grad.npy, runs
   target/release/nnlin explain MODEL --input X --rows top1 --out OUT
 under /usr/bin/time, and prints one markdown row: the top-1 row's max abs error relative to
-max |grad|, W·x + b − F(x) as nnlin reports it, the linearize time nnlin reports, the whole
+max |grad| (for the default export, the gradient of a copy with batch-norm folded into the
+convolutions in float32 and the attention scale rounded as that exporter writes them; see
+fixtures/generate_zoo.py), W·x + b − F(x) as nnlin reports it, the linearize time nnlin reports, the whole
 process's wall time and peak RSS.
 
 Usage: python benches/torchvision_zoo.py [--size S] [NAME ...]   (build nnlin first:
 cargo build --release)
 """
-import os, re, subprocess, sys, time, warnings
+import copy, os, re, subprocess, sys, time, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, torch, torchvision.models as tvm
 
@@ -37,28 +39,8 @@ specs = {
 }
 
 
-class ExactHardswish(torch.nn.Module):
-    """x·relu6(x + 3)/6 in the module's own precision (torch's Hardswish backward
-    multiplies by a float32 1/6 even in float64)."""
-    def forward(self, x):
-        return x * torch.clamp(x + 3, 0, 6) / 6
-
-
-class ExactHardsigmoid(torch.nn.Module):
-    def forward(self, x):
-        return torch.clamp(x + 3, 0, 6) / 6
-
-
-def exact_reference(m):
-    """The float64 reference model: hard activations as their formulas."""
-    for name, child in m.named_children():
-        if isinstance(child, torch.nn.Hardswish):
-            setattr(m, name, ExactHardswish())
-        elif isinstance(child, torch.nn.Hardsigmoid):
-            setattr(m, name, ExactHardsigmoid())
-        else:
-            exact_reference(child)
-    return m
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from generate_zoo import Float32AttentionScale, exact, fold_bn  # noqa: E402
 
 
 def nonzero_linears(m):
@@ -93,13 +75,21 @@ for name in args or list(specs):
     x = torch.rand(1, 3, size, size)
     m64 = specs[name](size).eval()
     m64.load_state_dict(m.state_dict())
-    m64 = exact_reference(m64).double()
+    m_folded = copy.deepcopy(m64)
+    m64 = exact(m64).double()
     xd = x.double().requires_grad_(True)
     y = m64(xd)[0]
-    y[int(torch.argmax(y))].backward()
-    grad = xd.grad.reshape(-1).numpy()
+    top = int(torch.argmax(y))
+    y[top].backward()
+    grads = {"legacy": xd.grad.reshape(-1).numpy()}
+    # the default exporter folds batch-norm in float32 and rounds the attention scale:
+    # its reference does the same
+    xd = x.double().requires_grad_(True)
+    with Float32AttentionScale():
+        exact(fold_bn(m_folded)).double()(xd)[0][top].backward()
+    grads["default"] = xd.grad.reshape(-1).numpy()
     np.save(f"{OUT}/{name}.x.npy", x.double().numpy())
-    np.save(f"{OUT}/{name}.grad.npy", grad.reshape(1, -1))
+    np.save(f"{OUT}/{name}.grad.npy", grads["legacy"].reshape(1, -1))
     for tag in ["legacy", "default"]:
         path = f"{OUT}/{name}.{tag}.onnx"
         try:
@@ -124,6 +114,7 @@ for name in args or list(specs):
             continue
         fit = re.search(r"= ([0-9.e+-]+), ([0-9.]+) s", p.stdout + p.stderr)
         w = np.load(f"{out}/W.npy").reshape(-1)
+        grad = grads[tag]
         err = np.abs(w - grad).max() / np.abs(grad).max()
         print(f"| {name} | {tag} | {err:.1e} | {float(fit.group(1)):.1e} | {float(fit.group(2)):.2f} "
               f"| {wall:.1f} | {rss:.0f} |", flush=True)

@@ -37,6 +37,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "AveragePool",
     "BatchNormalization",
     "Cast",
+    "CastLike",
     "Ceil (of constants)",
     "Celu",
     "Clip",
@@ -739,10 +740,13 @@ impl Importer<'_> {
             "Tanh" => unary(f64::tanh)?,
             "Sigmoid" => unary(|v| 1.0 / (1.0 + (-v).exp()))?,
             "Relu" => unary(|v| v.max(0.0))?,
-            "Cast" => {
+            "Cast" | "CastLike" => {
                 let t = c(0)?;
-                let to = attr_i(n, "to", 1) as i32;
-                let is_int = !matches!(to, 1 | 10 | 11 | 16);
+                let is_int = if op == "CastLike" {
+                    c(1)?.is_int
+                } else {
+                    !matches!(attr_i(n, "to", 1), 1 | 10 | 11 | 16)
+                };
                 let data = if is_int {
                     t.data.iter().map(|v| v.trunc()).collect()
                 } else {
@@ -2563,6 +2567,22 @@ pub fn import_with_resolver(
                     }
                 }
                 "Identity" | "Dropout" => {
+                    let s =
+                        imp.input(0)?.cloned().ok_or_else(|| imp.unsupported("missing input"))?;
+                    imp.set_output(s);
+                }
+                "Cast" | "CastLike" => {
+                    // to a floating type: the identity (nnlin computes in
+                    // float64); to an integer type: a step function
+                    let to_int = match op.as_str() {
+                        "Cast" => !matches!(attr_i(node, "to", 1), 1 | 10 | 11 | 16),
+                        _ => matches!(imp.input(1)?, Some(Sym::Const(t)) if t.is_int),
+                    };
+                    if to_int {
+                        return Err(imp.unsupported(
+                            "a cast of a tensor that depends on the input to an integer type",
+                        ));
+                    }
                     let s =
                         imp.input(0)?.cloned().ok_or_else(|| imp.unsupported("missing input"))?;
                     imp.set_output(s);
