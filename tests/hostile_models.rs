@@ -353,7 +353,10 @@ fn edit(m: &mut proto::ModelProto, pick: usize, what: usize, value: i64) {
                 .input
                 .first_mut()
                 .and_then(|i| i.r#type.as_mut())
-                .and_then(|t| t.tensor_type.as_mut())
+                .and_then(|t| match &mut t.value {
+                    Some(proto::type_proto::Value::TensorType(t)) => Some(t),
+                    _ => None,
+                })
                 .and_then(|t| t.shape.as_mut())
                 .and_then(|s| s.dim.get_mut(pick % 4))
             {

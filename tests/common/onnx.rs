@@ -55,7 +55,7 @@ pub fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
     proto::ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(proto::TypeProto {
-            tensor_type: Some(proto::type_proto::Tensor {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
                 elem_type: Some(1),
                 shape: Some(proto::TensorShapeProto {
                     dim: dims
@@ -66,7 +66,7 @@ pub fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
                         })
                         .collect(),
                 }),
-            }),
+            })),
             ..Default::default()
         }),
         ..Default::default()

@@ -16,6 +16,7 @@
 
 use crate::proto::{AttributeProto, NodeProto};
 use crate::tensor::Tensor;
+use crate::{attr, attr_i, attr_s};
 
 /// Nodes and constants that replace one node; the last node writes the
 /// original node's output.
@@ -127,18 +128,6 @@ impl Builder {
         }
         self.node("Transpose", vec![x], vec![ints("perm", perm)], None)
     }
-}
-
-fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
-    node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
-}
-
-fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
-    attr(node, name).and_then(|a| a.i).unwrap_or(default)
-}
-
-fn attr_s(node: &NodeProto, name: &str) -> Option<String> {
-    attr(node, name).and_then(|a| a.s.as_ref()).map(|s| String::from_utf8_lossy(s).into_owned())
 }
 
 fn ints(name: &str, v: &[usize]) -> AttributeProto {
