@@ -14,7 +14,7 @@ use ndarray::{Array2, Array3, ArrayD};
 use ndarray_npy::read_npy;
 use nnlin::{Mode, Model, Options};
 
-const MODELS: [&str; 9] = [
+const MODELS: [&str; 10] = [
     "attention",
     "deconv",
     "deconv1d",
@@ -24,6 +24,7 @@ const MODELS: [&str; 9] = [
     "resize",
     "se",
     "shuffle",
+    "volumetric",
 ];
 
 fn dir() -> PathBuf {

@@ -13,6 +13,15 @@
 //! - `ReduceMax`/`ReduceMin`: the reduced axes moved last and flattened, then
 //!   a `MaxPool` over them (PyTorch's max-pool convention at ties: the first
 //!   maximum), `Neg` on both sides for the minimum.
+//! - 3-D `Conv`: for each output depth, the sum over the kernel's depth taps
+//!   of 2-D convolutions of input depth slices (`Gather`) by the kernel's
+//!   depth slices, concatenated along depth.
+//! - 3-D pools: separable, a 2-D pool over (height, width) with depth folded
+//!   into the channels, then a pool over depth: a box's maximum is the
+//!   maximum over depth of the per-slice maxima, picking the same first
+//!   maximum in (d, h, w) order as PyTorch; a box's average, with or without
+//!   the padding counted, is the average over depth of the per-slice
+//!   averages, since the valid count of a box is the product of its axes'.
 
 use crate::proto::{AttributeProto, NodeProto};
 use crate::tensor::Tensor;
@@ -36,6 +45,10 @@ pub(crate) struct Ctx<'a> {
     pub budget: usize,
 }
 
+/// The most nodes one rewrite may emit (a 3-D convolution emits one 2-D
+/// convolution per output depth and depth tap).
+const MAX_NODES: usize = 1 << 16;
+
 /// The operators this pass rewrites.
 pub(crate) const EXPANDED: &[&str] = &["Einsum", "ReduceMax", "ReduceMin", "Resize", "Upsample"];
 
@@ -43,7 +56,10 @@ pub(crate) const EXPANDED: &[&str] = &["Einsum", "ReduceMax", "ReduceMin", "Resi
 /// `Err` carries the reason the node cannot be rewritten.
 pub(crate) fn expand(node: &NodeProto, ctx: &Ctx<'_>) -> Result<Option<Expansion>, String> {
     let op = node.op_type.as_deref().unwrap_or("");
-    if !EXPANDED.contains(&op) {
+    let volumetric =
+        matches!(op, "Conv" | "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool")
+            && node.input.first().and_then(|x| (ctx.shape)(x)).is_some_and(|s| s.len() == 5);
+    if !EXPANDED.contains(&op) && !volumetric {
         return Ok(None);
     }
     let out = node.output.first().filter(|o| !o.is_empty()).ok_or("the node has no output")?;
@@ -64,6 +80,10 @@ pub(crate) fn expand(node: &NodeProto, ctx: &Ctx<'_>) -> Result<Option<Expansion
             let noop = attr_i(node, "noop_with_empty_axes", 0) != 0;
             let keep = attr_i(node, "keepdims", 1) != 0;
             reduce_max(&x, &shape_of(&x)?, axes, noop, keep, op == "ReduceMin", &mut b)?
+        }
+        "Conv" => conv3d(node, ctx, &x, &shape_of(&x)?, &mut b)?,
+        "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" => {
+            pool3d(node, &x, &shape_of(&x)?, &mut b)?
         }
         _ => resize(node, ctx, &x, &shape_of(&x)?, &mut b)?,
     };
@@ -486,6 +506,16 @@ fn resize(
     let mut v = x.to_string();
     for a in 0..rank {
         let (din, dout) = (shape[a], out_dims[a]);
+        // the index list or interpolation matrix must fit before it is built
+        match din.checked_mul(dout).and_then(|c| c.checked_mul(8)) {
+            Some(bytes) if bytes <= ctx.budget => {}
+            _ => {
+                return Err(format!(
+                    "resizing an axis of {din} to {dout} needs a {din}×{dout} matrix, over the memory budget of {} bytes",
+                    ctx.budget
+                ));
+            }
+        }
         // an axis kept at its size with scale 1 maps every output to its
         // own input in every mode (the source coordinate is the integer o)
         if dout == din && scale[a] == 1.0 {
@@ -598,4 +628,240 @@ fn resize(
         }
     }
     Ok(v)
+}
+
+/// `ints` of an attribute, or `default` repeated `n` times; negative values
+/// refused.
+fn attr_sizes(
+    node: &NodeProto,
+    name: &str,
+    n: usize,
+    default: usize,
+) -> Result<Vec<usize>, String> {
+    match attr(node, name) {
+        None => Ok(vec![default; n]),
+        Some(a) => {
+            let v: Vec<usize> = a
+                .ints
+                .iter()
+                .map(|&x| usize::try_from(x).map_err(|_| format!("{name} {x} is negative")))
+                .collect::<Result<_, _>>()?;
+            if v.len() != n {
+                return Err(format!("{name} has {} entries, expected {n}", v.len()));
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// Per-axis geometry of a 3-D window: pads (begin, end) from `pads` or
+/// `auto_pad`, and the output extents.
+struct Geometry3 {
+    kernel: Vec<usize>,
+    strides: Vec<usize>,
+    dil: Vec<usize>,
+    begin: Vec<usize>,
+    end: Vec<usize>,
+    out: Vec<usize>,
+}
+
+fn geometry3(
+    node: &NodeProto,
+    spatial: &[usize],
+    kernel: Vec<usize>,
+    ceil: bool,
+) -> Result<Geometry3, String> {
+    let strides = attr_sizes(node, "strides", 3, 1)?;
+    let dil = attr_sizes(node, "dilations", 3, 1)?;
+    if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
+        return Err(format!(
+            "strides {strides:?}, dilations {dil:?} and kernel {kernel:?} must be positive"
+        ));
+    }
+    let (mut begin, mut end) = (vec![0; 3], vec![0; 3]);
+    match attr_s(node, "auto_pad").as_deref().unwrap_or("NOTSET") {
+        "NOTSET" => {
+            let p = attr_sizes(node, "pads", 6, 0)?;
+            begin.copy_from_slice(&p[..3]);
+            end.copy_from_slice(&p[3..]);
+        }
+        "VALID" => {}
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => {
+            for i in 0..3 {
+                let out = spatial[i].div_ceil(strides[i]);
+                let need = ((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1)
+                    .saturating_sub(spatial[i]);
+                let (small, big) = (need / 2, need - need / 2);
+                (begin[i], end[i]) = if mode == "SAME_UPPER" { (small, big) } else { (big, small) };
+            }
+        }
+        other => return Err(format!("auto_pad={other}")),
+    }
+    let mut out = vec![0; 3];
+    for i in 0..3 {
+        let span = (kernel[i] - 1)
+            .checked_mul(dil[i])
+            .and_then(|v| v.checked_add(1))
+            .ok_or("the window overflows")?;
+        let padded = spatial[i]
+            .checked_add(begin[i])
+            .and_then(|v| v.checked_add(end[i]))
+            .ok_or("the padded extent overflows")?;
+        if padded < span {
+            return Err(format!("kernel {kernel:?} does not fit input {spatial:?}"));
+        }
+        let steps = padded - span;
+        out[i] = if ceil { steps.div_ceil(strides[i]) } else { steps / strides[i] } + 1;
+        // ceil mode: a last window that starts in the right padding is dropped
+        if ceil && (out[i] - 1) * strides[i] >= spatial[i] + begin[i] {
+            out[i] -= 1;
+        }
+    }
+    Ok(Geometry3 { kernel, strides, dil, begin, end, out })
+}
+
+fn conv3d(
+    node: &NodeProto,
+    ctx: &Ctx<'_>,
+    x: &str,
+    shape: &[usize],
+    b: &mut Builder,
+) -> Result<String, String> {
+    let wname = node.input.get(1).filter(|s| !s.is_empty()).ok_or("missing weight")?;
+    let w = (ctx.constant)(wname).ok_or("the weight must be a constant")?;
+    if shape[0] != 1 || w.dims.len() != 5 {
+        return Err(format!("input {shape:?} with weight {:?}", w.dims));
+    }
+    let g = geometry3(node, &shape[2..], w.dims[2..].to_vec(), false)?;
+    let (m, cg, kd) = (w.dims[0], w.dims[1], w.dims[2]);
+    if g.out[0].saturating_mul(kd) > MAX_NODES {
+        return Err(format!(
+            "{} output depths × {kd} depth taps exceed the {MAX_NODES} 2-D convolutions a rewrite may make",
+            g.out[0]
+        ));
+    }
+    let (kh, kw) = (w.dims[3], w.dims[4]);
+    let slab = cg * kh * kw;
+    let group = attr_i(node, "group", 1);
+    let bias = node.input.get(2).filter(|s| !s.is_empty()).cloned();
+    // the 2-D convolution of one depth slice by one depth tap of the kernel
+    let attrs2 = || {
+        vec![
+            ints("kernel_shape", &[kh, kw]),
+            ints("strides", &g.strides[1..]),
+            ints("dilations", &g.dil[1..]),
+            ints("pads", &[g.begin[1], g.begin[2], g.end[1], g.end[2]]),
+            int("group", group),
+        ]
+    };
+    let taps: Vec<String> = (0..kd)
+        .map(|t| {
+            let mut data = Vec::with_capacity(m * slab);
+            for o in 0..m {
+                for c in 0..cg {
+                    let at = ((o * cg + c) * kd + t) * kh * kw;
+                    data.extend_from_slice(&w.data[at..at + kh * kw]);
+                }
+            }
+            b.konst(Tensor::new(vec![m, cg, kh, kw], data, false))
+        })
+        .collect();
+    let mut slices: Vec<Option<String>> = vec![None; shape[2]];
+    let mut planes = Vec::with_capacity(g.out[0]);
+    for od in 0..g.out[0] {
+        let mut acc: Option<String> = None;
+        for (t, tap) in taps.iter().enumerate() {
+            let Some(id) = (od * g.strides[0] + t * g.dil[0]).checked_sub(g.begin[0]) else {
+                continue;
+            };
+            if id >= shape[2] {
+                continue;
+            }
+            let slice = match &slices[id] {
+                Some(s) => s.clone(),
+                None => {
+                    let i = b.konst(Tensor::new(vec![], vec![id as f64], true));
+                    let s = b.node("Gather", vec![x.to_string(), i], vec![int("axis", 2)], None);
+                    slices[id] = Some(s.clone());
+                    s
+                }
+            };
+            let mut inputs = vec![slice, tap.clone()];
+            if acc.is_none()
+                && let Some(bn) = &bias
+            {
+                inputs.push(bn.clone());
+            }
+            let y = b.node("Conv", inputs, attrs2(), None);
+            acc = Some(match acc {
+                None => y,
+                Some(a) => b.node("Add", vec![a, y], vec![], None),
+            });
+        }
+        let y = acc.ok_or_else(|| format!("output depth {od} reads only padding"))?;
+        planes.push(y);
+    }
+    let (oh, ow) = (g.out[1], g.out[2]);
+    let planes: Vec<String> =
+        planes.into_iter().map(|p| b.reshape(p, &[1, m, 1, oh, ow])).collect();
+    Ok(if planes.len() == 1 {
+        planes.into_iter().next().expect("one plane")
+    } else {
+        b.node("Concat", planes, vec![int("axis", 2)], None)
+    })
+}
+
+fn pool3d(node: &NodeProto, x: &str, shape: &[usize], b: &mut Builder) -> Result<String, String> {
+    let op = node.op_type.as_deref().unwrap_or("");
+    if node.output.len() > 1 && !node.output[1].is_empty() {
+        return Err("the Indices output is not supported".into());
+    }
+    let (c, d, h, w) = (shape[1], shape[2], shape[3], shape[4]);
+    if shape[0] != 1 {
+        return Err(format!("input {shape:?}"));
+    }
+    if let Some(global) = op.strip_prefix("Global") {
+        let v = b.reshape(x.to_string(), &[1, c, 1, d * h * w]);
+        let v = b.node(&format!("Global{global}"), vec![v], vec![], None);
+        return Ok(b.reshape(v, &[1, c, 1, 1, 1]));
+    }
+    let kernel = attr_sizes(node, "kernel_shape", 3, 0)?;
+    let ceil = attr_i(node, "ceil_mode", 0) != 0;
+    let g = geometry3(node, &shape[2..], kernel, ceil)?;
+    let mut common = vec![int("ceil_mode", i64::from(ceil))];
+    if op == "AveragePool" {
+        common.push(int("count_include_pad", attr_i(node, "count_include_pad", 0)));
+    }
+    let with = |mut a: Vec<AttributeProto>| {
+        a.extend(common.iter().cloned());
+        a
+    };
+    // (height, width), depth folded into the channels
+    let v = b.reshape(x.to_string(), &[1, c * d, h, w]);
+    let v = b.node(
+        op,
+        vec![v],
+        with(vec![
+            ints("kernel_shape", &g.kernel[1..]),
+            ints("strides", &g.strides[1..]),
+            ints("pads", &[g.begin[1], g.begin[2], g.end[1], g.end[2]]),
+            ints("dilations", &g.dil[1..]),
+        ]),
+        None,
+    );
+    let plane = g.out[1] * g.out[2];
+    // then depth, with the plane flattened into the width
+    let v = b.reshape(v, &[1, c, d, plane]);
+    let v = b.node(
+        op,
+        vec![v],
+        with(vec![
+            ints("kernel_shape", &[g.kernel[0], 1]),
+            ints("strides", &[g.strides[0], 1]),
+            ints("pads", &[g.begin[0], 0, g.end[0], 0]),
+            ints("dilations", &[g.dil[0], 1]),
+        ]),
+        None,
+    );
+    Ok(b.reshape(v, &[1, c, g.out[0], g.out[1], g.out[2]]))
 }

@@ -478,7 +478,7 @@ pub fn import_with_resolver(
     while let Some(node) = queue.pop_front() {
         let node: &NodeProto = &node;
         let op = node.op_type.clone().unwrap_or_default();
-        if ops::handler(&op) == Some(Handler::Expand)
+        if matches!(ops::handler(&op), Some(Handler::Expand | Handler::Conv | Handler::Pool))
             && matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
         {
             let shape = |name: &str| -> Option<Vec<usize>> {
