@@ -41,11 +41,11 @@ use faer::Mat;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
-pub use nnlin_compile::plan;
 pub use nnlin_compile::{
     Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate,
     accumulate_split, adjoints, estimated_flops,
 };
+pub use nnlin_compile::{matfree, plan};
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
 pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};
@@ -436,6 +436,26 @@ impl Model {
     /// Linearizes this model alone at `x`.
     pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Ensemble::single(self.clone()).linearize(x, opts)
+    }
+
+    /// W at `x` (the rows `opts.rows` selects, in `opts.mode`) as a
+    /// matrix-free operator: `W·v` and `Wᵀ·u` through the compiled
+    /// operators, one network pass each, without forming W. It implements
+    /// faer's `LinOp`/`BiLinOp`; [`matfree::top_singular`] gives W's top
+    /// singular directions.
+    ///
+    /// ```
+    /// # let model = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx")).unwrap();
+    /// let x = [5.9, 3.0, 5.1, 1.8];
+    /// let op = model.operator(&x, &nnlin::Options::default()).unwrap();
+    /// let wx = op.matvec(&x); // W·x without forming W
+    /// assert_eq!(wx.len(), op.nrows());
+    /// ```
+    pub fn operator(&self, x: &[f64], opts: &Options) -> Result<matfree::LinearMap> {
+        let inst = self.compile_instance(x, opts.mode)?;
+        let rows = select_rows(&opts.rows, &inst.output)?;
+        matfree::LinearMap::new(inst, rows)
+            .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }
 }
 

@@ -546,3 +546,71 @@ fn neurons_contributions_add_up() {
     }
     assert_eq!(&std::fs::read(out.join("neurons_0.png")).unwrap()[..4], b"\x89PNG");
 }
+
+#[test]
+fn svd_writes_the_top_singular_directions_without_w() {
+    let tmp = std::env::temp_dir().join(format!("nnlin-svd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cnn = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/cnn");
+    let (model, input) = (cnn.join("resnet_small.onnx"), cnn.join("resnet_small.inputs.npy"));
+    let full = tmp.join("full");
+    let o = run(&["explain", s(&model), "--input", s(&input), "--out", s(&full)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svd = tmp.join("svd");
+    let o = run(&[
+        "explain",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&svd),
+        "--svd",
+        "3",
+        "--heatmap",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!svd.join("W.npy").exists(), "--svd must not write W");
+    assert!(svd.join("svd/instance_0.png").exists());
+    let w = Array3::<f64>::read_npy(std::fs::File::open(full.join("W.npy")).unwrap()).unwrap();
+    let b = Array2::<f64>::read_npy(std::fs::File::open(full.join("b.npy")).unwrap()).unwrap();
+    let vals =
+        Array2::<f64>::read_npy(std::fs::File::open(svd.join("singular_values.npy")).unwrap())
+            .unwrap();
+    let vecs =
+        Array3::<f64>::read_npy(std::fs::File::open(svd.join("singular_vectors.npy")).unwrap())
+            .unwrap();
+    let b_svd = Array2::<f64>::read_npy(std::fs::File::open(svd.join("b.npy")).unwrap()).unwrap();
+    assert_eq!(vals.dim(), (w.dim().0, 3));
+    assert_eq!(vecs.dim(), (w.dim().0, 3, w.dim().2));
+    for k in 0..w.dim().0 {
+        let (m, n) = (w.dim().1, w.dim().2);
+        let dense = faer::Mat::from_fn(m, n, |i, j| w[(k, i, j)]);
+        let svd_k = dense.thin_svd().unwrap();
+        for j in 0..3 {
+            let want = svd_k.S()[j];
+            assert!((vals[(k, j)] - want).abs() <= 1e-9 * svd_k.S()[0], "σ{j}");
+            // W·v = σ·u: ‖W·v‖ = σ
+            let wv: f64 = (0..m)
+                .map(|i| (0..n).map(|c| w[(k, i, c)] * vecs[(k, j, c)]).sum::<f64>().powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((wv - want).abs() <= 1e-9 * svd_k.S()[0], "‖W·v{j}‖ = {wv}, σ = {want}");
+        }
+        for i in 0..w.dim().1 {
+            assert!((b[(k, i)] - b_svd[(k, i)]).abs() <= 1e-12, "b");
+        }
+    }
+    let o = run(&[
+        "explain",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&tmp.join("x")),
+        "--svd",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

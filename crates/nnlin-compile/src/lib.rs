@@ -14,6 +14,7 @@
 //!
 //! The compiled path never calls the reference interpreter.
 
+pub mod matfree;
 pub mod plan;
 pub mod region;
 
@@ -872,12 +873,23 @@ pub(crate) fn reverse_to(
     stop: usize,
     par: Par,
 ) -> (Option<Block>, Vec<f64>) {
-    let m = rows.len();
-    let mut adj: Vec<Option<Block>> = (0..inst.value_lens.len()).map(|_| None).collect();
-    let mut g0 = Block::zeros(m, inst.output.len());
+    let mut g0 = Block::zeros(rows.len(), inst.output.len());
     for (i, &r) in rows.iter().enumerate() {
         g0[(i, r)] = 1.0;
     }
+    reverse_from(inst, g0, stop, par)
+}
+
+/// [`reverse_to`] from any output adjoint `g0` (`k × outputs`): `g0·J` at
+/// value `stop` and `g0`'s rows of the pushed-back offsets.
+pub(crate) fn reverse_from(
+    inst: &Instance,
+    g0: Block,
+    stop: usize,
+    par: Par,
+) -> (Option<Block>, Vec<f64>) {
+    let m = g0.nrows();
+    let mut adj: Vec<Option<Block>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value] = Some(g0);
     let mut b = vec![0.0; m];
     for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {

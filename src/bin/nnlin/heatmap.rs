@@ -61,6 +61,30 @@ pub fn render(
     rows: &[(usize, Vec<f64>, f64, f64, f64)],
     title: &str,
 ) -> Vec<u8> {
+    let labeled: Vec<(String, &[f64])> = rows
+        .iter()
+        .map(|(class, wrow, f, wx, b)| {
+            let label = format!(
+                "CLASS {class}: F={} W*X={} B={}",
+                plot::format_num(*f),
+                plot::format_num(*wx),
+                plot::format_num(*b)
+            );
+            (label, wrow.as_slice())
+        })
+        .collect();
+    render_labeled(shape, x, &labeled, title, ["W (ROW)", "W*X"])
+}
+
+/// The grid for any rows over the input (`rows`: label, vector): the input,
+/// each vector and its product with the input, under `headers`.
+pub fn render_labeled(
+    shape: &[usize],
+    x: &[f64],
+    rows: &[(String, &[f64])],
+    title: &str,
+    headers: [&str; 2],
+) -> Vec<u8> {
     let (c, h, w) = geometry(shape);
     let hw = h * w;
     let cell = (112 / h.max(w)).clamp(2, 32) as u32;
@@ -77,19 +101,13 @@ pub fn render(
     plot::text(&mut img, 10, 8, title, 1, black);
     let xs = [10, 10 + col_w[0], 10 + col_w[0] + col_w[1]];
     plot::text(&mut img, xs[0], 28, "INPUT", 1, black);
-    plot::text(&mut img, xs[1], 28, "W (ROW)", 1, black);
-    plot::text(&mut img, xs[2], 28, "W*X", 1, black);
+    plot::text(&mut img, xs[1], 28, headers[0], 1, black);
+    plot::text(&mut img, xs[2], 28, headers[1], 1, black);
     let (lo, hi) =
         x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    for (r, (class, wrow, f, wx, b)) in rows.iter().enumerate() {
+    for (r, (label, wrow)) in rows.iter().enumerate() {
         let y = 44 + r as u32 * row_h;
-        let label = format!(
-            "CLASS {class}: F={} W*X={} B={}",
-            plot::format_num(*f),
-            plot::format_num(*wx),
-            plot::format_num(*b)
-        );
-        plot::text(&mut img, xs[0], y, &label, 1, black);
+        plot::text(&mut img, xs[0], y, label, 1, black);
         let y = y + label_h;
         // input
         if c == 3 {

@@ -13,6 +13,7 @@ mod io;
 mod neurons;
 mod output;
 mod region;
+mod svd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,6 +135,12 @@ enum Command {
         /// Resize image inputs (PNG/JPEG) to the model's input size.
         #[arg(long)]
         resize: bool,
+        /// Instead of W, write its top K singular values and right singular
+        /// vectors (singular_values.npy, singular_vectors.npy, b.npy,
+        /// summary.json; with --heatmap, svd/instance_K.png), computed
+        /// matrix-free: W is never formed. One model; K ≤ 256.
+        #[arg(long, value_name = "K")]
+        svd: Option<usize>,
     },
     /// The linear region around each instance (Lemma 1): exact ℓ2/ℓ∞ radius,
     /// binding boundary, sampled verification. Smooth networks get a
@@ -339,6 +346,7 @@ fn demo() -> Result<()> {
         heatmap: true,
         then: vec![],
         resize: false,
+        svd: None,
     })?;
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
@@ -378,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             heatmap,
             then,
             resize,
+            svd,
         } => explain(ExplainArgs {
             models,
             weights: weights.map(|w| io::parse_numbers(&w, "--weights")).transpose()?,
@@ -392,6 +401,7 @@ fn run(cli: Cli) -> Result<()> {
             heatmap,
             then,
             resize,
+            svd,
         }),
         Command::Region { model, input, norm, verify, r#box, json, out, limit, threads } => {
             region::run(region::Args {
@@ -483,6 +493,7 @@ struct ExplainArgs {
     heatmap: bool,
     then: Vec<PathBuf>,
     resize: bool,
+    svd: Option<usize>,
 }
 
 fn mode_of(m: ModeArg) -> Mode {
@@ -536,6 +547,26 @@ fn explain(args: ExplainArgs) -> Result<()> {
     };
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
+    if let Some(k) = args.svd {
+        if !(1..=256).contains(&k) {
+            bail!("--svd takes K from 1 to 256, got {k}");
+        }
+        if ens.members().len() > 1 || !pipeline.then().is_empty() {
+            bail!("--svd takes one model (no ensemble, no --then)");
+        }
+        return svd::run(svd::Args {
+            model: first,
+            xs: &xs,
+            opts: &opts,
+            k,
+            heatmap: args.heatmap,
+            f32_out: args.precision == PrecisionArg::F32,
+            threads,
+            out: &args.out,
+            input: &args.input,
+            pool: &pool,
+        });
+    }
     // W for every instance is held (and written) at once
     let m_rows = opts.rows.count(pipeline.output_len())?;
     io::check_budget(
