@@ -31,8 +31,6 @@
 //! compiler and accumulation), `nnlin-onnx` (import). See
 //! `docs/ARCHITECTURE.md`.
 
-#[cfg(feature = "cli")]
-pub mod plot;
 pub mod region;
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 #![no_main]
 #![allow(dead_code)]
 
-#[path = "../../src/bin/nnlin/io.rs"]
+#[path = "../../crates/nnlin-cli/src/io.rs"]
 mod io;
 
 use std::path::Path;

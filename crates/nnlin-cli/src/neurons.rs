@@ -12,7 +12,7 @@ use nnlin::Mode;
 use serde_json::json;
 
 use crate::{heatmap, io};
-use nnlin::plot;
+use nnlin_cli::plot;
 
 pub struct Args {
     pub model: PathBuf,

@@ -327,7 +327,7 @@ fn main() -> ExitCode {
 
 /// The bundled demo: LeNet-5 on the first MNIST test digits.
 fn demo() -> Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures");
     let model = root.join("cnn/lenet5.onnx");
     let data = root.join("data/mnist/t10k-images-idx3-ubyte.gz[0..4]");
     println!("nnlin demo: LeNet-5 (fixtures/cnn/lenet5.onnx) on the first 4 MNIST test digits");

@@ -109,7 +109,7 @@ pub fn run(a: Args<'_>) -> Result<()> {
                 .enumerate()
                 .map(|(j, v)| {
                     (
-                        format!("SINGULAR {j}: S={}", nnlin::plot::format_num(values[(i, j)])),
+                        format!("SINGULAR {j}: S={}", nnlin_cli::plot::format_num(values[(i, j)])),
                         v.as_slice(),
                     )
                 })

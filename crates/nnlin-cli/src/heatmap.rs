@@ -1,7 +1,7 @@
 //! `explain --heatmap`: each selected row of W reshaped to the input, and
 //! W⊙x (per-pixel contribution), beside the input, one grid per instance.
 
-use nnlin::plot;
+use nnlin_cli::plot;
 
 /// The input's picture geometry: channels, height, width.
 pub fn geometry(shape: &[usize]) -> (usize, usize, usize) {

@@ -9,10 +9,11 @@ use ndarray::{Array2, ArrayD};
 use ndarray_npy::ReadNpyExt;
 use nnlin::{Ensemble, Mode, Model, Options, Rows, Strategy};
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures")
 }
 
 fn mnist(range: std::ops::Range<usize>) -> Array2<f64> {

@@ -14,7 +14,7 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nnlin"))
 }
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures")
 }
 fn iris(name: &str) -> String {
     root().join("iris").join(name).display().to_string()

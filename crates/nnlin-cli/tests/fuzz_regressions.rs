@@ -49,7 +49,8 @@ fn onnx_findings() {
 
 #[test]
 fn input_file_findings() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris/relu.onnx");
+    let model =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/iris/relu.onnx");
     let tmp = tempfile::tempdir().unwrap();
     for (kind, name) in [("npy", "x.npy"), ("idx", "x-idx3-ubyte.gz")] {
         for path in inputs(kind) {
@@ -68,7 +69,8 @@ fn input_file_findings() {
             ]);
             let labels = tmp.path().join(if kind == "npy" { "y.npy" } else { "y-idx1-ubyte.gz" });
             std::fs::copy(&path, &labels).unwrap();
-            let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris/inputs.npy");
+            let data = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+                .join("fixtures/iris/inputs.npy");
             no_panic(&[
                 "decompose",
                 model.to_str().unwrap(),
@@ -85,8 +87,10 @@ fn input_file_findings() {
 
 #[test]
 fn option_findings() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris/relu.onnx");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris/inputs.npy");
+    let model =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/iris/relu.onnx");
+    let data =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/iris/inputs.npy");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     for path in inputs("options") {

@@ -12,7 +12,7 @@ use ndarray_npy::read_npy;
 use nnlin::{ImportOptions, Model, Options};
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/mtcnn")
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/mtcnn")
 }
 
 #[test]

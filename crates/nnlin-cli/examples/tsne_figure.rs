@@ -12,7 +12,8 @@
 
 use std::path::PathBuf;
 
-use nnlin::{Ensemble, Model, Options, Pipeline, plot};
+use nnlin::{Ensemble, Model, Options, Pipeline};
+use nnlin_cli::plot;
 
 const FEATURES: [&str; 4] = ["SEPAL L", "SEPAL W", "PETAL L", "PETAL W"];
 const FEATURE_COLORS: [[u8; 3]; 4] =
@@ -22,7 +23,7 @@ const SPECIES_COLORS: [[u8; 3]; 3] = [[213, 94, 0], [0, 114, 178], [0, 150, 80]]
 const MARKED: [usize; 6] = [10, 40, 60, 85, 110, 140];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     let out =
         std::env::args().nth(1).map_or_else(|| root.join("docs/img/tsne_iris.png"), PathBuf::from);
     let encoder = Model::from_onnx_file(root.join("fixtures/tsne/encoder.onnx"))?;

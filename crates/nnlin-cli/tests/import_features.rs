@@ -9,7 +9,7 @@ use nnlin_onnx::proto;
 use prost::Message;
 
 fn iris(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris").join(name)
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/iris").join(name)
 }
 fn x() -> Vec<f64> {
     vec![5.9, 3.0, 5.1, 1.8]
@@ -202,6 +202,7 @@ fn leaky_and_parametric_relu_report_their_pieces() {
     }
 }
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::onnx::{floats, int, int64s, ints, model, node};
 

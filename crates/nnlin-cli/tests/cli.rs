@@ -10,13 +10,14 @@ use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use nnlin_onnx::proto;
 use prost::Message;
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nnlin"))
 }
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/iris").join(name)
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/iris").join(name)
 }
 fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
@@ -371,7 +372,7 @@ fn failed_run_keeps_previous_output() {
 #[test]
 fn decompose_reports_exactly_the_table_keys() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures");
     let j = tmp.path().join("t.json");
     let md = tmp.path().join("t.md");
     let o = run(&[
@@ -449,7 +450,7 @@ fn region_writes_report_and_directions() {
 #[test]
 fn heatmaps_and_other_input_formats() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures");
     let out = tmp.path().join("res");
     let digits = root.join("data/mnist/t10k-images-idx3-ubyte.gz[2..5]");
     let o = run(&[
@@ -514,7 +515,7 @@ fn heatmaps_and_other_input_formats() {
 #[test]
 fn neurons_contributions_add_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures");
     let out = tmp.path().join("nr");
     let digits = root.join("data/mnist/t10k-images-idx3-ubyte.gz[0..2]");
     let o = run(&[
@@ -552,7 +553,7 @@ fn svd_writes_the_top_singular_directions_without_w() {
     let tmp = std::env::temp_dir().join(format!("nnlin-svd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    let cnn = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/cnn");
+    let cnn = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures/cnn");
     let (model, input) = (cnn.join("resnet_small.onnx"), cnn.join("resnet_small.inputs.npy"));
     let full = tmp.join("full");
     let o = run(&["explain", s(&model), "--input", s(&input), "--out", s(&full)]);
