@@ -106,6 +106,33 @@ pub enum Strategy {
     Dense,
 }
 
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Auto => "auto",
+            Strategy::Reverse => "reverse",
+            Strategy::Forward => "forward",
+            Strategy::Dp => "dp",
+            Strategy::Dense => "dense",
+        })
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    /// `auto`, `reverse`, `forward`, `dp` or `dense`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Strategy::Auto),
+            "reverse" => Ok(Strategy::Reverse),
+            "forward" => Ok(Strategy::Forward),
+            "dp" => Ok(Strategy::Dp),
+            "dense" => Ok(Strategy::Dense),
+            other => Err(format!("strategy: auto, reverse, forward, dp or dense, got {other:?}")),
+        }
+    }
+}
+
 /// Kernel throughputs for the cost model: `NNLIN_CALIBRATION` or
 /// `~/.config/nnlin/calibration.json` if `nnlin calibrate` wrote one,
 /// otherwise measured once per process.
@@ -454,6 +481,93 @@ impl Model {
         let rows = select_rows(&opts.rows, &inst.output)?;
         matfree::LinearMap::new(inst, rows)
             .map_err(|source| Error::Compile { model: self.name.clone(), source })
+    }
+}
+
+/// The source paper's decomposition figures over a labelled set (its
+/// Tables 1–4): the accuracy of F's argmax, of W·x's alone and of b's alone
+/// against the labels, and the label-flip rates of W·x and b against F's
+/// prediction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decomposition {
+    /// Instances.
+    pub n: usize,
+    /// Accuracy of argmax F(x).
+    pub accuracy: f64,
+    /// Accuracy of argmax W·x.
+    pub wx_accuracy: f64,
+    /// How often argmax W·x differs from argmax F(x).
+    pub wx_lfr: f64,
+    /// Accuracy of argmax b.
+    pub b_accuracy: f64,
+    /// How often argmax b differs from argmax F(x).
+    pub b_lfr: f64,
+}
+
+/// The index of the largest value, the first one at ties (0 if empty).
+pub fn argmax(v: &[f64]) -> usize {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i)
+}
+
+impl Model {
+    /// [`Decomposition`] of the rows of `xs` against `labels`, in parallel on
+    /// the current rayon pool; `progress` is called once per instance. W is
+    /// never formed: W·x and b come from two passes through the frozen
+    /// operators.
+    ///
+    /// # Errors
+    /// If there are no instances, fewer labels than instances, or an
+    /// instance fails to compile.
+    pub fn decompose(
+        &self,
+        xs: ArrayView2<f64>,
+        labels: &[usize],
+        mode: Mode,
+        progress: &(dyn Fn() + Sync),
+    ) -> Result<Decomposition> {
+        let count = xs.nrows();
+        if count == 0 {
+            return Err(Error::Input("no instances".into()));
+        }
+        if labels.len() < count {
+            return Err(Error::Input(format!("{} labels for {count} instances", labels.len())));
+        }
+        if xs.ncols() != self.input_len() {
+            return Err(Error::Input(format!(
+                "instances of {} values for a model input of {}",
+                xs.ncols(),
+                self.input_len()
+            )));
+        }
+        let preds: Vec<Result<(usize, usize, usize)>> = (0..count)
+            .into_par_iter()
+            .map(|k| {
+                let x = xs.row(k).to_vec();
+                let inst = self.compile_instance(&x, mode)?;
+                let (wx, b) = inst.wx_and_b(&x);
+                progress();
+                Ok((argmax(&inst.output), argmax(&wx), argmax(&b)))
+            })
+            .collect();
+        let mut t = [0usize; 5];
+        for (k, p) in preds.into_iter().enumerate() {
+            let (f, wx, b) = p?;
+            let y = labels[k];
+            t[0] += usize::from(f == y);
+            t[1] += usize::from(wx == y);
+            t[2] += usize::from(wx != f);
+            t[3] += usize::from(b == y);
+            t[4] += usize::from(b != f);
+        }
+        let r = |c: usize| c as f64 / count as f64;
+        Ok(Decomposition {
+            n: count,
+            accuracy: r(t[0]),
+            wx_accuracy: r(t[1]),
+            wx_lfr: r(t[2]),
+            b_accuracy: r(t[3]),
+            b_lfr: r(t[4]),
+        })
     }
 }
 

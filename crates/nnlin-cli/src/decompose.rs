@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use nnlin::Mode;
-use rayon::prelude::*;
 use serde_json::json;
 
 pub struct Args {
@@ -21,20 +20,6 @@ pub struct Args {
     pub markdown: Option<PathBuf>,
     pub mode: Mode,
     pub threads: Option<usize>,
-}
-
-fn argmax(v: &[f64]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i)
-}
-
-/// The six figures of one table row.
-pub struct Table {
-    pub n: usize,
-    pub accuracy: f64,
-    pub wx_accuracy: f64,
-    pub wx_lfr: f64,
-    pub b_accuracy: f64,
-    pub b_lfr: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -56,39 +41,11 @@ pub fn run(args: Args) -> Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let start = std::time::Instant::now();
-    let preds: Vec<Result<(usize, usize, usize)>> = pool.install(|| {
-        (0..count)
-            .into_par_iter()
-            .map(|k| {
-                let x = xs.row(k).to_vec();
-                let inst = model.compile_instance(&x, args.mode)?;
-                let (wx, b) = inst.wx_and_b(&x);
-                bar.inc(1);
-                Ok((argmax(&inst.output), argmax(&wx), argmax(&b)))
-            })
-            .collect()
-    });
+    let xs = xs.slice_axis(ndarray::Axis(0), ndarray::Slice::from(..count));
+    let table =
+        pool.install(|| model.decompose(xs, &labels[..count], args.mode, &|| bar.inc(1)))?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let mut t = [0usize; 5];
-    for (k, p) in preds.into_iter().enumerate() {
-        let (f, wx, b) = p?;
-        let y = labels[k];
-        t[0] += usize::from(f == y);
-        t[1] += usize::from(wx == y);
-        t[2] += usize::from(wx != f);
-        t[3] += usize::from(b == y);
-        t[4] += usize::from(b != f);
-    }
-    let r = |c: usize| c as f64 / count as f64;
-    let table = Table {
-        n: count,
-        accuracy: r(t[0]),
-        wx_accuracy: r(t[1]),
-        wx_lfr: r(t[2]),
-        b_accuracy: r(t[3]),
-        b_lfr: r(t[4]),
-    };
     let j = json!({
         "n": table.n,
         "accuracy": table.accuracy,

@@ -37,6 +37,27 @@ pub enum Mode {
     Secant,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Tangent => "tangent",
+            Mode::Secant => "secant",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    /// `tangent` or `secant`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tangent" => Ok(Mode::Tangent),
+            "secant" => Ok(Mode::Secant),
+            other => Err(format!("mode: tangent or secant, got {other:?}")),
+        }
+    }
+}
+
 /// Accumulation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

@@ -7,9 +7,10 @@
 //! [`LinOp`] and [`BiLinOp`], so faer's matrix-free solvers (partial SVD,
 //! LSMR, …) run on it.
 
+pub use faer::Par;
 use faer::dyn_stack::{MemStack, StackReq};
 use faer::matrix_free::{BiLinOp, LinOp};
-use faer::{MatMut, MatRef, Par};
+use faer::{MatMut, MatRef};
 use nnlin_linalg::Block;
 
 use crate::{CompileError, Instance, check_rows, reverse_from};
