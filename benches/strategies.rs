@@ -37,7 +37,8 @@ fn bench(c: &mut Criterion) {
         ("densenet_small", load("fixtures/cnn/densenet_small.onnx"), fashion, false),
         ("bottleneck_chain", chain, xc, true),
     ];
-    let _ = nnlin::rates();
+    // this machine's kernel rates, measured once, for the auto and dp plans
+    let rates = nnlin::plan::Rates::measure();
     let mut group = c.benchmark_group("strategy");
     group.sample_size(10);
     for (name, model, x, dense_ok) in &cases {
@@ -50,7 +51,7 @@ fn bench(c: &mut Criterion) {
             strategies.push(Strategy::Dense);
         }
         for s in strategies {
-            let opts = Options { strategy: s, ..Options::default() };
+            let opts = Options::default().with_strategy(s).with_rates(rates);
             group.bench_with_input(
                 BenchmarkId::new(*name, format!("{s:?}").to_lowercase()),
                 x,

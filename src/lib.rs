@@ -133,52 +133,6 @@ impl std::str::FromStr for Strategy {
     }
 }
 
-/// Kernel throughputs for the cost model: `NNLIN_CALIBRATION` or
-/// `~/.config/nnlin/calibration.json` if `nnlin calibrate` wrote one,
-/// otherwise measured once per process.
-pub fn rates() -> plan::Rates {
-    static RATES: std::sync::OnceLock<plan::Rates> = std::sync::OnceLock::new();
-    *RATES.get_or_init(|| load_rates().unwrap_or_else(plan::Rates::measure))
-}
-
-/// Where `nnlin calibrate` stores its figures.
-pub fn calibration_path() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("NNLIN_CALIBRATION") {
-        return Some(p.into());
-    }
-    std::env::var_os("HOME")
-        .map(|h| std::path::PathBuf::from(h).join(".config/nnlin/calibration.json"))
-}
-
-fn load_rates() -> Option<plan::Rates> {
-    let text = std::fs::read_to_string(calibration_path()?).ok()?;
-    let num = |key: &str| -> Option<f64> {
-        let at = text.find(&format!("\"{key}\""))?;
-        let rest = &text[at + key.len() + 2..];
-        let rest = rest[rest.find(':')? + 1..].trim_start();
-        let end =
-            rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c))).unwrap_or(rest.len());
-        rest[..end].parse().ok()
-    };
-    Some(plan::Rates {
-        gemm: num("gemm_madds_per_second")?,
-        sparse: num("sparse_madds_per_second")?,
-        bandwidth: num("bytes_per_second")?,
-    })
-}
-
-fn available_memory() -> usize {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<usize>().ok())
-        })
-        .map_or(8 << 30, |kb| kb * 1024 / 2)
-}
-
 /// Reads the bytes an external-data reference names, from a file inside
 /// `dir` (the model's folder): absolute locations, `..` components and
 /// symbolic links leading out of `dir` are refused, and the offset and
@@ -264,8 +218,22 @@ impl std::str::FromStr for Rows {
     }
 }
 
-/// Options of a linearization.
+/// Options of a linearization: everything the library uses is here; it
+/// reads no file, environment variable or `/proc` entry, and measures
+/// nothing behind the caller's back. Parallelism is the caller's rayon pool
+/// (`pool.install(|| model.linearize(…))`).
+///
+/// ```
+/// use nnlin::{Mode, Options, Rows, Strategy};
+/// let opts = Options::new()
+///     .with_mode(Mode::Secant)
+///     .with_rows(Rows::Top(1))
+///     .with_strategy(Strategy::Reverse)
+///     .with_max_memory(1 << 30);
+/// assert_eq!(opts.mode, Mode::Secant);
+/// ```
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct Options {
     /// Tangent (default) or secant.
     pub mode: Mode,
@@ -274,10 +242,50 @@ pub struct Options {
     /// Output rows to form.
     pub rows: Rows,
     /// The most bytes one instance's plan may hold at its peak (predicted by
-    /// [`plan::peak_bytes`], or the dense baseline's factors); `None`: half
-    /// the available memory. Instances that run in parallel share it: each
-    /// gets `max_memory / threads`.
+    /// [`plan::peak_bytes`], or the dense baseline's factors); `None`: no
+    /// cap. Instances that run in parallel share it: each gets
+    /// `max_memory / threads`.
     pub max_memory: Option<usize>,
+    /// Kernel throughputs the `Auto` and `Dp` strategies plan with; `None`:
+    /// [`plan::Rates::TYPICAL`]. The CLI passes what `nnlin calibrate`
+    /// measured.
+    pub rates: Option<plan::Rates>,
+}
+
+impl Options {
+    /// The defaults: tangent mode, all rows, the auto strategy, no memory
+    /// cap, typical kernel rates.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// With `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// With `strategy`.
+    pub fn with_strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+    /// With `rows`.
+    pub fn with_rows(mut self, rows: Rows) -> Self {
+        self.rows = rows;
+        self
+    }
+    /// With a memory cap of `bytes` per batch.
+    pub fn with_max_memory(mut self, bytes: usize) -> Self {
+        self.max_memory = Some(bytes);
+        self
+    }
+    /// With the planner's kernel rates.
+    pub fn with_rates(mut self, rates: plan::Rates) -> Self {
+        self.rates = Some(rates);
+        self
+    }
+    fn kernel_rates(&self) -> plan::Rates {
+        self.rates.unwrap_or(plan::Rates::TYPICAL)
+    }
 }
 
 /// What the importer reports about a model besides its network.
@@ -303,7 +311,7 @@ pub struct Model {
     compiler: Compiler,
     /// The auto strategy's choice per number of rows: the candidates' costs
     /// depend on the network's structure and on m, so it is planned once.
-    auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(usize, plan::Choice)>>>,
+    auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(PlanKey, plan::Choice)>>>,
 }
 
 impl Model {
@@ -417,13 +425,14 @@ impl Model {
     }
     /// The auto strategy's plan for `m` rows, computed once per model and
     /// row count (the candidates' costs depend on the structure, not on x).
-    fn planned(&self, inst: &Instance, m: usize) -> plan::Choice {
+    fn planned(&self, inst: &Instance, m: usize, rates: &plan::Rates) -> plan::Choice {
+        let key = (m, [rates.gemm.to_bits(), rates.sparse.to_bits(), rates.bandwidth.to_bits()]);
         let cached =
-            self.auto_choice.lock().ok().and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
+            self.auto_choice.lock().ok().and_then(|c| c.iter().find(|e| e.0 == key).map(|e| e.1));
         cached.unwrap_or_else(|| {
-            let (_, _, best) = plan::candidates(inst, m, &rates());
+            let (_, _, best) = plan::candidates(inst, m, rates);
             if let Ok(mut c) = self.auto_choice.lock() {
-                c.push((m, best));
+                c.push((key, best));
             }
             best
         })
@@ -436,6 +445,7 @@ impl Model {
         inst: &Instance,
         rows: &[usize],
         choice: plan::Choice,
+        rates: &plan::Rates,
         par: faer::Par,
     ) -> Result<(WAndB, Option<Direction>), CompileError> {
         Ok(match choice {
@@ -446,13 +456,13 @@ impl Model {
                 (accumulate(inst, rows, Direction::Forward, par)?, Some(Direction::Forward))
             }
             plan::Choice::Split(v) => (nnlin_compile::accumulate_split(inst, rows, v, par)?, None),
-            plan::Choice::Dp => match plan::chain_accumulate(inst, rows, &rates(), par)? {
+            plan::Choice::Dp => match plan::chain_accumulate(inst, rows, rates, par)? {
                 Some(wb) => (wb, None),
                 // a DAG: the planner's cheapest of reverse, forward and a cut
                 // split (it proposes dp only for chains)
-                None => match self.planned(inst, rows.len()) {
+                None => match self.planned(inst, rows.len(), rates) {
                     plan::Choice::Dp => (accumulate(inst, rows, Direction::Reverse, par)?, None),
-                    other => (self.run_plan(inst, rows, other, par)?.0, None),
+                    other => (self.run_plan(inst, rows, other, rates, par)?.0, None),
                 },
             },
         })
@@ -570,6 +580,9 @@ impl Model {
         })
     }
 }
+
+/// The auto plan's cache key: row count and the rates' bits.
+type PlanKey = (usize, [u64; 3]);
 
 /// `W` and `b` of one instance, as the compiler forms them.
 type WAndB = (Block, Vec<f64>);
@@ -732,8 +745,7 @@ impl Ensemble {
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
         // instances running at once share the budget
-        let budget =
-            opts.max_memory.unwrap_or_else(available_memory) / rayon::current_num_threads().max(1);
+        let budget = opts.max_memory.unwrap_or(usize::MAX) / rayon::current_num_threads().max(1);
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let (wi, bi) = match opts.strategy {
@@ -744,7 +756,7 @@ impl Ensemble {
                         Strategy::Reverse => plan::Choice::Reverse,
                         Strategy::Forward => plan::Choice::Forward,
                         Strategy::Dp => plan::Choice::Dp,
-                        _ => model.planned(inst, m),
+                        _ => model.planned(inst, m, &opts.kernel_rates()),
                     };
                     let need = plan::peak_bytes(inst, m, choice);
                     if need > budget {
@@ -754,8 +766,9 @@ impl Ensemble {
                             format!("{choice:?}").to_lowercase()
                         )));
                     }
-                    let (wb, dir) =
-                        model.run_plan(inst, &rows, choice, par).map_err(compile_err)?;
+                    let (wb, dir) = model
+                        .run_plan(inst, &rows, choice, &opts.kernel_rates(), par)
+                        .map_err(compile_err)?;
                     if let Some(d) = dir {
                         direction = d;
                     }
@@ -888,7 +901,7 @@ impl Pipeline {
         if self.then.is_empty() {
             return self.first.linearize(x, opts);
         }
-        let all = Options { rows: Rows::All, ..opts.clone() };
+        let all = opts.clone().with_rows(Rows::All);
         let mut lin = self.first.linearize(x, &all)?;
         let last = self.then.len() - 1;
         for (k, m) in self.then.iter().enumerate() {

@@ -92,7 +92,7 @@ impl Model {
         seed: u64,
     ) -> Result<Verification> {
         let base = self.compile_instance(x, Mode::Tangent)?;
-        let lin = self.linearize(x, &Options { rows: Rows::All, ..Options::default() })?;
+        let lin = self.linearize(x, &Options::default().with_rows(Rows::All))?;
         let n = x.len();
         let r = 0.999 * region.radius_l2_excluding_kinks;
         let mut rng = Rng(seed | 1);
@@ -147,7 +147,7 @@ impl Model {
         seed: u64,
     ) -> Result<Vec<SweepPoint>> {
         let t = self.linearize(x, &Options::default())?;
-        let s = self.linearize(x, &Options { mode: Mode::Secant, ..Options::default() })?;
+        let s = self.linearize(x, &Options::default().with_mode(Mode::Secant))?;
         let mut rng = Rng(seed | 1);
         let mut u: Vec<f64> = (0..x.len()).map(|_| rng.normal()).collect();
         let nu = u.iter().map(|v| v * v).sum::<f64>().sqrt();

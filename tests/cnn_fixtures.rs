@@ -39,7 +39,7 @@ fn check(
     let logits = Array2::<f64>::read_npy(read(format!("{name}.logits.npy"))).unwrap();
     let jac = Array3::<f64>::read_npy(read(format!("{name}.jac.npy"))).unwrap();
     let model = Model::from_onnx_file(dir().join(file)).unwrap().with_conv_kernel(kernel);
-    let opts = Options { strategy, ..Options::default() };
+    let opts = Options::default().with_strategy(strategy);
     let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
     let r = |v: f64| if f32_round { f64::from(v as f32) } else { v };
     let mut worst: f64 = 0.0;

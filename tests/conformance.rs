@@ -38,7 +38,7 @@ fn conformance_cases_pass() {
         for strategy in [Strategy::Reverse, Strategy::Forward] {
             for k in 0..count {
                 let xk = xs.row(k).to_vec();
-                let lin = match model.linearize(&xk, &Options { strategy, ..Options::default() }) {
+                let lin = match model.linearize(&xk, &Options::default().with_strategy(strategy)) {
                     Ok(l) => l,
                     Err(e) => {
                         failures.push(format!("{case}: {e}"));

@@ -73,7 +73,7 @@ fn check_tol(
             (npy3(&format!("{name}.secant_W.npy")), Some(npy2(&format!("{name}.secant_b.npy"))))
         }
     };
-    let opts = Options { mode, strategy, rows: Rows::All, max_memory: None };
+    let opts = Options::new().with_mode(mode).with_strategy(strategy).with_rows(Rows::All);
     let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
     let mut worst_w: f64 = 0.0;
     let mut worst: f64 = 0.0;
@@ -149,7 +149,7 @@ fn ensembles_sum_weighted_jacobians() {
     let ens = Ensemble::new(members).unwrap();
     let xs = npy2("inputs.npy");
     for strategy in [Strategy::Reverse, Strategy::Forward] {
-        let opts = Options { strategy, ..Options::default() };
+        let opts = Options::default().with_strategy(strategy);
         let lins = ens.linearize_batch(xs.view(), &opts).unwrap();
         for (k, lin) in lins.iter().enumerate() {
             for i in 0..3 {
@@ -180,8 +180,7 @@ fn piecewise_linear_fixtures_agree_across_modes() {
         for k in 0..xs.nrows() {
             let x = xs.row(k).to_vec();
             let t = model.linearize(&x, &Options::default()).unwrap();
-            let s =
-                model.linearize(&x, &Options { mode: Mode::Secant, ..Options::default() }).unwrap();
+            let s = model.linearize(&x, &Options::default().with_mode(Mode::Secant)).unwrap();
             assert_eq!(t.w, s.w, "{name}");
             assert_eq!(t.b, s.b, "{name}");
         }
@@ -201,21 +200,17 @@ fn row_selection_picks_rows_of_the_full_w() {
     let m = Model::from_onnx_file(dir().join("gelu.onnx")).unwrap();
     let x = npy2("inputs.npy").row(3).to_vec();
     let full = m.linearize(&x, &Options::default()).unwrap();
-    let top1 = m.linearize(&x, &Options { rows: Rows::Top(1), ..Options::default() }).unwrap();
+    let top1 = m.linearize(&x, &Options::default().with_rows(Rows::Top(1))).unwrap();
     let pred = (0..3).max_by(|&a, &b| full.output[a].total_cmp(&full.output[b])).unwrap();
     assert_eq!(top1.rows, vec![pred]);
     let same = |a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>| {
         a.iter().zip(b).all(|(p, q)| (p - q).abs() <= 1e-13 * q.abs().max(1.0))
     };
     assert!(same(top1.w.row(0), full.w.row(pred)));
-    let pick = m
-        .linearize(&x, &Options { rows: Rows::Indices(vec![2, 0]), ..Options::default() })
-        .unwrap();
+    let pick = m.linearize(&x, &Options::default().with_rows(Rows::Indices(vec![2, 0]))).unwrap();
     assert!(same(pick.w.row(0), full.w.row(2)));
     assert!((pick.b[1] - full.b[0]).abs() <= 1e-13 * full.b[0].abs().max(1.0));
-    assert!(
-        m.linearize(&x, &Options { rows: Rows::Indices(vec![3]), ..Options::default() }).is_err()
-    );
+    assert!(m.linearize(&x, &Options::default().with_rows(Rows::Indices(vec![3]))).is_err());
 }
 
 /// Bias-free MLPs evaluated with pre-activations exactly on every kink (0,
@@ -239,7 +234,7 @@ fn kinks_follow_pytorch_autograd() {
         let jac = read3(&format!("{act}.jac.npy"));
         let logits = read2(&format!("{act}.logits.npy"));
         for strategy in [Strategy::Reverse, Strategy::Forward] {
-            let opts = Options { strategy, ..Options::default() };
+            let opts = Options::default().with_strategy(strategy);
             let lins = Ensemble::single(model.clone()).linearize_batch(xs.view(), &opts).unwrap();
             for (k, lin) in lins.iter().enumerate() {
                 for i in 0..3 {

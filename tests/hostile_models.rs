@@ -21,12 +21,10 @@ fn try_all(bytes: &[u8]) -> Result<(), String> {
     let m = Model::from_onnx_bytes_with("crafted", bytes, &opts).map_err(|e| e.to_string())?;
     let x: Vec<f64> = (0..m.input_len()).map(|i| (i % 7) as f64 / 7.0 - 0.4).collect();
     let _ = m.forward_reference(&x);
-    let lin = Options {
-        rows: Rows::Top(1),
-        strategy: Strategy::Reverse,
-        max_memory: Some(BUDGET),
-        ..Options::default()
-    };
+    let lin = Options::new()
+        .with_rows(Rows::Top(1))
+        .with_strategy(Strategy::Reverse)
+        .with_max_memory(BUDGET);
     m.linearize(&x, &lin).map(|_| ()).map_err(|e| e.to_string())
 }
 
@@ -424,10 +422,9 @@ fn the_auto_planner_handles_deep_chains() {
     }
     let m = Model::from_network("deep", net);
     let x = [0.3, -0.1, 0.2, 0.05];
-    let reference =
-        m.linearize(&x, &Options { strategy: Strategy::Reverse, ..Options::default() }).unwrap();
+    let reference = m.linearize(&x, &Options::default().with_strategy(Strategy::Reverse)).unwrap();
     for strategy in [Strategy::Auto, Strategy::Dp] {
-        let lin = m.linearize(&x, &Options { strategy, ..Options::default() }).unwrap();
+        let lin = m.linearize(&x, &Options::default().with_strategy(strategy)).unwrap();
         for (a, b) in lin.w.iter().zip(reference.w.iter()) {
             assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{strategy:?}: {a} vs {b}");
         }

@@ -35,7 +35,7 @@ fn products_equal_the_formed_w() {
         let (m, x) = fixture(dir, name);
         for mode in [Mode::Tangent, Mode::Secant] {
             for rows in [Rows::All, Rows::Indices(vec![1, 0])] {
-                let opts = Options { mode, rows: rows.clone(), ..Options::default() };
+                let opts = Options::default().with_mode(mode).with_rows(rows.clone());
                 let lin = m.linearize(&x, &opts).unwrap();
                 let op = m.operator(&x, &opts).unwrap();
                 let (r, n) = (op.nrows(), op.ncols());

@@ -59,7 +59,7 @@ fn modern_blocks_match_jacrev_with_both_exporters() {
                     );
                 }
                 for mode in [Mode::Tangent, Mode::Secant] {
-                    let lin = m.linearize(&x, &Options { mode, ..Options::default() }).unwrap();
+                    let lin = m.linearize(&x, &Options::default().with_mode(mode)).unwrap();
                     for i in 0..f.len() {
                         let wx: f64 = (0..n).map(|j| lin.w[(i, j)] * x[j]).sum();
                         assert!(

@@ -45,7 +45,7 @@ fn torchvision_architectures_match_jacrev_with_both_exporters() {
             let scale = jac.iter().fold(1e-300f64, |a, v| a.max(v.abs()));
             let mut err: f64 = 0.0;
             for mode in [Mode::Tangent, Mode::Secant] {
-                let lin = m.linearize(&x, &Options { mode, ..Options::default() }).unwrap();
+                let lin = m.linearize(&x, &Options::default().with_mode(mode)).unwrap();
                 for i in 0..f.len() {
                     let wx: f64 = (0..n).map(|j| lin.w[(i, j)] * x[j]).sum();
                     assert!(

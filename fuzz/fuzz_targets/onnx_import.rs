@@ -20,11 +20,9 @@ fuzz_target!(|data: &[u8]| {
     let n = model.input_len();
     let x: Vec<f64> = (0..n).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
     let _ = model.forward_reference(&x);
-    let lin = Options {
-        rows: Rows::Top(1),
-        strategy: Strategy::Reverse,
-        max_memory: Some(BUDGET),
-        ..Options::default()
-    };
+    let lin = Options::new()
+                .with_rows(Rows::Top(1))
+                .with_strategy(Strategy::Reverse)
+                .with_max_memory(BUDGET);
     let _ = model.linearize(&x, &lin);
 });

@@ -643,3 +643,37 @@ pub fn load_model_at(
     }
     Ok(model.with_conv_kernel(kernel))
 }
+
+/// Kernel throughputs for the cost model: `NNLIN_CALIBRATION` or
+/// `~/.config/nnlin/calibration.json` if `nnlin calibrate` wrote one,
+/// otherwise measured once per process.
+pub fn rates() -> nnlin::plan::Rates {
+    static RATES: std::sync::OnceLock<nnlin::plan::Rates> = std::sync::OnceLock::new();
+    *RATES.get_or_init(|| load_rates().unwrap_or_else(nnlin::plan::Rates::measure))
+}
+
+/// Where `nnlin calibrate` stores its figures.
+pub fn calibration_path() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("NNLIN_CALIBRATION") {
+        return Some(p.into());
+    }
+    std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".config/nnlin/calibration.json"))
+}
+
+fn load_rates() -> Option<nnlin::plan::Rates> {
+    let text = std::fs::read_to_string(calibration_path()?).ok()?;
+    let num = |key: &str| -> Option<f64> {
+        let at = text.find(&format!("\"{key}\""))?;
+        let rest = &text[at + key.len() + 2..];
+        let rest = rest[rest.find(':')? + 1..].trim_start();
+        let end =
+            rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c))).unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    Some(nnlin::plan::Rates {
+        gemm: num("gemm_madds_per_second")?,
+        sparse: num("sparse_madds_per_second")?,
+        bandwidth: num("bytes_per_second")?,
+    })
+}

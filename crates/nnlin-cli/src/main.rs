@@ -438,7 +438,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Calibrate { out } => {
             let r = nnlin::plan::Rates::measure();
             let path = out
-                .or_else(nnlin::calibration_path)
+                .or_else(io::calibration_path)
                 .ok_or_else(|| anyhow::anyhow!("no HOME; pass --out"))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -533,18 +533,22 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
     let xs = io::read_instances_opts(&args.input, first.input_shape(), args.resize)?;
-    let opts = Options {
-        mode: mode_of(args.mode),
-        strategy: match args.strategy {
-            StrategyArg::Auto => Strategy::Auto,
-            StrategyArg::Reverse => Strategy::Reverse,
-            StrategyArg::Forward => Strategy::Forward,
-            StrategyArg::Dp => Strategy::Dp,
-            StrategyArg::Dense => Strategy::Dense,
-        },
-        rows,
-        max_memory: Some(io::budget()),
+    let strategy = match args.strategy {
+        StrategyArg::Auto => Strategy::Auto,
+        StrategyArg::Reverse => Strategy::Reverse,
+        StrategyArg::Forward => Strategy::Forward,
+        StrategyArg::Dp => Strategy::Dp,
+        StrategyArg::Dense => Strategy::Dense,
     };
+    let mut opts = Options::new()
+        .with_mode(mode_of(args.mode))
+        .with_strategy(strategy)
+        .with_rows(rows)
+        .with_max_memory(io::budget());
+    if matches!(strategy, Strategy::Auto | Strategy::Dp) {
+        // the rates `nnlin calibrate` stored, or measured once now
+        opts = opts.with_rates(io::rates());
+    }
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     if let Some(k) = args.svd {
@@ -575,9 +579,6 @@ fn explain(args: ExplainArgs) -> Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("{e}; select fewer --rows or instances ([A..B])"))?;
 
-    if opts.strategy == Strategy::Auto {
-        let _ = nnlin::rates(); // load or measure the cost model's rates before timing
-    }
     let start = Instant::now();
     let lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
     let seconds = start.elapsed().as_secs_f64();
@@ -719,7 +720,7 @@ fn plan_cmd(
     let rows: Rows = rows.parse().map_err(anyhow::Error::msg)?;
     let count = rows.count(m.output_len())?;
     let rates = match rates.as_deref() {
-        None => nnlin::rates(),
+        None => io::rates(),
         Some([g, s, b]) if *g > 0.0 && *s > 0.0 && *b > 0.0 => {
             nnlin::plan::Rates { gemm: *g, sparse: *s, bandwidth: *b }
         }

@@ -36,12 +36,10 @@ fn onnx_findings() {
             let x: Vec<f64> =
                 (0..m.input_len()).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
             let _ = m.forward_reference(&x);
-            let lin = Options {
-                rows: Rows::Top(1),
-                strategy: Strategy::Reverse,
-                max_memory: Some(64 << 20),
-                ..Options::default()
-            };
+            let lin = Options::new()
+                .with_rows(Rows::Top(1))
+                .with_strategy(Strategy::Reverse)
+                .with_max_memory(64 << 20);
             let _ = m.linearize(&x, &lin);
         }
     }

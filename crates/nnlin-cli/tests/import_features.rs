@@ -382,7 +382,7 @@ fn gates_and_divisions_are_products() {
         let m = Model::from_onnx_bytes("gate", &bytes).unwrap();
         let (f, jac) = reference::jacobian(m.network(), &x);
         for mode in [nnlin::Mode::Tangent, nnlin::Mode::Secant] {
-            let lin = m.linearize(&x, &Options { mode, ..Options::default() }).unwrap();
+            let lin = m.linearize(&x, &Options::default().with_mode(mode)).unwrap();
             for i in 0..f.len() {
                 let wx: f64 = (0..8).map(|j| lin.w[(i, j)] * x[j]).sum();
                 assert!((wx + lin.b[i] - f[i]).abs() < 1e-14, "{mode:?}: W·x + b != F");
@@ -419,7 +419,7 @@ fn check_model(bytes: &[u8], x: &[f64], expected: &[f64]) {
     }
     let n = x.len();
     for mode in [nnlin::Mode::Tangent, nnlin::Mode::Secant] {
-        let lin = m.linearize(x, &Options { mode, ..Options::default() }).unwrap();
+        let lin = m.linearize(x, &Options::default().with_mode(mode)).unwrap();
         for i in 0..f.len() {
             let wx: f64 = (0..n).map(|j| lin.w[(i, j)] * x[j]).sum();
             assert!((wx + lin.b[i] - f[i]).abs() < 1e-12, "{mode:?}: W·x + b != F");

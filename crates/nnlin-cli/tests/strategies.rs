@@ -43,16 +43,15 @@ fn every_strategy_gives_the_same_w_and_b() {
         let m = Model::from_onnx_file(root().join(format!("cnn/{name}.onnx"))).unwrap();
         for k in 0..xs.nrows() {
             let x = xs.row(k).to_vec();
-            let base = m
-                .linearize(&x, &Options { strategy: Strategy::Reverse, ..Options::default() })
-                .unwrap();
+            let base =
+                m.linearize(&x, &Options::default().with_strategy(Strategy::Reverse)).unwrap();
             // the dense baseline multiplies n × n-sized dense factors: only
             // on the fully connected network here (it is benchmarked, not
             // tested, on the CNNs)
             let dense: &[Strategy] = if name == "lenet300" { &[Strategy::Dense] } else { &[] };
             for &s in [Strategy::Forward, Strategy::Auto, Strategy::Dp].iter().chain(dense) {
                 let opts =
-                    Options { strategy: s, rows: Rows::All, mode: Mode::Tangent, max_memory: None };
+                    Options::new().with_strategy(s).with_rows(Rows::All).with_mode(Mode::Tangent);
                 match m.linearize(&x, &opts) {
                     Ok(l) => same(&base, &l, &format!("{name} {s:?}")),
                     Err(e) => {
@@ -76,15 +75,9 @@ fn every_strategy_gives_the_same_w_and_b() {
             .collect();
     for name in ["relu", "gelu", "relu_matmul"] {
         let m = Model::from_onnx_file(root().join(format!("iris/{name}.onnx"))).unwrap();
-        let base = m
-            .linearize(&x, &Options { strategy: Strategy::Reverse, ..Options::default() })
-            .unwrap();
+        let base = m.linearize(&x, &Options::default().with_strategy(Strategy::Reverse)).unwrap();
         for s in [Strategy::Forward, Strategy::Dp, Strategy::Dense] {
-            same(
-                &base,
-                &m.linearize(&x, &Options { strategy: s, ..Options::default() }).unwrap(),
-                name,
-            );
+            same(&base, &m.linearize(&x, &Options::default().with_strategy(s)).unwrap(), name);
         }
     }
 }
@@ -114,11 +107,10 @@ fn dp_splits_at_a_bottleneck() {
         cost.flops(),
         nnlin::plan::render(&tree)
     );
-    let base =
-        m.linearize(&x, &Options { strategy: Strategy::Reverse, ..Options::default() }).unwrap();
+    let base = m.linearize(&x, &Options::default().with_strategy(Strategy::Reverse)).unwrap();
     same(
         &base,
-        &m.linearize(&x, &Options { strategy: Strategy::Dp, ..Options::default() }).unwrap(),
+        &m.linearize(&x, &Options::default().with_strategy(Strategy::Dp)).unwrap(),
         "bottleneck dp",
     );
 }
@@ -211,7 +203,7 @@ fn single_instance_results_do_not_depend_on_the_thread_count() {
         let ens = Ensemble::single(
             Model::from_onnx_file(root().join(format!("cnn/{name}.onnx"))).unwrap(),
         );
-        let opts = Options { strategy, ..Options::default() };
+        let opts = Options::default().with_strategy(strategy);
         let run = |t: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(t)

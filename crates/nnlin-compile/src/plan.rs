@@ -71,6 +71,12 @@ pub struct Rates {
 }
 
 impl Rates {
+    /// Typical figures of one core of a current x86-64 machine with AVX-512
+    /// (`nnlin calibrate` on the development machine: 1.5e10 GEMM and 9.2e8
+    /// sparse multiply-adds per second, 1.15e10 bytes per second). Only
+    /// their ratios steer the planner; pass measured ones for timings.
+    pub const TYPICAL: Rates = Rates { gemm: 1.5e10, sparse: 9.2e8, bandwidth: 1.15e10 };
+
     /// Measures both throughputs with small kernels (about 0.1 s).
     pub fn measure() -> Rates {
         let time = |f: &mut dyn FnMut()| {

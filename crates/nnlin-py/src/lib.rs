@@ -93,11 +93,7 @@ impl Operator {
 
     /// The `k` largest singular values and right singular vectors
     /// (`(k,)`, `(k, n)`), matrix-free.
-    fn svd<'py>(
-        &self,
-        py: Python<'py>,
-        k: usize,
-    ) -> PyResult<Singular<'py>> {
+    fn svd<'py>(&self, py: Python<'py>, k: usize) -> PyResult<Singular<'py>> {
         let (s, v) = py.detach(|| nnlin::matfree::top_singular(&self.map, k, faer_seq()));
         let n = self.map.ncols();
         let vt = Array2::from_shape_fn((s.len(), n), |(j, i)| v[(i, j)]);
@@ -168,12 +164,10 @@ fn options(
     mode: &str,
     strategy: &str,
 ) -> PyResult<nnlin::Options> {
-    Ok(nnlin::Options {
-        mode: mode.parse().map_err(err)?,
-        strategy: strategy.parse().map_err(err)?,
-        rows: parse_rows(rows)?,
-        ..nnlin::Options::default()
-    })
+    Ok(nnlin::Options::new()
+        .with_mode(mode.parse().map_err(err)?)
+        .with_strategy(strategy.parse().map_err(err)?)
+        .with_rows(parse_rows(rows)?))
 }
 
 /// A pool of `threads` workers, or `None` for rayon's global pool (every
