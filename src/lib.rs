@@ -799,6 +799,110 @@ impl Ensemble {
     }
 }
 
+/// What can be linearized: a [`Model`], an [`Ensemble`] or a [`Pipeline`].
+/// Generic code (and the CLI) takes `&impl Linearize`.
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use nnlin::{Linearize, Model, Options};
+///
+/// fn count_rows(f: &impl Linearize, xs: ndarray::ArrayView2<f64>) -> usize {
+///     let rows = AtomicUsize::new(0);
+///     f.linearize_batch_with(xs, &Options::new(), &|_k, lin| {
+///         // each instance's W arrives as soon as it is formed
+///         rows.fetch_add(lin.rows.len(), Ordering::Relaxed);
+///         Ok(())
+///     })
+///     .unwrap();
+///     rows.into_inner()
+/// }
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx");
+/// let m = Model::from_onnx_file(path).unwrap();
+/// let xs = ndarray::Array2::<f64>::from_elem((2, 4), 0.5);
+/// assert_eq!(count_rows(&m, xs.view()), 2 * m.output_len());
+/// ```
+pub trait Linearize: Sync {
+    /// Flattened input length `n`.
+    fn input_len(&self) -> usize;
+    /// Number of outputs.
+    fn output_len(&self) -> usize;
+    /// `F(x)` by the reference interpreter.
+    fn forward_reference(&self, x: &[f64]) -> Vec<f64>;
+    /// W, b and the pattern at `x`.
+    fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization>;
+    /// Every row of `xs`, in parallel on the current rayon pool, all held.
+    fn linearize_batch(&self, xs: ArrayView2<f64>, opts: &Options) -> Result<Vec<Linearization>> {
+        batch(xs, self.input_len(), |x| self.linearize(x, opts))
+    }
+    /// Every row of `xs`, handing each linearization to `f(index, lin)` as
+    /// it is formed (in parallel, in no fixed order) instead of holding them
+    /// all: memory stays at what the pool's threads hold at once. The
+    /// first error (of nnlin or of `f`) stops the batch.
+    fn linearize_batch_with(
+        &self,
+        xs: ArrayView2<f64>,
+        opts: &Options,
+        f: &(dyn Fn(usize, Linearization) -> Result<()> + Sync),
+    ) -> Result<()> {
+        if xs.ncols() != self.input_len() {
+            return Err(Error::Input(format!(
+                "instances have {} elements, the model expects {}",
+                xs.ncols(),
+                self.input_len()
+            )));
+        }
+        (0..xs.nrows()).into_par_iter().try_for_each(|k| {
+            let x = xs.row(k).to_vec();
+            f(k, self.linearize(&x, opts)?)
+        })
+    }
+}
+
+impl Linearize for Model {
+    fn input_len(&self) -> usize {
+        Model::input_len(self)
+    }
+    fn output_len(&self) -> usize {
+        Model::output_len(self)
+    }
+    fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        Model::forward_reference(self, x)
+    }
+    fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        Model::linearize(self, x, opts)
+    }
+}
+
+impl Linearize for Ensemble {
+    fn input_len(&self) -> usize {
+        Ensemble::input_len(self)
+    }
+    fn output_len(&self) -> usize {
+        Ensemble::output_len(self)
+    }
+    fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        Ensemble::forward_reference(self, x)
+    }
+    fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        Ensemble::linearize(self, x, opts)
+    }
+}
+
+impl Linearize for Pipeline {
+    fn input_len(&self) -> usize {
+        Pipeline::input_len(self)
+    }
+    fn output_len(&self) -> usize {
+        Pipeline::output_len(self)
+    }
+    fn forward_reference(&self, x: &[f64]) -> Vec<f64> {
+        Pipeline::forward_reference(self, x)
+    }
+    fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        Pipeline::linearize(self, x, opts)
+    }
+}
+
 /// Runs `f` on every row of `xs` in parallel on the current rayon pool.
 fn batch(
     xs: ArrayView2<f64>,

@@ -1,5 +1,5 @@
 //! nnlin's network IR: a DAG of nodes over a closed [`Layer`] enum, fused
-//! elementwise [`Expr`]essions, and the plain-loop [`reference`] interpreter
+//! elementwise [`Expr`]essions, and the plain-loop [`reference`](mod@reference) interpreter
 //! generic over `f32`, `f64` and forward-mode [`Dual`] numbers.
 
 pub mod error;

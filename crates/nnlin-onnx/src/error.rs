@@ -57,7 +57,7 @@ pub enum OnnxError {
         budget: usize,
     },
     /// The input has a dynamic dimension other than the batch and no
-    /// [`ImportOptions::input_shape`] fixes it.
+    /// [`crate::ImportOptions::input_shape`] fixes it.
     #[error(
         "input `{input}` has a dynamic dimension {dim}; it is fixed from the input's shape (inspect: --input-shape)"
     )]
