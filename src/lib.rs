@@ -620,6 +620,38 @@ pub struct Linearization {
     pub pattern: Vec<LayerPattern>,
 }
 
+impl Linearization {
+    /// W and b rounded to float32 values (what `--precision f32` writes).
+    pub fn round_to_f32(&mut self) {
+        self.w.mapv_inplace(|v| f64::from(v as f32));
+        self.b.mapv_inplace(|v| f64::from(v as f32));
+    }
+
+    /// `W·x` for each selected row (summed in input order).
+    pub fn wx(&self, x: &[f64]) -> Vec<f64> {
+        self.w
+            .rows()
+            .into_iter()
+            .map(|row| {
+                let mut s = 0.0;
+                for (w, xj) in row.iter().zip(x) {
+                    s += w * xj;
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// `max |W·x + b − F(x)|` over the selected rows, from `wx` (see
+    /// [`Linearization::wx`]) and all outputs `f` of F at x.
+    pub fn residual(&self, wx: &[f64], f: &[f64]) -> f64 {
+        wx.iter()
+            .zip(&self.b)
+            .zip(&self.rows)
+            .fold(0.0, |r, ((s, b), &row)| f64::max(r, (s + b - f[row]).abs()))
+    }
+}
+
 /// A weighted sum of models `F = Σ aᵢ Fᵢ` with equal input and output shapes
 /// (a single model is an ensemble of one with weight 1).
 #[derive(Clone, Debug)]

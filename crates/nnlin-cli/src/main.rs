@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ndarray::{Array2, Array3};
-use nnlin::{ConvKernel, Ensemble, Mode, Options, Rows, Strategy};
+use ndarray::{Array2, Array3, Axis};
+use nnlin::{ConvKernel, Ensemble, Linearization, Mode, Options, Rows, Strategy};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -580,7 +580,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}; select fewer --rows or instances ([A..B])"))?;
 
     let start = Instant::now();
-    let lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
+    let mut lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
     let seconds = start.elapsed().as_secs_f64();
 
     let (n_inst, n) = xs.dim();
@@ -592,35 +592,21 @@ fn explain(args: ExplainArgs) -> Result<()> {
             );
         }
     }
-    let round = |v: f64| match args.precision {
-        PrecisionArg::F64 => v,
-        PrecisionArg::F32 => f64::from(v as f32),
-    };
+    if args.precision == PrecisionArg::F32 {
+        lins.iter_mut().for_each(Linearization::round_to_f32);
+    }
     let mut w = Array3::<f64>::zeros((n_inst, m, n));
     let mut b = Array2::<f64>::zeros((n_inst, m));
     let mut instances = Vec::with_capacity(n_inst);
     for (k, lin) in lins.iter().enumerate() {
         let x = xs.row(k);
-        let f = pipeline.forward_reference(x.as_slice().expect("contiguous"));
-        let mut wx = Vec::with_capacity(m);
-        let mut residual: f64 = 0.0;
-        for i in 0..m {
-            let mut s = 0.0;
-            for j in 0..n {
-                let wij = round(lin.w[(i, j)]);
-                w[(k, i, j)] = wij;
-                s += wij * x[j];
-            }
-            let bi = round(lin.b[i]);
-            b[(k, i)] = bi;
-            wx.push(s);
-            residual = residual.max((s + bi - f[lin.rows[i]]).abs());
-        }
-        let predicted = f
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-            .map(|(i, _)| i);
+        let x = x.as_slice().expect("contiguous");
+        let f = pipeline.forward_reference(x);
+        let wx = lin.wx(x);
+        let residual = lin.residual(&wx, &f);
+        w.index_axis_mut(Axis(0), k).assign(&lin.w);
+        b.index_axis_mut(Axis(0), k).assign(&lin.b);
+        let predicted = (!f.is_empty()).then(|| nnlin::argmax(&f));
         instances.push(json!({
             "index": k,
             "output": f,

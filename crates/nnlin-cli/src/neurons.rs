@@ -54,12 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         let x = xs.row(k).to_vec();
         let inst = model.compile_instance(&x, Mode::Tangent)?;
         let values = inst.values(&x);
-        let c = inst
-            .output
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-            .map_or(0, |(i, _)| i);
+        let c = nnlin::argmax(&inst.output);
         let adj = nnlin::adjoints(&inst, c, faer::Par::Seq)?;
         // one forward pass over all input columns: each activation layer's
         // output rows are its slopes times its input's tangent rows

@@ -65,11 +65,7 @@ pub fn run(a: Args<'_>) -> Result<()> {
             b[(i, r)] = b_all[row];
             residual = residual.max((wx_all[row] + b_all[row] - f[row]).abs());
         }
-        let predicted = f
-            .iter()
-            .enumerate()
-            .max_by(|p, q| p.1.total_cmp(q.1).then(q.0.cmp(&p.0)))
-            .map(|(j, _)| j);
+        let predicted = (!f.is_empty()).then(|| nnlin::argmax(&f));
         instances.push(json!({
             "index": i,
             "output": f,

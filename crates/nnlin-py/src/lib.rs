@@ -4,7 +4,7 @@
 //! released while nnlin computes, and every nnlin error is a `ValueError`
 //! carrying the CLI's one-line message.
 
-use ndarray::{Array1, Array2, Array3};
+use ndarray::{Array1, Array2, Array3, Axis};
 use numpy::{PyArray1, PyArray2, PyArray3, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -241,10 +241,12 @@ impl Model {
         let model = &self.inner;
         let result = py.detach(|| {
             let ens = nnlin::Ensemble::single(model.clone());
-            let lins = on(&pool, || ens.linearize_batch(xs.view(), &opts))?;
+            let mut lins = on(&pool, || ens.linearize_batch(xs.view(), &opts))?;
+            if f32_out {
+                lins.iter_mut().for_each(nnlin::Linearization::round_to_f32);
+            }
             let (count, n) = xs.dim();
             let m = lins.first().map_or(0, |l| l.rows.len());
-            let round = |v: f64| if f32_out { f64::from(v as f32) } else { v };
             let mut w = Array3::<f64>::zeros((count, m, n));
             let mut b = Array2::<f64>::zeros((count, m));
             let mut out = Array2::<f64>::zeros((count, model.output_len()));
@@ -253,18 +255,14 @@ impl Model {
             let mut predicted = Array1::<i64>::zeros(count);
             for (k, lin) in lins.iter().enumerate() {
                 let x = xs.row(k);
-                let f = model.forward_reference(x.as_slice().expect("contiguous"));
-                for i in 0..m {
-                    let mut s = 0.0;
-                    for j in 0..n {
-                        let wij = round(lin.w[(i, j)]);
-                        w[(k, i, j)] = wij;
-                        s += wij * x[j];
-                    }
-                    b[(k, i)] = round(lin.b[i]);
-                    row_idx[(k, i)] = lin.rows[i] as i64;
-                    residual[k] = f64::max(residual[k], (s + b[(k, i)] - f[lin.rows[i]]).abs());
+                let x = x.as_slice().expect("contiguous");
+                let f = model.forward_reference(x);
+                w.index_axis_mut(Axis(0), k).assign(&lin.w);
+                b.index_axis_mut(Axis(0), k).assign(&lin.b);
+                for (i, &r) in lin.rows.iter().enumerate() {
+                    row_idx[(k, i)] = r as i64;
                 }
+                residual[k] = lin.residual(&lin.wx(x), &f);
                 predicted[k] = nnlin::argmax(&f) as i64;
                 out.row_mut(k).assign(&ndarray::ArrayView1::from(&f));
             }
