@@ -449,28 +449,7 @@ impl Importer<'_> {
         let spatial = &shape[2..];
         let global = op.starts_with("Global");
         let window = if global {
-            if spatial.len() == 1 {
-                nnlin_ir::Window::new(
-                    (1, spatial[0]),
-                    (1, spatial[0]),
-                    (1, 1),
-                    (1, 1),
-                    (0, 0, 0, 0),
-                    false,
-                )
-            } else if spatial.len() == 2 {
-                nnlin_ir::Window::new(
-                    (spatial[0], spatial[1]),
-                    (spatial[0], spatial[1]),
-                    (1, 1),
-                    (1, 1),
-                    (0, 0, 0, 0),
-                    false,
-                )
-            } else {
-                None
-            }
-            .ok_or_else(|| self.unsupported("only 1-D and 2-D pooling"))?
+            global_window(spatial).ok_or_else(|| self.unsupported("only 1-D and 2-D pooling"))?
         } else {
             let kernel = attr_ints(self.node, "kernel_shape")
                 .ok_or_else(|| self.unsupported("missing kernel_shape"))?;
@@ -544,19 +523,8 @@ impl Importer<'_> {
             }
             return Ok(Sym::Value(v));
         }
-        let window = if rank == 3 {
-            nnlin_ir::Window::new((1, shape[2]), (1, shape[2]), (1, 1), (1, 1), (0, 0, 0, 0), false)
-        } else {
-            nnlin_ir::Window::new(
-                (shape[2], shape[3]),
-                (shape[2], shape[3]),
-                (1, 1),
-                (1, 1),
-                (0, 0, 0, 0),
-                false,
-            )
-        }
-        .ok_or_else(|| self.unsupported("empty spatial axes"))?;
+        let window =
+            global_window(&shape[2..]).ok_or_else(|| self.unsupported("empty spatial axes"))?;
         let name = node_name(self.node);
         let kind = nnlin_ir::PoolKind::Average { count_include_pad: false };
         let layer =
@@ -889,4 +857,15 @@ impl Importer<'_> {
         let y = self.net.push(node_name(n), source, layer, vec![v])?;
         Ok(Sym::Value(y))
     }
+}
+
+/// The window of a global pool over 1-D or 2-D spatial axes (one output
+/// position; `None` for other ranks or an empty axis).
+fn global_window(spatial: &[usize]) -> Option<nnlin_ir::Window> {
+    let (h, w) = match *spatial {
+        [w] => (1, w),
+        [h, w] => (h, w),
+        _ => return None,
+    };
+    nnlin_ir::Window::new((h, w), (h, w), (1, 1), (1, 1), (0, 0, 0, 0), false)
 }
