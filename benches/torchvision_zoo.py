@@ -40,29 +40,8 @@ specs = {
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
-from generate_zoo import Float32AttentionScale, exact, fold_bn  # noqa: E402
-
-
-def nonzero_linears(m):
-    """torchvision zero-initializes some heads (ViT): random fan-in scaled weights instead."""
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.Linear) and not mod.weight.detach().any():
-            torch.nn.init.normal_(mod.weight, std=mod.in_features ** -0.5)
-
-
-def calibrate(m, size):
-    """Batch-norm running statistics from random batches (cumulative average)."""
-    bns = [b for b in m.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    for b in bns:
-        b.reset_running_stats()
-        b.momentum = None
-    m.train()
-    with torch.no_grad():
-        for _ in range(4):
-            m(torch.rand(4, 3, size, size))
-    m.eval()
+from generate_zoo import (  # noqa: E402
+    Float32AttentionScale, batchnorm_layers, calibrate, exact, fold_bn, random_heads)
 
 
 print("| model | export | top-1 row: max abs err / max \\|grad\\| | max \\|W·x + b − F(x)\\| "
@@ -70,8 +49,9 @@ print("| model | export | top-1 row: max abs err / max \\|grad\\| | max \\|W·x 
 print("|---|---|---|---|---|---|---|")
 for name in args or list(specs):
     m = specs[name](size).eval()
-    nonzero_linears(m)
-    calibrate(m, size)
+    random_heads(m)
+    if batchnorm_layers(m):
+        calibrate(m, size, batch=4)
     x = torch.rand(1, 3, size, size)
     m64 = specs[name](size).eval()
     m64.load_state_dict(m.state_dict())
