@@ -35,10 +35,11 @@ pub mod region;
 
 use std::path::Path;
 
-use faer::Mat;
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView2, ShapeBuilder};
 use rayon::prelude::*;
 
+pub use faer::Par;
+pub use nnlin_compile::region::RegionError;
 pub use nnlin_compile::{
     Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate,
     accumulate_split, adjoints, estimated_flops,
@@ -76,12 +77,155 @@ pub enum Error {
         /// The cause.
         source: CompileError,
     },
-    /// Ensemble members that do not fit together, or bad weights.
+    /// Ensemble members or pipeline stages that do not fit together, or
+    /// bad weights.
     #[error("ensemble: {0}")]
-    Ensemble(String),
-    /// A bad input or option.
+    Ensemble(#[from] EnsembleError),
+    /// The dense baseline's factors do not fit the memory budget.
+    #[error("{model}: {source}")]
+    Dense {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: plan::DenseError,
+    },
+    /// The model has no linear region to measure (a smooth layer, or
+    /// breakpoints nnlin does not know).
+    #[error("{model}: {source}")]
+    Region {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: RegionError,
+    },
+    /// An instance's plan would hold more bytes than the memory budget.
+    #[error(
+        "{model}: the {plan} plan for {rows} row(s) needs about {need} bytes at its peak, above the memory budget of {budget} bytes per instance (--max-memory, shared by the threads); select fewer --rows or use fewer --threads"
+    )]
+    MemoryBudget {
+        /// Model name.
+        model: String,
+        /// The plan (`reverse`, `forward`, `split(v)`, `dp`).
+        plan: String,
+        /// Rows asked for.
+        rows: usize,
+        /// Predicted peak bytes.
+        need: usize,
+        /// The budget per instance.
+        budget: usize,
+    },
+    /// `Rows::Top(k)` with more rows than the model has outputs.
+    #[error("--rows top{k}: the model has only {outputs} outputs")]
+    TooManyRows {
+        /// Rows asked for.
+        k: usize,
+        /// Outputs of the model.
+        outputs: usize,
+    },
+    /// `Rows::Indices` naming an output the model does not have.
+    #[error("--rows: row {row} out of range, the model has {outputs} outputs")]
+    RowOutOfRange {
+        /// The row.
+        row: usize,
+        /// Outputs of the model.
+        outputs: usize,
+    },
+    /// Instances whose length is not the model's input length.
+    #[error("instances have {got} elements, the model expects {expected}")]
+    InputLength {
+        /// The model's input length.
+        expected: usize,
+        /// The instances' length.
+        got: usize,
+    },
+    /// A batch with no instances where one is needed.
+    #[error("no instances")]
+    NoInstances,
+    /// Fewer labels than instances.
+    #[error("{labels} labels for {instances} instances")]
+    Labels {
+        /// Labels given.
+        labels: usize,
+        /// Instances given.
+        instances: usize,
+    },
+    /// More sampled points than a region report allows.
+    #[error("--verify {samples} is above the limit of {max} samples per instance")]
+    Verify {
+        /// Points asked for.
+        samples: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A bad input box, or an instance outside it (`index`: the element and
+    /// its value).
+    #[error("{}", box_message(*lo, *hi, *index))]
+    Box {
+        /// Lower bound.
+        lo: f64,
+        /// Upper bound.
+        hi: f64,
+        /// The first element outside `[lo, hi]` and its value.
+        index: Option<(usize, f64)>,
+    },
+    /// An error of the caller's, returned from a callback (for example
+    /// [`Linearize::linearize_batch_with`]'s), handed back unchanged.
     #[error("{0}")]
-    Input(String),
+    Caller(Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn box_message(lo: f64, hi: f64, index: Option<(usize, f64)>) -> String {
+    match index {
+        None => format!("--box takes lo,hi with lo < hi, got [{lo}, {hi}]"),
+        Some((i, v)) => format!(
+            "the instance lies outside --box {lo},{hi} (element {i} is {v}); no region around it is inside the box"
+        ),
+    }
+}
+
+/// Models that cannot form an ensemble or a pipeline.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnsembleError {
+    /// No members.
+    #[error("no models")]
+    Empty,
+    /// A weight that is NaN or infinite.
+    #[error("weight {weight} of `{model}` is not finite")]
+    Weight {
+        /// The member.
+        model: String,
+        /// Its weight.
+        weight: f64,
+    },
+    /// Members with different input or output lengths.
+    #[error(
+        "`{model}` maps {inputs} inputs to {outputs} outputs but `{first}` maps {first_inputs} to {first_outputs}"
+    )]
+    Shapes {
+        /// The member that differs.
+        model: String,
+        /// Its input length.
+        inputs: usize,
+        /// Its output length.
+        outputs: usize,
+        /// The first member.
+        first: String,
+        /// The first member's input length.
+        first_inputs: usize,
+        /// The first member's output length.
+        first_outputs: usize,
+    },
+    /// A pipeline stage whose input length is not the previous output's.
+    #[error("`{model}` takes {inputs} inputs but the previous stage gives {previous}")]
+    Stage {
+        /// The stage.
+        model: String,
+        /// Its input length.
+        inputs: usize,
+        /// The previous stage's output length.
+        previous: usize,
+    },
 }
 
 /// Result alias.
@@ -129,6 +273,44 @@ impl std::str::FromStr for Strategy {
             "dp" => Ok(Strategy::Dp),
             "dense" => Ok(Strategy::Dense),
             other => Err(format!("strategy: auto, reverse, forward, dp or dense, got {other:?}")),
+        }
+    }
+}
+
+/// The floating-point precision of W and b.
+///
+/// ```
+/// use nnlin::Precision;
+/// assert_eq!("f32".parse::<Precision>(), Ok(Precision::F32));
+/// assert_eq!(Precision::default().to_string(), "f64");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// W and b rounded to float32 values at the end (the products run in
+    /// float64 today).
+    F32,
+    /// Float64 throughout: the exactness mode.
+    #[default]
+    F64,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F64 => "f64",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    /// `f32` or `f64`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f64" => Ok(Precision::F64),
+            other => Err(format!("precision: f32 or f64, got {other:?}")),
         }
     }
 }
@@ -220,8 +402,9 @@ impl std::str::FromStr for Rows {
 
 /// Options of a linearization: everything the library uses is here; it
 /// reads no file, environment variable or `/proc` entry, and measures
-/// nothing behind the caller's back. Parallelism is the caller's rayon pool
-/// (`pool.install(|| model.linearize(…))`).
+/// nothing behind the caller's back. Instances of a batch run in parallel on
+/// the caller's rayon pool (`pool.install(|| model.linearize_batch(…))`);
+/// the products inside one instance run as [`Options::par`] says.
 ///
 /// ```
 /// use nnlin::{Mode, Options, Rows, Strategy};
@@ -250,6 +433,14 @@ pub struct Options {
     /// [`plan::Rates::TYPICAL`]. The CLI passes what `nnlin calibrate`
     /// measured.
     pub rates: Option<plan::Rates>,
+    /// Precision of W and b.
+    pub precision: Precision,
+    /// Parallelism of the products inside one instance; `None`: a batch of
+    /// one instance spreads its products over the current rayon pool, a
+    /// larger batch runs its instances in parallel, each sequentially, and
+    /// [`Model::linearize`] alone is sequential. The result is the same bits
+    /// either way (faer keeps each element's reduction order; tested).
+    pub par: Option<Par>,
 }
 
 impl Options {
@@ -276,6 +467,16 @@ impl Options {
     /// With a memory cap of `bytes` per batch.
     pub fn with_max_memory(mut self, bytes: usize) -> Self {
         self.max_memory = Some(bytes);
+        self
+    }
+    /// With `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+    /// With the products inside one instance run on `par`.
+    pub fn with_par(mut self, par: Par) -> Self {
+        self.par = Some(par);
         self
     }
     /// With the planner's kernel rates.
@@ -537,17 +738,13 @@ impl Model {
     ) -> Result<Decomposition> {
         let count = xs.nrows();
         if count == 0 {
-            return Err(Error::Input("no instances".into()));
+            return Err(Error::NoInstances);
         }
         if labels.len() < count {
-            return Err(Error::Input(format!("{} labels for {count} instances", labels.len())));
+            return Err(Error::Labels { labels: labels.len(), instances: count });
         }
         if xs.ncols() != self.input_len() {
-            return Err(Error::Input(format!(
-                "instances of {} values for a model input of {}",
-                xs.ncols(),
-                self.input_len()
-            )));
+            return Err(Error::InputLength { expected: self.input_len(), got: xs.ncols() });
         }
         let preds: Vec<Result<(usize, usize, usize)>> = (0..count)
             .into_par_iter()
@@ -665,14 +862,10 @@ impl Rows {
     pub fn count(&self, outputs: usize) -> Result<usize> {
         match self {
             Rows::All => Ok(outputs),
-            Rows::Top(k) if *k > outputs => {
-                Err(Error::Input(format!("--rows top{k}: the model has only {outputs} outputs")))
-            }
+            Rows::Top(k) if *k > outputs => Err(Error::TooManyRows { k: *k, outputs }),
             Rows::Top(k) => Ok(*k),
             Rows::Indices(v) => match v.iter().find(|&&r| r >= outputs) {
-                Some(r) => Err(Error::Input(format!(
-                    "--rows: row {r} out of range, the model has {outputs} outputs"
-                ))),
+                Some(&row) => Err(Error::RowOutOfRange { row, outputs }),
                 None => Ok(v.len()),
             },
         }
@@ -702,22 +895,22 @@ impl Ensemble {
     /// Models with weights; shapes must agree and weights be finite.
     pub fn new(members: Vec<(Model, f64)>) -> Result<Self> {
         let Some((first, _)) = members.first() else {
-            return Err(Error::Ensemble("no models".into()));
+            return Err(EnsembleError::Empty.into());
         };
         for (m, a) in &members {
             if !a.is_finite() {
-                return Err(Error::Ensemble(format!("weight {a} of `{}` is not finite", m.name)));
+                return Err(EnsembleError::Weight { model: m.name.clone(), weight: *a }.into());
             }
             if m.input_len() != first.input_len() || m.output_len() != first.output_len() {
-                return Err(Error::Ensemble(format!(
-                    "`{}` maps {} inputs to {} outputs but `{}` maps {} to {}",
-                    m.name,
-                    m.input_len(),
-                    m.output_len(),
-                    first.name,
-                    first.input_len(),
-                    first.output_len()
-                )));
+                return Err(EnsembleError::Shapes {
+                    model: m.name.clone(),
+                    inputs: m.input_len(),
+                    outputs: m.output_len(),
+                    first: first.name.clone(),
+                    first_inputs: first.input_len(),
+                    first_outputs: first.output_len(),
+                }
+                .into());
             }
         }
         Ok(Self { members })
@@ -749,7 +942,7 @@ impl Ensemble {
 
     /// `W` and `b` at one input `x` (flattened, length `n`).
     pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
-        let par = faer_par();
+        let par = opts.par.unwrap_or(Par::Seq);
         let mut insts = Vec::with_capacity(self.members.len());
         let mut output = vec![0.0; self.output_len()];
         let mut pattern = vec![];
@@ -773,7 +966,7 @@ impl Ensemble {
         }
         let rows = select_rows(&opts.rows, &output)?;
         let (m, n) = (rows.len(), self.input_len());
-        let mut w = Mat::<f64>::zeros(m, n);
+        let mut w: Option<Array2<f64>> = None;
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
         // instances running at once share the budget
@@ -782,7 +975,7 @@ impl Ensemble {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let (wi, bi) = match opts.strategy {
                 Strategy::Dense => plan::dense_accumulate(inst, &rows, budget, par)
-                    .map_err(|e| Error::Input(format!("{}: {e}", model.name)))?,
+                    .map_err(|source| Error::Dense { model: model.name.clone(), source })?,
                 s => {
                     let choice = match s {
                         Strategy::Reverse => plan::Choice::Reverse,
@@ -792,11 +985,13 @@ impl Ensemble {
                     };
                     let need = plan::peak_bytes(inst, m, choice);
                     if need > budget {
-                        return Err(Error::Input(format!(
-                            "{}: the {} plan for {m} row(s) needs about {need} bytes at its peak, above the memory budget of {budget} bytes per instance (--max-memory, shared by the threads); select fewer --rows or use fewer --threads",
-                            model.name,
-                            format!("{choice:?}").to_lowercase()
-                        )));
+                        return Err(Error::MemoryBudget {
+                            model: model.name.clone(),
+                            plan: format!("{choice:?}").to_lowercase(),
+                            rows: m,
+                            need,
+                            budget,
+                        });
                     }
                     let (wb, dir) = model
                         .run_plan(inst, &rows, choice, &opts.kernel_rates(), par)
@@ -807,17 +1002,27 @@ impl Ensemble {
                     wb
                 }
             };
-            for j in 0..n {
-                for i in 0..m {
-                    w[(i, j)] += a * wi[(i, j)];
-                }
+            // W handed over without a copy: the block's column-major
+            // entries become the array's
+            let (r, c, data) = wi.into_col_major();
+            let mut wi = Array2::from_shape_vec((r, c).f(), data).expect("block shape");
+            if *a != 1.0 {
+                wi.mapv_inplace(|v| a * v);
+            }
+            match &mut w {
+                None => w = Some(wi),
+                Some(w) => *w += &wi,
             }
             for (bo, v) in b.iter_mut().zip(bi) {
                 *bo += a * v;
             }
         }
-        let w = Array2::from_shape_fn((m, n), |(i, j)| w[(i, j)]);
-        Ok(Linearization { w, b: Array1::from(b), rows, output, direction, pattern })
+        let w = w.unwrap_or_else(|| Array2::zeros((m, n).f()));
+        let mut lin = Linearization { w, b: Array1::from(b), rows, output, direction, pattern };
+        if opts.precision == Precision::F32 {
+            lin.round_to_f32();
+        }
+        Ok(lin)
     }
 
     /// Linearizes every row of `xs` (`N × n`), in parallel over instances on
@@ -827,7 +1032,7 @@ impl Ensemble {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), |x| self.linearize(x, opts))
+        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
     }
 }
 
@@ -864,7 +1069,7 @@ pub trait Linearize: Sync {
     fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization>;
     /// Every row of `xs`, in parallel on the current rayon pool, all held.
     fn linearize_batch(&self, xs: ArrayView2<f64>, opts: &Options) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), |x| self.linearize(x, opts))
+        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
     }
     /// Every row of `xs`, handing each linearization to `f(index, lin)` as
     /// it is formed (in parallel, in no fixed order) instead of holding them
@@ -877,15 +1082,12 @@ pub trait Linearize: Sync {
         f: &(dyn Fn(usize, Linearization) -> Result<()> + Sync),
     ) -> Result<()> {
         if xs.ncols() != self.input_len() {
-            return Err(Error::Input(format!(
-                "instances have {} elements, the model expects {}",
-                xs.ncols(),
-                self.input_len()
-            )));
+            return Err(Error::InputLength { expected: self.input_len(), got: xs.ncols() });
         }
+        let opts = batch_options(opts, xs.nrows());
         (0..xs.nrows()).into_par_iter().try_for_each(|k| {
             let x = xs.row(k).to_vec();
-            f(k, self.linearize(&x, opts)?)
+            f(k, self.linearize(&x, &opts)?)
         })
     }
 }
@@ -935,49 +1137,32 @@ impl Linearize for Pipeline {
     }
 }
 
+/// `opts` for a batch of `count` instances: one instance spreads its
+/// products over the current pool, unless the caller chose.
+fn batch_options(opts: &Options, count: usize) -> Options {
+    let mut opts = opts.clone();
+    if opts.par.is_none() && count == 1 {
+        opts.par = Some(match rayon::current_num_threads() {
+            0 | 1 => Par::Seq,
+            t => Par::rayon(t),
+        });
+    }
+    opts
+}
+
 /// Runs `f` on every row of `xs` in parallel on the current rayon pool.
 fn batch(
     xs: ArrayView2<f64>,
     n: usize,
-    f: impl Fn(&[f64]) -> Result<Linearization> + Sync,
+    opts: &Options,
+    f: impl Fn(&[f64], &Options) -> Result<Linearization> + Sync,
 ) -> Result<Vec<Linearization>> {
     if xs.ncols() != n {
-        return Err(Error::Input(format!(
-            "instances have {} elements, the model expects {n}",
-            xs.ncols()
-        )));
+        return Err(Error::InputLength { expected: n, got: xs.ncols() });
     }
     let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
-    if rows.len() == 1 {
-        // one instance: parallelism inside its products
-        return with_inner_par(rayon::current_num_threads(), || {
-            rows.iter().map(|x| f(x)).collect()
-        });
-    }
-    rows.par_iter().map(|x| f(x)).collect()
-}
-
-thread_local! {
-    static INNER_PAR: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
-}
-
-fn faer_par() -> faer::Par {
-    // A batch runs its instances in parallel with sequential products; a
-    // single instance runs its large GEMMs on the pool instead. faer splits
-    // a GEMM's output into tiles and keeps each element's reduction order,
-    // so the result is the same bits either way (tested).
-    match INNER_PAR.with(std::cell::Cell::get) {
-        0 | 1 => faer::Par::Seq,
-        t => faer::Par::rayon(t),
-    }
-}
-
-/// Runs `f` with products inside one instance spread over `threads`.
-fn with_inner_par<T>(threads: usize, f: impl FnOnce() -> T) -> T {
-    let old = INNER_PAR.with(|c| c.replace(threads));
-    let out = f();
-    INNER_PAR.with(|c| c.set(old));
-    out
+    let opts = batch_options(opts, rows.len());
+    rows.par_iter().map(|x| f(x, &opts)).collect()
 }
 
 /// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that
@@ -997,11 +1182,12 @@ impl Pipeline {
         let mut out = first.output_len();
         for m in &then {
             if m.input_len() != out {
-                return Err(Error::Ensemble(format!(
-                    "`{}` takes {} inputs but the previous stage gives {out}",
-                    m.name(),
-                    m.input_len()
-                )));
+                return Err(EnsembleError::Stage {
+                    model: m.name().to_string(),
+                    inputs: m.input_len(),
+                    previous: out,
+                }
+                .into());
             }
             out = m.output_len();
         }
@@ -1037,12 +1223,14 @@ impl Pipeline {
         if self.then.is_empty() {
             return self.first.linearize(x, opts);
         }
-        let all = opts.clone().with_rows(Rows::All);
+        // every stage in float64; the product is rounded once at the end
+        let exact = opts.clone().with_precision(Precision::F64);
+        let all = exact.clone().with_rows(Rows::All);
         let mut lin = self.first.linearize(x, &all)?;
         let last = self.then.len() - 1;
         for (k, m) in self.then.iter().enumerate() {
             let y = lin.output.clone();
-            let stage_opts = if k == last { opts.clone() } else { all.clone() };
+            let stage_opts = if k == last { exact.clone() } else { all.clone() };
             let next = Ensemble::single(m.clone()).linearize(&y, &stage_opts)?;
             // W = W_B·W_A, b = W_B·b_A + b_B
             let w = next.w.dot(&lin.w);
@@ -1060,6 +1248,9 @@ impl Pipeline {
                 pattern,
             };
         }
+        if opts.precision == Precision::F32 {
+            lin.round_to_f32();
+        }
         Ok(lin)
     }
 
@@ -1069,6 +1260,6 @@ impl Pipeline {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), |x| self.linearize(x, opts))
+        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
     }
 }

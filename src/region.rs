@@ -1,7 +1,10 @@
 //! The linear region around an instance (Lemma 1 of the source paper): its
 //! exact ℓ2 / ℓ∞ radius, the binding boundary, and sampled verification.
 
+use std::time::Instant;
+
 use nnlin_compile::region as reg;
+use serde_json::{Value, json};
 
 use crate::{Error, Mode, Model, Options, Result, Rows};
 
@@ -14,9 +17,8 @@ pub fn compute(
     x: &[f64],
     input_box: Option<(f64, f64)>,
     block: usize,
-) -> Result<Region> {
+) -> std::result::Result<Region, reg::RegionError> {
     reg::region(net, inst, x, input_box, block, faer::Par::Seq)
-        .map_err(|e| Error::Input(e.to_string()))
 }
 
 /// Outcome of sampling a region.
@@ -79,7 +81,7 @@ impl Model {
     pub fn region(&self, x: &[f64], input_box: Option<(f64, f64)>, block: usize) -> Result<Region> {
         let inst = self.compile_instance(x, Mode::Tangent)?;
         reg::region(self.network(), &inst, x, input_box, block, faer::Par::Seq)
-            .map_err(|e| Error::Input(format!("{}: {e}", self.name())))
+            .map_err(|source| Error::Region { model: self.name().to_string(), source })
     }
 
     /// Samples `k` points in the region's ball and one just past its binding
@@ -164,5 +166,256 @@ impl Model {
                 Ok(SweepPoint { norm: h, tangent_error: err(&t), secant_error: err(&s) })
             })
             .collect()
+    }
+}
+
+/// The norms a region report gives radii in.
+///
+/// ```
+/// use nnlin::region::Norm;
+/// assert_eq!("linf".parse::<Norm>(), Ok(Norm::Linf));
+/// assert_eq!(Norm::default().to_string(), "both");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Norm {
+    /// The ℓ2 radius.
+    L2,
+    /// The ℓ∞ radius.
+    Linf,
+    /// Both.
+    #[default]
+    Both,
+}
+
+impl std::fmt::Display for Norm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Norm::L2 => "l2",
+            Norm::Linf => "linf",
+            Norm::Both => "both",
+        })
+    }
+}
+
+impl std::str::FromStr for Norm {
+    type Err = String;
+    /// `l2`, `linf` or `both`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "l2" => Ok(Norm::L2),
+            "linf" => Ok(Norm::Linf),
+            "both" => Ok(Norm::Both),
+            other => Err(format!("norm: l2, linf or both, got {other:?}")),
+        }
+    }
+}
+
+/// What a [`Model::region_report`] measures.
+///
+/// ```
+/// use nnlin::region::{Norm, ReportOptions};
+/// let o = ReportOptions::new().with_norm(Norm::L2).with_verify(100).with_box(0.0, 1.0);
+/// assert_eq!(o.verify, 100);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct ReportOptions {
+    /// The radii to report.
+    pub norm: Norm,
+    /// Points to sample inside the region (0: none); at most
+    /// [`MAX_VERIFY`].
+    pub verify: usize,
+    /// Bounds on every input element, `lo < hi`.
+    pub input_box: Option<(f64, f64)>,
+}
+
+impl ReportOptions {
+    /// Both norms, no sampling, no box.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// With `norm`.
+    pub fn with_norm(mut self, norm: Norm) -> Self {
+        self.norm = norm;
+        self
+    }
+    /// With `k` sampled points.
+    pub fn with_verify(mut self, k: usize) -> Self {
+        self.verify = k;
+        self
+    }
+    /// With every input element in `[lo, hi]`.
+    pub fn with_box(mut self, lo: f64, hi: f64) -> Self {
+        self.input_box = Some((lo, hi));
+        self
+    }
+}
+
+/// The most points a report may sample per instance.
+pub const MAX_VERIFY: usize = 100_000;
+
+/// Input columns per forward pass of the region computation (memory).
+const BLOCK: usize = 256;
+
+/// One instance's region report: the JSON `nnlin region --json` writes per
+/// instance, and the directions of the binding boundaries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The instance's entry of `region.json`.
+    pub json: Value,
+    /// Unit direction to the binding ℓ2 boundary (zeros where there is none
+    /// or the network is smooth).
+    pub direction_l2: Vec<f64>,
+    /// Direction (±1 entries) to the binding ℓ∞ boundary.
+    pub direction_linf: Vec<f64>,
+}
+
+fn binding_json(b: &Option<Binding>) -> Value {
+    match b {
+        None => Value::Null,
+        Some(b) => {
+            let kind = match &b.kind {
+                BoundaryKind::Unit { index, at } => {
+                    json!({"type": "unit", "index": index, "breakpoint": at})
+                }
+                BoundaryKind::PoolTie { output, selected, other } => {
+                    json!({"type": "maxpool", "output": output, "selected": selected, "other": other})
+                }
+                BoundaryKind::Box { index } => json!({"type": "box", "index": index}),
+            };
+            json!({"layer": b.layer, "distance": b.distance, "boundary": kind})
+        }
+    }
+}
+
+/// Per layer: active / inactive units (with the inactive indices), for
+/// two-breakpoint functions (Clip, HardTanh, HardSigmoid) how many units are
+/// below, between and above their breakpoints, and every max-pool window's
+/// argmax (flat input index).
+fn pattern_json(model: &Model, inst: &crate::Instance, x: &[f64]) -> Value {
+    use crate::ir::{Layer, PoolKind};
+    let values = inst.values(x);
+    let mut out = vec![];
+    for (node, l) in model.network().nodes().iter().zip(&inst.layers) {
+        match &node.layer {
+            Layer::Activation(a) => {
+                let Some(m) = &l.active else { continue };
+                let active = m.iter().filter(|&&b| b).count();
+                let inactive: Vec<usize> =
+                    m.iter().enumerate().filter(|(_, b)| !**b).map(|(i, _)| i).collect();
+                let mut e = json!({"layer": l.name, "kind": "activation", "active": active, "inactive": m.len() - active, "inactive_units": inactive});
+                if let Some(bp) = a.expr.breakpoints(0).filter(|b| b.len() == 2) {
+                    let z = &values[node.inputs[0].0];
+                    let (lo, hi) = (bp[0].min(bp[1]), bp[0].max(bp[1]));
+                    e["below"] = json!(z.iter().filter(|&&v| v <= lo).count());
+                    e["between"] = json!(z.iter().filter(|&&v| v > lo && v < hi).count());
+                    e["above"] = json!(z.iter().filter(|&&v| v >= hi).count());
+                }
+                out.push(e);
+            }
+            Layer::Pool(p) if p.kind == PoolKind::Max => {
+                if let crate::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
+                    out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
+                }
+            }
+            _ => {}
+        }
+    }
+    Value::Array(out)
+}
+
+impl Model {
+    /// The first smooth layer (a smooth activation or LRN), which leaves the
+    /// network no linear region.
+    pub fn smooth_layer(&self) -> Option<&str> {
+        self.network()
+            .nodes()
+            .iter()
+            .find(|n| match &n.layer {
+                crate::ir::Layer::Activation(a) => !a.is_piecewise_linear(),
+                crate::ir::Layer::Lrn(_) => true,
+                _ => false,
+            })
+            .map(|n| n.name.as_str())
+    }
+
+    /// Instance `index` of a region report at `x`: the radii, the binding
+    /// boundaries, the activation pattern and the sampled verification that
+    /// `nnlin region` reports, or for a smooth network the linearization
+    /// error along a random direction. Seeds derive from `index`, so a
+    /// report does not depend on the order instances are computed in.
+    ///
+    /// ```
+    /// # let model = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx")).unwrap();
+    /// use nnlin::region::ReportOptions;
+    /// let r = model.region_report(&[5.9, 3.0, 5.1, 1.8], 0, &ReportOptions::new().with_verify(10))?;
+    /// assert!(r.json["radius_l2"].as_f64().unwrap() > 0.0);
+    /// assert_eq!(r.json["verify"]["samples"], 10);
+    /// # Ok::<(), nnlin::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// If `x` fails to compile, lies outside the box, or `verify` is above
+    /// [`MAX_VERIFY`].
+    pub fn region_report(&self, x: &[f64], index: usize, opts: &ReportOptions) -> Result<Report> {
+        if opts.verify > MAX_VERIFY {
+            return Err(Error::Verify { samples: opts.verify, max: MAX_VERIFY });
+        }
+        if let Some((lo, hi)) = opts.input_box {
+            if lo.partial_cmp(&hi) != Some(std::cmp::Ordering::Less) {
+                return Err(Error::Box { lo, hi, index: None });
+            }
+            if let Some(i) = x.iter().position(|&v| v < lo || v > hi) {
+                return Err(Error::Box { lo, hi, index: Some((i, x[i])) });
+            }
+        }
+        if x.len() != self.input_len() {
+            return Err(Error::InputLength { expected: self.input_len(), got: x.len() });
+        }
+        let n = x.len();
+        if let Some(layer) = self.smooth_layer() {
+            let norms: Vec<f64> = (0..7).map(|i| 10f64.powi(i - 6)).collect();
+            let sweep = self.linearization_sweep(x, &norms, 1 + index as u64)?;
+            let json = json!({
+                "index": index,
+                "smooth": true,
+                "note": format!("layer `{layer}` is smooth: no linear region; the linearization error ‖F(x+θ) − (W·(x+θ) + b)‖₂ along a random direction is reported instead"),
+                "sweep": sweep.iter().map(|s| json!({"norm": s.norm, "tangent_error": s.tangent_error, "secant_error": s.secant_error})).collect::<Vec<_>>(),
+            });
+            return Ok(Report { json, direction_l2: vec![0.0; n], direction_linf: vec![0.0; n] });
+        }
+        let t0 = Instant::now();
+        let r = self.region(x, opts.input_box, BLOCK)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let mut v = json!({
+            "index": index,
+            "units_at_kink": r.units_at_kink,
+            "boundaries": r.boundaries,
+            "seconds": seconds,
+        });
+        if opts.norm != Norm::Linf {
+            v["radius_l2"] = json!(r.radius_l2);
+            v["radius_l2_excluding_kinks"] = json!(r.radius_l2_excluding_kinks);
+            v["binding"] = binding_json(&r.binding_l2);
+        }
+        if opts.norm != Norm::L2 {
+            v["radius_linf"] = json!(r.radius_linf);
+            v["radius_linf_excluding_kinks"] = json!(r.radius_linf_excluding_kinks);
+            v["binding_linf"] = binding_json(&r.binding_linf);
+        }
+        let inst = self.compile_instance(x, Mode::Tangent)?;
+        v["pattern"] = pattern_json(self, &inst, x);
+        if opts.verify > 0 {
+            let ver = self.verify_region(x, &r, opts.verify, 7 + index as u64)?;
+            v["verify"] = json!({
+                "samples": ver.samples,
+                "radius_used": 0.999 * r.radius_l2_excluding_kinks,
+                "kept_pattern": ver.kept_pattern,
+                "exact": ver.exact,
+                "max_relative_error": ver.max_error,
+                "beyond_changes_pattern": ver.beyond_changes_pattern,
+            });
+        }
+        Ok(Report { json: v, direction_l2: r.direction_l2, direction_linf: r.direction_linf })
     }
 }

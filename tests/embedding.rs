@@ -33,7 +33,7 @@ fn check(f: &impl Linearize) {
     // an error from the callback stops the batch and comes back
     let e = f
         .linearize_batch_with(xs.view(), &Options::new(), &|_, _| {
-            Err(nnlin::Error::Input("stop".into()))
+            Err(nnlin::Error::Caller("stop".into()))
         })
         .unwrap_err();
     assert!(e.to_string().contains("stop"));

@@ -82,6 +82,29 @@ pub enum ConvKernel {
     Structured,
 }
 
+impl std::fmt::Display for ConvKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvKernel::Auto => "auto",
+            ConvKernel::Csr => "csr",
+            ConvKernel::Structured => "structured",
+        })
+    }
+}
+
+impl std::str::FromStr for ConvKernel {
+    type Err = String;
+    /// `auto`, `csr` or `structured`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ConvKernel::Auto),
+            "csr" => Ok(ConvKernel::Csr),
+            "structured" => Ok(ConvKernel::Structured),
+            other => Err(format!("conv kernel: auto, csr or structured, got {other:?}")),
+        }
+    }
+}
+
 /// Errors of the compiler.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 #[non_exhaustive]

@@ -78,6 +78,10 @@ impl Block {
     pub fn as_mut_slice(&mut self) -> &mut [f64] {
         &mut self.data
     }
+    /// The shape and the column-major entries, without a copy.
+    pub fn into_col_major(self) -> (usize, usize, Vec<f64>) {
+        (self.nrows, self.ncols, self.data)
+    }
     /// A faer view (no copy).
     pub fn as_ref(&self) -> faer::MatRef<'_, f64> {
         faer::MatRef::from_column_major_slice(&self.data, self.nrows, self.ncols)
