@@ -20,9 +20,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use ndarray::{Array2, Array3, Axis};
-use nnlin::{ConvKernel, Ensemble, Linearization, Mode, Options, Rows, Strategy};
+use clap::{Parser, Subcommand};
+use ndarray::Array2;
+use nnlin::region::Norm;
+use nnlin::{ConvKernel, Ensemble, Linearize, Mode, Options, Precision, Rows, Strategy};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -47,47 +48,14 @@ struct Cli {
     output: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum ModeArg {
-    Tangent,
-    Secant,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum PrecisionArg {
-    F32,
-    F64,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum StrategyArg {
-    Auto,
-    Reverse,
-    Forward,
-    Dp,
-    Dense,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum NormArg {
-    L2,
-    Linf,
-    Both,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum ConvKernelArg {
-    Auto,
-    Csr,
-    Structured,
-}
-
-fn conv_kernel_of(k: ConvKernelArg) -> ConvKernel {
-    match k {
-        ConvKernelArg::Auto => ConvKernel::Auto,
-        ConvKernelArg::Csr => ConvKernel::Csr,
-        ConvKernelArg::Structured => ConvKernel::Structured,
-    }
+/// A clap parser for a library enum: its names as the possible values (so
+/// `--help` lists them), parsed with the enum's own `FromStr`.
+fn named<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<T>())
 }
 
 #[derive(Subcommand)]
@@ -107,24 +75,24 @@ enum Command {
         #[arg(long, default_value = "nnlin-out")]
         out: PathBuf,
         /// How smooth activations are linearized.
-        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
-        mode: ModeArg,
+        #[arg(long, default_value_t = Mode::Tangent, value_parser = named::<Mode>(&["tangent", "secant"]))]
+        mode: Mode,
         /// Precision of W.npy and b.npy.
-        #[arg(long, value_enum, default_value_t = PrecisionArg::F64)]
-        precision: PrecisionArg,
+        #[arg(long, default_value_t = Precision::F64, value_parser = named::<Precision>(&["f32", "f64"]))]
+        precision: Precision,
         /// Rows of W: all, top1, topK, or i,j,...
         #[arg(long, default_value = "all")]
         rows: String,
         /// Accumulation order.
-        #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
-        strategy: StrategyArg,
+        #[arg(long, default_value_t = Strategy::Auto, value_parser = named::<Strategy>(&["auto", "reverse", "forward", "dp", "dense"]))]
+        strategy: Strategy,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
         /// Convolutions as explicit CSR Toeplitz matrices or structured
         /// (im2col + GEMM) operators; `auto` picks the measured faster.
-        #[arg(long, value_enum, default_value_t = ConvKernelArg::Auto)]
-        conv_kernel: ConvKernelArg,
+        #[arg(long, default_value_t = ConvKernel::Auto, value_parser = named::<ConvKernel>(&["auto", "csr", "structured"]))]
+        conv_kernel: ConvKernel,
         /// Also write heatmaps/instance_K.png: each selected row of W and
         /// W⊙x beside the input (red positive, blue negative).
         #[arg(long)]
@@ -152,8 +120,8 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
         /// Which radii to report.
-        #[arg(long, value_enum, default_value_t = NormArg::Both)]
-        norm: NormArg,
+        #[arg(long, default_value_t = Norm::Both, value_parser = named::<Norm>(&["l2", "linf", "both"]))]
+        norm: Norm,
         /// Points to sample inside each ball (and one past the boundary).
         #[arg(long, default_value_t = 0)]
         verify: usize,
@@ -194,8 +162,8 @@ enum Command {
         #[arg(long)]
         markdown: Option<PathBuf>,
         /// Activation mode.
-        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
-        mode: ModeArg,
+        #[arg(long, default_value_t = Mode::Tangent, value_parser = named::<Mode>(&["tangent", "secant"]))]
+        mode: Mode,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -252,11 +220,11 @@ enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
         /// Activation mode for the compiled operators.
-        #[arg(long, value_enum, default_value_t = ModeArg::Tangent)]
-        mode: ModeArg,
+        #[arg(long, default_value_t = Mode::Tangent, value_parser = named::<Mode>(&["tangent", "secant"]))]
+        mode: Mode,
         /// How convolutions are shown (the explicit CSR Toeplitz matrix by default).
-        #[arg(long, value_enum, default_value_t = ConvKernelArg::Csr)]
-        conv_kernel: ConvKernelArg,
+        #[arg(long, default_value_t = ConvKernel::Csr, value_parser = named::<ConvKernel>(&["auto", "csr", "structured"]))]
+        conv_kernel: ConvKernel,
         /// The input shape (e.g. 1,3,48,48) fixing dynamic dimensions when
         /// no --input is given.
         #[arg(long)]
@@ -337,10 +305,10 @@ fn demo() -> Result<()> {
         weights: None,
         input: data,
         out: out.clone(),
-        mode: ModeArg::Tangent,
-        precision: PrecisionArg::F64,
+        mode: Mode::Tangent,
+        precision: Precision::F64,
         rows: "top3".into(),
-        strategy: StrategyArg::Auto,
+        strategy: Strategy::Auto,
         threads: None,
         conv_kernel: ConvKernel::Auto,
         heatmap: true,
@@ -397,7 +365,7 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             strategy,
             threads,
-            conv_kernel: conv_kernel_of(conv_kernel),
+            conv_kernel,
             heatmap,
             then,
             resize,
@@ -424,7 +392,7 @@ fn run(cli: Cli) -> Result<()> {
                 limit,
                 json,
                 markdown,
-                mode: mode_of(mode),
+                mode,
                 threads,
             })
         }
@@ -474,7 +442,7 @@ fn run(cli: Cli) -> Result<()> {
                 )),
                 None => io::set_input_file(input.as_deref()),
             }
-            inspect(&model, input.as_deref(), mode, conv_kernel_of(conv_kernel))
+            inspect(&model, input.as_deref(), mode, conv_kernel)
         }
     }
 }
@@ -484,23 +452,16 @@ struct ExplainArgs {
     weights: Option<Vec<f64>>,
     input: PathBuf,
     out: PathBuf,
-    mode: ModeArg,
-    precision: PrecisionArg,
+    mode: Mode,
+    precision: Precision,
     rows: String,
-    strategy: StrategyArg,
+    strategy: Strategy,
     threads: Option<usize>,
     conv_kernel: ConvKernel,
     heatmap: bool,
     then: Vec<PathBuf>,
     resize: bool,
     svd: Option<usize>,
-}
-
-fn mode_of(m: ModeArg) -> Mode {
-    match m {
-        ModeArg::Tangent => Mode::Tangent,
-        ModeArg::Secant => Mode::Secant,
-    }
 }
 
 fn load_ensemble(
@@ -533,17 +494,13 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
     let xs = io::read_instances_opts(&args.input, first.input_shape(), args.resize)?;
-    let strategy = match args.strategy {
-        StrategyArg::Auto => Strategy::Auto,
-        StrategyArg::Reverse => Strategy::Reverse,
-        StrategyArg::Forward => Strategy::Forward,
-        StrategyArg::Dp => Strategy::Dp,
-        StrategyArg::Dense => Strategy::Dense,
-    };
+    let strategy = args.strategy;
+    let f32_out = args.precision == Precision::F32;
     let mut opts = Options::new()
-        .with_mode(mode_of(args.mode))
+        .with_mode(args.mode)
         .with_strategy(strategy)
         .with_rows(rows)
+        .with_precision(args.precision)
         .with_max_memory(io::budget());
     if matches!(strategy, Strategy::Auto | Strategy::Dp) {
         // the rates `nnlin calibrate` stored, or measured once now
@@ -564,60 +521,102 @@ fn explain(args: ExplainArgs) -> Result<()> {
             opts: &opts,
             k,
             heatmap: args.heatmap,
-            f32_out: args.precision == PrecisionArg::F32,
+            f32_out,
             threads,
             out: &args.out,
             input: &args.input,
             pool: &pool,
         });
     }
-    // W for every instance is held (and written) at once
-    let m_rows = opts.rows.count(pipeline.output_len())?;
-    io::check_budget(
-        &format!("W for {} instance(s) of {m_rows}×{}", xs.nrows(), xs.ncols()),
-        nnlin::ir::checked_numel(&[xs.nrows(), m_rows, xs.ncols(), 2]),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}; select fewer --rows or instances ([A..B])"))?;
-
-    let start = Instant::now();
-    let mut lins = pool.install(|| pipeline.linearize_batch(xs.view(), &opts))?;
-    let seconds = start.elapsed().as_secs_f64();
-
     let (n_inst, n) = xs.dim();
-    let m = lins.first().map_or(0, |l| l.rows.len());
-    for (k, lin) in lins.iter().enumerate() {
-        if lin.w.iter().chain(&lin.b).any(|v| !v.is_finite()) {
-            bail!(
-                "instance {k}: W or b holds a non-finite value (an overflow: check the ensemble weights and the model's scale); nothing was written"
-            );
-        }
+    let m = opts.rows.count(pipeline.output_len())?;
+    let heatmap_cell = if args.heatmap {
+        let (_, img_h, img_w) = heatmap::geometry(first.input_shape());
+        let cell = (112 / img_h.max(img_w).max(1)).clamp(2, 32) as u64;
+        heatmap::check_canvas(first.input_shape(), cell, 3, m as u64, (80, 26))?;
+        true
+    } else {
+        false
+    };
+
+    // W goes to disk as each instance is formed: memory holds what the
+    // threads work on, not N instances
+    let w_spool = output::Spool::create(&args.out, "W.npy", &[n_inst, m, n], f32_out)?;
+    struct Formed {
+        rows: Vec<usize>,
+        wx: Vec<f64>,
+        b: Vec<f64>,
+        direction: nnlin::Direction,
+        pattern: Vec<serde_json::Value>,
+        w_rows: Option<Vec<Vec<f64>>>,
     }
-    if args.precision == PrecisionArg::F32 {
-        lins.iter_mut().for_each(Linearization::round_to_f32);
-    }
-    let mut w = Array3::<f64>::zeros((n_inst, m, n));
+    let formed: Vec<std::sync::Mutex<Option<Formed>>> =
+        (0..n_inst).map(|_| std::sync::Mutex::new(None)).collect();
+    let start = Instant::now();
+    pool.install(|| {
+        pipeline.linearize_batch_with(xs.view(), &opts, &|k, lin| {
+            if lin.w.iter().chain(&lin.b).any(|v| !v.is_finite()) {
+                return Err(nnlin::Error::Caller(
+                    format!("instance {k}: W or b holds a non-finite value (an overflow: check the ensemble weights and the model's scale); nothing was written").into(),
+                ));
+            }
+            w_spool.write(k, lin.w.iter().copied()).map_err(|e| nnlin::Error::Caller(e.into()))?;
+            let x = xs.row(k);
+            let wx = lin.wx(x.as_slice().expect("contiguous"));
+            let w_rows = heatmap_cell.then(|| lin.w.rows().into_iter().map(|r| r.to_vec()).collect());
+            let pattern = lin.pattern.iter().map(|p| json!({"model": p.model, "layer": p.layer, "active": p.active, "total": p.total})).collect();
+            let f = Formed { rows: lin.rows, wx, b: lin.b.to_vec(), direction: lin.direction, pattern, w_rows };
+            *formed[k].lock().expect("one writer per slot") = Some(f);
+            Ok(())
+        })
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    let formed: Vec<Formed> = formed
+        .into_iter()
+        .map(|f| f.into_inner().expect("no poisoned slot").expect("every instance formed"))
+        .collect();
+    // F(x) by the reference interpreter, independent of the compiled path
+    let outputs: Vec<Vec<f64>> = pool.install(|| {
+        use rayon::prelude::*;
+        (0..n_inst)
+            .into_par_iter()
+            .map(|k| pipeline.forward_reference(&xs.row(k).to_vec()))
+            .collect()
+    });
     let mut b = Array2::<f64>::zeros((n_inst, m));
     let mut instances = Vec::with_capacity(n_inst);
-    for (k, lin) in lins.iter().enumerate() {
-        let x = xs.row(k);
-        let x = x.as_slice().expect("contiguous");
-        let f = pipeline.forward_reference(x);
-        let wx = lin.wx(x);
-        let residual = lin.residual(&wx, &f);
-        w.index_axis_mut(Axis(0), k).assign(&lin.w);
-        b.index_axis_mut(Axis(0), k).assign(&lin.b);
-        let predicted = (!f.is_empty()).then(|| nnlin::argmax(&f));
+    let mut extra = vec![];
+    for (k, (fm, f)) in formed.iter().zip(&outputs).enumerate() {
+        let residual = fm
+            .wx
+            .iter()
+            .zip(&fm.b)
+            .zip(&fm.rows)
+            .fold(0.0, |r, ((s, bi), &row)| f64::max(r, (s + bi - f[row]).abs()));
+        b.row_mut(k).assign(&ndarray::ArrayView1::from(&fm.b));
+        let predicted = (!f.is_empty()).then(|| nnlin::argmax(f));
         instances.push(json!({
             "index": k,
             "output": f,
             "predicted": predicted,
-            "rows": lin.rows,
-            "wx": wx,
-            "b": b.row(k).to_vec(),
+            "rows": fm.rows,
+            "wx": fm.wx,
+            "b": fm.b,
             "residual": residual,
-            "direction": format!("{:?}", lin.direction).to_lowercase(),
-            "active_units": lin.pattern.iter().map(|p| json!({"model": p.model, "layer": p.layer, "active": p.active, "total": p.total})).collect::<Vec<_>>(),
+            "direction": format!("{:?}", fm.direction).to_lowercase(),
+            "active_units": fm.pattern,
         }));
+        if let Some(w_rows) = &fm.w_rows {
+            let rows: Vec<(usize, Vec<f64>, f64, f64, f64)> = fm
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| (r, w_rows[i].clone(), fm.wx[i] + fm.b[i], fm.wx[i], fm.b[i]))
+                .collect();
+            let title = format!("INSTANCE {k}  PREDICTED {}", instances[k]["predicted"]);
+            let png = heatmap::render(first.input_shape(), &xs.row(k).to_vec(), &rows, &title);
+            extra.push((format!("heatmaps/instance_{k}.png"), output::Payload::Bytes(png)));
+        }
     }
     let skipped: Vec<_> = ens
         .members()
@@ -644,45 +643,15 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "n": n,
         "m": m,
         "instances_count": n_inst,
-        "mode": format!("{:?}", args.mode).to_lowercase(),
-        "precision": format!("{:?}", args.precision).to_lowercase(),
-        "strategy": format!("{:?}", args.strategy).to_lowercase(),
+        "mode": args.mode.to_string(),
+        "precision": args.precision.to_string(),
+        "strategy": args.strategy.to_string(),
         "rows": args.rows,
         "threads": threads,
         "timing": { "linearize_seconds": seconds },
         "instances": instances,
     });
-    let mut extra = vec![];
-    if args.heatmap {
-        let (_, img_h, img_w) = heatmap::geometry(first.input_shape());
-        let cell = (112 / img_h.max(img_w).max(1)).clamp(2, 32) as u64;
-        heatmap::check_canvas(first.input_shape(), cell, 3, m as u64, (80, 26))?;
-        for (k, lin) in lins.iter().enumerate() {
-            let x = xs.row(k).to_vec();
-            let inst = &instances[k];
-            let rows: Vec<(usize, Vec<f64>, f64, f64, f64)> = lin
-                .rows
-                .iter()
-                .enumerate()
-                .map(|(i, &r)| {
-                    let wx = inst["wx"][i].as_f64().unwrap_or(0.0);
-                    let bi = b[(k, i)];
-                    (r, (0..n).map(|j| w[(k, i, j)]).collect(), wx + bi, wx, bi)
-                })
-                .collect();
-            let title = format!("INSTANCE {k}  PREDICTED {}", inst["predicted"]);
-            let png = heatmap::render(first.input_shape(), &x, &rows, &title);
-            extra.push((format!("heatmaps/instance_{k}.png"), output::Payload::Bytes(png)));
-        }
-    }
-    output::write_outputs(
-        &args.out,
-        &w,
-        &b,
-        args.precision == PrecisionArg::F32,
-        &summary,
-        &extra,
-    )?;
+    output::write_outputs(&args.out, &w_spool, &b, f32_out, &summary, &extra)?;
     for s in &skipped {
         eprintln!("nnlin: note: {}", escape_controls(s));
     }
@@ -727,7 +696,7 @@ fn plan_cmd(
 fn inspect(
     path: &std::path::Path,
     input: Option<&std::path::Path>,
-    mode: ModeArg,
+    mode: Mode,
     kernel: ConvKernel,
 ) -> Result<()> {
     // convolutions shown as CSR are reported from their geometry (nnz and
@@ -778,7 +747,7 @@ fn inspect(
     if let Some(input) = input {
         let xs = io::read_instances(input, model.input_shape())?;
         let x = xs.row(0).to_vec();
-        let inst = model.compile_instance(&x, mode_of(mode))?;
+        let inst = model.compile_instance(&x, mode)?;
         println!("\ncompiled operators at instance 0 ({:?} mode):", mode);
         println!(
             "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  active units",

@@ -33,6 +33,100 @@ pub enum Payload<'a> {
     Npy3F32(&'a Array3<f64>),
     /// Raw bytes (a PNG, a text).
     Bytes(Vec<u8>),
+    /// A file written piece by piece while the command ran, moved in.
+    Spooled(&'a Spool),
+}
+
+/// An `.npy` array written piece by piece, beside its output folder, while
+/// a command runs (so the whole array is never in memory), and moved into
+/// the staged folder when the folder is committed. Pieces are written at
+/// their own offsets, from any thread, in any order. The file is removed if
+/// it is never committed; a spool left by a process that died is removed by
+/// the next commit to the same target.
+pub struct Spool {
+    path: PathBuf,
+    file: File,
+    header: u64,
+    piece: usize,
+    f32: bool,
+}
+
+/// The marker in the names of spool files: `.NAME.nnlin-spool-FILE-PID`.
+const SPOOL: &str = ".nnlin-spool-";
+
+/// The `.npy` (version 1.0) header of a C-order array of `shape`, padded to
+/// a multiple of 64 bytes as numpy writes it.
+fn npy_header(shape: &[usize], f32: bool) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let descr = if f32 { "<f4" } else { "<f8" };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    let unpadded = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+impl Spool {
+    /// A spool for the file `file` of the output folder `out`: an array of
+    /// `shape`, float32 if `f32`, whose pieces are its sub-arrays along the
+    /// first axis.
+    pub fn create(out: &Path, file: &str, shape: &[usize], f32: bool) -> Result<Spool> {
+        let name = name_of(out)?;
+        let parent = prepare_dir_target(out)?;
+        let path =
+            parent.join(format!(".{name}{SPOOL}{}-{}", file.replace('/', "_"), std::process::id()));
+        let header = npy_header(shape, f32);
+        let piece: usize = shape.iter().skip(1).product();
+        let size = if f32 { 4 } else { 8 };
+        let bytes = shape
+            .iter()
+            .try_fold(size as u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|b| b.checked_add(header.len() as u64))
+            .ok_or_else(|| anyhow::anyhow!("`{file}` is too large"))?;
+        let fh =
+            File::create(&path).with_context(|| format!("cannot create `{}`", path.display()))?;
+        let spool = Spool { path, file: fh, header: header.len() as u64, piece, f32 };
+        use std::os::unix::fs::FileExt;
+        spool
+            .file
+            .write_all_at(&header, 0)
+            .and_then(|()| spool.file.set_len(bytes))
+            .with_context(|| format!("cannot write `{}`", spool.path.display()))?;
+        Ok(spool)
+    }
+
+    /// Writes piece `index` (its values in C order).
+    pub fn write(&self, index: usize, values: impl ExactSizeIterator<Item = f64>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        anyhow::ensure!(values.len() == self.piece, "spool piece of {} values", values.len());
+        let size = if self.f32 { 4 } else { 8 };
+        let mut buf = Vec::with_capacity(self.piece * size);
+        for v in values {
+            if self.f32 {
+                buf.extend_from_slice(&(v as f32).to_le_bytes());
+            } else {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let at = self.header + (index * self.piece * size) as u64;
+        self.file
+            .write_all_at(&buf, at)
+            .with_context(|| format!("cannot write `{}`", self.path.display()))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // gone already when it was committed
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 /// A target of a commit: a folder of files, or one file.
@@ -74,6 +168,11 @@ fn write_payload(path: &Path, payload: &Payload) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     }
+    if let Payload::Spooled(spool) = payload {
+        spool.file.sync_all().with_context(|| format!("cannot write `{}`", path.display()))?;
+        return fs::rename(&spool.path, path)
+            .with_context(|| format!("cannot move `{}` into place", spool.path.display()));
+    }
     let fh = File::create(path).with_context(|| format!("cannot create `{}`", path.display()))?;
     let mut w = std::io::BufWriter::new(fh);
     let written: Result<()> = match payload {
@@ -83,6 +182,7 @@ fn write_payload(path: &Path, payload: &Payload) -> Result<()> {
         Payload::Npy3(a) => a.write_npy(&mut w).map_err(Into::into),
         Payload::Npy3F32(a) => a.mapv(|v| v as f32).write_npy(&mut w).map_err(Into::into),
         Payload::Bytes(b) => std::io::Write::write_all(&mut w, b).map_err(Into::into),
+        Payload::Spooled(_) => Ok(()),
     };
     written.with_context(|| format!("cannot write `{}`", path.display()))?;
     let fh = w.into_inner().map_err(|e| e.into_error())?;
@@ -108,8 +208,14 @@ fn remove_any(path: &Path) {
     }
 }
 
+/// Whether process `pid` has ended (never says so where `/proc` is absent).
+fn process_gone(pid: &str) -> bool {
+    Path::new("/proc/self").exists() && !Path::new("/proc").join(pid).exists()
+}
+
 /// Removes the staging and set-aside entries of target `name` in `parent`
-/// (called under the parent's lock, so their writers are gone).
+/// (called under the parent's lock, so their writers are gone), and the
+/// spools of processes that have ended.
 fn remove_stale(parent: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(parent) else { return };
     let prefix = format!(".{name}");
@@ -118,6 +224,13 @@ fn remove_stale(parent: &Path, name: &str) {
         if let Some(rest) = file.strip_prefix(&prefix)
             && (rest.starts_with(STAGING) || rest.starts_with(ASIDE))
             && rest.rsplit('-').next().is_some_and(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        {
+            remove_any(&e.path());
+        } else if let Some(rest) = file.strip_prefix(&prefix)
+            && rest.starts_with(SPOOL)
+            && let Some(pid) = rest.rsplit('-').next()
+            && pid.chars().all(|c| c.is_ascii_digit())
+            && process_gone(pid)
         {
             remove_any(&e.path());
         }
@@ -184,6 +297,23 @@ fn undo(s: &Swapped) {
             let _ = fs::rename(aside, target);
         }
     }
+}
+
+/// Checks that the folder target `out` can be written (it is a folder or
+/// absent) and creates its parent; returns the parent.
+fn prepare_dir_target(out: &Path) -> Result<PathBuf> {
+    if fs::metadata(out).is_ok_and(|m| !m.is_dir()) {
+        bail!("output `{}` exists and is not a directory", out.display())
+    }
+    let parent = parent_of(out);
+    fs::create_dir_all(&parent).with_context(|| {
+        format!(
+            "cannot write output directory `{}`: cannot create `{}`",
+            out.display(),
+            parent.display()
+        )
+    })?;
+    Ok(parent)
 }
 
 /// Writes every target, all or nothing (see the module docs).
@@ -286,20 +416,18 @@ pub fn write_files(out: &Path, files: &[(&str, &Payload)]) -> Result<()> {
     commit(&[Target::Dir(out, files.to_vec())])
 }
 
-/// Writes W.npy, b.npy, summary.json and `extra` into the folder `out`.
+/// Writes W.npy (spooled), b.npy, summary.json and `extra` into the folder
+/// `out`.
 pub fn write_outputs(
     out: &Path,
-    w: &Array3<f64>,
+    w: &Spool,
     b: &Array2<f64>,
     f32_out: bool,
     summary: &serde_json::Value,
     extra: &[(String, Payload)],
 ) -> Result<()> {
-    let (wp, bp) = if f32_out {
-        (Payload::Npy3F32(w), Payload::Npy2F32(b))
-    } else {
-        (Payload::Npy3(w), Payload::Npy2(b))
-    };
+    let wp = Payload::Spooled(w);
+    let bp = if f32_out { Payload::Npy2F32(b) } else { Payload::Npy2(b) };
     let sp = Payload::Json(summary);
     let mut files: Vec<(&str, &Payload)> =
         vec![("W.npy", &wp), ("b.npy", &bp), ("summary.json", &sp)];

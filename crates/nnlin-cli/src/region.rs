@@ -5,17 +5,14 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use ndarray::Array2;
-use nnlin::Model;
-use nnlin::region::Binding;
+use nnlin::region::{MAX_VERIFY, Norm, ReportOptions};
 use rayon::prelude::*;
-use serde_json::{Value, json};
-
-use crate::NormArg;
+use serde_json::json;
 
 pub struct Args {
     pub model: PathBuf,
     pub input: PathBuf,
-    pub norm: NormArg,
+    pub norm: Norm,
     pub verify: usize,
     pub input_box: Option<Vec<f64>>,
     pub json: Option<PathBuf>,
@@ -23,66 +20,6 @@ pub struct Args {
     pub limit: Option<usize>,
     pub threads: Option<usize>,
 }
-
-fn binding_json(b: &Option<Binding>) -> Value {
-    match b {
-        None => Value::Null,
-        Some(b) => {
-            let kind = match &b.kind {
-                nnlin::region::BoundaryKind::Unit { index, at } => {
-                    json!({"type": "unit", "index": index, "breakpoint": at})
-                }
-                nnlin::region::BoundaryKind::PoolTie { output, selected, other } => {
-                    json!({"type": "maxpool", "output": output, "selected": selected, "other": other})
-                }
-                nnlin::region::BoundaryKind::Box { index } => {
-                    json!({"type": "box", "index": index})
-                }
-            };
-            json!({"layer": b.layer, "distance": b.distance, "boundary": kind})
-        }
-    }
-}
-
-const BLOCK: usize = 256;
-
-/// Per layer: active / inactive units (with the inactive indices), for
-/// two-breakpoint functions (Clip, HardTanh, HardSigmoid) how many units are
-/// below, between and above their breakpoints, and every max-pool window's
-/// argmax (flat input index).
-fn pattern_json(model: &Model, inst: &nnlin::Instance, x: &[f64]) -> Value {
-    let values = inst.values(x);
-    let mut out = vec![];
-    for (node, l) in model.network().nodes().iter().zip(&inst.layers) {
-        match &node.layer {
-            nnlin::ir::Layer::Activation(a) => {
-                let Some(m) = &l.active else { continue };
-                let active = m.iter().filter(|&&b| b).count();
-                let inactive: Vec<usize> =
-                    m.iter().enumerate().filter(|(_, b)| !**b).map(|(i, _)| i).collect();
-                let mut e = json!({"layer": l.name, "kind": "activation", "active": active, "inactive": m.len() - active, "inactive_units": inactive});
-                if let Some(bp) = a.expr.breakpoints(0).filter(|b| b.len() == 2) {
-                    let z = &values[node.inputs[0].0];
-                    let (lo, hi) = (bp[0].min(bp[1]), bp[0].max(bp[1]));
-                    e["below"] = json!(z.iter().filter(|&&v| v <= lo).count());
-                    e["between"] = json!(z.iter().filter(|&&v| v > lo && v < hi).count());
-                    e["above"] = json!(z.iter().filter(|&&v| v >= hi).count());
-                }
-                out.push(e);
-            }
-            nnlin::ir::Layer::Pool(p) if p.kind == nnlin::ir::PoolKind::Max => {
-                if let nnlin::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
-                    out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
-                }
-            }
-            _ => {}
-        }
-    }
-    Value::Array(out)
-}
-
-/// The most points `--verify` may sample per instance.
-pub const MAX_VERIFY: usize = 100_000;
 
 pub fn run(args: Args) -> Result<()> {
     crate::io::set_input_file(Some(&args.input));
@@ -112,68 +49,14 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let pool = crate::io::thread_pool(args.threads)?;
-    let smooth = model
-        .network()
-        .nodes()
-        .iter()
-        .find(|n| {
-            matches!(&n.layer, nnlin::ir::Layer::Activation(a) if !a.is_piecewise_linear())
-                || matches!(n.layer, nnlin::ir::Layer::Lrn(_))
-        })
-        .map(|n| n.name.clone());
     let (n_inst, n) = xs.dim();
-    let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
+    let mut opts = ReportOptions::new().with_norm(args.norm).with_verify(args.verify);
+    opts.input_box = input_box;
     let start = Instant::now();
-    type Row = Result<(Value, Vec<f64>, Vec<f64>)>;
-    let results: Vec<Row> = pool.install(|| {
-        rows.par_iter()
-            .enumerate()
-            .map(|(k, x)| -> Result<(Value, Vec<f64>, Vec<f64>)> {
-                if let Some(layer) = &smooth {
-                    let norms: Vec<f64> = (0..7).map(|i| 10f64.powi(i - 6)).collect();
-                    let sweep = model.linearization_sweep(x, &norms, 1 + k as u64)?;
-                    let v = json!({
-                        "index": k,
-                        "smooth": true,
-                        "note": format!("layer `{layer}` is smooth: no linear region; the linearization error ‖F(x+θ) − (W·(x+θ) + b)‖₂ along a random direction is reported instead"),
-                        "sweep": sweep.iter().map(|s| json!({"norm": s.norm, "tangent_error": s.tangent_error, "secant_error": s.secant_error})).collect::<Vec<_>>(),
-                    });
-                    return Ok((v, vec![0.0; x.len()], vec![0.0; x.len()]));
-                }
-                let t0 = Instant::now();
-                let r = model.region(x, input_box, BLOCK)?;
-                let seconds = t0.elapsed().as_secs_f64();
-                let mut v = json!({
-                    "index": k,
-                    "units_at_kink": r.units_at_kink,
-                    "boundaries": r.boundaries,
-                    "seconds": seconds,
-                });
-                if args.norm != NormArg::Linf {
-                    v["radius_l2"] = json!(r.radius_l2);
-                    v["radius_l2_excluding_kinks"] = json!(r.radius_l2_excluding_kinks);
-                    v["binding"] = binding_json(&r.binding_l2);
-                }
-                if args.norm != NormArg::L2 {
-                    v["radius_linf"] = json!(r.radius_linf);
-                    v["radius_linf_excluding_kinks"] = json!(r.radius_linf_excluding_kinks);
-                    v["binding_linf"] = binding_json(&r.binding_linf);
-                }
-                let inst = model.compile_instance(x, nnlin::Mode::Tangent)?;
-                v["pattern"] = pattern_json(&model, &inst, x);
-                if args.verify > 0 {
-                    let ver = model.verify_region(x, &r, args.verify, 7 + k as u64)?;
-                    v["verify"] = json!({
-                        "samples": ver.samples,
-                        "radius_used": 0.999 * r.radius_l2_excluding_kinks,
-                        "kept_pattern": ver.kept_pattern,
-                        "exact": ver.exact,
-                        "max_relative_error": ver.max_error,
-                        "beyond_changes_pattern": ver.beyond_changes_pattern,
-                    });
-                }
-                Ok((v, r.direction_l2, r.direction_linf))
-            })
+    let results: Vec<nnlin::Result<nnlin::region::Report>> = pool.install(|| {
+        (0..n_inst)
+            .into_par_iter()
+            .map(|k| model.region_report(&xs.row(k).to_vec(), k, &opts))
             .collect()
     });
     let seconds = start.elapsed().as_secs_f64();
@@ -181,10 +64,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut dir = Array2::<f64>::zeros((n_inst, n));
     let mut dir_inf = Array2::<f64>::zeros((n_inst, n));
     for (k, r) in results.into_iter().enumerate() {
-        let (v, d2, d1) = r?;
-        dir.row_mut(k).assign(&ndarray::Array1::from(d2));
-        dir_inf.row_mut(k).assign(&ndarray::Array1::from(d1));
-        instances.push(v);
+        let r = r?;
+        dir.row_mut(k).assign(&ndarray::Array1::from(r.direction_l2));
+        dir_inf.row_mut(k).assign(&ndarray::Array1::from(r.direction_linf));
+        instances.push(r.json);
     }
     let report = json!({
         "model": args.model.display().to_string(),

@@ -32,7 +32,9 @@ fn no_leftovers(dir: &Path) {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".nnlin-new-") || n.contains(".nnlin-old-"))
+        .filter(|n| {
+            n.contains(".nnlin-new-") || n.contains(".nnlin-old-") || n.contains(".nnlin-spool-")
+        })
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -246,6 +248,21 @@ fn overflowing_ensembles_write_nothing() {
         &out,
         "non-finite",
     );
+}
+
+#[test]
+fn spools_of_ended_processes_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("res");
+    // W.npy half written by a process that has ended (no such pid)
+    let stale = tmp.path().join(".res.nnlin-spool-W.npy-4194305");
+    std::fs::write(&stale, b"partial").unwrap();
+    let w = good_run(&out);
+    assert!(!stale.exists());
+    no_leftovers(tmp.path());
+    // the streamed W.npy is a well-formed array
+    let w = Array3::<f64>::read_npy(&w[..]).unwrap();
+    assert_eq!(w.dim().2, 4);
 }
 
 #[test]
