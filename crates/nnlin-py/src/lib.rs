@@ -230,55 +230,22 @@ impl Model {
         strategy: &str,
         threads: Option<usize>,
     ) -> PyResult<Explanation> {
-        let f32_out = match precision {
-            "f64" => false,
-            "f32" => true,
-            other => return Err(err(format!("precision: f32 or f64, got {other:?}"))),
-        };
-        let opts = options(rows, mode, strategy)?;
+        let precision: nnlin::Precision = precision.parse().map_err(err)?;
+        let opts = options(rows, mode, strategy)?.with_precision(precision);
         let xs = instances(&self.inner, &x)?;
         let pool = pool(threads)?;
         let model = &self.inner;
-        let result = py.detach(|| {
-            let ens = nnlin::Ensemble::single(model.clone());
-            let mut lins = on(&pool, || ens.linearize_batch(xs.view(), &opts))?;
-            if f32_out {
-                lins.iter_mut().for_each(nnlin::Linearization::round_to_f32);
-            }
-            let (count, n) = xs.dim();
-            let m = lins.first().map_or(0, |l| l.rows.len());
-            let mut w = Array3::<f64>::zeros((count, m, n));
-            let mut b = Array2::<f64>::zeros((count, m));
-            let mut out = Array2::<f64>::zeros((count, model.output_len()));
-            let mut row_idx = Array2::<i64>::zeros((count, m));
-            let mut residual = Array1::<f64>::zeros(count);
-            let mut predicted = Array1::<i64>::zeros(count);
-            for (k, lin) in lins.iter().enumerate() {
-                let x = xs.row(k);
-                let x = x.as_slice().expect("contiguous");
-                let f = model.forward_reference(x);
-                w.index_axis_mut(Axis(0), k).assign(&lin.w);
-                b.index_axis_mut(Axis(0), k).assign(&lin.b);
-                for (i, &r) in lin.rows.iter().enumerate() {
-                    row_idx[(k, i)] = r as i64;
-                }
-                residual[k] = lin.residual(&lin.wx(x), &f);
-                predicted[k] = nnlin::argmax(&f) as i64;
-                out.row_mut(k).assign(&ndarray::ArrayView1::from(&f));
-            }
-            Ok::<_, nnlin::Error>((w, b, out, row_idx, residual, predicted))
-        });
+        let result = py.detach(|| explain_batch(model, &xs, &opts, &pool));
         let (w, b, out, row_idx, residual, predicted) = result.map_err(err)?;
-        let (w, b): (Py<PyAny>, Py<PyAny>) = if f32_out {
-            (
-                PyArray3::from_owned_array(py, w.mapv(|v| v as f32)).into_any().unbind(),
-                PyArray2::from_owned_array(py, b.mapv(|v| v as f32)).into_any().unbind(),
-            )
-        } else {
-            (
+        let (w, b): (Py<PyAny>, Py<PyAny>) = match w {
+            Formed::F64(w) => (
                 PyArray3::from_owned_array(py, w).into_any().unbind(),
                 PyArray2::from_owned_array(py, b).into_any().unbind(),
-            )
+            ),
+            Formed::F32(w) => (
+                PyArray3::from_owned_array(py, w).into_any().unbind(),
+                PyArray2::from_owned_array(py, b.mapv(|v| v as f32)).into_any().unbind(),
+            ),
         };
         Ok(Explanation {
             w,
@@ -288,6 +255,43 @@ impl Model {
             residual: PyArray1::from_owned_array(py, residual).into_any().unbind(),
             predicted: PyArray1::from_owned_array(py, predicted).into_any().unbind(),
         })
+    }
+
+    /// The linear region around every instance of `x`, as `nnlin region
+    /// --json` reports it: a list of dicts (radii, binding boundaries,
+    /// pattern, sampled verification; a sweep for smooth networks).
+    #[pyo3(signature = (x, norm="both", verify=0, input_box=None, threads=None))]
+    fn region<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArrayDyn<'py, f64>,
+        norm: &str,
+        verify: usize,
+        input_box: Option<(f64, f64)>,
+        threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut opts = nnlin::region::ReportOptions::new()
+            .with_norm(norm.parse().map_err(err)?)
+            .with_verify(verify);
+        if let Some((lo, hi)) = input_box {
+            opts = opts.with_box(lo, hi);
+        }
+        let xs = instances(&self.inner, &x)?;
+        let pool = pool(threads)?;
+        let model = &self.inner;
+        let reports = py
+            .detach(|| {
+                on(&pool, || {
+                    use rayon::prelude::*;
+                    (0..xs.nrows())
+                        .into_par_iter()
+                        .map(|k| model.region_report(&xs.row(k).to_vec(), k, &opts).map(|r| r.json))
+                        .collect::<nnlin::Result<Vec<_>>>()
+                })
+            })
+            .map_err(err)?;
+        let text = serde_json::Value::Array(reports).to_string();
+        py.import("json")?.call_method1("loads", (text,))
     }
 
     /// The decomposition table of the source paper over `X` with labels `y`.
@@ -340,6 +344,83 @@ impl Model {
     fn __repr__(&self) -> String {
         format!("Model({:?}, input_shape={:?})", self.inner.name(), self.inner.input_shape())
     }
+}
+
+/// W of a batch, in the precision asked for.
+enum Formed {
+    F64(Array3<f64>),
+    F32(Array3<f32>),
+}
+
+type Batch = (Formed, Array2<f64>, Array2<f64>, Array2<i64>, Array1<f64>, Array1<i64>);
+
+/// Linearizes every row of `xs`, each W copied once, into its slot of the
+/// batch array as it is formed (a single instance's W is handed over
+/// without a copy in float64).
+fn explain_batch(
+    model: &nnlin::Model,
+    xs: &Array2<f64>,
+    opts: &nnlin::Options,
+    pool: &Option<rayon::ThreadPool>,
+) -> nnlin::Result<Batch> {
+    use nnlin::Linearize;
+    use std::sync::Mutex;
+    let (count, n) = xs.dim();
+    let m = opts.rows.count(model.output_len())?;
+    let f32_out = opts.precision == nnlin::Precision::F32;
+    let mut b = Array2::<f64>::zeros((count, m));
+    let mut out = Array2::<f64>::zeros((count, model.output_len()));
+    let mut row_idx = Array2::<i64>::zeros((count, m));
+    let mut residual = Array1::<f64>::zeros(count);
+    let mut predicted = Array1::<i64>::zeros(count);
+    let mut w64 = Array3::<f64>::zeros((if f32_out || count == 1 { 0 } else { count }, m, n));
+    let mut w32 = Array3::<f32>::zeros((if f32_out { count } else { 0 }, m, n));
+    let mut single: Option<Array3<f64>> = None;
+    {
+        let slots64: Vec<_> = w64.outer_iter_mut().map(Mutex::new).collect();
+        let slots32: Vec<_> = w32.outer_iter_mut().map(Mutex::new).collect();
+        let rest: Vec<_> = b
+            .outer_iter_mut()
+            .zip(out.outer_iter_mut())
+            .zip(row_idx.outer_iter_mut())
+            .zip(residual.iter_mut().zip(predicted.iter_mut()))
+            .map(Mutex::new)
+            .collect();
+        let single = Mutex::new(&mut single);
+        on(pool, || {
+            model.linearize_batch_with(xs.view(), opts, &|k, lin| {
+                let x = xs.row(k);
+                let x = x.as_slice().expect("contiguous");
+                let f = model.forward_reference(x);
+                {
+                    let mut r = rest[k].lock().expect("one writer per slot");
+                    let (((b, out), rows), (res, pred)) = &mut *r;
+                    b.assign(&lin.b);
+                    out.assign(&ndarray::ArrayView1::from(&f));
+                    for (i, &row) in lin.rows.iter().enumerate() {
+                        rows[i] = row as i64;
+                    }
+                    **res = lin.residual(&lin.wx(x), &f);
+                    **pred = nnlin::argmax(&f) as i64;
+                }
+                if f32_out {
+                    let mut slot = slots32[k].lock().expect("one writer per slot");
+                    ndarray::Zip::from(&mut *slot).and(&lin.w).for_each(|a, &v| *a = v as f32);
+                } else if count == 1 {
+                    **single.lock().expect("one instance") = Some(lin.w.insert_axis(Axis(0)));
+                } else {
+                    slots64[k].lock().expect("one writer per slot").assign(&lin.w);
+                }
+                Ok(())
+            })
+        })?;
+    }
+    let w = match (f32_out, single) {
+        (true, _) => Formed::F32(w32),
+        (false, Some(w)) => Formed::F64(w),
+        (false, None) => Formed::F64(w64),
+    };
+    Ok((w, b, out, row_idx, residual, predicted))
 }
 
 /// The extension module.

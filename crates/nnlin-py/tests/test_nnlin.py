@@ -94,6 +94,43 @@ def test_decompose_counts_agree_with_explain():
     assert set(d) == {"n", "accuracy", "wx_accuracy", "wx_lfr", "b_accuracy", "b_lfr"}
 
 
+@pytest.mark.skipif(not CLI.exists(), reason="target/release/nnlin not built")
+def test_region_equals_the_cli_report():
+    path, xs = cnn("lenet5")
+    with tempfile.TemporaryDirectory() as d:
+        out = pathlib.Path(d) / "out"
+        subprocess.run([str(CLI), "region", str(path), "--input", str(FIX / "cnn" / "lenet5.inputs.npy"),
+                        "--out", str(out), "--verify", "20", "--limit", "2"], check=True,
+                       capture_output=True)
+        import json
+        cli = json.loads((out / "region.json").read_text())["instances"]
+    got = nnlin.Model(path).region(xs[:2], verify=20)
+    assert len(got) == 2
+    for a, b in zip(got, cli):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+    assert got[0]["radius_l2_excluding_kinks"] > 0
+
+
+def test_region_radii_and_sampling():
+    m = nnlin.Model(FIX / "iris" / "relu.onnx")
+    x = np.array([5.9, 3.0, 5.1, 1.8])
+    r = m.region(x, verify=50)[0]
+    assert 0 < r["radius_linf"] <= r["radius_l2"] and r["units_at_kink"] == 0
+    assert r["verify"]["exact"] == r["verify"]["kept_pattern"] == 50
+    assert r["verify"]["beyond_changes_pattern"]
+    boxed = m.region(x, norm="l2", input_box=(0.0, 6.0))[0]
+    assert "radius_linf" not in boxed and boxed["radius_l2"] <= r["radius_l2"]
+
+
+def test_region_of_a_smooth_network_is_a_sweep():
+    x = np.array([5.9, 3.0, 5.1, 1.8])
+    r = nnlin.Model(FIX / "iris" / "gelu.onnx").region(x)[0]
+    assert r["smooth"] and len(r["sweep"]) == 7
+    # the tangent error shrinks quadratically with the step
+    assert r["sweep"][0]["tangent_error"] < 1e-6 * r["sweep"][-1]["tangent_error"]
+
+
 def test_bad_input_raises_value_error_with_one_line():
     path, xs = cnn("lenet5")
     m = nnlin.Model(path)
@@ -102,7 +139,10 @@ def test_bad_input_raises_value_error_with_one_line():
                 lambda: m.explain(np.zeros(5)),
                 lambda: m.explain(np.full(784, np.nan)),
                 lambda: m.explain(xs, rows="top99"),
-                lambda: m.explain(xs, mode="curvy")]:
+                lambda: m.explain(xs, mode="curvy"),
+                lambda: m.region(xs[0], norm="l3"),
+                lambda: m.region(xs[0], verify=10**6),
+                lambda: m.region(xs[0], input_box=(1, 0))]:
         with pytest.raises(ValueError) as info:
             bad()
         assert "\n" not in str(info.value) and str(info.value)

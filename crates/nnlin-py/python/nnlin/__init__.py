@@ -9,6 +9,7 @@ the source paper's σ(z)/z rescale). Example::
     e.W, e.b, e.output, e.rows, e.residual, e.predicted
     op = m.operator(x)                         # W without forming it: op.matvec, op.rmatvec
     m.decompose(X, y)                          # the paper's W·x / b decomposition table
+    m.region(x, norm="l2", verify=0)           # the linear region, as `nnlin region --json`
 
 Errors (a bad file, a wrong shape, an unsupported operator) raise ``ValueError`` with the
 command line's one-line message. ``nnlin.torch.explain(module, x)`` exports a PyTorch
@@ -62,6 +63,18 @@ class Model:
         """W at one instance as a matrix-free :class:`Operator` (``matvec``, ``rmatvec``,
         ``shape``, ``svd(k)``); ``scipy.sparse.linalg.aslinearoperator(op)`` accepts it."""
         return self._m.operator(_f64(x), rows, mode)
+
+    def region(self, x, norm="both", verify=0, input_box=None, threads=None):
+        """The linear region (Lemma 1) around every instance of ``x``, as ``nnlin region
+        --json`` reports it: a list of dicts, one per instance, with the exact radii
+        (``radius_l2``, ``radius_linf``, and the same excluding units at a kink), the binding
+        boundaries, the activation pattern and, with ``verify=K``, K points sampled in the
+        region checked for ``F(x') = W·x' + b``. ``norm``: ``"l2"``, ``"linf"`` or
+        ``"both"``; ``input_box=(lo, hi)`` bounds every input element. Smooth networks have
+        no linear region: their dicts hold the linearization error along a random direction
+        (``sweep``)."""
+        box = None if input_box is None else (float(input_box[0]), float(input_box[1]))
+        return self._m.region(_f64(x), norm, int(verify), box, threads)
 
     def decompose(self, X, y, mode="tangent", threads=None):
         """The source paper's decomposition over instances ``X`` with integer labels ``y``:

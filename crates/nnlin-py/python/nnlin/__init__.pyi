@@ -1,5 +1,5 @@
 import os
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,14 @@ class Model:
         threads: Optional[int] = None,
     ) -> Explanation: ...
     def operator(self, x: npt.ArrayLike, rows: Rows = None, mode: str = "tangent") -> Operator: ...
+    def region(
+        self,
+        x: npt.ArrayLike,
+        norm: str = "both",
+        verify: int = 0,
+        input_box: Optional[tuple[float, float]] = None,
+        threads: Optional[int] = None,
+    ) -> list[dict[str, Any]]: ...
     def decompose(
         self, X: npt.ArrayLike, y: npt.ArrayLike, mode: str = "tangent", threads: Optional[int] = None
     ) -> dict[str, float]: ...
