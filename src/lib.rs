@@ -50,6 +50,18 @@ pub use nnlin_linalg as linalg;
 pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};
 
 /// Everything that can go wrong in the library.
+///
+/// ```
+/// use nnlin::{Error, Model, Options, Rows};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// match m.linearize(&[1.0, 2.0, 3.0, 4.0], &Options::new().with_rows(Rows::Top(9))) {
+///     Err(Error::TooManyRows { k: 9, outputs: 3 }) => {}
+///     other => panic!("{other:?}"),
+/// }
+/// // every error is one line
+/// assert!(matches!(Model::from_onnx_bytes("junk", b"not onnx"), Err(Error::Onnx { .. })));
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -184,6 +196,11 @@ fn box_message(lo: f64, hi: f64, index: Option<(usize, f64)>) -> String {
 }
 
 /// Models that cannot form an ensemble or a pipeline.
+///
+/// ```
+/// use nnlin::{Ensemble, EnsembleError, Error};
+/// assert!(matches!(Ensemble::new(vec![]), Err(Error::Ensemble(EnsembleError::Empty))));
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnsembleError {
@@ -232,6 +249,12 @@ pub enum EnsembleError {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Accumulation strategy.
+///
+/// ```
+/// use nnlin::Strategy;
+/// assert_eq!("dp".parse::<Strategy>(), Ok(Strategy::Dp));
+/// assert_eq!(Strategy::default().to_string(), "auto");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// The candidate (reverse, forward, chain DP) with the least predicted
@@ -366,6 +389,14 @@ pub fn read_external(dir: &Path, r: &ExternalRef) -> std::result::Result<Vec<u8>
 }
 
 /// Which output rows of `W` and `b` to form.
+///
+/// ```
+/// use nnlin::Rows;
+/// assert_eq!("top3".parse::<Rows>(), Ok(Rows::Top(3)));
+/// assert_eq!("4,1".parse::<Rows>(), Ok(Rows::Indices(vec![4, 1])));
+/// assert_eq!(Rows::All.count(10).unwrap(), 10);
+/// assert!(Rows::Indices(vec![12]).count(10).is_err());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Rows {
     /// Every output.
@@ -490,6 +521,13 @@ impl Options {
 }
 
 /// What the importer reports about a model besides its network.
+///
+/// ```
+/// let m = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu_softmax.onnx"))?;
+/// assert_eq!(m.info().skipped_softmax.as_deref(), Some("Softmax"));
+/// assert!(m.info().opset >= 9);
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
     /// The default-domain opset.
@@ -505,6 +543,17 @@ pub struct ModelInfo {
 }
 
 /// A loaded model: the network and its input-independent operators.
+///
+/// ```
+/// use nnlin::{Model, Options};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// assert_eq!((m.input_len(), m.output_len()), (4, 3));
+/// let x = [5.9, 3.0, 5.1, 1.8];
+/// let lin = m.linearize(&x, &Options::new())?;
+/// let f = m.forward_reference(&x); // the independent interpreter
+/// assert!(lin.residual(&lin.wx(&x), &f) < 1e-12);
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Model {
     name: String,
@@ -699,6 +748,16 @@ impl Model {
 /// Tables 1–4): the accuracy of F's argmax, of W·x's alone and of b's alone
 /// against the labels, and the label-flip rates of W·x and b against F's
 /// prediction.
+///
+/// ```
+/// use nnlin::{Mode, Model};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let xs = ndarray::array![[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]];
+/// let d = m.decompose(xs.view(), &[0, 2], Mode::Tangent, &|| {})?;
+/// assert_eq!(d.n, 2);
+/// assert!((0.0..=1.0).contains(&d.wx_lfr));
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decomposition {
     /// Instances.
@@ -785,6 +844,15 @@ type PlanKey = (usize, [u64; 3]);
 type WAndB = (Block, Vec<f64>);
 
 /// Per-layer activation pattern of one instance.
+///
+/// ```
+/// let m = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let lin = m.linearize(&[5.9, 3.0, 5.1, 1.8], &nnlin::Options::new())?;
+/// for p in &lin.pattern {
+///     assert_eq!(p.mask.iter().filter(|&&on| on).count(), p.active);
+/// }
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerPattern {
     /// Ensemble member index.
@@ -801,6 +869,17 @@ pub struct LayerPattern {
 }
 
 /// `W` and `b` of one instance.
+///
+/// ```
+/// use nnlin::{Model, Options, Precision, Rows};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/gelu.onnx"))?;
+/// let x = [5.1, 3.5, 1.4, 0.2];
+/// let lin = m.linearize(&x, &Options::new().with_rows(Rows::Top(1)).with_precision(Precision::F32))?;
+/// assert_eq!(lin.w.dim(), (1, 4));
+/// assert!(lin.w.iter().all(|&v| f64::from(v as f32) == v)); // float32 values
+/// assert_eq!(lin.rows, vec![nnlin::argmax(&lin.output)]);
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Linearization {
     /// `m × n`: the selected rows of `W`.
@@ -851,6 +930,19 @@ impl Linearization {
 
 /// A weighted sum of models `F = Σ aᵢ Fᵢ` with equal input and output shapes
 /// (a single model is an ensemble of one with weight 1).
+///
+/// ```
+/// use nnlin::{Ensemble, Model, Options};
+/// let path = |f: &str| format!("{}/fixtures/iris/{f}", env!("CARGO_MANIFEST_DIR"));
+/// let (a, b) = (Model::from_onnx_file(path("relu.onnx"))?, Model::from_onnx_file(path("tanh.onnx"))?);
+/// let x = [5.9, 3.0, 5.1, 1.8];
+/// let ens = Ensemble::new(vec![(a.clone(), 0.5), (b.clone(), 2.0)])?;
+/// let w = ens.linearize(&x, &Options::new())?.w;
+/// let wa = a.linearize(&x, &Options::new())?.w;
+/// let wb = b.linearize(&x, &Options::new())?.w;
+/// assert!((&w - &(wa * 0.5 + wb * 2.0)).iter().all(|d| d.abs() < 1e-12));
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Ensemble {
     members: Vec<(Model, f64)>,
@@ -1169,6 +1261,14 @@ fn batch(
 /// each take the previous output as input. Linearized stage by stage:
 /// `W = W_B·W_A`, `b = W_B·b_A + b_B`, each stage at the previous stage's
 /// output.
+///
+/// ```
+/// use nnlin::{Ensemble, Model, Pipeline};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// // a 4 → 3 model cannot take its own 3 outputs
+/// assert!(Pipeline::new(Ensemble::single(m.clone()), vec![m]).is_err());
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     first: Ensemble,

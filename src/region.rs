@@ -22,6 +22,15 @@ pub fn compute(
 }
 
 /// Outcome of sampling a region.
+///
+/// ```
+/// let m = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let x = [5.9, 3.0, 5.1, 1.8];
+/// let r = m.region(&x, None, 256)?;
+/// let v = m.verify_region(&x, &r, 20, 1)?;
+/// assert_eq!((v.kept_pattern, v.exact), (20, 20));
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verification {
     /// Points drawn uniformly in the ℓ2 ball of radius `0.999·r` (`r` the
@@ -41,6 +50,13 @@ pub struct Verification {
 }
 
 /// The linearization error of a smooth network along one direction.
+///
+/// ```
+/// let m = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/tanh.onnx"))?;
+/// let s = m.linearization_sweep(&[5.9, 3.0, 5.1, 1.8], &[1e-4, 1e-2], 1)?;
+/// assert!(s[0].tangent_error < s[1].tangent_error);
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct SweepPoint {
     /// ‖θ‖₂.
@@ -259,6 +275,14 @@ const BLOCK: usize = 256;
 
 /// One instance's region report: the JSON `nnlin region --json` writes per
 /// instance, and the directions of the binding boundaries.
+///
+/// ```
+/// let m = nnlin::Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let r = m.region_report(&[5.9, 3.0, 5.1, 1.8], 0, &Default::default())?;
+/// let d: f64 = r.direction_l2.iter().map(|v| v * v).sum();
+/// assert!((d - 1.0).abs() < 1e-12); // a unit direction to the binding boundary
+/// # Ok::<(), nnlin::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
     /// The instance's entry of `region.json`.
