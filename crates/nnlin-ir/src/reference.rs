@@ -4,6 +4,7 @@
 
 use crate::network::{Layer, Network, PadMode, PoolKind, ValueId};
 use crate::scalar::{Dual, Scalar};
+use rayon::prelude::*;
 
 /// Evaluates every value of the network at `x` (flattened input).
 ///
@@ -26,21 +27,24 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
         let y = match &node.layer {
             Layer::Dense(d) => {
                 let rows = u.len() / d.in_features;
-                let mut y = Vec::with_capacity(rows * d.out_features);
-                for r in 0..rows {
-                    let ur = &u[r * d.in_features..(r + 1) * d.in_features];
-                    for o in 0..d.out_features {
+                // one output element per task: its dot product in input
+                // order, then the bias
+                (0..rows * d.out_features)
+                    .into_par_iter()
+                    .map(|ro| {
+                        let (r, o) = (ro / d.out_features, ro % d.out_features);
+                        let ur = &u[r * d.in_features..(r + 1) * d.in_features];
+                        let wo = &d.weight[o * d.in_features..(o + 1) * d.in_features];
                         let mut acc = S::from_f64(0.0);
-                        for k in 0..d.in_features {
-                            acc = acc + S::from_f64(d.weight[o * d.in_features + k]) * ur[k];
+                        for (&wk, &uk) in wo.iter().zip(ur) {
+                            acc = acc + S::from_f64(wk) * uk;
                         }
                         if let Some(b) = &d.bias {
                             acc = acc + S::from_f64(b[o]);
                         }
-                        y.push(acc);
-                    }
-                }
-                y
+                        acc
+                    })
+                    .collect()
             }
             Layer::Affine(a) => u
                 .iter()
@@ -52,39 +56,64 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
             }
             Layer::Reshape(_) => u.clone(),
             Layer::Conv(c) => {
+                // Weight-stationary loops, parallel over output channels:
+                // each output element still adds its bias, then its taps in
+                // (input channel, ky, kx) order, skipping taps in the
+                // padding, so the sums are the direct definition's, bit for
+                // bit; the innermost loop runs along an output row.
                 let w = &c.window;
                 let cog = c.c_out / c.groups;
                 let cig = c.c_in / c.groups;
-                let mut y = Vec::with_capacity(c.c_out * w.oh * w.ow);
-                for oc in 0..c.c_out {
+                let plane = w.oh * w.ow;
+                let mut y = vec![S::from_f64(0.0); c.c_out * plane];
+                y.par_chunks_mut(plane.max(1)).enumerate().for_each(|(oc, yo)| {
                     let g = oc / cog;
-                    for oy in 0..w.oh {
-                        for ox in 0..w.ow {
-                            let mut acc = S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc]));
-                            for icg in 0..cig {
-                                let ic = g * cig + icg;
-                                for ky in 0..w.kh {
-                                    // plain index arithmetic, independent of Window::iy/ix
+                    yo.fill(S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc])));
+                    for icg in 0..cig {
+                        let ic = g * cig + icg;
+                        for ky in 0..w.kh {
+                            for kx in 0..w.kw {
+                                let wt = S::from_f64(
+                                    c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx],
+                                );
+                                // ix = ox·sw + off − pl must lie in [0, iw)
+                                let off = kx * w.dw;
+                                let ox_lo =
+                                    if off >= w.pl { 0 } else { (w.pl - off).div_ceil(w.sw) };
+                                let ox_hi = if w.iw + w.pl > off {
+                                    ((w.iw + w.pl - off - 1) / w.sw + 1).min(w.ow)
+                                } else {
+                                    0
+                                };
+                                for oy in 0..w.oh {
                                     let iy = (oy * w.sh + ky * w.dh) as isize - w.pt as isize;
                                     if iy < 0 || iy >= w.ih as isize {
                                         continue;
                                     }
-                                    for kx in 0..w.kw {
-                                        let ix = (ox * w.sw + kx * w.dw) as isize - w.pl as isize;
-                                        if ix < 0 || ix >= w.iw as isize {
-                                            continue;
+                                    if ox_lo >= ox_hi {
+                                        continue;
+                                    }
+                                    let row = (ic * w.ih + iy as usize) * w.iw;
+                                    let yrow = &mut yo[oy * w.ow + ox_lo..oy * w.ow + ox_hi];
+                                    // the input elements ix = ox·sw + off − pl
+                                    let first = row + ox_lo * w.sw + off - w.pl;
+                                    let src = &u[first..first + (ox_hi - ox_lo - 1) * w.sw + 1];
+                                    if w.sw == 1 {
+                                        for (yv, &uv) in yrow.iter_mut().zip(src) {
+                                            *yv = *yv + wt * uv;
                                         }
-                                        let wt =
-                                            c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx];
-                                        let xi = (ic * w.ih + iy as usize) * w.iw + ix as usize;
-                                        acc = acc + S::from_f64(wt) * u[xi];
+                                    } else {
+                                        for (yv, &uv) in
+                                            yrow.iter_mut().zip(src.iter().step_by(w.sw))
+                                        {
+                                            *yv = *yv + wt * uv;
+                                        }
                                     }
                                 }
                             }
-                            y.push(acc);
                         }
                     }
-                }
+                });
                 y
             }
             Layer::ConvTranspose(t) => {
@@ -368,4 +397,85 @@ pub fn jacobian(net: &Network, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (out, jac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Window;
+    use crate::network::Conv;
+    use proptest::prelude::*;
+
+    /// The convolution's definition, one output element at a time: its
+    /// bias, then every tap inside the input in (input channel, ky, kx)
+    /// order.
+    fn direct(c: &Conv, u: &[f64]) -> Vec<f64> {
+        let w = &c.window;
+        let (cog, cig) = (c.c_out / c.groups, c.c_in / c.groups);
+        let mut y = vec![];
+        for oc in 0..c.c_out {
+            for oy in 0..w.oh {
+                for ox in 0..w.ow {
+                    let mut acc = c.bias.as_ref().map_or(0.0, |b| b[oc]);
+                    for icg in 0..cig {
+                        let ic = oc / cog * cig + icg;
+                        for ky in 0..w.kh {
+                            for kx in 0..w.kw {
+                                let iy = (oy * w.sh + ky * w.dh) as isize - w.pt as isize;
+                                let ix = (ox * w.sw + kx * w.dw) as isize - w.pl as isize;
+                                if iy < 0 || ix < 0 || iy >= w.ih as isize || ix >= w.iw as isize {
+                                    continue;
+                                }
+                                let wt = c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx];
+                                acc += wt * u[(ic * w.ih + iy as usize) * w.iw + ix as usize];
+                            }
+                        }
+                    }
+                    y.push(acc);
+                }
+            }
+        }
+        y
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// The weight-stationary loops give the definition's sums bit for
+        /// bit, on any geometry.
+        #[test]
+        fn conv_equals_its_definition_bit_for_bit(
+            groups in 1usize..3, cig in 1usize..3, cog in 1usize..3,
+            ih in 1usize..9, iw in 1usize..9, kh in 1usize..4, kw in 1usize..4,
+            sh in 1usize..3, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
+            pads in (0usize..3, 0usize..3, 0usize..3, 0usize..3), bias: bool, seed in 0u64..1000,
+        ) {
+            let Some(window) = Window::new((ih, iw), (kh, kw), (sh, sw), (dh, dw), pads, false)
+            else { return Ok(()) };
+            let (c_in, c_out) = (groups * cig, groups * cog);
+            let mut s = seed;
+            let mut next = move || {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            };
+            let weight: Vec<f64> = (0..c_out * cig * kh * kw).map(|_| next()).collect();
+            let conv = Conv {
+                window,
+                c_in,
+                c_out,
+                groups,
+                weight: std::sync::Arc::new(weight),
+                bias: bias.then(|| (0..c_out).map(|_| next()).collect()),
+                one_d: false,
+            };
+            let x: Vec<f64> = (0..c_in * ih * iw).map(|_| next()).collect();
+            let mut net = Network::new(vec![1, c_in, ih, iw]);
+            net.push("conv", "Conv", Layer::Conv(conv.clone()), vec![ValueId(0)]).unwrap();
+            let got = forward(&net, &x);
+            let want = direct(&conv, &x);
+            prop_assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                prop_assert_eq!(a.to_bits(), b.to_bits());
+            }
+        }
+    }
 }

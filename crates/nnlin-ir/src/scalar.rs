@@ -12,6 +12,8 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 /// A real number type the reference interpreter is generic over.
 pub trait Scalar:
     Copy
+    + Send
+    + Sync
     + Debug
     + Add<Output = Self>
     + Sub<Output = Self>
