@@ -688,8 +688,8 @@ impl Model {
         })
     }
 
-    /// Runs one plan; also says which accumulation direction it used when it
-    /// is one of the two fixed orders.
+    /// Runs one plan; says which plan ran (a `Dp` on a DAG runs the
+    /// planner's cheapest of reverse, forward and a cut split).
     fn run_plan(
         &self,
         inst: &Instance,
@@ -697,22 +697,24 @@ impl Model {
         choice: plan::Choice,
         rates: &plan::Rates,
         par: faer::Par,
-    ) -> Result<(WAndB, Option<Direction>), CompileError> {
+    ) -> Result<(WAndB, Executed), CompileError> {
         Ok(match choice {
             plan::Choice::Reverse => {
-                (accumulate(inst, rows, Direction::Reverse, par)?, Some(Direction::Reverse))
+                (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
             }
             plan::Choice::Forward => {
-                (accumulate(inst, rows, Direction::Forward, par)?, Some(Direction::Forward))
+                (accumulate(inst, rows, Direction::Forward, par)?, Executed::Forward)
             }
-            plan::Choice::Split(v) => (nnlin_compile::accumulate_split(inst, rows, v, par)?, None),
+            plan::Choice::Split(v) => {
+                (nnlin_compile::accumulate_split(inst, rows, v, par)?, Executed::Split(v))
+            }
             plan::Choice::Dp => match plan::chain_accumulate(inst, rows, rates, par)? {
-                Some(wb) => (wb, None),
-                // a DAG: the planner's cheapest of reverse, forward and a cut
-                // split (it proposes dp only for chains)
+                Some(wb) => (wb, Executed::Dp),
                 None => match self.planned(inst, rows.len(), rates) {
-                    plan::Choice::Dp => (accumulate(inst, rows, Direction::Reverse, par)?, None),
-                    other => (self.run_plan(inst, rows, other, rates, par)?.0, None),
+                    plan::Choice::Dp => {
+                        (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
+                    }
+                    other => self.run_plan(inst, rows, other, rates, par)?,
                 },
             },
         })
@@ -837,6 +839,53 @@ impl Model {
     }
 }
 
+/// The plan that formed one model's W at one instance.
+///
+/// ```
+/// use nnlin::{Executed, Model, Options, Strategy};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let lin = m.linearize(&[5.9, 3.0, 5.1, 1.8], &Options::new().with_strategy(Strategy::Forward))?;
+/// assert_eq!(lin.plans, vec![Executed::Forward]);
+/// assert_eq!(Executed::Split(7).to_string(), "split@7");
+/// # Ok::<(), nnlin::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Executed {
+    /// Reverse accumulation.
+    Reverse,
+    /// Forward accumulation.
+    Forward,
+    /// The matrix-chain program's bracketing (chains).
+    Dp,
+    /// Forward up to this cut value, reverse down to it (DAGs).
+    Split(usize),
+    /// The dense baseline.
+    Dense,
+}
+
+impl From<plan::Choice> for Executed {
+    fn from(c: plan::Choice) -> Self {
+        match c {
+            plan::Choice::Reverse => Executed::Reverse,
+            plan::Choice::Forward => Executed::Forward,
+            plan::Choice::Dp => Executed::Dp,
+            plan::Choice::Split(v) => Executed::Split(v),
+        }
+    }
+}
+
+impl std::fmt::Display for Executed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executed::Reverse => f.write_str("reverse"),
+            Executed::Forward => f.write_str("forward"),
+            Executed::Dp => f.write_str("dp"),
+            Executed::Split(v) => write!(f, "split@{v}"),
+            Executed::Dense => f.write_str("dense"),
+        }
+    }
+}
+
 /// The auto plan's cache key: row count and the rates' bits.
 type PlanKey = (usize, [u64; 3]);
 
@@ -890,8 +939,11 @@ pub struct Linearization {
     pub rows: Vec<usize>,
     /// `F(x)` (all outputs) as propagated through the compiled operators.
     pub output: Vec<f64>,
-    /// The direction used (per member, they all agree).
+    /// `Forward` where a member ran forward accumulation, else `Reverse`
+    /// (see `plans` for what each member ran).
     pub direction: Direction,
+    /// The plan each member ran (ensemble members, then `--then` stages).
+    pub plans: Vec<Executed>,
     /// Activation pattern of every activation layer of every member.
     pub pattern: Vec<LayerPattern>,
 }
@@ -1061,13 +1113,17 @@ impl Ensemble {
         let mut w: Option<Array2<f64>> = None;
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
+        let mut plans = Vec::with_capacity(self.members.len());
         // instances running at once share the budget
         let budget = opts.max_memory.unwrap_or(usize::MAX) / rayon::current_num_threads().max(1);
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
             let compile_err = |source| Error::Compile { model: model.name.clone(), source };
             let (wi, bi) = match opts.strategy {
-                Strategy::Dense => plan::dense_accumulate(inst, &rows, budget, par)
-                    .map_err(|source| Error::Dense { model: model.name.clone(), source })?,
+                Strategy::Dense => {
+                    plans.push(Executed::Dense);
+                    plan::dense_accumulate(inst, &rows, budget, par)
+                        .map_err(|source| Error::Dense { model: model.name.clone(), source })?
+                }
                 s => {
                     let choice = match s {
                         Strategy::Reverse => plan::Choice::Reverse,
@@ -1085,12 +1141,13 @@ impl Ensemble {
                             budget,
                         });
                     }
-                    let (wb, dir) = model
+                    let (wb, ran) = model
                         .run_plan(inst, &rows, choice, &opts.kernel_rates(), par)
                         .map_err(compile_err)?;
-                    if let Some(d) = dir {
-                        direction = d;
+                    if ran == Executed::Forward {
+                        direction = Direction::Forward;
                     }
+                    plans.push(ran);
                     wb
                 }
             };
@@ -1110,7 +1167,8 @@ impl Ensemble {
             }
         }
         let w = w.unwrap_or_else(|| Array2::zeros((m, n).f()));
-        let mut lin = Linearization { w, b: Array1::from(b), rows, output, direction, pattern };
+        let mut lin =
+            Linearization { w, b: Array1::from(b), rows, output, direction, plans, pattern };
         if opts.precision == Precision::F32 {
             lin.round_to_f32();
         }
@@ -1336,6 +1394,8 @@ impl Pipeline {
             let w = next.w.dot(&lin.w);
             let b = next.w.dot(&lin.b) + &next.b;
             let mut pattern = lin.pattern;
+            let mut plans = lin.plans;
+            plans.extend(next.plans);
             pattern.extend(
                 next.pattern.into_iter().map(|p| LayerPattern { model: p.model + 1 + k, ..p }),
             );
@@ -1345,6 +1405,7 @@ impl Pipeline {
                 rows: next.rows,
                 output: next.output,
                 direction: next.direction,
+                plans,
                 pattern,
             };
         }

@@ -547,6 +547,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         wx: Vec<f64>,
         b: Vec<f64>,
         direction: nnlin::Direction,
+        plans: Vec<String>,
         pattern: Vec<serde_json::Value>,
         w_rows: Option<Vec<Vec<f64>>>,
     }
@@ -565,7 +566,16 @@ fn explain(args: ExplainArgs) -> Result<()> {
             let wx = lin.wx(x.as_slice().expect("contiguous"));
             let w_rows = heatmap_cell.then(|| lin.w.rows().into_iter().map(|r| r.to_vec()).collect());
             let pattern = lin.pattern.iter().map(|p| json!({"model": p.model, "layer": p.layer, "active": p.active, "total": p.total})).collect();
-            let f = Formed { rows: lin.rows, wx, b: lin.b.to_vec(), direction: lin.direction, pattern, w_rows };
+            let plans = lin.plans.iter().map(ToString::to_string).collect();
+            let f = Formed {
+                rows: lin.rows,
+                wx,
+                b: lin.b.to_vec(),
+                direction: lin.direction,
+                plans,
+                pattern,
+                w_rows,
+            };
             *formed[k].lock().expect("one writer per slot") = Some(f);
             Ok(())
         })
@@ -604,6 +614,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
             "b": fm.b,
             "residual": residual,
             "direction": format!("{:?}", fm.direction).to_lowercase(),
+            "plan": fm.plans,
             "active_units": fm.pattern,
         }));
         if let Some(w_rows) = &fm.w_rows {

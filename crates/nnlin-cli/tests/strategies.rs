@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::ReadNpyExt;
-use nnlin::{Ensemble, Mode, Model, Options, Rows, Strategy};
+use nnlin::{Ensemble, Executed, Mode, Model, Options, Rows, Strategy};
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -53,7 +53,24 @@ fn every_strategy_gives_the_same_w_and_b() {
                 let opts =
                     Options::new().with_strategy(s).with_rows(Rows::All).with_mode(Mode::Tangent);
                 match m.linearize(&x, &opts) {
-                    Ok(l) => same(&base, &l, &format!("{name} {s:?}")),
+                    Ok(l) => {
+                        same(&base, &l, &format!("{name} {s:?}"));
+                        // the plan reported is the plan that ran
+                        let chain = !name.contains("net_small");
+                        let ran = l.plans[0];
+                        match s {
+                            Strategy::Forward => assert_eq!(ran, Executed::Forward),
+                            Strategy::Dense => assert_eq!(ran, Executed::Dense),
+                            Strategy::Dp if chain => assert_eq!(ran, Executed::Dp),
+                            // a DAG's dp runs the planner's pick
+                            Strategy::Dp | Strategy::Auto => assert!(
+                                !matches!(ran, Executed::Dense | Executed::Dp) || chain,
+                                "{name} {s:?}: {ran}"
+                            ),
+                            Strategy::Reverse => unreachable!("the baseline"),
+                        }
+                        assert_eq!(l.plans.len(), 1);
+                    }
                     Err(e) => {
                         // only dp may refuse, and only on branching networks
                         assert_eq!(s, Strategy::Dp, "{name} {s:?}: {e}");
