@@ -1124,12 +1124,14 @@ impl Ensemble {
                     plan::dense_accumulate(inst, &rows, budget, par)
                         .map_err(|source| Error::Dense { model: model.name.clone(), source })?
                 }
-                s => {
-                    let choice = match s {
+                fixed @ (Strategy::Auto | Strategy::Reverse | Strategy::Forward | Strategy::Dp) => {
+                    let choice = match fixed {
                         Strategy::Reverse => plan::Choice::Reverse,
                         Strategy::Forward => plan::Choice::Forward,
                         Strategy::Dp => plan::Choice::Dp,
-                        _ => model.planned(inst, m, &opts.kernel_rates()),
+                        Strategy::Auto | Strategy::Dense => {
+                            model.planned(inst, m, &opts.kernel_rates())
+                        }
                     };
                     let need = plan::peak_bytes(inst, m, choice);
                     if need > budget {

@@ -337,28 +337,64 @@ fn pattern_json(model: &Model, inst: &crate::Instance, x: &[f64]) -> Value {
                 }
                 out.push(e);
             }
-            Layer::Pool(p) if p.kind == PoolKind::Max => {
-                if let crate::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
-                    out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
+            Layer::Pool(p) => match p.kind {
+                PoolKind::Max => {
+                    if let crate::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
+                        out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
+                    }
                 }
-            }
-            _ => {}
+                PoolKind::Average { .. } => {}
+            },
+            // no pattern: fixed operators, and the smooth layers (no region)
+            Layer::Dense(_)
+            | Layer::Affine(_)
+            | Layer::Reshape(_)
+            | Layer::Conv(_)
+            | Layer::ConvTranspose(_)
+            | Layer::Add(_)
+            | Layer::Concat(_)
+            | Layer::Pad(_)
+            | Layer::Transpose(_)
+            | Layer::Lrn(_)
+            | Layer::Select(_)
+            | Layer::Product(_)
+            | Layer::Reduce(_)
+            | Layer::Softmax(_)
+            | Layer::MatMul(_) => {}
         }
     }
     Value::Array(out)
 }
 
 impl Model {
-    /// The first smooth layer (a smooth activation or LRN), which leaves the
-    /// network no linear region.
+    /// The first smooth layer (a smooth activation, LRN, softmax, or a
+    /// product of two branches), which leaves the network no linear region.
     pub fn smooth_layer(&self) -> Option<&str> {
         self.network()
             .nodes()
             .iter()
-            .find(|n| match &n.layer {
-                crate::ir::Layer::Activation(a) => !a.is_piecewise_linear(),
-                crate::ir::Layer::Lrn(_) => true,
-                _ => false,
+            .find(|n| {
+                use crate::ir::Layer;
+                match &n.layer {
+                    Layer::Activation(a) => !a.is_piecewise_linear(),
+                    // curved: products of branches (gates, attention,
+                    // normalizations), softmax and LRN
+                    Layer::Lrn(_) | Layer::Product(_) | Layer::Softmax(_) | Layer::MatMul(_) => {
+                        true
+                    }
+                    Layer::Dense(_)
+                    | Layer::Affine(_)
+                    | Layer::Reshape(_)
+                    | Layer::Conv(_)
+                    | Layer::ConvTranspose(_)
+                    | Layer::Pool(_)
+                    | Layer::Add(_)
+                    | Layer::Concat(_)
+                    | Layer::Pad(_)
+                    | Layer::Transpose(_)
+                    | Layer::Select(_)
+                    | Layer::Reduce(_) => false,
+                }
             })
             .map(|n| n.name.as_str())
     }

@@ -217,8 +217,33 @@ impl Instance {
 enum Fixed {
     /// Operators per input and the bias, the same for every instance.
     Ops(Vec<Arc<Operator>>, Arc<Vec<f64>>),
-    /// Depends on the instance.
-    PerInstance,
+    /// Depends on the instance: lowered at each `x` from this payload.
+    PerInstance(Dynamic),
+}
+
+/// A layer whose operator depends on the instance, with what lowering it
+/// needs (each kind once: adding one makes the compiler list every match).
+#[derive(Clone, Debug)]
+enum Dynamic {
+    /// One input.
+    Unary(Unary),
+    /// A product of two branches.
+    Product,
+    /// A matrix product of two branches.
+    MatMul,
+}
+
+/// A one-input layer whose operator depends on the instance.
+#[derive(Clone, Debug)]
+enum Unary {
+    /// Slopes (tangent) or ratios (secant) per unit.
+    Activation(nnlin_ir::Activation),
+    /// The selected tap per window.
+    MaxPool(nnlin_ir::Pool),
+    /// The local response normalization's Jacobian or frozen denominator.
+    Lrn(nnlin_ir::Lrn),
+    /// The softmax Jacobian or per-element ratios.
+    Softmax(nnlin_ir::Softmax),
 }
 
 /// Per-model compiled state: the input-independent operators.
@@ -434,7 +459,7 @@ impl Compiler {
                     one(Operator::Transposed(Box::new(op)), bias)
                 }
                 Layer::Pool(p) => match p.kind {
-                    PoolKind::Max => Fixed::PerInstance,
+                    PoolKind::Max => Fixed::PerInstance(Dynamic::Unary(Unary::MaxPool(p.clone()))),
                     PoolKind::Average { count_include_pad } => {
                         let op = avgpool_operator(p, count_include_pad);
                         let rows = op.nrows();
@@ -490,11 +515,15 @@ impl Compiler {
                     let rows = net.numel(node.output);
                     one(Operator::csr_from_triplets(rows, numel, &tri), vec![0.0; rows])
                 }
-                Layer::Activation(_)
-                | Layer::Lrn(_)
-                | Layer::Product(_)
-                | Layer::Softmax(_)
-                | Layer::MatMul(_) => Fixed::PerInstance,
+                Layer::Activation(a) => {
+                    Fixed::PerInstance(Dynamic::Unary(Unary::Activation(a.clone())))
+                }
+                Layer::Lrn(l) => Fixed::PerInstance(Dynamic::Unary(Unary::Lrn(l.clone()))),
+                Layer::Softmax(sm) => {
+                    Fixed::PerInstance(Dynamic::Unary(Unary::Softmax(sm.clone())))
+                }
+                Layer::Product(_) => Fixed::PerInstance(Dynamic::Product),
+                Layer::MatMul(_) => Fixed::PerInstance(Dynamic::MatMul),
             };
             fixed.push(f);
         }
@@ -539,31 +568,24 @@ impl Compiler {
             let mut active = None;
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
-                Fixed::PerInstance => match &node.layer {
+                Fixed::PerInstance(d @ (Dynamic::Product | Dynamic::MatMul)) => {
                     // two factors that both depend on the input
-                    Layer::Product(_) | Layer::MatMul(_) => {
-                        let g = values[node.inputs[1].0].as_ref().expect("input value alive");
-                        let sa = self.net.shape(node.inputs[0]);
-                        let sb = self.net.shape(node.inputs[1]);
-                        let (ops, bias) = if matches!(node.layer, Layer::MatMul(_)) {
-                            matmul_operators(u, g, sa, sb, mode)
-                        } else {
-                            product_operators(u, g, sa, sb, mode)
-                        };
-                        (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
-                    }
-                    _ => {
-                        let (op, bias, act) = per_instance(
-                            &node.layer,
-                            u,
-                            self.net.shape(node.inputs[0]),
-                            mode,
-                            &mut scratch,
-                        );
-                        active = act;
-                        (vec![Arc::new(op)], Arc::new(bias))
-                    }
-                },
+                    let g = values[node.inputs[1].0].as_ref().expect("input value alive");
+                    let sa = self.net.shape(node.inputs[0]);
+                    let sb = self.net.shape(node.inputs[1]);
+                    let (ops, bias) = if matches!(d, Dynamic::MatMul) {
+                        matmul_operators(u, g, sa, sb, mode)
+                    } else {
+                        product_operators(u, g, sa, sb, mode)
+                    };
+                    (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
+                }
+                Fixed::PerInstance(Dynamic::Unary(d)) => {
+                    let (op, bias, act) =
+                        per_instance(d, u, self.net.shape(node.inputs[0]), mode, &mut scratch);
+                    active = act;
+                    (vec![Arc::new(op)], Arc::new(bias))
+                }
             };
             let layer = CompiledLayer {
                 name: node.name.clone(),
@@ -667,16 +689,16 @@ fn matmul_operators(
     }
 }
 
-/// The operator of a node that depends on its input `u`.
+/// The operator of a one-input node that depends on its input `u`.
 fn per_instance(
-    layer: &Layer,
+    layer: &Unary,
     u: &[f64],
     in_shape: &[usize],
     mode: Mode,
     scratch: &mut Vec<Dual>,
 ) -> (Operator, Vec<f64>, Option<Vec<bool>>) {
     match layer {
-        Layer::Activation(a) => {
+        Unary::Activation(a) => {
             let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
             let mut slope = Vec::with_capacity(u.len());
             let mut offset = Vec::with_capacity(u.len());
@@ -702,7 +724,7 @@ fn per_instance(
             };
             (Operator::Diagonal(slope), offset, Some(active))
         }
-        Layer::Pool(p) => {
+        Unary::MaxPool(p) => {
             let w = &p.window;
             let mut cols = Vec::with_capacity(p.channels * w.oh * w.ow);
             for ch in 0..p.channels {
@@ -726,7 +748,7 @@ fn per_instance(
             let rows = cols.len();
             (Operator::Selection(Selection { ncols: u.len(), cols }), vec![0.0; rows], None)
         }
-        Layer::Softmax(sm) => {
+        Unary::Softmax(sm) => {
             // values of each slice, shifted by its largest element
             let mut y = vec![0.0; u.len()];
             let mut s = vec![0.0; u.len()];
@@ -772,7 +794,7 @@ fn per_instance(
                 }
             }
         }
-        Layer::Lrn(l) => {
+        Unary::Lrn(l) => {
             let channels = in_shape[1];
             let spatial: usize = in_shape[2..].iter().product();
             let k = l.alpha / l.size as f64;
@@ -813,7 +835,6 @@ fn per_instance(
             };
             (op, offset, None)
         }
-        other => unreachable!("layer kind {} has a fixed operator", other.kind()),
     }
 }
 

@@ -174,67 +174,105 @@ pub enum Tree {
     Product(Box<Tree>, Box<Tree>),
 }
 
-/// Whether a diagonal or selection factor can be folded into an explicit
-/// neighbour (dense or CSR) into one explicit operator.
-fn foldable(outer: &Operator, inner: &Operator) -> bool {
-    let explicit = |o: &Operator| matches!(o, Operator::Dense(_) | Operator::Csr(_));
-    let cheap = |o: &Operator| matches!(o, Operator::Diagonal(_) | Operator::Selection(_));
-    (explicit(outer) && cheap(inner)) || (cheap(outer) && explicit(inner))
+/// A factor cheap to fold into an explicit neighbour.
+enum Cheap<'a> {
+    Diagonal(&'a [f64]),
+    Selection(&'a Selection),
 }
 
-/// `outer · inner` for a foldable pair, as one CSR operator (explicit
-/// entries only).
-pub fn fold(outer: &Operator, inner: &Operator) -> Operator {
-    let (rows, cols) = (outer.nrows(), inner.ncols());
-    let mut tri: Vec<(usize, usize, f64)> = Vec::new();
-    let entries = |op: &Operator| -> Vec<(usize, usize, f64)> {
-        match op {
-            Operator::Dense(m) => (0..m.nrows())
+/// The entries of an explicit (dense or CSR) factor, row-major, nonzeros
+/// only; `None` for the other kinds.
+fn explicit_entries(op: &Operator) -> Option<Vec<(usize, usize, f64)>> {
+    match op {
+        Operator::Dense(m) => Some(
+            (0..m.nrows())
                 .flat_map(|i| (0..m.ncols()).map(move |j| (i, j, m[(i, j)])))
                 .filter(|e| e.2 != 0.0)
                 .collect(),
-            Operator::Csr(m) => {
-                let indptr = m.indptr().raw_storage().to_vec();
+        ),
+        Operator::Csr(m) => {
+            let indptr = m.indptr().raw_storage().to_vec();
+            Some(
                 (0..m.rows())
                     .flat_map(|i| (indptr[i]..indptr[i + 1]).map(move |p| (i, p)))
                     .map(|(i, p)| (i, m.indices()[p], m.data()[p]))
-                    .collect()
-            }
-            other => unreachable!("not explicit: {}", other.kind()),
+                    .collect(),
+            )
         }
-    };
-    match (outer, inner) {
-        (Operator::Diagonal(d), a) => {
-            tri.extend(entries(a).into_iter().map(|(i, j, v)| (i, j, d[i] * v)))
-        }
-        (a, Operator::Diagonal(d)) => {
-            tri.extend(entries(a).into_iter().map(|(i, j, v)| (i, j, v * d[j])))
-        }
-        (Operator::Selection(sel), a) => {
-            // gather rows of a
-            let e = entries(a);
-            let mut by_row: Vec<Vec<(usize, f64)>> = vec![vec![]; a.nrows()];
-            for (i, j, v) in e {
-                by_row[i].push((j, v));
-            }
-            for (r, &c) in sel.cols.iter().enumerate() {
-                if c != Selection::ZERO {
-                    tri.extend(by_row[c].iter().map(|&(j, v)| (r, j, v)));
-                }
-            }
-        }
-        (a, Operator::Selection(sel)) => {
-            // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
-            for (i, j, v) in entries(a) {
-                let c = sel.cols[j];
-                if c != Selection::ZERO {
-                    tri.push((i, c, v));
-                }
-            }
-        }
-        _ => unreachable!("fold of a non-foldable pair"),
+        Operator::Identity(_)
+        | Operator::Diagonal(_)
+        | Operator::Selection(_)
+        | Operator::Conv(_)
+        | Operator::Transposed(_)
+        | Operator::Kron(_)
+        | Operator::Softmax(_)
+        | Operator::MatMul(_) => None,
     }
-    Operator::csr_from_triplets(rows, cols, &tri)
+}
+
+fn is_explicit(op: &Operator) -> bool {
+    matches!(op, Operator::Dense(_) | Operator::Csr(_))
+}
+
+fn cheap(op: &Operator) -> Option<Cheap<'_>> {
+    match op {
+        Operator::Diagonal(d) => Some(Cheap::Diagonal(d)),
+        Operator::Selection(s) => Some(Cheap::Selection(s)),
+        Operator::Identity(_)
+        | Operator::Dense(_)
+        | Operator::Csr(_)
+        | Operator::Conv(_)
+        | Operator::Transposed(_)
+        | Operator::Kron(_)
+        | Operator::Softmax(_)
+        | Operator::MatMul(_) => None,
+    }
+}
+
+/// Whether a diagonal or selection factor can be folded into an explicit
+/// neighbour (dense or CSR) into one explicit operator.
+fn foldable(outer: &Operator, inner: &Operator) -> bool {
+    (is_explicit(outer) && cheap(inner).is_some()) || (cheap(outer).is_some() && is_explicit(inner))
+}
+
+/// `outer · inner` as one CSR operator (explicit entries only), or `None`
+/// when the pair is not foldable (see [`foldable`]).
+pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
+    let (rows, cols) = (outer.nrows(), inner.ncols());
+    let mut tri: Vec<(usize, usize, f64)> = Vec::new();
+    if let (Some(c), Some(entries)) = (cheap(outer), explicit_entries(inner)) {
+        match c {
+            Cheap::Diagonal(d) => tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, d[i] * v))),
+            Cheap::Selection(sel) => {
+                // gather rows of the explicit factor
+                let mut by_row: Vec<Vec<(usize, f64)>> = vec![vec![]; inner.nrows()];
+                for (i, j, v) in entries {
+                    by_row[i].push((j, v));
+                }
+                for (r, &c) in sel.cols.iter().enumerate() {
+                    if c != Selection::ZERO {
+                        tri.extend(by_row[c].iter().map(|&(j, v)| (r, j, v)));
+                    }
+                }
+            }
+        }
+    } else if let (Some(entries), Some(c)) = (explicit_entries(outer), cheap(inner)) {
+        match c {
+            Cheap::Diagonal(d) => tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, v * d[j]))),
+            Cheap::Selection(sel) => {
+                // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
+                for (i, j, v) in entries {
+                    let c = sel.cols[j];
+                    if c != Selection::ZERO {
+                        tri.push((i, c, v));
+                    }
+                }
+            }
+        }
+    } else {
+        return None;
+    }
+    Some(Operator::csr_from_triplets(rows, cols, &tri))
 }
 
 /// The longest chain the matrix-chain program brackets. The program takes
@@ -339,7 +377,9 @@ enum Formed {
 fn eval(t: &Tree, f: &[Arc<Operator>], par: Par) -> Formed {
     match t {
         Tree::Leaf(i) => Formed::Op(Arc::clone(&f[*i])),
-        Tree::Fold(outer, inner) => Formed::Op(Arc::new(fold(&f[*outer], &f[*inner]))),
+        Tree::Fold(outer, inner) => Formed::Op(Arc::new(
+            fold(&f[*outer], &f[*inner]).expect("the program folds foldable pairs only"),
+        )),
         Tree::Product(l, r) => {
             let (l, r) = (eval(l, f, par), eval(r, f, par));
             Formed::Dense(match (l, r) {
@@ -643,7 +683,7 @@ mod tests {
         for a in [&dense, &csr] {
             for (outer, inner) in [(&diag_out, a), (a, &diag_in), (&sel_out, a), (a, &sel_in)] {
                 assert!(foldable(outer, inner));
-                let f = fold(outer, inner).to_dense();
+                let f = fold(outer, inner).expect("foldable").to_dense();
                 let p = outer.right_mul(&inner.to_dense(), Par::Seq);
                 assert_eq!((f.nrows(), f.ncols()), (p.nrows(), p.ncols()));
                 for i in 0..p.nrows() {
