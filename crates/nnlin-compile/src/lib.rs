@@ -969,9 +969,12 @@ pub(crate) fn reverse_from(
         let single = layer.inputs.len() == 1;
         let mut g = Some(g);
         for (v, op) in &layer.inputs {
-            let contrib = match (&**op, single) {
-                (Operator::Identity(_), true) => g.take().expect("adjoint"),
-                (op, _) => op.left_mul(g.as_ref().expect("adjoint"), par),
+            // a layer's only input takes the adjoint over: identity and
+            // diagonal factors (activations) scale it in place
+            let contrib = if single {
+                op.left_mul_owned(g.take().expect("adjoint"), par)
+            } else {
+                op.left_mul(g.as_ref().expect("adjoint"), par)
             };
             add_into(&mut adj[*v], contrib);
         }
