@@ -317,16 +317,19 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
     let is_gemm_op = |i: usize, j: usize| {
         i == j && matches!(*factors[i], Operator::Dense(_) | Operator::Conv(_))
     };
-    // best[i][j] = (cost, split; usize::MAX marks a fold)
-    let mut best: Vec<Vec<Option<(Cost, usize)>>> = vec![vec![None; k]; k];
+    // best[i][j]: the cheapest way to form factors i..=j, and its cost
+    let mut best: Vec<Vec<Option<(Cost, Split)>>> = vec![vec![None; k]; k];
     for i in 0..k {
-        best[i][i] = Some((Cost::default(), i));
+        best[i][i] = Some((Cost::default(), Split::Leaf));
     }
+    // factors i..=j are one explicit operator: a leaf or a folded pair
+    let one_op =
+        |b: Option<(Cost, Split)>| b.is_some_and(|b| matches!(b.1, Split::Leaf | Split::Fold));
     for len in 2..=k {
         for i in 0..=k - len {
             let j = i + len - 1;
-            let mut choice: Option<(Cost, usize)> = None;
-            let mut consider = |total: Cost, s: usize| {
+            let mut choice: Option<(Cost, Split)> = None;
+            let mut consider = |total: Cost, s: Split| {
                 if choice.is_none_or(|(c, _)| total.seconds(rates) < c.seconds(rates)) {
                     choice = Some((total, s));
                 }
@@ -335,38 +338,46 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
                 let nnz = op_nnz(i, j).expect("foldable pair");
                 consider(
                     Cost { gemm: 0.0, sparse: nnz as f64, bytes: 24.0 * nnz as f64 },
-                    usize::MAX,
+                    Split::Fold,
                 );
             }
             for s in i..j {
                 // right = factors i..=s (input side), left = s+1..=j
                 let (cr, cl) = (best[i][s].expect("filled").0, best[s + 1][j].expect("filled").0);
                 let (rows, inner, cols) = (dims[j + 1], dims[s + 1], dims[i]);
-                let left_op = op_nnz(s + 1, j)
-                    .filter(|_| best[s + 1][j].is_some_and(|b| s + 1 == j || b.1 == usize::MAX));
-                let right_op = op_nnz(i, s)
-                    .filter(|_| best[i][s].is_some_and(|b| i == s || b.1 == usize::MAX));
+                let left_op = op_nnz(s + 1, j).filter(|_| one_op(best[s + 1][j]));
+                let right_op = op_nnz(i, s).filter(|_| one_op(best[i][s]));
                 let mult = match (left_op, right_op) {
                     (Some(nl), _) => apply_cost(nl, cols, is_gemm_op(s + 1, j), rows, inner),
                     (None, Some(nr)) => apply_cost(nr, rows, is_gemm_op(i, s), inner, cols),
                     (None, None) => Cost::gemm(rows, inner, cols),
                 };
-                consider(cr.add(cl).add(mult), s);
+                consider(cr.add(cl).add(mult), Split::At(s));
             }
             best[i][j] = choice;
         }
     }
-    fn tree(best: &[Vec<Option<(Cost, usize)>>], i: usize, j: usize) -> Tree {
-        if i == j {
-            return Tree::Leaf(i);
+    fn tree(best: &[Vec<Option<(Cost, Split)>>], i: usize, j: usize) -> Tree {
+        match best[i][j].expect("filled").1 {
+            Split::Leaf => Tree::Leaf(i),
+            Split::Fold => Tree::Fold(j, i),
+            Split::At(s) => {
+                Tree::Product(Box::new(tree(best, s + 1, j)), Box::new(tree(best, i, s)))
+            }
         }
-        let s = best[i][j].expect("filled").1;
-        if s == usize::MAX {
-            return Tree::Fold(j, i);
-        }
-        Tree::Product(Box::new(tree(best, s + 1, j)), Box::new(tree(best, i, s)))
     }
     (tree(&best, 0, k - 1), best[0][k - 1].expect("filled").0)
+}
+
+/// How the chain program forms factors `i..=j`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Split {
+    /// One factor (`i == j`).
+    Leaf,
+    /// A diagonal or selection folded into its explicit neighbour.
+    Fold,
+    /// The product of `s+1..=j` and `i..=s`.
+    At(usize),
 }
 
 enum Formed {
