@@ -634,6 +634,14 @@ impl Model {
     /// The same model with convolutions represented as `kernel` (explicit
     /// CSR Toeplitz matrices, structured operators, or chosen by size).
     pub fn with_conv_kernel(mut self, kernel: ConvKernel) -> Self {
+        let csr = match kernel {
+            ConvKernel::Csr => true,
+            ConvKernel::Structured | ConvKernel::Auto => false,
+        };
+        if csr == self.compiler.csr_convolutions() {
+            // the same operators: nothing to recompile
+            return self;
+        }
         self.compiler =
             Compiler::from_shared(std::sync::Arc::clone(self.compiler.shared_network()), kernel);
         self

@@ -257,8 +257,9 @@ impl Importer<'_> {
     pub(crate) fn conv(&mut self) -> Result<Sym, OnnxError> {
         let x = self.input_value(0)?;
         let shape = self.net.shape(x).to_vec();
-        let w =
-            self.const_input(1)?.ok_or_else(|| self.unsupported("weight must be a constant"))?;
+        let w = self
+            .take_const_input(1)?
+            .ok_or_else(|| self.unsupported("weight must be a constant"))?;
         if shape.len() < 3 || shape[0] != 1 || w.dims.len() != shape.len() {
             return Err(self.unsupported(format!("input {shape:?} with weight {:?}", w.dims)));
         }
@@ -285,7 +286,7 @@ impl Importer<'_> {
         // the structured kernel unfolds the input: (C_in/g·kh·kw) × (oh·ow)
         let unfolded = [w.dims[1], window.kh, window.kw, window.oh, window.ow];
         self.check_alloc("the unfolded input", nnlin_ir::checked_numel(&unfolded), 8)?;
-        let bias = self.const_input(2)?.map(|b| b.data);
+        let bias = self.take_const_input(2)?.map(|b| b.data);
         let one_d = shape.len() == 3;
         let layer = Layer::Conv(nnlin_ir::Conv {
             window,
@@ -305,8 +306,9 @@ impl Importer<'_> {
         let n = self.node;
         let x = self.input_value(0)?;
         let shape = self.net.shape(x).to_vec();
-        let w =
-            self.const_input(1)?.ok_or_else(|| self.unsupported("weight must be a constant"))?;
+        let w = self
+            .take_const_input(1)?
+            .ok_or_else(|| self.unsupported("weight must be a constant"))?;
         let rank = shape.len().saturating_sub(2);
         if !(1..=2).contains(&rank) || shape[0] != 1 || w.dims.len() != shape.len() {
             return Err(self.unsupported(format!("input {shape:?} with weight {:?}", w.dims)));
@@ -422,7 +424,7 @@ impl Importer<'_> {
         let unfolded = [w.dims[1], window.kh, window.kw, window.oh, window.ow];
         self.check_alloc("the unfolded input", nnlin_ir::checked_numel(&unfolded), 8)?;
         self.check_shape("the output", &[c_out, window.ih, window.iw])?;
-        let bias = self.const_input(2)?.map(|b| b.data);
+        let bias = self.take_const_input(2)?.map(|b| b.data);
         let conv = nnlin_ir::Conv {
             window,
             c_in: c_out,
@@ -801,7 +803,7 @@ impl Importer<'_> {
         }
         let x = self.input_value(0)?;
         let xshape = self.net.shape(x).to_vec();
-        let b = self.const_input(1)?.ok_or_else(|| self.unsupported("missing weight"))?;
+        let b = self.take_const_input(1)?.ok_or_else(|| self.unsupported("missing weight"))?;
         if b.dims.len() != 2 {
             return Err(
                 self.unsupported(format!("weight must be a 2-D constant, got shape {:?}", b.dims))

@@ -141,6 +141,9 @@ struct Importer<'a> {
     opset: i64,
     node: &'a NodeProto,
     budget: usize,
+    /// Per input of `node`: whether no later node or graph output reads
+    /// it, so a constant there may be moved out instead of copied.
+    last_use: Vec<bool>,
 }
 
 fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
@@ -230,6 +233,20 @@ impl Importer<'_> {
             Some(Sym::Const(t)) => Ok(Some(t.clone())),
             Some(_) => Err(self.unsupported(format!("input {i} must be a constant"))),
         }
+    }
+    /// [`Importer::const_input`], moving the tensor out of the symbol table
+    /// where this node is its last reader (a weight is then held once, by
+    /// the layer, instead of twice until import ends).
+    fn take_const_input(&mut self, i: usize) -> Result<Option<Tensor>, OnnxError> {
+        if self.last_use.get(i).copied().unwrap_or(false)
+            && let Some(Sym::Const(_)) = self.input(i)?
+        {
+            let name = &self.node.input[i];
+            if let Some(Sym::Const(t)) = self.syms.remove(name) {
+                return Ok(Some(t));
+            }
+        }
+        self.const_input(i)
     }
     fn shape_of(&self, s: &Sym) -> Vec<usize> {
         match s {
@@ -341,8 +358,11 @@ pub fn import_with_resolver(
             }
         }
     };
-    let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
-    let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Decode("no graph".into()))?;
+    let mut model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    let mut graph = model.graph.take().ok_or_else(|| OnnxError::Decode("no graph".into()))?;
+    // each initializer's bytes are freed as soon as it is decoded
+    let initializers = std::mem::take(&mut graph.initializer);
+    let graph = &graph;
     let opset = model
         .opset_import
         .iter()
@@ -354,9 +374,11 @@ pub fn import_with_resolver(
     }
 
     let mut syms: HashMap<String, Sym> = HashMap::new();
-    for init in &graph.initializer {
+    for init in initializers {
         let name = init.name.clone().unwrap_or_default();
-        let t = load(init).map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
+        let t =
+            load(&init).map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
+        drop(init);
         if syms.insert(name.clone(), Sym::Const(t)).is_some() {
             return Err(OnnxError::Graph(format!("initializer `{name}` is defined twice")));
         }
@@ -475,7 +497,39 @@ pub fn import_with_resolver(
     // which are imported next, in order
     let mut queue: std::collections::VecDeque<std::borrow::Cow<'_, NodeProto>> =
         graph.node.iter().map(std::borrow::Cow::Borrowed).collect();
+    // reads left of each name by the graph's own nodes and outputs
+    let mut reads: HashMap<&str, usize> = HashMap::new();
+    for name in graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter())
+        .chain(graph.output.iter().filter_map(|o| o.name.as_ref()))
+    {
+        *reads.entry(name.as_str()).or_default() += 1;
+    }
     while let Some(node) = queue.pop_front() {
+        // per input: whether no later original node or graph output reads
+        // it (only the graph's own nodes are counted: a rewrite's nodes
+        // never move a constant out)
+        let last_use: Vec<bool> = match &node {
+            std::borrow::Cow::Borrowed(n) => {
+                let last = n
+                    .input
+                    .iter()
+                    .map(|name| {
+                        reads.get(name.as_str()) == Some(&1)
+                            && n.input.iter().filter(|m| *m == name).count() == 1
+                    })
+                    .collect();
+                for name in &n.input {
+                    if let Some(c) = reads.get_mut(name.as_str()) {
+                        *c -= 1;
+                    }
+                }
+                last
+            }
+            std::borrow::Cow::Owned(_) => vec![],
+        };
         let node: &NodeProto = &node;
         let op = node.op_type.clone().unwrap_or_default();
         if matches!(ops::handler(&op), Some(Handler::Expand | Handler::Conv | Handler::Pool))
@@ -531,7 +585,7 @@ pub fn import_with_resolver(
             )));
         }
         let values_before = net.nodes().len();
-        let mut imp = Importer { net, syms, opset, node, budget };
+        let mut imp = Importer { net, syms, opset, node, budget, last_use };
         let result = (|| -> Result<(), OnnxError> {
             let handler = ops::handler(&op).ok_or_else(|| OnnxError::UnsupportedOp {
                 node: node_name(node),
@@ -731,7 +785,7 @@ pub fn import_with_resolver(
     }
 
     let dummy = NodeProto { op_type: Some("<graph output>".into()), ..Default::default() };
-    let mut imp = Importer { net, syms, opset, node: &dummy, budget };
+    let mut imp = Importer { net, syms, opset, node: &dummy, budget, last_use: vec![] };
     let out = imp.materialize(&output_name)?;
     let mut net = imp.net;
     net.set_output(out);
