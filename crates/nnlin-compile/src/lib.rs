@@ -144,7 +144,7 @@ pub struct CompiledLayer {
     pub inputs: Vec<(usize, Arc<Operator>)>,
     /// The offset `c` (shared with the compiler when it does not depend on
     /// the input).
-    pub bias: Arc<Vec<f64>>,
+    pub bias: Arc<Offset>,
     /// The value this node produces.
     pub output: usize,
     /// For activation layers: which units have a nonzero slope.
@@ -154,7 +154,7 @@ pub struct CompiledLayer {
 impl CompiledLayer {
     /// `Σ_k A_k·u_k (+ c)` given all values.
     fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool) -> Vec<f64> {
-        let mut y = if with_offset { (*self.bias).clone() } else { vec![0.0; self.bias.len()] };
+        let mut y = if with_offset { self.bias.to_vec() } else { vec![0.0; self.bias.len()] };
         for (v, op) in &self.inputs {
             let u = values[*v].as_ref().expect("input value alive");
             for (yi, t) in y.iter_mut().zip(op.apply(u)) {
@@ -162,6 +162,88 @@ impl CompiledLayer {
             }
         }
         y
+    }
+}
+
+/// A layer's offset `c`, stored as compactly as its structure allows: most
+/// layers have none (ReLU, reshapes, convolutions without bias), and a
+/// convolution's is one value per channel; storing every element would
+/// hold as many values as the network has activations (ResNet-50 at
+/// 224×224: 89 MB for the convolutions alone).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Offset {
+    /// All zeros, of this length.
+    Zero(usize),
+    /// `values[c]` at each of the `spatial` positions of channel `c`.
+    PerChannel {
+        /// One value per channel.
+        values: Vec<f64>,
+        /// Positions per channel.
+        spatial: usize,
+    },
+    /// One value per element.
+    Full(Vec<f64>),
+}
+
+impl From<Vec<f64>> for Offset {
+    /// `Zero` where every value is `+0.0`, else `Full`.
+    fn from(v: Vec<f64>) -> Self {
+        if v.iter().all(|x| x.to_bits() == 0) { Offset::Zero(v.len()) } else { Offset::Full(v) }
+    }
+}
+
+impl Offset {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Offset::Zero(n) => *n,
+            Offset::PerChannel { values, spatial } => values.len() * spatial,
+            Offset::Full(v) => v.len(),
+        }
+    }
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Element `i`.
+    pub fn get(&self, i: usize) -> f64 {
+        match self {
+            Offset::Zero(_) => 0.0,
+            Offset::PerChannel { values, spatial } => values[i / spatial],
+            Offset::Full(v) => v[i],
+        }
+    }
+    /// Every element.
+    pub fn to_vec(&self) -> Vec<f64> {
+        match self {
+            Offset::Zero(n) => vec![0.0; *n],
+            Offset::PerChannel { values, spatial } => {
+                values.iter().flat_map(|&v| std::iter::repeat_n(v, *spatial)).collect()
+            }
+            Offset::Full(v) => v.clone(),
+        }
+    }
+    /// `b += G·c` for an adjoint block `G` (`m × len`), column by column in
+    /// order, skipping zero entries of `c`.
+    fn add_adjoint_product(&self, g: &Block, b: &mut [f64]) {
+        let mut add = |j: usize, cj: f64| {
+            if cj != 0.0 {
+                for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
+                    *bi += gij * cj;
+                }
+            }
+        };
+        match self {
+            Offset::Zero(_) => {}
+            Offset::PerChannel { values, spatial } => {
+                for (c, &v) in values.iter().enumerate() {
+                    for s in 0..*spatial {
+                        add(c * spatial + s, v);
+                    }
+                }
+            }
+            Offset::Full(v) => v.iter().enumerate().for_each(|(j, &cj)| add(j, cj)),
+        }
     }
 }
 
@@ -216,7 +298,7 @@ impl Instance {
 #[derive(Clone, Debug)]
 enum Fixed {
     /// Operators per input and the bias, the same for every instance.
-    Ops(Vec<Arc<Operator>>, Arc<Vec<f64>>),
+    Ops(Vec<Arc<Operator>>, Arc<Offset>),
     /// Depends on the instance: lowered at each `x` from this payload.
     PerInstance(Dynamic),
 }
@@ -252,6 +334,7 @@ pub struct Compiler {
     net: Arc<Network>,
     fixed: Vec<Fixed>,
     uses: Vec<usize>,
+    kernel: ConvKernel,
 }
 
 fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
@@ -266,7 +349,7 @@ fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
     }
 }
 
-fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Vec<f64>) {
+fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Offset) {
     let w = &c.window;
     let op = ConvOp {
         c_in: c.c_in,
@@ -286,8 +369,8 @@ fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Vec<f64>)
     };
     let spatial = w.oh * w.ow;
     let bias = match &c.bias {
-        Some(b) => b.iter().flat_map(|&v| std::iter::repeat_n(v, spatial)).collect(),
-        None => vec![0.0; c.c_out * spatial],
+        Some(b) => Offset::PerChannel { values: b.clone(), spatial },
+        None => Offset::Zero(c.c_out * spatial),
     };
     let csr = match kernel {
         ConvKernel::Csr => true,
@@ -434,14 +517,16 @@ impl Compiler {
         for node in net.nodes() {
             let in_shape = net.shape(node.inputs[0]);
             let numel: usize = in_shape.iter().product();
-            let one = |op: Operator, bias: Vec<f64>| Fixed::Ops(vec![Arc::new(op)], Arc::new(bias));
+            let one = |op: Operator, bias: Offset| Fixed::Ops(vec![Arc::new(op)], Arc::new(bias));
             let f = match &node.layer {
                 Layer::Dense(d) => {
                     let (op, b) = dense_operator(d, numel / d.in_features);
-                    one(op, b)
+                    one(op, b.into())
                 }
-                Layer::Affine(a) => one(Operator::Diagonal(a.scale.clone()), a.shift.clone()),
-                Layer::Reshape(_) => one(Operator::Identity(numel), vec![0.0; numel]),
+                Layer::Affine(a) => {
+                    one(Operator::Diagonal(a.scale.clone()), a.shift.clone().into())
+                }
+                Layer::Reshape(_) => one(Operator::Identity(numel), Offset::Zero(numel)),
                 Layer::Conv(c) => {
                     let (op, b) = conv_operator(c, kernel);
                     one(op, b)
@@ -451,10 +536,8 @@ impl Compiler {
                     let (op, _) = conv_operator(&t.conv, kernel);
                     let spatial = t.conv.window.ih * t.conv.window.iw;
                     let bias = match &t.bias {
-                        Some(b) => {
-                            b.iter().flat_map(|&v| std::iter::repeat_n(v, spatial)).collect()
-                        }
-                        None => vec![0.0; t.conv.c_in * spatial],
+                        Some(b) => Offset::PerChannel { values: b.clone(), spatial },
+                        None => Offset::Zero(t.conv.c_in * spatial),
                     };
                     one(Operator::Transposed(Box::new(op)), bias)
                 }
@@ -463,7 +546,7 @@ impl Compiler {
                     PoolKind::Average { count_include_pad } => {
                         let op = avgpool_operator(p, count_include_pad);
                         let rows = op.nrows();
-                        one(op, vec![0.0; rows])
+                        one(op, Offset::Zero(rows))
                     }
                 },
                 Layer::Add(a) => Fixed::Ops(
@@ -477,30 +560,30 @@ impl Compiler {
                             })
                         })
                         .collect(),
-                    Arc::new(vec![0.0; numel]),
+                    Arc::new(Offset::Zero(numel)),
                 ),
                 Layer::Concat(c) => {
                     let shapes: Vec<&[usize]> = node.inputs.iter().map(|v| net.shape(*v)).collect();
                     let out = net.shape(node.output);
                     Fixed::Ops(
                         concat_operators(c.axis, &shapes, out),
-                        Arc::new(vec![0.0; out.iter().product()]),
+                        Arc::new(Offset::Zero(out.iter().product())),
                     )
                 }
                 Layer::Pad(p) => {
                     let (op, b) = pad_operator(p, in_shape, net.shape(node.output));
-                    one(op, b)
+                    one(op, b.into())
                 }
                 Layer::Transpose(t) => one(
                     transpose_operator(&t.perm, in_shape, net.shape(node.output)),
-                    vec![0.0; numel],
+                    Offset::Zero(numel),
                 ),
                 Layer::Select(sel) => {
                     let cols = sel.src.iter().map(|s| s.unwrap_or(Selection::ZERO)).collect();
                     let bias = if sel.fill.is_empty() {
-                        vec![0.0; sel.src.len()]
+                        Offset::Zero(sel.src.len())
                     } else {
-                        sel.fill.clone()
+                        sel.fill.clone().into()
                     };
                     one(Operator::Selection(Selection { ncols: numel, cols }), bias)
                 }
@@ -513,7 +596,7 @@ impl Compiler {
                         .map(|(i, t)| (t, i, w))
                         .collect();
                     let rows = net.numel(node.output);
-                    one(Operator::csr_from_triplets(rows, numel, &tri), vec![0.0; rows])
+                    one(Operator::csr_from_triplets(rows, numel, &tri), Offset::Zero(rows))
                 }
                 Layer::Activation(a) => {
                     Fixed::PerInstance(Dynamic::Unary(Unary::Activation(a.clone())))
@@ -528,12 +611,19 @@ impl Compiler {
             fixed.push(f);
         }
         let uses = net.use_counts();
-        Self { net, fixed, uses }
+        Self { net, fixed, uses, kernel }
     }
 
     /// The network.
     pub fn network(&self) -> &Network {
         &self.net
+    }
+    /// Whether convolutions are compiled as explicit CSR matrices.
+    pub fn csr_convolutions(&self) -> bool {
+        match self.kernel {
+            ConvKernel::Csr => true,
+            ConvKernel::Structured | ConvKernel::Auto => false,
+        }
     }
     /// The shared network.
     pub fn shared_network(&self) -> &Arc<Network> {
@@ -578,13 +668,13 @@ impl Compiler {
                     } else {
                         product_operators(u, g, sa, sb, mode)
                     };
-                    (ops.into_iter().map(Arc::new).collect(), Arc::new(bias))
+                    (ops.into_iter().map(Arc::new).collect(), Arc::new(Offset::from(bias)))
                 }
                 Fixed::PerInstance(Dynamic::Unary(d)) => {
                     let (op, bias, act) =
                         per_instance(d, u, self.net.shape(node.inputs[0]), mode, &mut scratch);
                     active = act;
-                    (vec![Arc::new(op)], Arc::new(bias))
+                    (vec![Arc::new(op)], Arc::new(Offset::from(bias)))
                 }
             };
             let layer = CompiledLayer {
@@ -959,13 +1049,7 @@ pub(crate) fn reverse_from(
     let mut b = vec![0.0; m];
     for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
         let Some(g) = adj[layer.output].take() else { continue };
-        for (j, &cj) in layer.bias.iter().enumerate() {
-            if cj != 0.0 {
-                for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
-                    *bi += gij * cj;
-                }
-            }
-        }
+        layer.bias.add_adjoint_product(&g, &mut b);
         let single = layer.inputs.len() == 1;
         let mut g = Some(g);
         for (v, op) in &layer.inputs {
@@ -1000,7 +1084,7 @@ fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
     off[0] = Some(vec![0.0; n]);
     for layer in layers {
         let mut t: Option<Tangent> = None;
-        let mut c = (*layer.bias).clone();
+        let mut c = layer.bias.to_vec();
         for (v, op) in &layer.inputs {
             let tv = tan[*v].as_ref().expect("tangent alive");
             let contrib = match (tv, &**op) {
