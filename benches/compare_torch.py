@@ -4,6 +4,7 @@
     cargo build --release
     python3 benches/compare_torch.py [--threads 2] [--lenet-n 1000] [--resnet-n 8]
 (needs torch, numpy, onnx; torch runs on the CPU)
+nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in float32).
 
 1. LeNet-5 (fixtures/cnn/lenet5.onnx, its weights loaded into the PyTorch
    module of fixtures/generate_cnn.py) on the first N MNIST test digits:
@@ -13,8 +14,7 @@
    batch-norm, random weights, seed 0) exported here to ONNX (unfused),
    on N random inputs: PyTorch `jacrev` per instance and nnlin `explain`.
 Both sides use the same thread count. PyTorch computes in float32 (its
-default and fastest); nnlin computes in float64 (its only compute
-precision). Times are per instance; nnlin's is `timing.linearize_seconds`
+default and fastest); nnlin in float64 (the exactness mode) and float32. Times are per instance; nnlin's is `timing.linearize_seconds`
 (compile + accumulate, no loading or writing). Prints a markdown table and
 writes bench_torch.json.
 """
@@ -46,12 +46,12 @@ def mnist(n):
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].astype(np.float64) / 255.0
 
 
-def nnlin_time(model, x, threads, tmp):
+def nnlin_time(model, x, threads, tmp, precision="f64"):
     xp = os.path.join(tmp, "x.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
-    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out],
-                   check=True, capture_output=True)
+    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
+                    "--precision", precision], check=True, capture_output=True)
     s = json.load(open(os.path.join(out, "summary.json")))
     return s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"])
 
@@ -120,7 +120,8 @@ def main():
     x = mnist(a.lenet_n)
     t_single, t_batch = torch_times(lenet, x, True)
     t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
-    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, res))
+    t32, _ = nnlin_time(path, x, a.threads, tmp, "f32")
+    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res))
     # CIFAR ResNet-18, random weights
     torch.manual_seed(0)
     net = ResNet18().eval()
@@ -136,16 +137,19 @@ def main():
     xr = np.random.default_rng(0).random((a.resnet_n, 3, 32, 32))
     t_single, _ = torch_times(net, xr, False)
     t_nnlin, res = nnlin_time(rpath, xr, a.threads, tmp)
-    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, res))
-    print(f"threads: {a.threads}; torch {torch.__version__} (float32), nnlin float64\n")
-    print("| model | instances | torch jacrev per instance | torch vmap(jacrev) per instance | nnlin per instance | nnlin vs jacrev | nnlin vs vmap | max residual |")
-    print("|---|---|---|---|---|---|---|---|")
+    t32, _ = nnlin_time(rpath, xr, a.threads, tmp, "f32")
+    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res))
+    print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32\n")
+    print("| model | instances | torch jacrev | torch vmap(jacrev) | nnlin f64 | nnlin f32 | f32 vs jacrev | f32 vs vmap | f64 / f32 | max residual (f64) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     out = []
-    for name, n, s, b, t, r in rows:
+    for name, n, s, b, t, t32, r in rows:
         bs = f"{b * 1e3:.3f} ms" if b else "—"
-        vb = f"{b / t:.2f}x" if b else "—"
-        print(f"| {name} | {n} | {s * 1e3:.3f} ms | {bs} | {t * 1e3:.3f} ms | {s / t:.2f}x | {vb} | {r:.1e} |")
-        out.append({"model": name, "instances": n, "torch_jacrev_s": s, "torch_vmap_s": b, "nnlin_s": t, "residual": r})
+        vb = f"{b / t32:.2f}x" if b else "—"
+        print(f"| {name} | {n} | {s * 1e3:.3f} ms | {bs} | {t * 1e3:.3f} ms | {t32 * 1e3:.3f} ms | "
+              f"{s / t32:.2f}x | {vb} | {t / t32:.2f} | {r:.1e} |")
+        out.append({"model": name, "instances": n, "torch_jacrev_s": s, "torch_vmap_s": b, "nnlin_s": t,
+                    "nnlin_f32_s": t32, "residual": r})
     json.dump({"threads": a.threads, "rows": out}, open("bench_torch.json", "w"), indent=1)
 
 

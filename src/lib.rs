@@ -309,8 +309,9 @@ impl std::str::FromStr for Strategy {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// W and b rounded to float32 values at the end (the products run in
-    /// float64 today).
+    /// Float32: reverse accumulation (what `auto` picks whenever rows are
+    /// fewer than inputs) runs every product in float32; the other plans
+    /// run in float64 and W and b are rounded to float32 values.
     F32,
     /// Float64 throughout: the exactness mode.
     #[default]
@@ -704,12 +705,21 @@ impl Model {
         rows: &[usize],
         choice: plan::Choice,
         rates: &plan::Rates,
+        opts: &Options,
         par: faer::Par,
     ) -> Result<(WAndB, Executed), CompileError> {
         Ok(match choice {
-            plan::Choice::Reverse => {
-                (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
-            }
+            plan::Choice::Reverse => match opts.precision {
+                Precision::F64 => {
+                    (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
+                }
+                // every product in f32; W and b widened (exactly) for the
+                // caller
+                Precision::F32 => {
+                    let (w, b) = nnlin_compile::accumulate_reverse::<f32>(inst, rows, par)?;
+                    ((w.cast(), b.iter().map(|&v| f64::from(v)).collect()), Executed::Reverse)
+                }
+            },
             plan::Choice::Forward => {
                 (accumulate(inst, rows, Direction::Forward, par)?, Executed::Forward)
             }
@@ -720,9 +730,9 @@ impl Model {
                 Some(wb) => (wb, Executed::Dp),
                 None => match self.planned(inst, rows.len(), rates) {
                     plan::Choice::Dp => {
-                        (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
+                        self.run_plan(inst, rows, plan::Choice::Reverse, rates, opts, par)?
                     }
-                    other => self.run_plan(inst, rows, other, rates, par)?,
+                    other => self.run_plan(inst, rows, other, rates, opts, par)?,
                 },
             },
         })
@@ -1152,7 +1162,7 @@ impl Ensemble {
                         });
                     }
                     let (wb, ran) = model
-                        .run_plan(inst, &rows, choice, &opts.kernel_rates(), par)
+                        .run_plan(inst, &rows, choice, &opts.kernel_rates(), opts, par)
                         .map_err(compile_err)?;
                     if ran == Executed::Forward {
                         direction = Direction::Forward;

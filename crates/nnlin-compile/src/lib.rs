@@ -23,7 +23,7 @@ use std::sync::Arc;
 use faer::{Mat, Par};
 use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
-use nnlin_linalg::{ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Selection, SoftmaxJac};
+use nnlin_linalg::{ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection, SoftmaxJac};
 
 /// How smooth activations are linearized (piecewise-linear ones always use
 /// the linear piece `x` lies on, which both modes agree on).
@@ -225,10 +225,11 @@ impl Offset {
     }
     /// `b += G·c` for an adjoint block `G` (`m × len`), column by column in
     /// order, skipping zero entries of `c`.
-    fn add_adjoint_product(&self, g: &Block, b: &mut [f64]) {
+    fn add_adjoint_product<T: Real>(&self, g: &Block<T>, b: &mut [T]) {
         let mut add = |j: usize, cj: f64| {
             if cj != 0.0 {
-                for (bi, gij) in b.iter_mut().zip(g.col_as_slice(j)) {
+                let cj = T::of(cj);
+                for (bi, &gij) in b.iter_mut().zip(g.col_as_slice(j)) {
                     *bi += gij * cj;
                 }
             }
@@ -981,7 +982,7 @@ pub(crate) fn check_rows(inst: &Instance, rows: &[usize]) -> Result<(), CompileE
     }
 }
 
-fn add_into(acc: &mut Option<Block>, x: Block) {
+fn add_into<T: Real>(acc: &mut Option<Block<T>>, x: Block<T>) {
     match acc {
         None => *acc = Some(x),
         Some(a) => a.add_assign(&x),
@@ -992,6 +993,19 @@ fn add_into(acc: &mut Option<Block>, x: Block) {
 enum Tangent {
     Identity,
     Dense(Block),
+}
+
+/// `W` (`rows.len() × n`) and `b` (`rows.len()`) of the selected output rows
+/// by reverse accumulation with every product in `T` (`f32` or `f64`; in
+/// `f64` the same bits as [`accumulate`] with [`Direction::Reverse`]).
+pub fn accumulate_reverse<T: Real>(
+    inst: &Instance,
+    rows: &[usize],
+    par: Par,
+) -> Result<(Block<T>, Vec<T>), CompileError> {
+    check_rows(inst, rows)?;
+    let (g, b) = reverse_to(inst, rows, 0, par);
+    Ok((g.unwrap_or_else(|| Block::zeros(rows.len(), inst.input_len)), b))
 }
 
 /// `W` (`rows.len() × n`) and `b` (`rows.len()`) of the selected output rows.
@@ -1022,31 +1036,31 @@ pub fn accumulate(
 /// Reverse accumulation over the nodes after value `stop`: the adjoint of
 /// `stop` (`None` if the rows do not depend on it) and the offsets of those
 /// nodes pushed back (`Σ` adjoint · c).
-pub(crate) fn reverse_to(
+pub(crate) fn reverse_to<T: Real>(
     inst: &Instance,
     rows: &[usize],
     stop: usize,
     par: Par,
-) -> (Option<Block>, Vec<f64>) {
+) -> (Option<Block<T>>, Vec<T>) {
     let mut g0 = Block::zeros(rows.len(), inst.output.len());
     for (i, &r) in rows.iter().enumerate() {
-        g0[(i, r)] = 1.0;
+        g0[(i, r)] = T::ONE;
     }
     reverse_from(inst, g0, stop, par)
 }
 
 /// [`reverse_to`] from any output adjoint `g0` (`k × outputs`): `g0·J` at
 /// value `stop` and `g0`'s rows of the pushed-back offsets.
-pub(crate) fn reverse_from(
+pub(crate) fn reverse_from<T: Real>(
     inst: &Instance,
-    g0: Block,
+    g0: Block<T>,
     stop: usize,
     par: Par,
-) -> (Option<Block>, Vec<f64>) {
+) -> (Option<Block<T>>, Vec<T>) {
     let m = g0.nrows();
-    let mut adj: Vec<Option<Block>> = (0..inst.value_lens.len()).map(|_| None).collect();
+    let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value] = Some(g0);
-    let mut b = vec![0.0; m];
+    let mut b = vec![T::ZERO; m];
     for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
         let Some(g) = adj[layer.output].take() else { continue };
         layer.bias.add_adjoint_product(&g, &mut b);

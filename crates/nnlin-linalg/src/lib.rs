@@ -11,7 +11,9 @@
 use faer::{Accum, Mat, Par};
 use sprs::CsMat;
 
+mod real;
 mod structured;
+pub use real::Real;
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
 /// A dense column-major block with contiguous columns: the adjoint blocks of
@@ -19,23 +21,23 @@ pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 /// Column access is a plain slice (no per-call stride arithmetic), and faer
 /// sees it as a zero-copy `MatRef`/`MatMut` for GEMMs.
 #[derive(Clone, Debug, PartialEq, Default)]
-pub struct Block {
+pub struct Block<T: Real = f64> {
     nrows: usize,
     ncols: usize,
-    data: Vec<f64>,
+    data: Vec<T>,
 }
 
-impl Block {
+impl<T: Real> Block<T> {
     /// An `nrows × ncols` block of zeros.
     pub fn zeros(nrows: usize, ncols: usize) -> Self {
-        Self { nrows, ncols, data: vec![0.0; nrows * ncols] }
+        Self { nrows, ncols, data: vec![T::ZERO; nrows * ncols] }
     }
     /// The identity (or its leading `nrows × ncols` part).
     pub fn identity(nrows: usize, ncols: usize) -> Self {
-        Self::from_fn(nrows, ncols, |i, j| f64::from(u8::from(i == j)))
+        Self::from_fn(nrows, ncols, |i, j| if i == j { T::ONE } else { T::ZERO })
     }
     /// A block with entries `f(i, j)`.
-    pub fn from_fn(nrows: usize, ncols: usize, mut f: impl FnMut(usize, usize) -> f64) -> Self {
+    pub fn from_fn(nrows: usize, ncols: usize, mut f: impl FnMut(usize, usize) -> T) -> Self {
         let mut data = Vec::with_capacity(nrows * ncols);
         for j in 0..ncols {
             for i in 0..nrows {
@@ -48,7 +50,7 @@ impl Block {
     ///
     /// # Panics
     /// If `data.len() != nrows * ncols`.
-    pub fn from_col_major(nrows: usize, ncols: usize, data: Vec<f64>) -> Self {
+    pub fn from_col_major(nrows: usize, ncols: usize, data: Vec<T>) -> Self {
         assert_eq!(data.len(), nrows * ncols, "Block::from_col_major: length");
         Self { nrows, ncols, data }
     }
@@ -62,42 +64,42 @@ impl Block {
     }
     /// Column `j`.
     #[inline]
-    pub fn col_as_slice(&self, j: usize) -> &[f64] {
+    pub fn col_as_slice(&self, j: usize) -> &[T] {
         &self.data[j * self.nrows..(j + 1) * self.nrows]
     }
     /// Column `j`, mutable.
     #[inline]
-    pub fn col_as_slice_mut(&mut self, j: usize) -> &mut [f64] {
+    pub fn col_as_slice_mut(&mut self, j: usize) -> &mut [T] {
         &mut self.data[j * self.nrows..(j + 1) * self.nrows]
     }
     /// All entries, column-major.
-    pub fn as_slice(&self) -> &[f64] {
+    pub fn as_slice(&self) -> &[T] {
         &self.data
     }
     /// All entries, column-major, mutable.
-    pub fn as_mut_slice(&mut self) -> &mut [f64] {
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
         &mut self.data
     }
     /// The shape and the column-major entries, without a copy.
-    pub fn into_col_major(self) -> (usize, usize, Vec<f64>) {
+    pub fn into_col_major(self) -> (usize, usize, Vec<T>) {
         (self.nrows, self.ncols, self.data)
     }
     /// A faer view (no copy).
-    pub fn as_ref(&self) -> faer::MatRef<'_, f64> {
+    pub fn as_ref(&self) -> faer::MatRef<'_, T> {
         faer::MatRef::from_column_major_slice(&self.data, self.nrows, self.ncols)
     }
     /// A mutable faer view (no copy).
-    pub fn as_mut(&mut self) -> faer::MatMut<'_, f64> {
+    pub fn as_mut(&mut self) -> faer::MatMut<'_, T> {
         faer::MatMut::from_column_major_slice_mut(&mut self.data, self.nrows, self.ncols)
     }
     /// A faer matrix (a copy).
-    pub fn to_mat(&self) -> Mat<f64> {
+    pub fn to_mat(&self) -> Mat<T> {
         Mat::from_fn(self.nrows, self.ncols, |i, j| self[(i, j)])
     }
     /// The transpose, as a new block.
-    pub fn transpose(&self) -> Block {
+    pub fn transpose(&self) -> Block<T> {
         let (r, c) = (self.nrows(), self.ncols());
-        let mut out = vec![0.0; r * c];
+        let mut out = vec![T::ZERO; r * c];
         for j in 0..c {
             for (i, &v) in self.col_as_slice(j).iter().enumerate() {
                 out[i * c + j] = v;
@@ -105,35 +107,40 @@ impl Block {
         }
         Block::from_col_major(c, r, out)
     }
+    /// The entries converted to another scalar type.
+    pub fn cast<U: Real>(&self) -> Block<U> {
+        let data = self.data.iter().map(|&v| U::of(v.to_f64())).collect();
+        Block { nrows: self.nrows, ncols: self.ncols, data }
+    }
 
     /// `self += other`.
     ///
     /// # Panics
     /// If the shapes differ.
-    pub fn add_assign(&mut self, other: &Block) {
+    pub fn add_assign(&mut self, other: &Block<T>) {
         assert_eq!(
             (self.nrows, self.ncols),
             (other.nrows, other.ncols),
             "Block::add_assign: shape"
         );
-        for (a, b) in self.data.iter_mut().zip(&other.data) {
+        for (a, &b) in self.data.iter_mut().zip(&other.data) {
             *a += b;
         }
     }
 }
 
-impl std::ops::Index<(usize, usize)> for Block {
-    type Output = f64;
+impl<T: Real> std::ops::Index<(usize, usize)> for Block<T> {
+    type Output = T;
     #[inline]
-    fn index(&self, (i, j): (usize, usize)) -> &f64 {
+    fn index(&self, (i, j): (usize, usize)) -> &T {
         debug_assert!(i < self.nrows && j < self.ncols);
         &self.data[j * self.nrows + i]
     }
 }
 
-impl std::ops::IndexMut<(usize, usize)> for Block {
+impl<T: Real> std::ops::IndexMut<(usize, usize)> for Block<T> {
     #[inline]
-    fn index_mut(&mut self, (i, j): (usize, usize)) -> &mut f64 {
+    fn index_mut(&mut self, (i, j): (usize, usize)) -> &mut T {
         debug_assert!(i < self.nrows && j < self.ncols);
         &mut self.data[j * self.nrows + i]
     }
@@ -338,7 +345,7 @@ impl ConvOp {
     /// `G·A` through a GEMM per group and col2im: `g` holds a `k × nrows`
     /// block with element `(r, j)` at `j·k + r`; returns `k × ncols` in the
     /// same layout.
-    pub fn backward_gemm(&self, g: &[f64], k: usize, par: Par) -> Vec<f64> {
+    pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
         let p_len = self.oh * self.ow;
@@ -346,7 +353,8 @@ impl ConvOp {
         let kk = cig * self.kh * self.kw;
         let taps = self.tap_table();
         let plane = self.ih * self.iw;
-        let mut out = vec![0.0; ncols * k];
+        let mut out = vec![T::ZERO; ncols * k];
+        let weight = T::slice(&self.weight);
         let width = p_len * k;
         for grp in 0..self.groups {
             // G_gᵀ: (P·k) × cog, column-major (G's memory as is)
@@ -356,13 +364,13 @@ impl ConvOp {
                 cog,
             );
             let w = faer::MatRef::from_row_major_slice(
-                &self.weight[grp * cog * kk..(grp + 1) * cog * kk],
+                &weight[grp * cog * kk..(grp + 1) * cog * kk],
                 cog,
                 kk,
             );
             // colsᵀ = G_gᵀ·W_g: (P·k) × K, element (p·k + r, tap) contiguous in r
-            let mut cols = Mat::<f64>::zeros(width, kk);
-            faer::linalg::matmul::matmul(cols.as_mut(), Accum::Replace, ggt, w, 1.0, par);
+            let mut cols = Mat::<T>::zeros(width, kk);
+            faer::linalg::matmul::matmul(cols.as_mut(), Accum::Replace, ggt, w, T::ONE, par);
             for icg in 0..cig {
                 let ic = grp * cig + icg;
                 for tap in 0..self.kh * self.kw {
@@ -373,7 +381,7 @@ impl ConvOp {
                             continue;
                         }
                         let dst = (ic * plane + idx) * k;
-                        for (o, v) in out[dst..dst + k].iter_mut().zip(&c[p * k..(p + 1) * k]) {
+                        for (o, &v) in out[dst..dst + k].iter_mut().zip(&c[p * k..(p + 1) * k]) {
                             *o += v;
                         }
                     }
@@ -385,7 +393,7 @@ impl ConvOp {
 
     /// `G·A` touching only the columns `nz` of `G` (the others are zero):
     /// each output position scatters its kernel taps.
-    pub fn backward_sparse(&self, g: &Block, nz: &[usize]) -> Block {
+    pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
         let k = g.nrows();
         let mut out = Block::zeros(k, self.ncols());
         let p_len = self.oh * self.ow;
@@ -405,8 +413,8 @@ impl ConvOp {
                     if idx == usize::MAX {
                         continue;
                     }
-                    let w = self.weight[wbase + tap];
-                    for (o, v) in out.col_as_slice_mut(ic * plane + idx).iter_mut().zip(gr) {
+                    let w = T::of(self.weight[wbase + tap]);
+                    for (o, &v) in out.col_as_slice_mut(ic * plane + idx).iter_mut().zip(gr) {
                         *o += w * v;
                     }
                 }
@@ -636,13 +644,14 @@ impl Operator {
     ///
     /// # Panics
     /// If `g.ncols() != self.nrows()`.
-    pub fn left_mul_owned(&self, mut g: Block, par: Par) -> Block {
+    pub fn left_mul_owned<T: Real>(&self, mut g: Block<T>, par: Par) -> Block<T> {
         assert_eq!(g.ncols(), self.nrows(), "left_mul: dimension mismatch");
         match self {
             Operator::Identity(_) => g,
             // the same products as `left_mul`, in `g`'s own buffer
             Operator::Diagonal(d) => {
                 for (j, &dj) in d.iter().enumerate() {
+                    let dj = T::of(dj);
                     for v in g.col_as_slice_mut(j) {
                         *v *= dj;
                     }
@@ -664,25 +673,16 @@ impl Operator {
     ///
     /// # Panics
     /// If `g.ncols() != self.nrows()`.
-    pub fn left_mul(&self, g: &Block, par: Par) -> Block {
+    pub fn left_mul<T: Real>(&self, g: &Block<T>, par: Par) -> Block<T> {
         assert_eq!(g.ncols(), self.nrows(), "left_mul: dimension mismatch");
         let k = g.nrows();
+        let nonzero = |j: usize| g.col_as_slice(j).iter().any(|&v| v != T::ZERO);
         match self {
             Operator::Identity(_) => g.clone(),
-            Operator::Diagonal(d) => {
-                let mut out = g.clone();
-                for (j, &dj) in d.iter().enumerate() {
-                    for v in out.col_as_slice_mut(j) {
-                        *v *= dj;
-                    }
-                }
-                out
-            }
+            Operator::Diagonal(_) => self.left_mul_owned(g.clone(), par),
             Operator::Dense(a) => {
                 let mut out = Block::zeros(k, a.ncols());
-                let nz: Vec<usize> = (0..a.nrows())
-                    .filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0))
-                    .collect();
+                let nz: Vec<usize> = (0..a.nrows()).filter(|&j| nonzero(j)).collect();
                 if nz.len() * 4 < a.nrows() * 3 {
                     // skip the rows of A that zero columns of G would multiply
                     let mut gc = Vec::with_capacity(k * nz.len());
@@ -690,22 +690,24 @@ impl Operator {
                         gc.extend_from_slice(g.col_as_slice(t));
                     }
                     let gc = Block::from_col_major(k, nz.len(), gc);
-                    let ac = Mat::from_fn(nz.len(), a.ncols(), |t, j| a[(nz[t], j)]);
+                    let ac = Mat::<T>::from_fn(nz.len(), a.ncols(), |t, j| T::of(a[(nz[t], j)]));
                     faer::linalg::matmul::matmul(
                         out.as_mut(),
                         Accum::Replace,
                         gc.as_ref(),
                         &ac,
-                        1.0,
+                        T::ONE,
                         par,
                     );
                 } else {
+                    let a = T::mat(a);
+                    let a: &Mat<T> = &a;
                     faer::linalg::matmul::matmul(
                         out.as_mut(),
                         Accum::Replace,
                         g.as_ref(),
                         a,
-                        1.0,
+                        T::ONE,
                         par,
                     );
                 }
@@ -719,8 +721,8 @@ impl Operator {
                 for i in 0..a.rows() {
                     let gi = g.col_as_slice(i);
                     for p in indptr[i]..indptr[i + 1] {
-                        let (j, aij) = (indices[p], data[p]);
-                        for (o, gv) in out.col_as_slice_mut(j).iter_mut().zip(gi) {
+                        let (j, aij) = (indices[p], T::of(data[p]));
+                        for (o, &gv) in out.col_as_slice_mut(j).iter_mut().zip(gi) {
                             *o += aij * gv;
                         }
                     }
@@ -734,7 +736,7 @@ impl Operator {
                         continue;
                     }
                     let gi = g.col_as_slice(i);
-                    for (o, gv) in out.col_as_slice_mut(c).iter_mut().zip(gi) {
+                    for (o, &gv) in out.col_as_slice_mut(c).iter_mut().zip(gi) {
                         *o += gv;
                     }
                 }
@@ -744,19 +746,34 @@ impl Operator {
                 // Columns of G zeroed by a following 0/1 factor (inactive
                 // units, max-pool positions not selected) cost nothing: when
                 // most are zero, scatter only the nonzero ones.
-                let nz: Vec<usize> = (0..c.nrows())
-                    .filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0))
-                    .collect();
+                let nz: Vec<usize> = (0..c.nrows()).filter(|&j| nonzero(j)).collect();
                 if nz.len() * 3 < c.nrows() {
                     return c.backward_sparse(g, &nz);
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
             }
+            Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => T::structured_left_mul(self, g, par),
+        }
+    }
+
+    /// `G·A` for the structured operators (Kronecker, softmax, attention
+    /// products, transposes), in `f64`.
+    pub(crate) fn structured_left_mul(&self, g: &Block, par: Par) -> Block {
+        match self {
             Operator::Kron(op) => op.backward(g, par),
             Operator::Softmax(j) => j.backward(g),
             Operator::MatMul(p) => p.backward(g, par),
             // G·Aᵀ = (A·Gᵀ)ᵀ
             Operator::Transposed(a) => a.right_mul(&g.transpose(), par).transpose(),
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::Dense(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Conv(_) => self.left_mul(g, par),
         }
     }
 
@@ -962,6 +979,19 @@ mod tests {
             prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
             // taking the adjoint over gives the same bits
             prop_assert_eq!(op.left_mul_owned(g.clone(), Par::Seq), op.left_mul(&g, Par::Seq));
+            // in f32: within (inner + 2)·ε32 of |G|·|A| entry by entry (G
+            // and A rounded to f32, then a sum of `inner` products)
+            let got = op.left_mul(&g.cast::<f32>(), Par::Seq);
+            let want = dense_ref(&g, &a);
+            let abs = |b: &Block| Block::from_fn(b.nrows(), b.ncols(), |i, j| b[(i, j)].abs());
+            let mag = dense_ref(&abs(&g), &abs(&a));
+            let gamma = (op.nrows() as f64 + 2.0) * f64::from(f32::EPSILON);
+            for i in 0..want.nrows() {
+                for j in 0..want.ncols() {
+                    let e = (f64::from(got[(i, j)]) - want[(i, j)]).abs();
+                    prop_assert!(e <= gamma * mag[(i, j)] + 1e-30, "({i}, {j}): {e:e}");
+                }
+            }
         }
     }
 

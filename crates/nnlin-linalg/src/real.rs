@@ -1,0 +1,89 @@
+//! The scalars products run in: `f64` (the exactness mode) and `f32`
+//! (twice the SIMD width, half the bytes). Operators keep their entries in
+//! `f64`; a product in `f32` reads them converted (a GEMM's weights once per
+//! product, a scalar loop's entries one at a time), so one generic kernel
+//! serves both.
+
+use std::borrow::Cow;
+
+use faer::{Mat, Par};
+
+use crate::{Block, Operator};
+
+/// A scalar of the products: `f32` or `f64`.
+pub trait Real:
+    faer::traits::ComplexField
+    + Copy
+    + Default
+    + PartialEq
+    + PartialOrd
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+{
+    /// `0`.
+    const ZERO: Self;
+    /// `1`.
+    const ONE: Self;
+    /// `v` rounded to this type (exact for `f64`).
+    fn of(v: f64) -> Self;
+    /// The value as `f64` (exact).
+    fn to_f64(self) -> f64;
+    /// `a`'s entries in this type (borrowed for `f64`).
+    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>>;
+    /// `w` in this type (borrowed for `f64`).
+    fn slice(w: &[f64]) -> Cow<'_, [Self]>;
+    /// `G·A` for a structured operator (Kronecker, softmax, attention
+    /// products, transposes): in `f64` for both types today (an `f32`
+    /// adjoint is widened and the product rounded back).
+    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self>;
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>> {
+        Cow::Borrowed(a)
+    }
+    fn slice(w: &[f64]) -> Cow<'_, [Self]> {
+        Cow::Borrowed(w)
+    }
+    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
+        op.structured_left_mul(g, par)
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>> {
+        Cow::Owned(Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32))
+    }
+    fn slice(w: &[f64]) -> Cow<'_, [Self]> {
+        Cow::Owned(w.iter().map(|&v| v as f32).collect())
+    }
+    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
+        op.structured_left_mul(&g.cast::<f64>(), par).cast()
+    }
+}
