@@ -2,7 +2,7 @@
 """nnlin against PyTorch's torch.func.jacrev on the same machine, in one run.
 
     cargo build --release
-    python3 benches/compare_torch.py [--threads 2] [--lenet-n 1000] [--resnet-n 8]
+    python3 benches/compare_torch.py [--threads 2] [--lenet-n 1000] [--resnet-n 8] [--onet-n 16] [--resnet50]
 (needs torch, numpy, onnx; torch runs on the CPU)
 nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in float32).
 
@@ -13,6 +13,11 @@ nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in f
 2. A CIFAR-shaped ResNet-18 (3x32x32, 10 classes, BasicBlocks [2,2,2,2],
    batch-norm, random weights, seed 0) exported here to ONNX (unfused),
    on N random inputs: PyTorch `jacrev` per instance and nnlin `explain`.
+3. MTCNN's ONet with its real weights (facenet-pytorch==2.6.0, fixtures/mtcnn/onet.onnx), the
+   10 landmark outputs (W 10x6912), on N random 48x48 inputs.
+4. With --resnet50: torchvision's ResNet-50 (random weights, batch-norm statistics measured
+   on random batches) at 224x224, the top-1 row: PyTorch's forward pass and one vjp against
+   nnlin's linearize time and its whole process.
 Both sides use the same thread count. PyTorch computes in float32 (its
 default and fastest); nnlin in float64 (the exactness mode) and float32. Times are per instance; nnlin's is `timing.linearize_seconds`
 (compile + accumulate, no loading or writing). Prints a markdown table and
@@ -46,19 +51,45 @@ def mnist(n):
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].astype(np.float64) / 255.0
 
 
-def nnlin_time(model, x, threads, tmp, precision="f64"):
+def nnlin_time(model, x, threads, tmp, precision="f64", extra=()):
     xp = os.path.join(tmp, "x.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
     subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
-                    "--precision", precision], check=True, capture_output=True)
+                    "--precision", precision, *extra], check=True, capture_output=True)
     s = json.load(open(os.path.join(out, "summary.json")))
     return s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"])
 
 
-def torch_times(model, x, batch_too):
+def whole_process(model, x, threads, tmp, precision, extra=()):
+    """Seconds of a whole `nnlin explain` process, and its linearize_seconds."""
+    xp = os.path.join(tmp, "x.npy")
+    np.save(xp, x)
+    out = os.path.join(tmp, "out")
+    t = time.perf_counter()
+    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
+                    "--precision", precision, *extra], check=True, capture_output=True)
+    whole = time.perf_counter() - t
+    return whole, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"]
+
+
+def torch_top1_vjp(model, x):
+    """Seconds of PyTorch's forward pass and one vjp (the top-1 row of W)."""
     xt = torch.tensor(x, dtype=torch.float32)
-    f = lambda v: model(v[None])[0]
+    model(xt[:1])  # warm up
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        v = xt[:1].clone().requires_grad_(True)
+        y = model(v)[0]
+        y[y.argmax()].backward()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def torch_times(model, x, batch_too, head=None):
+    xt = torch.tensor(x, dtype=torch.float32)
+    f = (lambda v: model(v[None])[0]) if head is None else (lambda v: model(v[None])[head][0])
     jac = torch.func.jacrev(f)
     jac(xt[0])  # warm up
     t = time.perf_counter()
@@ -107,6 +138,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lenet-n", type=int, default=1000)
     ap.add_argument("--resnet-n", type=int, default=8)
+    ap.add_argument("--onet-n", type=int, default=16)
+    ap.add_argument("--resnet50", action="store_true", help="also ResNet-50 at 224x224, top-1 row")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp()
@@ -139,6 +172,19 @@ def main():
     t_nnlin, res = nnlin_time(rpath, xr, a.threads, tmp)
     t32, _ = nnlin_time(rpath, xr, a.threads, tmp, "f32")
     rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res))
+    # MTCNN ONet, real weights (facenet-pytorch==2.6.0), the 10 landmark outputs
+    try:
+        from facenet_pytorch.models.mtcnn import ONet
+        onet = ONet(pretrained=True).eval()
+        opath = os.path.join(ROOT, "fixtures/mtcnn/onet.onnx")
+        xo = np.random.default_rng(1).random((a.onet_n, 3, 48, 48)) * 2 - 1
+        t_single, t_batch = torch_times(onet, xo, False, head=1)  # vmap fails on ONet
+        extra = ("--output", "landmarks")
+        t_nnlin, res = nnlin_time(opath, xo, a.threads, tmp, "f64", extra)
+        t32, _ = nnlin_time(opath, xo, a.threads, tmp, "f32", extra)
+        rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res))
+    except ImportError:
+        print("facenet-pytorch not installed: ONet skipped")
     print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32\n")
     print("| model | instances | torch jacrev | torch vmap(jacrev) | nnlin f64 | nnlin f32 | f32 vs jacrev | f32 vs vmap | f64 / f32 | max residual (f64) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -150,6 +196,28 @@ def main():
               f"{s / t32:.2f}x | {vb} | {t / t32:.2f} | {r:.1e} |")
         out.append({"model": name, "instances": n, "torch_jacrev_s": s, "torch_vmap_s": b, "nnlin_s": t,
                     "nnlin_f32_s": t32, "residual": r})
+    if a.resnet50:
+        import torchvision
+        torch.manual_seed(0)
+        r50 = torchvision.models.resnet50().eval()
+        with torch.no_grad():  # batch-norm statistics measured on random batches
+            r50.train()
+            for _ in range(4):
+                r50(torch.randn(8, 3, 224, 224))
+            r50.eval()
+        p50 = os.path.join(tmp, "resnet50.onnx")
+        torch.onnx.export(r50, (torch.zeros(1, 3, 224, 224),), p50, dynamo=False,
+                          do_constant_folding=False, opset_version=17)
+        x50 = np.random.default_rng(2).standard_normal((1, 3, 224, 224))
+        tv = torch_top1_vjp(r50, x50)
+        print("\nResNet-50 at 224x224, top-1 row:\n")
+        print("| precision | torch forward + vjp | nnlin linearize | whole nnlin process | linearize vs torch | whole / linearize |")
+        print("|---|---|---|---|---|---|")
+        for prec in ["f64", "f32"]:
+            whole, lin = whole_process(p50, x50, a.threads, tmp, prec, ("--rows", "top1"))
+            print(f"| {prec} | {tv:.3f} s | {lin:.3f} s | {whole:.2f} s | {tv / lin:.2f}x | {whole / lin:.1f} |")
+            out.append({"model": "resnet50", "precision": prec, "torch_vjp_s": tv, "nnlin_s": lin,
+                        "whole_s": whole})
     json.dump({"threads": a.threads, "rows": out}, open("bench_torch.json", "w"), indent=1)
 
 

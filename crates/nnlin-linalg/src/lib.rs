@@ -752,28 +752,26 @@ impl Operator {
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
             }
-            Operator::Kron(_)
-            | Operator::Softmax(_)
-            | Operator::MatMul(_)
-            | Operator::Transposed(_) => T::structured_left_mul(self, g, par),
-        }
-    }
-
-    /// `G·A` for the structured operators (Kronecker, softmax, attention
-    /// products, transposes), in `f64`.
-    pub(crate) fn structured_left_mul(&self, g: &Block, par: Par) -> Block {
-        match self {
             Operator::Kron(op) => op.backward(g, par),
             Operator::Softmax(j) => j.backward(g),
             Operator::MatMul(p) => p.backward(g, par),
-            // G·Aᵀ = (A·Gᵀ)ᵀ
+            Operator::Transposed(_) => T::transposed_left_mul(self, g, par),
+        }
+    }
+
+    /// `G·A` for a transposed operator (`G·Aᵀ = (A·Gᵀ)ᵀ`), in `f64`.
+    pub(crate) fn transposed_left_mul(&self, g: &Block, par: Par) -> Block {
+        match self {
             Operator::Transposed(a) => a.right_mul(&g.transpose(), par).transpose(),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::Dense(_)
             | Operator::Csr(_)
             | Operator::Selection(_)
-            | Operator::Conv(_) => self.left_mul(g, par),
+            | Operator::Conv(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_) => self.left_mul(g, par),
         }
     }
 

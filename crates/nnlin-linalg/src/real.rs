@@ -22,6 +22,7 @@ pub trait Real:
     + Sync
     + 'static
     + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
     + std::ops::MulAssign
@@ -38,10 +39,10 @@ pub trait Real:
     fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>>;
     /// `w` in this type (borrowed for `f64`).
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
-    /// `G·A` for a structured operator (Kronecker, softmax, attention
-    /// products, transposes): in `f64` for both types today (an `f32`
-    /// adjoint is widened and the product rounded back).
-    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self>;
+    /// `G·A` for a transposed operator (a transposed convolution): in `f64`
+    /// for both types today (an `f32` adjoint is widened and the product
+    /// rounded back), as the forward products are `f64` only.
+    fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self>;
 }
 
 impl Real for f64 {
@@ -61,8 +62,8 @@ impl Real for f64 {
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Borrowed(w)
     }
-    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
-        op.structured_left_mul(g, par)
+    fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
+        op.transposed_left_mul(g, par)
     }
 }
 
@@ -83,7 +84,7 @@ impl Real for f32 {
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Owned(w.iter().map(|&v| v as f32).collect())
     }
-    fn structured_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
-        op.structured_left_mul(&g.cast::<f64>(), par).cast()
+    fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
+        op.transposed_left_mul(&g.cast::<f64>(), par).cast()
     }
 }

@@ -6,7 +6,7 @@
 //! over its input; [`crate::Operator::to_dense`] gives the explicit matrix
 //! for tests.
 
-use crate::Block;
+use crate::{Block, Real};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use std::sync::Arc;
 
@@ -84,16 +84,16 @@ impl KronOp {
     /// `G·(I ⊗ W)` for `G` of `k × rows·out`: `G` regrouped as one
     /// `out × rows·k` matrix (a transpose of each row block), one GEMM with
     /// `Wᵀ`, and the result regrouped back.
-    pub fn backward(&self, g: &Block, par: Par) -> Block {
+    pub fn backward<T: Real>(&self, g: &Block<T>, par: Par) -> Block<T> {
         let k = g.nrows();
         let (o, i) = (self.w.nrows(), self.w.ncols());
         let cols = self.rows * k;
         let gd = g.as_slice();
         // h[(r·k + q)·o + p] = G[q, r·o + p]
-        let h: std::borrow::Cow<'_, [f64]> = if k == 1 {
+        let h: std::borrow::Cow<'_, [T]> = if k == 1 {
             std::borrow::Cow::Borrowed(gd)
         } else {
-            let mut h = vec![0.0; o * cols];
+            let mut h = vec![T::ZERO; o * cols];
             for r in 0..self.rows {
                 for p in 0..o {
                     let src = &gd[(r * o + p) * k..(r * o + p + 1) * k];
@@ -104,17 +104,19 @@ impl KronOp {
             }
             std::borrow::Cow::Owned(h)
         };
-        let mut z = vec![0.0; i * cols];
+        let mut z = vec![T::ZERO; i * cols];
+        let w = T::mat(self.weight());
+        let w: &Mat<T> = &w;
         gemm(
             MatMut::from_column_major_slice_mut(&mut z, i, cols),
-            self.weight().as_ref().transpose(),
+            w.as_ref().transpose(),
             MatRef::from_column_major_slice(&h, o, cols),
             par,
         );
         if k == 1 {
             return Block::from_col_major(1, self.ncols(), z);
         }
-        let mut out = vec![0.0; k * self.ncols()];
+        let mut out = vec![T::ZERO; k * self.ncols()];
         for r in 0..self.rows {
             for q in 0..k {
                 let src = &z[(r * k + q) * i..(r * k + q + 1) * i];
@@ -127,8 +129,8 @@ impl KronOp {
     }
 }
 
-fn gemm(dst: MatMut<'_, f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>, par: Par) {
-    faer::linalg::matmul::matmul(dst, Accum::Replace, a, b, 1.0, par);
+fn gemm<T: Real>(dst: MatMut<'_, T>, a: MatRef<'_, T>, b: MatRef<'_, T>, par: Par) {
+    faer::linalg::matmul::matmul(dst, Accum::Replace, a, b, T::ONE, par);
 }
 
 /// The Jacobian of a softmax (or log-softmax) along one axis of a tensor
@@ -200,29 +202,29 @@ impl SoftmaxJac {
 
     /// `G·J` for `G` of `k × n` (column-major: each column of `G` a
     /// contiguous run of `k`).
-    pub fn backward(&self, g: &Block) -> Block {
+    pub fn backward<T: Real>(&self, g: &Block<T>) -> Block<T> {
         let k = g.nrows();
         let (len, inner) = (self.len, self.inner);
         let gd = g.as_slice();
-        let mut out = vec![0.0; gd.len()];
-        let mut acc = vec![0.0; k];
+        let mut out = vec![T::ZERO; gd.len()];
+        let mut acc = vec![T::ZERO; k];
         for o in 0..self.outer {
             for t in 0..inner {
                 let at = |a: usize| (o * len + a) * inner + t;
-                acc.iter_mut().for_each(|v| *v = 0.0);
+                acc.iter_mut().for_each(|v| *v = T::ZERO);
                 // softmax: Σ_a G[:, a]·s_a; log-softmax: Σ_a G[:, a]
                 for a in 0..len {
                     let e = at(a);
-                    let w = if self.log { 1.0 } else { self.s[e] };
-                    for (v, gv) in acc.iter_mut().zip(&gd[e * k..(e + 1) * k]) {
+                    let w = if self.log { T::ONE } else { T::of(self.s[e]) };
+                    for (v, &gv) in acc.iter_mut().zip(&gd[e * k..(e + 1) * k]) {
                         *v += w * gv;
                     }
                 }
                 for a in 0..len {
                     let e = at(a);
-                    let se = self.s[e];
+                    let se = T::of(self.s[e]);
                     let dst = &mut out[e * k..(e + 1) * k];
-                    for ((d, gv), v) in dst.iter_mut().zip(&gd[e * k..(e + 1) * k]).zip(&acc) {
+                    for ((d, &gv), &v) in dst.iter_mut().zip(&gd[e * k..(e + 1) * k]).zip(&acc) {
                         *d = if self.log { gv - se * v } else { se * (gv - v) };
                     }
                 }
@@ -335,11 +337,12 @@ impl MatMulOp {
     }
 
     /// `G·A` for `G` of `w × nrows`.
-    pub fn backward(&self, g: &Block, par: Par) -> Block {
+    pub fn backward<T: Real>(&self, g: &Block<T>, par: Par) -> Block<T> {
         let w = g.nrows();
         let (m, k, n) = (self.m, self.k, self.n);
         let gd = g.as_slice();
-        let mut out = vec![0.0; w * self.ncols()];
+        let factor = T::slice(&self.factor);
+        let mut out = vec![T::ZERO; w * self.ncols()];
         match self.fixed {
             FixedFactor::Left => {
                 // dX_t = A_tᵀ·G_t, with G_t read as m × (n·w): row p holds
@@ -351,7 +354,7 @@ impl MatMulOp {
                             k,
                             n * w,
                         ),
-                        MatRef::from_row_major_slice(&self.factor[b * m * k..][..m * k], m, k)
+                        MatRef::from_row_major_slice(&factor[b * m * k..][..m * k], m, k)
                             .transpose(),
                         MatRef::from_row_major_slice(&gd[b * m * n * w..][..m * n * w], m, n * w),
                         par,
@@ -361,7 +364,7 @@ impl MatMulOp {
             FixedFactor::Right => {
                 // for each row p of A_t: dX[(t,p), r, i] = Σ_q B_t[r, q]·G[(t,p), q, i]
                 for b in 0..self.batch {
-                    let bt = MatRef::from_row_major_slice(&self.factor[b * k * n..][..k * n], k, n);
+                    let bt = MatRef::from_row_major_slice(&factor[b * k * n..][..k * n], k, n);
                     for p in 0..m {
                         let tp = b * m + p;
                         gemm(
