@@ -48,6 +48,27 @@ impl Cost {
     pub fn seconds(self, rates: &Rates) -> f64 {
         (self.gemm / rates.gemm + self.sparse / rates.sparse).max(self.bytes / rates.bandwidth)
     }
+    /// Applying an operator that stores `storage` bytes and does `madds`
+    /// multiply-adds per column to a block of `width` columns: the
+    /// operator read once, `width·cols` values read and `width·rows`
+    /// written. The one traffic model of the planner (fixed orders, the
+    /// chain program's leaves and folds).
+    fn apply(
+        storage: usize,
+        madds: usize,
+        width: usize,
+        (rows, cols): (usize, usize),
+        gemm: bool,
+    ) -> Cost {
+        let f = std::mem::size_of::<f64>();
+        let madds = (madds * width) as f64;
+        let bytes = (storage + f * width * (rows + cols)) as f64;
+        if gemm {
+            Cost { gemm: madds, sparse: 0.0, bytes }
+        } else {
+            Cost { gemm: 0.0, sparse: madds, bytes }
+        }
+    }
     fn gemm(rows: usize, inner: usize, cols: usize) -> Cost {
         let f = std::mem::size_of::<f64>() as f64;
         Cost {
@@ -117,20 +138,25 @@ impl Rates {
 }
 
 fn op_cost(op: &Operator, width: usize) -> Cost {
-    let bytes =
-        (op.bytes() + std::mem::size_of::<f64>() * width * (op.nrows() + op.ncols())) as f64;
-    let madds = (op.nnz() * width) as f64;
+    let apply = |gemm| Cost::apply(op.bytes(), op.nnz(), width, (op.nrows(), op.ncols()), gemm);
     match op {
         Operator::Identity(_) => Cost::default(),
         Operator::Transposed(a) => op_cost(a, width),
         Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) => {
-            Cost { gemm: madds, sparse: 0.0, bytes }
+            apply(true)
         }
         Operator::Diagonal(_)
         | Operator::Csr(_)
         | Operator::Selection(_)
-        | Operator::Softmax(_) => Cost { gemm: 0.0, sparse: madds, bytes },
+        | Operator::Softmax(_) => apply(false),
     }
+}
+
+/// `op_cost` of an explicit operator (a leaf or a folded pair of the chain
+/// program) of `nnz` entries held as CSR (value and column index each).
+fn explicit_cost(nnz: usize, width: usize, shape: (usize, usize), gemm: bool) -> Cost {
+    let entry = std::mem::size_of::<f64>() + std::mem::size_of::<usize>();
+    Cost::apply(entry * nnz, nnz, width, shape, gemm)
 }
 
 /// Predicted cost of reverse (`m` rows) or forward accumulation.
@@ -305,15 +331,6 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
             None
         }
     };
-    let apply_cost = |nnz: usize, width: usize, conv: bool, rows: usize, cols: usize| {
-        let madds = (nnz * width) as f64;
-        let bytes = (12 * nnz + 8 * width * (rows + cols)) as f64;
-        if conv {
-            Cost { gemm: madds, sparse: 0.0, bytes }
-        } else {
-            Cost { gemm: 0.0, sparse: madds, bytes }
-        }
-    };
     let is_gemm_op = |i: usize, j: usize| {
         i == j && matches!(*factors[i], Operator::Dense(_) | Operator::Conv(_))
     };
@@ -348,8 +365,8 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
                 let left_op = op_nnz(s + 1, j).filter(|_| one_op(best[s + 1][j]));
                 let right_op = op_nnz(i, s).filter(|_| one_op(best[i][s]));
                 let mult = match (left_op, right_op) {
-                    (Some(nl), _) => apply_cost(nl, cols, is_gemm_op(s + 1, j), rows, inner),
-                    (None, Some(nr)) => apply_cost(nr, rows, is_gemm_op(i, s), inner, cols),
+                    (Some(nl), _) => explicit_cost(nl, cols, (rows, inner), is_gemm_op(s + 1, j)),
+                    (None, Some(nr)) => explicit_cost(nr, rows, (inner, cols), is_gemm_op(i, s)),
                     (None, None) => Cost::gemm(rows, inner, cols),
                 };
                 consider(cr.add(cl).add(mult), Split::At(s));
