@@ -395,6 +395,7 @@ pub fn read_external(dir: &Path, r: &ExternalRef) -> std::result::Result<Vec<u8>
 /// use nnlin::Rows;
 /// assert_eq!("top3".parse::<Rows>(), Ok(Rows::Top(3)));
 /// assert_eq!("4,1".parse::<Rows>(), Ok(Rows::Indices(vec![4, 1])));
+/// assert_eq!(Rows::Top(3).to_string(), "top3");
 /// assert_eq!(Rows::All.count(10).unwrap(), 10);
 /// assert!(Rows::Indices(vec![12]).count(10).is_err());
 /// ```
@@ -407,6 +408,20 @@ pub enum Rows {
     Top(usize),
     /// These output indices, in this order.
     Indices(Vec<usize>),
+}
+
+impl std::fmt::Display for Rows {
+    /// `all`, `topK` or `i,j,...`: what [`Rows::from_str`](std::str::FromStr) reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rows::All => f.write_str("all"),
+            Rows::Top(k) => write!(f, "top{k}"),
+            Rows::Indices(v) => {
+                let s: Vec<String> = v.iter().map(ToString::to_string).collect();
+                f.write_str(&s.join(","))
+            }
+        }
+    }
 }
 
 impl std::str::FromStr for Rows {

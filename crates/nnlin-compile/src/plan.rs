@@ -262,7 +262,7 @@ fn foldable(outer: &Operator, inner: &Operator) -> bool {
 }
 
 /// `outer · inner` as one CSR operator (explicit entries only), or `None`
-/// when the pair is not foldable (see [`foldable`]).
+/// when the pair is not a diagonal or selection beside a dense or CSR factor.
 pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
     let (rows, cols) = (outer.nrows(), inner.ncols());
     let mut tri: Vec<(usize, usize, f64)> = Vec::new();
