@@ -13,6 +13,29 @@ use sprs::CsMat;
 
 mod real;
 mod structured;
+
+/// A convolution's reverse product scatters only the nonzero columns of
+/// the adjoint (`ConvOp::backward_sparse`) when they are fewer than this
+/// fraction (numerator, denominator) of its output positions, and runs the
+/// im2col GEMM over all of them otherwise. `benches/row_skip.rs`, 10 rows,
+/// one thread: the scatter wins at 10 % nonzero (LeNet-5's second
+/// convolution 186 µs against 283 µs; a 3×3 64-channel 32×32 one 72 ms
+/// against 87 ms) and loses from 20 % on (375 µs / 273 µs, 125 ms / 91 ms).
+pub const CONV_SPARSE_BELOW: (usize, usize) = (3, 20);
+
+/// A dense layer's reverse product multiplies only the rows of its weight
+/// that nonzero adjoint columns select (a gather and a smaller GEMM) when
+/// those are fewer than this fraction of its rows. `benches/row_skip.rs`,
+/// 10 rows, one thread: LeNet-5's 120 × 400 layer gains at 10 % (16 µs
+/// against 39 µs) and 20 % (27 / 35), loses from 33 % on (36 / 30); a
+/// 4096 × 4096 layer gains only at 5 % (18.8 ms / 21.7) and loses 2.9× at
+/// 33 % (gathering the weight rows costs more than the GEMM saves).
+pub const DENSE_SKIP_BELOW: (usize, usize) = (1, 8);
+
+/// Whether `count` is below `fraction` of `total`.
+fn below(count: usize, total: usize, (num, den): (usize, usize)) -> bool {
+    count * den < total * num
+}
 pub use real::Real;
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
@@ -683,7 +706,7 @@ impl Operator {
             Operator::Dense(a) => {
                 let mut out = Block::zeros(k, a.ncols());
                 let nz: Vec<usize> = (0..a.nrows()).filter(|&j| nonzero(j)).collect();
-                if nz.len() * 4 < a.nrows() * 3 {
+                if below(nz.len(), a.nrows(), DENSE_SKIP_BELOW) {
                     // skip the rows of A that zero columns of G would multiply
                     let mut gc = Vec::with_capacity(k * nz.len());
                     for &t in &nz {
@@ -747,7 +770,7 @@ impl Operator {
                 // units, max-pool positions not selected) cost nothing: when
                 // most are zero, scatter only the nonzero ones.
                 let nz: Vec<usize> = (0..c.nrows()).filter(|&j| nonzero(j)).collect();
-                if nz.len() * 3 < c.nrows() {
+                if below(nz.len(), c.nrows(), CONV_SPARSE_BELOW) {
                     return c.backward_sparse(g, &nz);
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))

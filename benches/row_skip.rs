@@ -1,0 +1,125 @@
+//! The two thresholds of the reverse products, measured: below which
+//! fraction of nonzero adjoint columns (units a following ReLU or max-pool
+//! left active) a convolution scatters only those columns
+//! (`ConvOp::backward_sparse`) instead of the im2col GEMM over all of them
+//! (`ConvOp::backward_gemm`), and a dense layer multiplies only the rows of
+//! its weight those columns select (a gather and a smaller GEMM) instead of
+//! the full GEMM. 10 adjoint rows (a classifier's full W), one thread, f64;
+//! nonzero columns spread over the block as an activation pattern is.
+//!
+//! `cargo bench --bench row_skip`; the crossovers are in docs/PERFORMANCE.md
+//! and set `nnlin_linalg::{CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
+
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use faer::{Accum, Mat, Par};
+use nnlin::Block;
+use nnlin::linalg::ConvOp;
+
+const ROWS: usize = 10;
+const FRACTIONS: [usize; 7] = [5, 10, 20, 33, 50, 75, 100];
+
+fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
+    let o = hw + 2 * pad - k + 1;
+    let n = c_out * c_in * k * k;
+    let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
+    ConvOp {
+        c_in,
+        c_out,
+        groups: 1,
+        ih: hw,
+        iw: hw,
+        kh: k,
+        kw: k,
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad: (pad, pad),
+        oh: o,
+        ow: o,
+        weight: Arc::new(weight),
+        taps: Default::default(),
+    }
+}
+
+/// A `ROWS × cols` adjoint whose columns are nonzero with `percent` %
+/// probability (a fixed hash, so every run draws the same pattern).
+fn adjoint(cols: usize, percent: usize) -> (Block, Vec<usize>) {
+    let on = |j: usize| (j.wrapping_mul(2_654_435_761) >> 7) % 100 < percent;
+    let g = Block::from_fn(ROWS, cols, |i, j| if on(j) { ((i + j) % 7) as f64 - 3.0 } else { 0.0 });
+    (g, (0..cols).filter(|&j| on(j)).collect())
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("row_skip");
+    group.sample_size(10);
+    for (name, op) in
+        [("lenet5_conv2", conv(6, 16, 14, 5, 0)), ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1))]
+    {
+        for percent in FRACTIONS {
+            let (g, nz) = adjoint(op.nrows(), percent);
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/sparse"), percent),
+                &(&g, &nz),
+                |b, (g, nz)| b.iter(|| op.backward_sparse(g, nz)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/gemm"), percent),
+                &g,
+                |b, g| b.iter(|| op.backward_gemm(g.as_slice(), ROWS, Par::Seq)),
+            );
+        }
+    }
+    for (name, out, inp) in [("lenet5_fc1", 120usize, 400usize), ("vgg_fc", 4096, 4096)] {
+        let a = Mat::<f64>::from_fn(out, inp, |i, j| ((i * 31 + j * 7) % 13) as f64 - 6.0);
+        for percent in FRACTIONS {
+            let (g, nz) = adjoint(out, percent);
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/skip"), percent),
+                &(&g, &nz),
+                |b, (g, nz)| {
+                    b.iter(|| {
+                        let mut gc = Vec::with_capacity(ROWS * nz.len());
+                        for &t in nz.iter() {
+                            gc.extend_from_slice(g.col_as_slice(t));
+                        }
+                        let gc = Block::from_col_major(ROWS, nz.len(), gc);
+                        let ac = Mat::from_fn(nz.len(), inp, |t, j| a[(nz[t], j)]);
+                        let mut o = Block::<f64>::zeros(ROWS, inp);
+                        faer::linalg::matmul::matmul(
+                            o.as_mut(),
+                            Accum::Replace,
+                            gc.as_ref(),
+                            &ac,
+                            1.0,
+                            Par::Seq,
+                        );
+                        o
+                    })
+                },
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/full"), percent),
+                &g,
+                |b, g| {
+                    b.iter(|| {
+                        let mut o = Block::<f64>::zeros(ROWS, inp);
+                        faer::linalg::matmul::matmul(
+                            o.as_mut(),
+                            Accum::Replace,
+                            g.as_ref(),
+                            &a,
+                            1.0,
+                            Par::Seq,
+                        );
+                        o
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
