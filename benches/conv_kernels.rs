@@ -6,34 +6,13 @@
 //! time per product; `ConvKernel::Auto` is set from these figures
 //! (docs/PERFORMANCE.md).
 
-use std::sync::Arc;
+mod common;
 
+use common::conv;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use faer::Par;
 use nnlin::Block;
-use nnlin::linalg::{ConvOp, Operator};
-
-fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
-    let o = hw + 2 * pad - k + 1;
-    let n = c_out * c_in * k * k;
-    let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
-    ConvOp {
-        c_in,
-        c_out,
-        groups: 1,
-        ih: hw,
-        iw: hw,
-        kh: k,
-        kw: k,
-        stride: (1, 1),
-        dilation: (1, 1),
-        pad: (pad, pad),
-        oh: o,
-        ow: o,
-        weight: Arc::new(weight),
-        taps: Default::default(),
-    }
-}
+use nnlin::linalg::Operator;
 
 fn bench(c: &mut Criterion) {
     let cases = [

@@ -10,37 +10,15 @@
 //! `cargo bench --bench row_skip`; the crossovers are in docs/PERFORMANCE.md
 //! and set `nnlin_linalg::{CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
 
-use std::sync::Arc;
+mod common;
 
+use common::conv;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use faer::{Accum, Mat, Par};
 use nnlin::Block;
-use nnlin::linalg::ConvOp;
 
 const ROWS: usize = 10;
 const FRACTIONS: [usize; 7] = [5, 10, 20, 33, 50, 75, 100];
-
-fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
-    let o = hw + 2 * pad - k + 1;
-    let n = c_out * c_in * k * k;
-    let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
-    ConvOp {
-        c_in,
-        c_out,
-        groups: 1,
-        ih: hw,
-        iw: hw,
-        kh: k,
-        kw: k,
-        stride: (1, 1),
-        dilation: (1, 1),
-        pad: (pad, pad),
-        oh: o,
-        ow: o,
-        weight: Arc::new(weight),
-        taps: Default::default(),
-    }
-}
 
 /// A `ROWS × cols` adjoint whose columns are nonzero with `percent` %
 /// probability (a fixed hash, so every run draws the same pattern).

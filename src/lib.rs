@@ -1006,11 +1006,20 @@ impl Linearization {
     /// `max |W·x + b − F(x)|` over the selected rows, from `wx` (see
     /// [`Linearization::wx`]) and all outputs `f` of F at x.
     pub fn residual(&self, wx: &[f64], f: &[f64]) -> f64 {
-        wx.iter()
-            .zip(&self.b)
-            .zip(&self.rows)
-            .fold(0.0, |r, ((s, b), &row)| f64::max(r, (s + b - f[row]).abs()))
+        residual(wx, &self.b, &self.rows, f)
     }
+}
+
+/// `max |W·x + b − F(x)|` over rows `rows`, from `W·x` and `b` of those
+/// rows and all outputs `f` of F at x (what [`Linearization::residual`]
+/// computes, for callers that keep only these pieces).
+pub fn residual<'a>(
+    wx: &[f64],
+    b: impl IntoIterator<Item = &'a f64>,
+    rows: &[usize],
+    f: &[f64],
+) -> f64 {
+    wx.iter().zip(b).zip(rows).fold(0.0, |r, ((s, b), &row)| f64::max(r, (s + b - f[row]).abs()))
 }
 
 /// A weighted sum of models `F = Σ aᵢ Fᵢ` with equal input and output shapes

@@ -597,12 +597,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let mut instances = Vec::with_capacity(n_inst);
     let mut extra = vec![];
     for (k, (fm, f)) in formed.iter().zip(&outputs).enumerate() {
-        let residual = fm
-            .wx
-            .iter()
-            .zip(&fm.b)
-            .zip(&fm.rows)
-            .fold(0.0, |r, ((s, bi), &row)| f64::max(r, (s + bi - f[row]).abs()));
+        let residual = nnlin::residual(&fm.wx, &fm.b, &fm.rows, f);
         b.row_mut(k).assign(&ndarray::ArrayView1::from(&fm.b));
         let predicted = (!f.is_empty()).then(|| nnlin::argmax(f));
         instances.push(json!({
