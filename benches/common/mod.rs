@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use nnlin::linalg::ConvOp;
+use nnlin::linalg::{ConvGeometry, ConvOp};
 
 /// A stride-1 `k × k` convolution over `c_in × hw × hw` with padding `pad`
 /// and fixed pseudo-random weights.
@@ -10,20 +10,22 @@ pub fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvO
     let o = hw + 2 * pad - k + 1;
     let n = c_out * c_in * k * k;
     let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
-    ConvOp {
-        c_in,
-        c_out,
-        groups: 1,
-        ih: hw,
-        iw: hw,
-        kh: k,
-        kw: k,
-        stride: (1, 1),
-        dilation: (1, 1),
-        pad: (pad, pad),
-        oh: o,
-        ow: o,
-        weight: Arc::new(weight),
-        taps: Default::default(),
-    }
+    ConvOp::new(
+        ConvGeometry {
+            c_in,
+            c_out,
+            groups: 1,
+            ih: hw,
+            iw: hw,
+            kh: k,
+            kw: k,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (pad, pad),
+            oh: o,
+            ow: o,
+        },
+        Arc::new(weight),
+    )
+    .unwrap()
 }

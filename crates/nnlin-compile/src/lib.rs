@@ -23,7 +23,9 @@ use std::sync::Arc;
 use faer::{Mat, Par};
 use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
-use nnlin_linalg::{ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection, SoftmaxJac};
+use nnlin_linalg::{
+    ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection, SoftmaxJac,
+};
 
 /// How smooth activations are linearized (piecewise-linear ones always use
 /// the linear piece `x` lies on, which both modes agree on).
@@ -352,7 +354,7 @@ fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
 
 fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Offset) {
     let w = &c.window;
-    let op = ConvOp {
+    let geom = ConvGeometry {
         c_in: c.c_in,
         c_out: c.c_out,
         groups: c.groups,
@@ -365,9 +367,8 @@ fn conv_operator(c: &nnlin_ir::Conv, kernel: ConvKernel) -> (Operator, Offset) {
         pad: (w.pt, w.pl),
         oh: w.oh,
         ow: w.ow,
-        weight: Arc::clone(&c.weight),
-        taps: Default::default(),
     };
+    let op = ConvOp::new(geom, Arc::clone(&c.weight)).expect("the IR validated the convolution");
     let spatial = w.oh * w.ow;
     let bias = match &c.bias {
         Some(b) => Offset::PerChannel { values: b.clone(), spatial },

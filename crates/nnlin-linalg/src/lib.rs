@@ -11,6 +11,7 @@
 use faer::{Accum, Mat, Par};
 use sprs::CsMat;
 
+mod conv;
 mod real;
 mod structured;
 
@@ -36,6 +37,7 @@ pub const DENSE_SKIP_BELOW: (usize, usize) = (1, 8);
 fn below(count: usize, total: usize, (num, den): (usize, usize)) -> bool {
     count * den < total * num
 }
+pub use conv::{ConvGeometry, ConvOp};
 pub use real::Real;
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
@@ -185,307 +187,6 @@ impl Selection {
     pub const ZERO: usize = usize::MAX;
 }
 
-/// A convolution's Toeplitz matrix, kept structured: rows are output
-/// positions `(oc, oy, ox)`, columns input positions `(ic, iy, ix)`, both
-/// row-major; entries are kernel weights. Applied without materializing it;
-/// [`ConvOp::to_csr`] gives the explicit matrix.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ConvOp {
-    /// Input channels.
-    pub c_in: usize,
-    /// Output channels.
-    pub c_out: usize,
-    /// Groups.
-    pub groups: usize,
-    /// Input height and width.
-    pub ih: usize,
-    /// Input width.
-    pub iw: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Strides (vertical, horizontal).
-    pub stride: (usize, usize),
-    /// Dilations (vertical, horizontal).
-    pub dilation: (usize, usize),
-    /// Leading pads (top, left).
-    pub pad: (usize, usize),
-    /// Output height.
-    pub oh: usize,
-    /// Output width.
-    pub ow: usize,
-    /// `c_out × (c_in/groups) × kh × kw`, row-major.
-    pub weight: std::sync::Arc<Vec<f64>>,
-    /// The tap table, computed on first use (see `tap_table`).
-    pub taps: std::sync::OnceLock<std::sync::Arc<Vec<usize>>>,
-}
-
-impl ConvOp {
-    /// Rows (`c_out·oh·ow`).
-    pub fn nrows(&self) -> usize {
-        self.c_out * self.oh * self.ow
-    }
-    /// Columns (`c_in·ih·iw`).
-    pub fn ncols(&self) -> usize {
-        self.c_in * self.ih * self.iw
-    }
-
-    /// Calls `f(row, col, weight)` for every structural nonzero, row by row.
-    #[inline]
-    pub fn for_each(&self, mut f: impl FnMut(usize, usize, f64)) {
-        let cig = self.c_in / self.groups;
-        let cog = self.c_out / self.groups;
-        let (sh, sw) = self.stride;
-        let (dh, dw) = self.dilation;
-        let (pt, pl) = self.pad;
-        for oc in 0..self.c_out {
-            let g = oc / cog;
-            for oy in 0..self.oh {
-                for ox in 0..self.ow {
-                    let row = (oc * self.oh + oy) * self.ow + ox;
-                    for icg in 0..cig {
-                        let ic = g * cig + icg;
-                        for ky in 0..self.kh {
-                            let Some(iy) =
-                                (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < self.ih)
-                            else {
-                                continue;
-                            };
-                            for kx in 0..self.kw {
-                                let Some(ix) =
-                                    (ox * sw + kx * dw).checked_sub(pl).filter(|&x| x < self.iw)
-                                else {
-                                    continue;
-                                };
-                                let w =
-                                    self.weight[((oc * cig + icg) * self.kh + ky) * self.kw + kx];
-                                f(row, (ic * self.ih + iy) * self.iw + ix, w);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// For each kernel tap `(ky, kx)` and output position `p = oy·ow + ox`,
-    /// the input spatial index `iy·iw + ix`, or `usize::MAX` in the padding.
-    fn tap_table(&self) -> std::sync::Arc<Vec<usize>> {
-        std::sync::Arc::clone(self.taps.get_or_init(|| std::sync::Arc::new(self.build_tap_table())))
-    }
-
-    fn build_tap_table(&self) -> Vec<usize> {
-        let p_len = self.oh * self.ow;
-        let mut t = vec![usize::MAX; self.kh * self.kw * p_len];
-        for ky in 0..self.kh {
-            for kx in 0..self.kw {
-                for oy in 0..self.oh {
-                    let Some(iy) = (oy * self.stride.0 + ky * self.dilation.0)
-                        .checked_sub(self.pad.0)
-                        .filter(|&y| y < self.ih)
-                    else {
-                        continue;
-                    };
-                    for ox in 0..self.ow {
-                        if let Some(ix) = (ox * self.stride.1 + kx * self.dilation.1)
-                            .checked_sub(self.pad.1)
-                            .filter(|&x| x < self.iw)
-                        {
-                            t[(ky * self.kw + kx) * p_len + oy * self.ow + ox] = iy * self.iw + ix;
-                        }
-                    }
-                }
-            }
-        }
-        t
-    }
-
-    /// `A·T` through im2col and a GEMM per group: `t` holds `k` input
-    /// vectors (column-major, `ncols × k`); returns `nrows × k`, column-major.
-    pub fn forward_gemm(&self, t: &[f64], k: usize, par: Par) -> Vec<f64> {
-        let (nrows, ncols) = (self.nrows(), self.ncols());
-        assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
-        let p_len = self.oh * self.ow;
-        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
-        let kk = cig * self.kh * self.kw;
-        let taps = self.tap_table();
-        let plane = self.ih * self.iw;
-        let mut out = vec![0.0; nrows * k];
-        // columns per block: bound the im2col buffer to ~4M entries
-        let block = (4_000_000 / (kk * p_len).max(1)).clamp(1, k.max(1));
-        let mut cols = vec![0.0; kk * p_len * block];
-        let mut q0 = 0;
-        while q0 < k {
-            let kb = block.min(k - q0);
-            let rows = kb * p_len;
-            for g in 0..self.groups {
-                // colsᵀ: (kb·P) × K, column-major: element (q·P + p, tap) at tap·rows + q·P + p
-                for icg in 0..cig {
-                    let ic = g * cig + icg;
-                    for tap in 0..self.kh * self.kw {
-                        let row = icg * self.kh * self.kw + tap;
-                        let dst = &mut cols[row * rows..(row + 1) * rows];
-                        let tt = &taps[tap * p_len..(tap + 1) * p_len];
-                        for q in 0..kb {
-                            let src = &t[(q0 + q) * ncols + ic * plane
-                                ..(q0 + q) * ncols + (ic + 1) * plane];
-                            for (d, &idx) in dst[q * p_len..(q + 1) * p_len].iter_mut().zip(tt) {
-                                *d = if idx == usize::MAX { 0.0 } else { src[idx] };
-                            }
-                        }
-                    }
-                }
-                let colst = faer::MatRef::from_column_major_slice(&cols[..rows * kk], rows, kk);
-                let w = faer::MatRef::from_row_major_slice(
-                    &self.weight[g * cog * kk..(g + 1) * cog * kk],
-                    cog,
-                    kk,
-                );
-                let mut res = Mat::<f64>::zeros(rows, cog);
-                faer::linalg::matmul::matmul(
-                    res.as_mut(),
-                    Accum::Replace,
-                    colst,
-                    w.transpose(),
-                    1.0,
-                    par,
-                );
-                for ocg in 0..cog {
-                    let oc = g * cog + ocg;
-                    let rc = res.col_as_slice(ocg);
-                    for q in 0..kb {
-                        out[(q0 + q) * nrows + oc * p_len..(q0 + q) * nrows + (oc + 1) * p_len]
-                            .copy_from_slice(&rc[q * p_len..(q + 1) * p_len]);
-                    }
-                }
-            }
-            q0 += kb;
-        }
-        out
-    }
-
-    /// `G·A` through a GEMM per group and col2im: `g` holds a `k × nrows`
-    /// block with element `(r, j)` at `j·k + r`; returns `k × ncols` in the
-    /// same layout.
-    pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
-        let (nrows, ncols) = (self.nrows(), self.ncols());
-        assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
-        let p_len = self.oh * self.ow;
-        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
-        let kk = cig * self.kh * self.kw;
-        let taps = self.tap_table();
-        let plane = self.ih * self.iw;
-        let mut out = vec![T::ZERO; ncols * k];
-        let weight = T::slice(&self.weight);
-        let width = p_len * k;
-        for grp in 0..self.groups {
-            // G_gᵀ: (P·k) × cog, column-major (G's memory as is)
-            let ggt = faer::MatRef::from_column_major_slice(
-                &g[grp * cog * width..(grp + 1) * cog * width],
-                width,
-                cog,
-            );
-            let w = faer::MatRef::from_row_major_slice(
-                &weight[grp * cog * kk..(grp + 1) * cog * kk],
-                cog,
-                kk,
-            );
-            // colsᵀ = G_gᵀ·W_g: (P·k) × K, element (p·k + r, tap) contiguous in r
-            let mut cols = Mat::<T>::zeros(width, kk);
-            faer::linalg::matmul::matmul(cols.as_mut(), Accum::Replace, ggt, w, T::ONE, par);
-            for icg in 0..cig {
-                let ic = grp * cig + icg;
-                for tap in 0..self.kh * self.kw {
-                    let c = cols.col_as_slice(icg * self.kh * self.kw + tap);
-                    let tt = &taps[tap * p_len..(tap + 1) * p_len];
-                    for (p, &idx) in tt.iter().enumerate() {
-                        if idx == usize::MAX {
-                            continue;
-                        }
-                        let dst = (ic * plane + idx) * k;
-                        for (o, &v) in out[dst..dst + k].iter_mut().zip(&c[p * k..(p + 1) * k]) {
-                            *o += v;
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// `G·A` touching only the columns `nz` of `G` (the others are zero):
-    /// each output position scatters its kernel taps.
-    pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
-        let k = g.nrows();
-        let mut out = Block::zeros(k, self.ncols());
-        let p_len = self.oh * self.ow;
-        let (cig, cog) = (self.c_in / self.groups, self.c_out / self.groups);
-        let taps = self.tap_table();
-        let plane = self.ih * self.iw;
-        let ntaps = self.kh * self.kw;
-        for &r in nz {
-            let (oc, p) = (r / p_len, r % p_len);
-            let grp = oc / cog;
-            let gr = g.col_as_slice(r);
-            for icg in 0..cig {
-                let ic = grp * cig + icg;
-                let wbase = (oc * cig + icg) * ntaps;
-                for tap in 0..ntaps {
-                    let idx = taps[tap * p_len + p];
-                    if idx == usize::MAX {
-                        continue;
-                    }
-                    let w = T::of(self.weight[wbase + tap]);
-                    for (o, &v) in out.col_as_slice_mut(ic * plane + idx).iter_mut().zip(gr) {
-                        *o += w * v;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Structural nonzeros (taps inside the input).
-    pub fn nnz(&self) -> usize {
-        let mut n = 0;
-        let cig = self.c_in / self.groups;
-        let taps = |o: usize, k: usize, s: usize, d: usize, p: usize, len: usize| {
-            (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|v| v < len)).count()
-        };
-        for oy in 0..self.oh {
-            let ty = taps(oy, self.kh, self.stride.0, self.dilation.0, self.pad.0, self.ih);
-            for ox in 0..self.ow {
-                n += ty * taps(ox, self.kw, self.stride.1, self.dilation.1, self.pad.1, self.iw);
-            }
-        }
-        n * cig * self.c_out
-    }
-
-    /// The explicit Toeplitz matrix.
-    pub fn to_csr(&self) -> CsMat<f64> {
-        let nnz = self.nnz();
-        let mut indptr = Vec::with_capacity(self.nrows() + 1);
-        let mut indices = Vec::with_capacity(nnz);
-        let mut data = Vec::with_capacity(nnz);
-        indptr.push(0);
-        let mut current = 0;
-        self.for_each(|row, col, w| {
-            while current < row {
-                indptr.push(indices.len());
-                current += 1;
-            }
-            indices.push(col);
-            data.push(w);
-        });
-        while indptr.len() < self.nrows() + 1 {
-            indptr.push(indices.len());
-        }
-        // columns within a row are sorted: (ic, iy, ix) increase with (icg, ky, kx)
-        CsMat::new((self.nrows(), self.ncols()), indptr, indices, data)
-    }
-}
-
 /// The closed set of linear operators.
 #[derive(Clone, Debug)]
 pub enum Operator {
@@ -612,7 +313,7 @@ impl Operator {
             Operator::Dense(m) => m.nrows() * m.ncols() * f,
             Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
             Operator::Selection(s) => s.cols.len() * u,
-            Operator::Conv(c) => c.weight.len() * f,
+            Operator::Conv(c) => std::mem::size_of_val(c.weight()),
             Operator::Kron(k) => k.weight().nrows() * k.weight().ncols() * f,
             Operator::Softmax(j) => j.size() * f,
             Operator::MatMul(p) => p.bytes(),
@@ -1026,10 +727,10 @@ mod tests {
             let o = hw + 2 * pad - k + 1;
             let n = c_out * c_in * k * k;
             let weight: Vec<f64> = (0..n).map(|i| (((i as u64 * 2654435761) ^ seed) % 1000) as f64 / 500.0 - 1.0).collect();
-            let conv = ConvOp {
+            let conv = ConvOp::new(ConvGeometry {
                 c_in, c_out, groups: 1, ih: hw, iw: hw, kh: k, kw: k, stride: (1, 1), dilation: (1, 1),
-                pad: (pad, pad), oh: o, ow: o, weight: std::sync::Arc::new(weight), taps: Default::default(),
-            };
+                pad: (pad, pad), oh: o, ow: o,
+            }, std::sync::Arc::new(weight)).unwrap();
             // G with most columns zero, as after inactive units / max-pool
             let g = Block::from_fn(rows, conv.nrows(), |i, j| if j % 5 < keep.min(1) || (j * 7 + i) % 11 == 0 { (i + j) as f64 * 0.1 - 1.0 } else { 0.0 });
             let reference = dense_ref(&g, &Operator::Csr(conv.to_csr()).to_dense());

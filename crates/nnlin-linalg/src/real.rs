@@ -5,6 +5,7 @@
 //! serves both.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use faer::{Mat, Par};
 
@@ -39,6 +40,9 @@ pub trait Real:
     fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>>;
     /// `w` in this type (borrowed for `f64`).
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
+    /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
+    /// on first use and borrowed from it after.
+    fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self];
     /// `G·A` for a transposed operator (a transposed convolution): in `f64`
     /// for both types today (an `f32` adjoint is widened and the product
     /// rounded back), as the forward products are `f64` only.
@@ -62,6 +66,9 @@ impl Real for f64 {
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Borrowed(w)
     }
+    fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
+        w
+    }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(g, par)
     }
@@ -83,6 +90,9 @@ impl Real for f32 {
     }
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Owned(w.iter().map(|&v| v as f32).collect())
+    }
+    fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
+        cache.get_or_init(|| w.iter().map(|&v| v as f32).collect())
     }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(&g.cast::<f64>(), par).cast()

@@ -22,7 +22,7 @@ impl std::fmt::Display for ShapeError {
 
 impl std::error::Error for ShapeError {}
 
-fn product(dims: &[usize], what: &str) -> Result<usize, ShapeError> {
+pub(crate) fn product(dims: &[usize], what: &str) -> Result<usize, ShapeError> {
     dims.iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| ShapeError(format!("{what}: {dims:?} overflows")))

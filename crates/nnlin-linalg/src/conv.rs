@@ -1,0 +1,653 @@
+//! The structured convolution operator: a convolution's Toeplitz matrix
+//! applied through im2col + GEMM (forward) and GEMM + col2im (reverse),
+//! never materialized except by [`ConvOp::to_csr`].
+
+use std::sync::{Arc, OnceLock};
+
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+use sprs::CsMat;
+
+use crate::{Block, Real, ShapeError};
+
+/// Entries of the per-tile im2col / col2im buffer: a tile of output
+/// positions is formed, multiplied and scattered while it is in cache
+/// (2^16 entries: 256 KB in `f32`, 512 KB in `f64`, within a core's L2).
+const TILE: usize = 1 << 16;
+
+/// A reverse tile spans at least this many GEMM rows (positions × adjoint
+/// rows), even past [`TILE`]: below it the GEMM's packing and call
+/// overhead outweigh the cache gain (measured with 10 adjoint rows on 512
+/// channels at 4×4: 1-position tiles ran at 11 G/s, 26-position ones at 22).
+const MIN_TILE_ROWS: usize = 256;
+
+/// Splits a slice of the tap table into maximal runs, calling `f(p, run,
+/// len)` for each: `len` positions from `p` in the padding (`run` is
+/// `None`) or reading consecutive input indices from `Some(idx)`. A
+/// stride-1 convolution's rows are single runs, so im2col copies and col2im
+/// adds contiguous slices.
+#[inline]
+fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
+    let mut p = 0;
+    while p < tt.len() {
+        let start = tt[p];
+        let mut len = 1;
+        if start == usize::MAX {
+            while p + len < tt.len() && tt[p + len] == usize::MAX {
+                len += 1;
+            }
+            f(p, None, len);
+        } else {
+            while p + len < tt.len() && tt[p + len] == start + len {
+                len += 1;
+            }
+            f(p, Some(start), len);
+        }
+        p += len;
+    }
+}
+
+/// A 2-D convolution's shape (1-D as height 1): `c_in × ih × iw` in,
+/// `c_out × oh × ow` out, `groups` groups, a `kh × kw` kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Groups (both channel counts are multiples of it).
+    pub groups: usize,
+    /// Input height.
+    pub ih: usize,
+    /// Input width.
+    pub iw: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Dilations (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Leading pads (top, left); trailing pads follow from `oh`, `ow`.
+    pub pad: (usize, usize),
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+/// A convolution's Toeplitz matrix, kept structured: rows are output
+/// positions `(oc, oy, ox)`, columns input positions `(ic, iy, ix)`, both
+/// row-major; entries are kernel weights. Applied without materializing it;
+/// [`ConvOp::to_csr`] gives the explicit matrix. Built by [`ConvOp::new`],
+/// which checks that the shape and the weights agree.
+#[derive(Clone, Debug)]
+pub struct ConvOp {
+    geom: ConvGeometry,
+    /// `c_out × (c_in/groups) × kh × kw`, row-major.
+    weight: Arc<Vec<f64>>,
+    /// The weights rounded to `f32`, on the first `f32` product.
+    weight32: OnceLock<Vec<f32>>,
+    /// The tap table, on first use (see `tap_table`).
+    taps: OnceLock<Arc<Vec<usize>>>,
+}
+
+impl PartialEq for ConvOp {
+    fn eq(&self, other: &Self) -> bool {
+        self.geom == other.geom && self.weight == other.weight
+    }
+}
+
+impl ConvOp {
+    /// The operator of `geom` with `weight` (`c_out × (c_in/groups) × kh ×
+    /// kw`, row-major).
+    ///
+    /// # Errors
+    /// If a count, kernel extent, stride or dilation is zero, the groups do
+    /// not divide both channel counts, the weight length is not the kernel's,
+    /// or an extent overflows.
+    pub fn new(geom: ConvGeometry, weight: Arc<Vec<f64>>) -> Result<Self, ShapeError> {
+        let g = &geom;
+        let err = |m: String| Err(ShapeError(format!("convolution {g:?}: {m}")));
+        if [
+            g.c_in,
+            g.c_out,
+            g.groups,
+            g.kh,
+            g.kw,
+            g.stride.0,
+            g.stride.1,
+            g.dilation.0,
+            g.dilation.1,
+        ]
+        .contains(&0)
+        {
+            return err("a count, kernel extent, stride or dilation is zero".into());
+        }
+        if !g.c_in.is_multiple_of(g.groups) || !g.c_out.is_multiple_of(g.groups) {
+            return err("the groups do not divide the channels".into());
+        }
+        let kernel =
+            crate::structured::product(&[g.c_out, g.c_in / g.groups, g.kh, g.kw], "kernel")?;
+        if weight.len() != kernel {
+            return err(format!("{} weights for a kernel of {kernel}", weight.len()));
+        }
+        crate::structured::product(&[g.c_out, g.oh, g.ow], "output")?;
+        crate::structured::product(&[g.c_in, g.ih, g.iw], "input")?;
+        crate::structured::product(&[g.kh, g.kw, g.oh, g.ow], "tap table")?;
+        let reach = |o: usize, s: usize, k: usize, d: usize| {
+            o.saturating_sub(1)
+                .checked_mul(s)
+                .zip((k - 1).checked_mul(d))
+                .and_then(|(a, b)| a.checked_add(b))
+        };
+        if reach(g.oh, g.stride.0, g.kh, g.dilation.0).is_none()
+            || reach(g.ow, g.stride.1, g.kw, g.dilation.1).is_none()
+        {
+            return err("the window's reach overflows".into());
+        }
+        Ok(Self { geom, weight, weight32: OnceLock::new(), taps: OnceLock::new() })
+    }
+
+    /// The shape.
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geom
+    }
+
+    /// The weights, `c_out × (c_in/groups) × kh × kw`, row-major.
+    pub fn weight(&self) -> &[f64] {
+        &self.weight
+    }
+
+    /// The weights in `T` (`f32`: rounded once, on first use).
+    fn weight_as<T: Real>(&self) -> &[T] {
+        T::cached(&self.weight, &self.weight32)
+    }
+
+    /// Rows (`c_out·oh·ow`).
+    pub fn nrows(&self) -> usize {
+        self.geom.c_out * self.geom.oh * self.geom.ow
+    }
+    /// Columns (`c_in·ih·iw`).
+    pub fn ncols(&self) -> usize {
+        self.geom.c_in * self.geom.ih * self.geom.iw
+    }
+
+    /// A 1×1, stride-1, unpadded convolution: output position `p` reads
+    /// input position `p`, so im2col and col2im are the identity.
+    fn pointwise(&self) -> bool {
+        let g = &self.geom;
+        (g.kh, g.kw, g.stride, g.pad, g.oh, g.ow) == (1, 1, (1, 1), (0, 0), g.ih, g.iw)
+    }
+
+    /// Calls `f(row, col, weight)` for every structural nonzero, row by row.
+    #[inline]
+    pub fn for_each(&self, mut f: impl FnMut(usize, usize, f64)) {
+        let cig = self.geom.c_in / self.geom.groups;
+        let cog = self.geom.c_out / self.geom.groups;
+        let (sh, sw) = self.geom.stride;
+        let (dh, dw) = self.geom.dilation;
+        let (pt, pl) = self.geom.pad;
+        for oc in 0..self.geom.c_out {
+            let g = oc / cog;
+            for oy in 0..self.geom.oh {
+                for ox in 0..self.geom.ow {
+                    let row = (oc * self.geom.oh + oy) * self.geom.ow + ox;
+                    for icg in 0..cig {
+                        let ic = g * cig + icg;
+                        for ky in 0..self.geom.kh {
+                            let Some(iy) =
+                                (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < self.geom.ih)
+                            else {
+                                continue;
+                            };
+                            for kx in 0..self.geom.kw {
+                                let Some(ix) = (ox * sw + kx * dw)
+                                    .checked_sub(pl)
+                                    .filter(|&x| x < self.geom.iw)
+                                else {
+                                    continue;
+                                };
+                                let w = self.weight
+                                    [((oc * cig + icg) * self.geom.kh + ky) * self.geom.kw + kx];
+                                f(row, (ic * self.geom.ih + iy) * self.geom.iw + ix, w);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// For each kernel tap `(ky, kx)` and output position `p = oy·ow + ox`,
+    /// the input spatial index `iy·iw + ix`, or `usize::MAX` in the padding.
+    fn tap_table(&self) -> Arc<Vec<usize>> {
+        Arc::clone(self.taps.get_or_init(|| Arc::new(self.build_tap_table())))
+    }
+
+    fn build_tap_table(&self) -> Vec<usize> {
+        let p_len = self.geom.oh * self.geom.ow;
+        let mut t = vec![usize::MAX; self.geom.kh * self.geom.kw * p_len];
+        for ky in 0..self.geom.kh {
+            for kx in 0..self.geom.kw {
+                for oy in 0..self.geom.oh {
+                    let Some(iy) = (oy * self.geom.stride.0 + ky * self.geom.dilation.0)
+                        .checked_sub(self.geom.pad.0)
+                        .filter(|&y| y < self.geom.ih)
+                    else {
+                        continue;
+                    };
+                    for ox in 0..self.geom.ow {
+                        if let Some(ix) = (ox * self.geom.stride.1 + kx * self.geom.dilation.1)
+                            .checked_sub(self.geom.pad.1)
+                            .filter(|&x| x < self.geom.iw)
+                        {
+                            t[(ky * self.geom.kw + kx) * p_len + oy * self.geom.ow + ox] =
+                                iy * self.geom.iw + ix;
+                        }
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// `A·T` through im2col and a GEMM per group: `t` holds `k` input
+    /// vectors (column-major, `ncols × k`); returns `nrows × k`, column-major.
+    /// The GEMM writes each tile of output positions in place; a pointwise
+    /// convolution multiplies the input as it lies.
+    pub fn forward_gemm(&self, t: &[f64], k: usize, par: Par) -> Vec<f64> {
+        self.forward_tiled(t, k, par, TILE)
+    }
+
+    /// [`ConvOp::forward_gemm`] with tiles of `tile` im2col entries.
+    fn forward_tiled(&self, t: &[f64], k: usize, par: Par, tile: usize) -> Vec<f64> {
+        let (nrows, ncols) = (self.nrows(), self.ncols());
+        assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
+        let g = &self.geom;
+        let p_len = g.oh * g.ow;
+        let (cig, cog) = (g.c_in / g.groups, g.c_out / g.groups);
+        let ntaps = g.kh * g.kw;
+        let kk = cig * ntaps;
+        let plane = g.ih * g.iw;
+        let mut out = vec![0.0; nrows * k];
+        let pointwise = self.pointwise();
+        let taps = if pointwise { Arc::new(Vec::new()) } else { self.tap_table() };
+        let pc = (tile / kk).clamp(1, p_len.max(1));
+        let mut cols = if pointwise { Vec::new() } else { vec![0.0; pc * kk] };
+        for q in 0..k {
+            let (tq, oq) = (&t[q * ncols..(q + 1) * ncols], &mut out[q * nrows..(q + 1) * nrows]);
+            for grp in 0..g.groups {
+                let w = MatRef::from_row_major_slice(
+                    &self.weight[grp * cog * kk..(grp + 1) * cog * kk],
+                    cog,
+                    kk,
+                );
+                let og = &mut oq[grp * cog * p_len..(grp + 1) * cog * p_len];
+                if pointwise {
+                    let x = MatRef::from_column_major_slice(
+                        &tq[grp * cig * plane..(grp + 1) * cig * plane],
+                        p_len,
+                        cig,
+                    );
+                    let dst = MatMut::from_column_major_slice_mut(og, p_len, cog);
+                    faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), 1.0, par);
+                    continue;
+                }
+                let mut p0 = 0;
+                while p0 < p_len {
+                    let pn = pc.min(p_len - p0);
+                    // colsᵀ: pn × K, column-major: element (p, tap) at tap·pn + p
+                    for icg in 0..cig {
+                        let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
+                        for tap in 0..ntaps {
+                            let row = icg * ntaps + tap;
+                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                            let dst = &mut cols[row * pn..(row + 1) * pn];
+                            for_runs(tt, |p, run, len| match run {
+                                Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
+                                None => dst[p..p + len].fill(0.0),
+                            });
+                        }
+                    }
+                    let colst = MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk);
+                    let dst = MatMut::from_column_major_slice_with_stride_mut(
+                        &mut og[p0..],
+                        pn,
+                        cog,
+                        p_len,
+                    );
+                    faer::linalg::matmul::matmul(
+                        dst,
+                        Accum::Replace,
+                        colst,
+                        w.transpose(),
+                        1.0,
+                        par,
+                    );
+                    p0 += pn;
+                }
+            }
+        }
+        out
+    }
+
+    /// `G·A` through a GEMM per group and col2im: `g` holds a `k × nrows`
+    /// block with element `(r, j)` at `j·k + r`; returns `k × ncols` in the
+    /// same layout. Tiles of output positions are multiplied and scattered
+    /// while in cache; a pointwise convolution's GEMM writes the result in
+    /// place.
+    pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
+        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS)
+    }
+
+    /// [`ConvOp::backward_gemm`] with tiles of `tile` col2im entries and at
+    /// least `min_rows` rows.
+    fn backward_tiled<T: Real>(
+        &self,
+        g: &[T],
+        k: usize,
+        par: Par,
+        tile: usize,
+        min_rows: usize,
+    ) -> Vec<T> {
+        let (nrows, ncols) = (self.nrows(), self.ncols());
+        assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
+        let geom = &self.geom;
+        let p_len = geom.oh * geom.ow;
+        let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+        let ntaps = geom.kh * geom.kw;
+        let kk = cig * ntaps;
+        let plane = geom.ih * geom.iw;
+        let weight = self.weight_as::<T>();
+        let mut out = vec![T::ZERO; ncols * k];
+        let width = p_len * k;
+        let pointwise = self.pointwise();
+        let taps = if pointwise { Arc::new(Vec::new()) } else { self.tap_table() };
+        let pc = (tile / (kk * k).max(1)).max(min_rows.div_ceil(k.max(1))).clamp(1, p_len.max(1));
+        let mut cols = if pointwise { Mat::<T>::new() } else { Mat::<T>::zeros(pc * k, kk) };
+        for grp in 0..geom.groups {
+            let gg = &g[grp * cog * width..(grp + 1) * cog * width];
+            let w = MatRef::from_row_major_slice(
+                &weight[grp * cog * kk..(grp + 1) * cog * kk],
+                cog,
+                kk,
+            );
+            if pointwise {
+                // (P·k) × cig, column-major, is the group's slice of the output
+                let ggt = MatRef::from_column_major_slice(gg, width, cog);
+                let dst = MatMut::from_column_major_slice_mut(
+                    &mut out[grp * cig * plane * k..(grp + 1) * cig * plane * k],
+                    width,
+                    cig,
+                );
+                faer::linalg::matmul::matmul(dst, Accum::Replace, ggt, w, T::ONE, par);
+                continue;
+            }
+            let mut p0 = 0;
+            while p0 < p_len {
+                let pn = pc.min(p_len - p0);
+                // G_gᵀ rows p0·k .. (p0+pn)·k: (pn·k) × cog, columns width apart
+                let ggt =
+                    MatRef::from_column_major_slice_with_stride(&gg[p0 * k..], pn * k, cog, width);
+                // colsᵀ = G_gᵀ·W_g: (pn·k) × K, element (p·k + r, tap) contiguous in r
+                let mut c = cols.as_mut().submatrix_mut(0, 0, pn * k, kk);
+                faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, ggt, w, T::ONE, par);
+                for icg in 0..cig {
+                    let ic = grp * cig + icg;
+                    for tap in 0..ntaps {
+                        let col = c.as_ref().col(icg * ntaps + tap);
+                        let col = col
+                            .try_as_col_major()
+                            .expect("a Mat's column is contiguous")
+                            .as_slice();
+                        let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                        let base = ic * plane;
+                        for_runs(tt, |p, run, len| {
+                            if let Some(idx) = run {
+                                let dst = (base + idx) * k;
+                                for (o, &v) in out[dst..dst + len * k]
+                                    .iter_mut()
+                                    .zip(&col[p * k..(p + len) * k])
+                                {
+                                    *o += v;
+                                }
+                            }
+                        });
+                    }
+                }
+                p0 += pn;
+            }
+        }
+        out
+    }
+
+    /// `G·A` touching only the columns `nz` of `G` (the others are zero):
+    /// each output position scatters its kernel taps.
+    pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
+        let k = g.nrows();
+        let mut out = Block::zeros(k, self.ncols());
+        let p_len = self.geom.oh * self.geom.ow;
+        let (cig, cog) = (self.geom.c_in / self.geom.groups, self.geom.c_out / self.geom.groups);
+        let taps = self.tap_table();
+        let plane = self.geom.ih * self.geom.iw;
+        let ntaps = self.geom.kh * self.geom.kw;
+        let weight = self.weight_as::<T>();
+        for &r in nz {
+            let (oc, p) = (r / p_len, r % p_len);
+            let grp = oc / cog;
+            let gr = g.col_as_slice(r);
+            for icg in 0..cig {
+                let ic = grp * cig + icg;
+                let wbase = (oc * cig + icg) * ntaps;
+                for tap in 0..ntaps {
+                    let idx = taps[tap * p_len + p];
+                    if idx == usize::MAX {
+                        continue;
+                    }
+                    let w = weight[wbase + tap];
+                    for (o, &v) in out.col_as_slice_mut(ic * plane + idx).iter_mut().zip(gr) {
+                        *o += w * v;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Structural nonzeros (taps inside the input).
+    pub fn nnz(&self) -> usize {
+        let mut n = 0;
+        let cig = self.geom.c_in / self.geom.groups;
+        let taps = |o: usize, k: usize, s: usize, d: usize, p: usize, len: usize| {
+            (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|v| v < len)).count()
+        };
+        for oy in 0..self.geom.oh {
+            let ty = taps(
+                oy,
+                self.geom.kh,
+                self.geom.stride.0,
+                self.geom.dilation.0,
+                self.geom.pad.0,
+                self.geom.ih,
+            );
+            for ox in 0..self.geom.ow {
+                n += ty
+                    * taps(
+                        ox,
+                        self.geom.kw,
+                        self.geom.stride.1,
+                        self.geom.dilation.1,
+                        self.geom.pad.1,
+                        self.geom.iw,
+                    );
+            }
+        }
+        n * cig * self.geom.c_out
+    }
+
+    /// The explicit Toeplitz matrix.
+    pub fn to_csr(&self) -> CsMat<f64> {
+        let nnz = self.nnz();
+        let mut indptr = Vec::with_capacity(self.nrows() + 1);
+        let mut indices = Vec::with_capacity(nnz);
+        let mut data = Vec::with_capacity(nnz);
+        indptr.push(0);
+        let mut current = 0;
+        self.for_each(|row, col, w| {
+            while current < row {
+                indptr.push(indices.len());
+                current += 1;
+            }
+            indices.push(col);
+            data.push(w);
+        });
+        while indptr.len() < self.nrows() + 1 {
+            indptr.push(indices.len());
+        }
+        // columns within a row are sorted: (ic, iy, ix) increase with (icg, ky, kx)
+        CsMat::new((self.nrows(), self.ncols()), indptr, indices, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A random convolution: any groups, strides, dilations and pads (the
+    /// trailing pads through `oh`, `ow`), pointwise ones included.
+    fn conv() -> impl Strategy<Value = ConvOp> {
+        (
+            (1usize..4, 1usize..3, 1usize..4),
+            (1usize..10, 1usize..10, 1usize..4, 1usize..4),
+            (1usize..4, 1usize..4, 1usize..3, 1usize..3),
+            (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            any::<u64>(),
+        )
+            .prop_filter_map(
+                "the kernel fits",
+                |(
+                    (cig, groups, cog),
+                    (ih, iw, kh, kw),
+                    (sh, sw, dh, dw),
+                    (pt, pl, pb, pr),
+                    seed,
+                )| {
+                    let span = |i: usize, k: usize, d: usize, a: usize, b: usize| {
+                        (i + a + b).checked_sub(d * (k - 1) + 1)
+                    };
+                    let oh = span(ih, kh, dh, pt, pb)? / sh + 1;
+                    let ow = span(iw, kw, dw, pl, pr)? / sw + 1;
+                    let (c_in, c_out) = (cig * groups, cog * groups);
+                    let geom = ConvGeometry {
+                        c_in,
+                        c_out,
+                        groups,
+                        ih,
+                        iw,
+                        kh,
+                        kw,
+                        stride: (sh, sw),
+                        dilation: (dh, dw),
+                        pad: (pt, pl),
+                        oh,
+                        ow,
+                    };
+                    let n = c_out * cig * kh * kw;
+                    let weight = (0..n)
+                        .map(|i| {
+                            ((i as u64 ^ seed).wrapping_mul(2654435761) % 2000) as f64 / 1000.0
+                                - 1.0
+                        })
+                        .collect();
+                    ConvOp::new(geom, Arc::new(weight)).ok()
+                },
+            )
+    }
+
+    fn entries(n: usize, seed: usize) -> Vec<f64> {
+        (0..n).map(|i| ((i * 7 + seed * 13) % 23) as f64 / 11.0 - 1.0).collect()
+    }
+
+    proptest! {
+        /// Every tiling of the GEMM kernels, and the pointwise path, against
+        /// the explicit Toeplitz matrix; f32 within its rounding bound.
+        #[test]
+        fn tiled_kernels_match_the_toeplitz_matrix(op in conv(), k in 1usize..4, tile in 1usize..200, seed in 0usize..100) {
+            let a = op.to_csr();
+            let (m, n) = (op.nrows(), op.ncols());
+            // forward: A·T, T column-major n × k
+            let t = entries(n * k, seed);
+            let mut want = vec![0.0; m * k];
+            for q in 0..k {
+                for (i, row) in a.outer_iterator().enumerate() {
+                    want[q * m + i] = row.iter().map(|(j, &v)| v * t[q * n + j]).sum();
+                }
+            }
+            for got in [op.forward_tiled(&t, k, Par::Seq, tile), op.forward_gemm(&t, k, Par::Seq)] {
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "forward {g} vs {w}");
+                }
+            }
+            // reverse: G·A, G with element (r, j) at j·k + r
+            let g = entries(m * k, seed + 1);
+            let mut want = vec![0.0; n * k];
+            for (i, row) in a.outer_iterator().enumerate() {
+                for (j, &v) in row.iter() {
+                    for r in 0..k {
+                        want[j * k + r] += g[i * k + r] * v;
+                    }
+                }
+            }
+            let bound = |w: f64, eps: f64| (op.geometry().c_in * op.geometry().kh * op.geometry().kw + 2) as f64 * eps * 4.0 * (1.0 + w.abs());
+            for got in [op.backward_tiled(&g, k, Par::Seq, tile, 1), op.backward_gemm(&g, k, Par::Seq)] {
+                for (v, w) in got.iter().zip(&want) {
+                    prop_assert!((v - w).abs() <= bound(*w, f64::EPSILON), "reverse {v} vs {w}");
+                }
+            }
+            let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+            for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1), op.backward_gemm(&g32, k, Par::Seq)] {
+                for (&v, w) in got.iter().zip(&want) {
+                    prop_assert!((f64::from(v) - w).abs() <= bound(*w, f64::from(f32::EPSILON)), "f32 reverse {v} vs {w}");
+                }
+            }
+        }
+
+        /// The constructor refuses weights that do not fit the kernel.
+        #[test]
+        fn new_checks_the_weight_length(op in conv(), extra in 1usize..3) {
+            let mut w = op.weight().to_vec();
+            w.extend(std::iter::repeat_n(0.0, extra));
+            prop_assert!(ConvOp::new(*op.geometry(), Arc::new(w)).is_err());
+        }
+    }
+
+    #[test]
+    fn new_refuses_bad_shapes() {
+        let g = ConvGeometry {
+            c_in: 4,
+            c_out: 6,
+            groups: 2,
+            ih: 5,
+            iw: 5,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (1, 1),
+            oh: 5,
+            ow: 5,
+        };
+        let w = |n: usize| Arc::new(vec![0.5; n]);
+        assert!(ConvOp::new(g, w(6 * 2 * 9)).is_ok());
+        assert!(ConvOp::new(ConvGeometry { groups: 4, ..g }, w(6 * 9)).is_err());
+        assert!(ConvOp::new(ConvGeometry { stride: (0, 1), ..g }, w(6 * 2 * 9)).is_err());
+        assert!(ConvOp::new(ConvGeometry { kh: 0, ..g }, w(0)).is_err());
+        assert!(ConvOp::new(ConvGeometry { oh: usize::MAX, ..g }, w(6 * 2 * 9)).is_err());
+        assert!(
+            ConvOp::new(ConvGeometry { c_out: usize::MAX / 2, groups: 1, c_in: 4, ..g }, w(4))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! `cargo run --release -p nnlin --example phases -- MODEL X.npy [ROWS]`:
+//! times one model's instance compile and reverse accumulation (f32, f64)
+//! separately: the minimum of `REPS` runs per instance, one thread.
+use std::time::Instant;
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let m = nnlin::Model::from_onnx_file(&a[1]).unwrap();
+    let x = ndarray_npy::read_npy::<_, ndarray::ArrayD<f64>>(&a[2]).unwrap();
+    let n = x.shape()[0].min(2);
+    let per = x.len() / x.shape()[0];
+    let xs = x.as_slice().unwrap();
+    let rows: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(10);
+    let rows: Vec<usize> = (0..rows).collect();
+    let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let (mut tc, mut ta, mut t64) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let xi = &xs[i * per..(i + 1) * per];
+        tc += best(reps, || {
+            m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
+        });
+        let inst = m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
+        ta += best(reps, || {
+            nnlin_compile::accumulate_reverse::<f32>(&inst, &rows, faer::Par::Seq).unwrap();
+        });
+        t64 += best(reps, || {
+            nnlin_compile::accumulate_reverse::<f64>(&inst, &rows, faer::Par::Seq).unwrap();
+        });
+    }
+    let n = n as f64;
+    println!(
+        "compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, 1 thread)",
+        tc / n * 1e3,
+        ta / n * 1e3,
+        t64 / n * 1e3
+    );
+}
