@@ -563,6 +563,16 @@ impl Expr {
                 _ => {}
             }
         }
+        // PReLU with a constant slope tensor: x > 0 ? x : α·x, slope α at
+        // and below the kink (as the dual evaluation of `Binary::PRelu`)
+        if let [.., ExprNode::Binary(Binary::PRelu, a, b)] = self.nodes.as_slice()
+            && self.nodes.len() == 3
+            && matches!(self.nodes[*a], ExprNode::Var)
+            && let ExprNode::Const(c) = self.nodes[*b]
+        {
+            let alpha = self.const_at(c, i);
+            return if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
+        }
         let y = self.eval(i, crate::Dual::var(z), scratch);
         (y.v, y.d)
     }
@@ -636,6 +646,37 @@ mod tests {
         e.push(ExprNode::Binary(Binary::PRelu, 0, s));
         assert_eq!(e.eval(0, Dual::var(0.0), &mut vec![]).d, 0.25);
         assert_eq!(e.class(), ExprClass::PiecewiseLinear);
+    }
+
+    /// The direct branches of `value_and_slope` give the dual evaluation's
+    /// value and slope bit for bit, at the kinks too.
+    #[test]
+    fn direct_branches_equal_the_dual_evaluation() {
+        let mut prelu = Expr::var();
+        let s = prelu.push_const(vec![0.25, -0.5, 3.0]);
+        prelu.push(ExprNode::Binary(Binary::PRelu, 0, s));
+        let mut scalar = Expr::var();
+        let s = scalar.push_const(vec![0.1]);
+        scalar.push(ExprNode::Binary(Binary::PRelu, 0, s));
+        let mut relu = Expr::var();
+        relu.push(ExprNode::Unary(Unary::Relu, 0));
+        let mut leaky = Expr::var();
+        leaky.push(ExprNode::Unary(Unary::LeakyRelu { alpha: 0.2 }, 0));
+        let mut clip = Expr::var();
+        clip.push(ExprNode::Unary(Unary::Clip { min: -1.0, max: 6.0 }, 0));
+        for e in [&prelu, &scalar, &relu, &leaky, &clip] {
+            for i in 0..3 {
+                for z in [-7.5, -1.0, -0.0, 0.0, 1e-300, 0.3, 6.0, 9.0] {
+                    let y = e.eval(i, Dual::var(z), &mut vec![]);
+                    let (v, d) = e.value_and_slope(i, z, &mut vec![]);
+                    assert_eq!(
+                        (v.to_bits(), d.to_bits()),
+                        (y.v.to_bits(), y.d.to_bits()),
+                        "{e} at {z}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
