@@ -13,7 +13,9 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let m = nnlin::Model::from_onnx_file(&a[1]).unwrap();
+    let mut opts = nnlin::ImportOptions::default();
+    opts.output = std::env::var("OUTPUT").ok();
+    let m = nnlin::Model::from_onnx_file_with(&a[1], &opts).unwrap();
     let x = ndarray_npy::read_npy::<_, ndarray::ArrayD<f64>>(&a[2]).unwrap();
     let n = x.shape()[0].min(2);
     let per = x.len() / x.shape()[0];
@@ -21,17 +23,20 @@ fn main() {
     let rows: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(10);
     let rows: Vec<usize> = (0..rows).collect();
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    // PHASE=compile|f32|f64 runs one phase only (for a profiler)
+    let phase = std::env::var("PHASE").unwrap_or_default();
+    let on = |p: &str| phase.is_empty() || phase == p;
     let (mut tc, mut ta, mut t64) = (0.0, 0.0, 0.0);
     for i in 0..n {
         let xi = &xs[i * per..(i + 1) * per];
-        tc += best(reps, || {
+        tc += best(if on("compile") { reps } else { 0 }, || {
             m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
         });
         let inst = m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
-        ta += best(reps, || {
+        ta += best(if on("f32") { reps } else { 0 }, || {
             nnlin_compile::accumulate_reverse::<f32>(&inst, &rows, faer::Par::Seq).unwrap();
         });
-        t64 += best(reps, || {
+        t64 += best(if on("f64") { reps } else { 0 }, || {
             nnlin_compile::accumulate_reverse::<f64>(&inst, &rows, faer::Par::Seq).unwrap();
         });
     }

@@ -344,7 +344,7 @@ fn dense_operator(d: &nnlin_ir::Dense, rows: usize) -> (Operator, Vec<f64>) {
     let bias1: Vec<f64> = d.bias.clone().unwrap_or_else(|| vec![0.0; d.out_features]);
     let m = Mat::from_fn(d.out_features, d.in_features, |i, j| d.weight[i * d.in_features + j]);
     if rows == 1 {
-        (Operator::Dense(m), bias1)
+        (Operator::Dense(m.into()), bias1)
     } else {
         // I_rows ⊗ W over a token or channels-last tensor: W held once
         let op = KronOp::new(rows, Arc::new(m)).expect("the network's shapes fit in memory");

@@ -110,7 +110,8 @@ impl Rates {
             }
             t.elapsed().as_secs_f64() / f64::from(reps)
         };
-        let a = Operator::Dense(faer::Mat::from_fn(256, 256, |i, j| ((i * 7 + j) % 13) as f64));
+        let a =
+            Operator::Dense(faer::Mat::from_fn(256, 256, |i, j| ((i * 7 + j) % 13) as f64).into());
         let g = Block::from_fn(64, 256, |i, j| ((i + j) % 5) as f64);
         let tg = time(&mut || {
             std::hint::black_box(a.left_mul(&g, Par::Seq));
@@ -502,7 +503,7 @@ pub fn dense_accumulate(
     for l in &mut dense.layers {
         for (_, op) in &mut l.inputs {
             let d = op.to_dense();
-            *op = Arc::new(Operator::Dense(d.to_mat()));
+            *op = Arc::new(Operator::Dense(d.to_mat().into()));
         }
     }
     accumulate(&dense, rows, Direction::Forward, par).map_err(DenseError::Compile)
@@ -696,7 +697,7 @@ mod tests {
 
     #[test]
     fn folds_equal_the_products() {
-        let dense = Operator::Dense(Mat::from_fn(4, 5, |i, j| (i * 5 + j) as f64 - 7.0));
+        let dense = Operator::Dense(Mat::from_fn(4, 5, |i, j| (i * 5 + j) as f64 - 7.0).into());
         let csr = Operator::csr_from_triplets(
             4,
             5,

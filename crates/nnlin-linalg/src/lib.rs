@@ -33,12 +33,27 @@ pub const CONV_SPARSE_BELOW: (usize, usize) = (3, 20);
 /// 33 % (gathering the weight rows costs more than the GEMM saves).
 pub const DENSE_SKIP_BELOW: (usize, usize) = (1, 8);
 
-/// Whether `count` is below `fraction` of `total`.
-fn below(count: usize, total: usize, (num, den): (usize, usize)) -> bool {
-    count * den < total * num
+/// The nonzero columns of `g` when they are fewer than `fraction` of its
+/// columns, else `None`: the scan stops as soon as the limit is reached
+/// (a typical ReLU adjoint, half nonzero, is decided within its first third),
+/// and a column's test has no early exit, so it vectorizes.
+fn sparse_columns<T: Real>(g: &Block<T>, (num, den): (usize, usize)) -> Option<Vec<usize>> {
+    let n = g.ncols();
+    // count · den < n · num
+    let limit = (n * num).div_ceil(den);
+    let mut nz = Vec::new();
+    for j in 0..n {
+        if g.col_as_slice(j).iter().fold(false, |a, &v| a | (v != T::ZERO)) {
+            if nz.len() + 1 >= limit {
+                return None;
+            }
+            nz.push(j);
+        }
+    }
+    Some(nz)
 }
 pub use conv::{ConvGeometry, ConvOp};
-pub use real::Real;
+pub use real::{Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
 /// A dense column-major block with contiguous columns: the adjoint blocks of
@@ -195,7 +210,7 @@ pub enum Operator {
     /// Diagonal `diag(d)` (elementwise affine layers, activation slopes).
     Diagonal(Vec<f64>),
     /// A dense matrix (fully connected layers).
-    Dense(Mat<f64>),
+    Dense(Weights),
     /// A CSR matrix with explicit nonzeros.
     Csr(CsMat<f64>),
     /// A 0/1 gather.
@@ -400,14 +415,12 @@ impl Operator {
     pub fn left_mul<T: Real>(&self, g: &Block<T>, par: Par) -> Block<T> {
         assert_eq!(g.ncols(), self.nrows(), "left_mul: dimension mismatch");
         let k = g.nrows();
-        let nonzero = |j: usize| g.col_as_slice(j).iter().any(|&v| v != T::ZERO);
         match self {
             Operator::Identity(_) => g.clone(),
             Operator::Diagonal(_) => self.left_mul_owned(g.clone(), par),
             Operator::Dense(a) => {
                 let mut out = Block::zeros(k, a.ncols());
-                let nz: Vec<usize> = (0..a.nrows()).filter(|&j| nonzero(j)).collect();
-                if below(nz.len(), a.nrows(), DENSE_SKIP_BELOW) {
+                if let Some(nz) = sparse_columns(g, DENSE_SKIP_BELOW) {
                     // skip the rows of A that zero columns of G would multiply
                     let mut gc = Vec::with_capacity(k * nz.len());
                     for &t in &nz {
@@ -424,8 +437,7 @@ impl Operator {
                         par,
                     );
                 } else {
-                    let a = T::mat(a);
-                    let a: &Mat<T> = &a;
+                    let a: &Mat<T> = a.get::<T>();
                     faer::linalg::matmul::matmul(
                         out.as_mut(),
                         Accum::Replace,
@@ -470,8 +482,7 @@ impl Operator {
                 // Columns of G zeroed by a following 0/1 factor (inactive
                 // units, max-pool positions not selected) cost nothing: when
                 // most are zero, scatter only the nonzero ones.
-                let nz: Vec<usize> = (0..c.nrows()).filter(|&j| nonzero(j)).collect();
-                if below(nz.len(), c.nrows(), CONV_SPARSE_BELOW) {
+                if let Some(nz) = sparse_columns(g, CONV_SPARSE_BELOW) {
                     return c.backward_sparse(g, &nz);
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
@@ -519,7 +530,14 @@ impl Operator {
             }
             Operator::Dense(a) => {
                 let mut out = Block::zeros(a.nrows(), k);
-                faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, t.as_ref(), 1.0, par);
+                faer::linalg::matmul::matmul(
+                    out.as_mut(),
+                    Accum::Replace,
+                    a.as_ref(),
+                    t.as_ref(),
+                    1.0,
+                    par,
+                );
                 out
             }
             Operator::Csr(a) => {
@@ -625,7 +643,7 @@ mod tests {
             match seed % 9 {
                 8 => {
                     let w = Mat::from_fn(r, c, |_, _| rnd());
-                    Operator::Transposed(Box::new(Operator::Dense(w)))
+                    Operator::Transposed(Box::new(Operator::Dense(w.into())))
                 }
                 5 => {
                     // I ⊗ W with r blocks of a c × (seed-sized) matrix
@@ -665,7 +683,7 @@ mod tests {
                 }
                 0 => Operator::Identity(c),
                 1 => Operator::Diagonal((0..c).map(|_| rnd()).collect()),
-                2 => Operator::Dense(Mat::from_fn(r, c, |_, _| rnd())),
+                2 => Operator::Dense(Mat::from_fn(r, c, |_, _| rnd()).into()),
                 3 => {
                     let tri: Vec<_> = (0..r * c / 2 + 1)
                         .map(|_| {
@@ -738,7 +756,7 @@ mod tests {
             let nz: Vec<usize> = (0..conv.nrows()).filter(|&j| g.col_as_slice(j).iter().any(|&v| v != 0.0)).collect();
             prop_assert!(close(&conv.backward_sparse(&g, &nz), &reference));
             let a = Block::from_fn(conv.nrows(), 5, |i, j| ((i * 3 + j) % 7) as f64 - 3.0);
-            prop_assert!(close(&Operator::Dense(a.to_mat()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
+            prop_assert!(close(&Operator::Dense(a.to_mat().into()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
         }
     }
 }

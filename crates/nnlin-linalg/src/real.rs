@@ -36,8 +36,9 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// The value as `f64` (exact).
     fn to_f64(self) -> f64;
-    /// `a`'s entries in this type (borrowed for `f64`).
-    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>>;
+    /// `w`'s matrix in this type: borrowed for `f64`; for `f32` rounded
+    /// once, on first use.
+    fn matrix(w: &Weights) -> &Mat<Self>;
     /// `w` in this type (borrowed for `f64`).
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
     /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
@@ -60,8 +61,8 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>> {
-        Cow::Borrowed(a)
+    fn matrix(w: &Weights) -> &Mat<Self> {
+        &w.f64
     }
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Borrowed(w)
@@ -85,8 +86,9 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
-    fn mat(a: &Mat<f64>) -> Cow<'_, Mat<Self>> {
-        Cow::Owned(Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32))
+    fn matrix(w: &Weights) -> &Mat<Self> {
+        w.f32
+            .get_or_init(|| Mat::from_fn(w.f64.nrows(), w.f64.ncols(), |i, j| w.f64[(i, j)] as f32))
     }
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Owned(w.iter().map(|&v| v as f32).collect())
@@ -96,5 +98,51 @@ impl Real for f32 {
     }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(&g.cast::<f64>(), par).cast()
+    }
+}
+
+/// A dense weight matrix, held once (shared by `Arc`), with its `f32`
+/// rounding made on the first `f32` product and kept: a layer's weights are
+/// converted once per model, not once per instance. Dereferences to the
+/// `f64` matrix.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    f64: std::sync::Arc<Mat<f64>>,
+    f32: OnceLock<Mat<f32>>,
+}
+
+impl Weights {
+    /// Weights of `m`.
+    pub fn new(m: std::sync::Arc<Mat<f64>>) -> Self {
+        Self { f64: m, f32: OnceLock::new() }
+    }
+
+    /// The matrix in `T`.
+    pub fn get<T: Real>(&self) -> &Mat<T> {
+        T::matrix(self)
+    }
+
+    /// The shared `f64` matrix.
+    pub fn shared(&self) -> &std::sync::Arc<Mat<f64>> {
+        &self.f64
+    }
+}
+
+impl From<Mat<f64>> for Weights {
+    fn from(m: Mat<f64>) -> Self {
+        Self::new(std::sync::Arc::new(m))
+    }
+}
+
+impl std::ops::Deref for Weights {
+    type Target = Mat<f64>;
+    fn deref(&self) -> &Mat<f64> {
+        &self.f64
+    }
+}
+
+impl PartialEq for Weights {
+    fn eq(&self, other: &Self) -> bool {
+        self.f64 == other.f64
     }
 }

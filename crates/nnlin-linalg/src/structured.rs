@@ -33,7 +33,7 @@ pub(crate) fn product(dims: &[usize], what: &str) -> Result<usize, ShapeError> {
 #[derive(Clone, Debug)]
 pub struct KronOp {
     rows: usize,
-    w: Arc<Mat<f64>>,
+    w: crate::Weights,
 }
 
 impl KronOp {
@@ -43,7 +43,7 @@ impl KronOp {
     /// If `rows · w.nrows()` or `rows · w.ncols()` overflows.
     pub fn new(rows: usize, w: Arc<Mat<f64>>) -> Result<Self, ShapeError> {
         product(&[rows, w.nrows(), w.ncols()], "I ⊗ W")?;
-        Ok(Self { rows, w })
+        Ok(Self { rows, w: crate::Weights::new(w) })
     }
 
     /// The repeated block.
@@ -105,8 +105,7 @@ impl KronOp {
             std::borrow::Cow::Owned(h)
         };
         let mut z = vec![T::ZERO; i * cols];
-        let w = T::mat(self.weight());
-        let w: &Mat<T> = &w;
+        let w: &Mat<T> = self.w.get::<T>();
         gemm(
             MatMut::from_column_major_slice_mut(&mut z, i, cols),
             w.as_ref().transpose(),
