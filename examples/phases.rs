@@ -23,12 +23,15 @@ fn main() {
     let rows: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(10);
     let rows: Vec<usize> = (0..rows).collect();
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    // PHASE=compile|f32|f64 runs one phase only (for a profiler)
+    // PHASE=reference|compile|f32|f64 runs one phase only (for a profiler)
     let phase = std::env::var("PHASE").unwrap_or_default();
     let on = |p: &str| phase.is_empty() || phase == p;
-    let (mut tc, mut ta, mut t64) = (0.0, 0.0, 0.0);
+    let (mut tc, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..n {
         let xi = &xs[i * per..(i + 1) * per];
+        tr += best(if on("reference") { reps } else { 0 }, || {
+            m.forward_reference(xi);
+        });
         tc += best(if on("compile") { reps } else { 0 }, || {
             m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
         });
@@ -42,7 +45,8 @@ fn main() {
     }
     let n = n as f64;
     println!(
-        "compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, 1 thread)",
+        "reference {:.2} ms, compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, 1 thread)",
+        tr / n * 1e3,
         tc / n * 1e3,
         ta / n * 1e3,
         t64 / n * 1e3

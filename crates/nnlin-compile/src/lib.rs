@@ -21,7 +21,7 @@ pub mod region;
 use std::sync::Arc;
 
 use faer::{Mat, Par};
-use nnlin_ir::{Dual, ExprClass, Layer, Network, PadMode, PoolKind};
+use nnlin_ir::{ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
 use nnlin_linalg::{
     ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection, SoftmaxJac,
@@ -654,7 +654,6 @@ impl Compiler {
         let mut remaining = self.uses.clone();
         values[0] = Some(x.to_vec());
         let mut layers = Vec::with_capacity(self.net.nodes().len());
-        let mut scratch = Vec::new();
         for (node, fixed) in self.net.nodes().iter().zip(&self.fixed) {
             let u = values[node.inputs[0].0].as_ref().expect("input value alive");
             let mut active = None;
@@ -673,8 +672,7 @@ impl Compiler {
                     (ops.into_iter().map(Arc::new).collect(), Arc::new(Offset::from(bias)))
                 }
                 Fixed::PerInstance(Dynamic::Unary(d)) => {
-                    let (op, bias, act) =
-                        per_instance(d, u, self.net.shape(node.inputs[0]), mode, &mut scratch);
+                    let (op, bias, act) = per_instance(d, u, self.net.shape(node.inputs[0]), mode);
                     active = act;
                     (vec![Arc::new(op)], Arc::new(Offset::from(bias)))
                 }
@@ -787,22 +785,19 @@ fn per_instance(
     u: &[f64],
     in_shape: &[usize],
     mode: Mode,
-    scratch: &mut Vec<Dual>,
 ) -> (Operator, Vec<f64>, Option<Vec<bool>>) {
     match layer {
         Unary::Activation(a) => {
             let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
-            let mut slope = Vec::with_capacity(u.len());
-            let mut offset = Vec::with_capacity(u.len());
-            for (i, &z) in u.iter().enumerate() {
-                let (v, d) = a.expr.value_and_slope(i, z, scratch);
-                let (s, c) = if mode == Mode::Secant && !pwl && z != 0.0 {
+            let (values, mut slope) = a.expr.values_and_slopes(u);
+            let mut offset = values;
+            for ((c, s), &z) in offset.iter_mut().zip(slope.iter_mut()).zip(u) {
+                let (v, d) = (*c, *s);
+                (*s, *c) = if mode == Mode::Secant && !pwl && z != 0.0 {
                     (v / z, 0.0)
                 } else {
                     (d, v - d * z)
                 };
-                slope.push(s);
-                offset.push(c);
             }
             // the activation pattern: for functions with one kink at 0
             // (ReLU, LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0

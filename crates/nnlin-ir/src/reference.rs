@@ -20,7 +20,6 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
     assert_eq!(x.len(), net.input_len(), "reference: input length");
     let mut remaining = net.use_counts();
     let mut values: Vec<Vec<S>> = vec![x.to_vec()];
-    let mut scratch = Vec::new();
     for node in net.nodes() {
         let u = &values[node.inputs[0].0];
         let in_shape = net.shape(node.inputs[0]);
@@ -52,62 +51,98 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                 .map(|(i, &t)| S::from_f64(a.scale[i]) * t + S::from_f64(a.shift[i]))
                 .collect(),
             Layer::Activation(a) => {
-                u.iter().enumerate().map(|(i, &t)| a.expr.eval(i, t, &mut scratch)).collect()
+                let mut y = u.clone();
+                a.expr.eval_slice(u, &mut y);
+                y
             }
             Layer::Reshape(_) => u.clone(),
             Layer::Conv(c) => {
-                // Weight-stationary loops, parallel over output channels:
-                // each output element still adds its bias, then its taps in
-                // (input channel, ky, kx) order, skipping taps in the
-                // padding, so the sums are the direct definition's, bit for
-                // bit; the innermost loop runs along an output row.
+                // Weight-stationary loops over blocks of output channels,
+                // parallel over blocks: each input row is read once per
+                // block (in cache) instead of once per channel. Each output
+                // element still adds its bias, then its taps in (input
+                // channel, ky, kx) order, skipping taps in the padding, so
+                // the sums are the direct definition's, bit for bit; the
+                // innermost loop runs along an output row.
                 let w = &c.window;
                 let cog = c.c_out / c.groups;
                 let cig = c.c_in / c.groups;
                 let plane = w.oh * w.ow;
+                // a block's output planes within ~256 KB of f64, the block
+                // inside one group (its channels read the same inputs)
+                let mut block = (32_768 / plane.max(1)).clamp(1, 16).min(cog);
+                while !cog.is_multiple_of(block) {
+                    block -= 1;
+                }
                 let mut y = vec![S::from_f64(0.0); c.c_out * plane];
-                y.par_chunks_mut(plane.max(1)).enumerate().for_each(|(oc, yo)| {
-                    let g = oc / cog;
-                    yo.fill(S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc])));
+                // the outputs o in [lo, hi) whose input o·s + off − p lies in [0, len)
+                let range = |outs: usize, len: usize, s: usize, off: usize, p: usize| {
+                    let lo = if off >= p { 0 } else { (p - off).div_ceil(s) };
+                    let hi =
+                        if len + p > off { ((len + p - off - 1) / s + 1).min(outs) } else { 0 };
+                    (lo, hi)
+                };
+                y.par_chunks_mut((plane * block).max(1)).enumerate().for_each(|(bi, yb)| {
+                    let oc0 = bi * block;
+                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+                        yo.fill(S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc0 + j])));
+                    }
+                    // a strided input row, gathered once for the block
+                    let mut packed: Vec<S> = Vec::new();
                     for icg in 0..cig {
-                        let ic = g * cig + icg;
+                        let ic = oc0 / cog * cig + icg;
                         for ky in 0..w.kh {
+                            let (oy_lo, oy_hi) = range(w.oh, w.ih, w.sh, ky * w.dh, w.pt);
                             for kx in 0..w.kw {
-                                let wt = S::from_f64(
-                                    c.weight[((oc * cig + icg) * w.kh + ky) * w.kw + kx],
-                                );
-                                // ix = ox·sw + off − pl must lie in [0, iw)
                                 let off = kx * w.dw;
-                                let ox_lo =
-                                    if off >= w.pl { 0 } else { (w.pl - off).div_ceil(w.sw) };
-                                let ox_hi = if w.iw + w.pl > off {
-                                    ((w.iw + w.pl - off - 1) / w.sw + 1).min(w.ow)
-                                } else {
-                                    0
+                                let (ox_lo, ox_hi) = range(w.ow, w.iw, w.sw, off, w.pl);
+                                if ox_lo >= ox_hi || oy_lo >= oy_hi {
+                                    continue;
+                                }
+                                let wt = |j: usize| {
+                                    S::from_f64(
+                                        c.weight[(((oc0 + j) * cig + icg) * w.kh + ky) * w.kw + kx],
+                                    )
                                 };
-                                for oy in 0..w.oh {
-                                    let iy = (oy * w.sh + ky * w.dh) as isize - w.pt as isize;
-                                    if iy < 0 || iy >= w.ih as isize {
-                                        continue;
+                                // the input element of output (oy, ox_lo)
+                                let at = |oy: usize| {
+                                    let iy = oy * w.sh + ky * w.dh - w.pt;
+                                    (ic * w.ih + iy) * w.iw + ox_lo * w.sw + off - w.pl
+                                };
+                                // whole rows, stride 1, equal widths: the
+                                // tap's rows are one contiguous span of input
+                                // and of output
+                                if w.sw == 1
+                                    && w.sh == 1
+                                    && (ox_lo, ox_hi) == (0, w.ow)
+                                    && w.iw == w.ow
+                                {
+                                    let (first, len) = (at(oy_lo), (oy_hi - oy_lo) * w.ow);
+                                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+                                        S::axpy(
+                                            &mut yo[oy_lo * w.ow..oy_lo * w.ow + len],
+                                            &u[first..first + len],
+                                            wt(j),
+                                        );
                                     }
-                                    if ox_lo >= ox_hi {
-                                        continue;
-                                    }
-                                    let row = (ic * w.ih + iy as usize) * w.iw;
-                                    let yrow = &mut yo[oy * w.ow + ox_lo..oy * w.ow + ox_hi];
-                                    // the input elements ix = ox·sw + off − pl
-                                    let first = row + ox_lo * w.sw + off - w.pl;
-                                    let src = &u[first..first + (ox_hi - ox_lo - 1) * w.sw + 1];
-                                    if w.sw == 1 {
-                                        for (yv, &uv) in yrow.iter_mut().zip(src) {
-                                            *yv = *yv + wt * uv;
-                                        }
+                                    continue;
+                                }
+                                let n = ox_hi - ox_lo;
+                                for oy in oy_lo..oy_hi {
+                                    let first = at(oy);
+                                    let src: &[S] = if w.sw == 1 {
+                                        &u[first..first + n]
                                     } else {
-                                        for (yv, &uv) in
-                                            yrow.iter_mut().zip(src.iter().step_by(w.sw))
-                                        {
-                                            *yv = *yv + wt * uv;
-                                        }
+                                        packed.clear();
+                                        packed.extend(u[first..].iter().step_by(w.sw).take(n));
+                                        &packed
+                                    };
+                                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+                                        S::axpy(
+                                            &mut yo[oy * w.ow + ox_lo..oy * w.ow + ox_hi],
+                                            src,
+                                            wt(j),
+                                        );
                                     }
                                 }
                             }

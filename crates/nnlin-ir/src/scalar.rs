@@ -38,6 +38,14 @@ pub trait Scalar:
     fn sqrt(self) -> Self;
     /// `self^c` for a constant exponent `c`.
     fn powf(self, c: f64) -> Self;
+    /// `y[i] = y[i] + w·x[i]` over `y.len()` elements: a product, then a
+    /// sum, each rounded (never fused), as the definition's loops.
+    #[inline]
+    fn axpy(y: &mut [Self], x: &[Self], w: Self) {
+        for (yv, &xv) in y.iter_mut().zip(x) {
+            *yv = *yv + w * xv;
+        }
+    }
     /// `ln(1 + e^self)`, evaluated without overflow.
     fn ln_1p_exp(self) -> Self {
         // softplus(x) = max(x, 0) + ln(1 + e^{-|x|})
@@ -59,7 +67,30 @@ pub trait Scalar:
     }
 }
 
+/// [`Scalar::axpy`] in `f64`, compiled for the widest vector unit the CPU
+/// has (pulp's runtime dispatch; the baseline build uses SSE2 only). Rust
+/// never contracts a product and a sum into one fused multiply-add, so the
+/// bits are those of the plain loop.
+struct Axpy<'a> {
+    y: &'a mut [f64],
+    x: &'a [f64],
+    w: f64,
+}
+
+impl pulp::WithSimd for Axpy<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (yv, &xv) in self.y.iter_mut().zip(self.x) {
+            *yv += self.w * xv;
+        }
+    }
+}
+
 impl Scalar for f64 {
+    fn axpy(y: &mut [Self], x: &[Self], w: Self) {
+        pulp::Arch::new().dispatch(Axpy { y, x, w });
+    }
     fn from_f64(v: f64) -> Self {
         v
     }
