@@ -340,7 +340,7 @@ fn pattern_json(model: &Model, inst: &crate::Instance, x: &[f64]) -> Value {
             Layer::Pool(p) => match p.kind {
                 PoolKind::Max => {
                     if let crate::linalg::Operator::Selection(sel) = &*l.inputs[0].1 {
-                        out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols}));
+                        out.push(json!({"layer": l.name, "kind": "maxpool", "argmax": sel.cols()}));
                     }
                 }
                 PoolKind::Average { .. } => {}

@@ -113,10 +113,9 @@ fn dp_splits_at_a_bottleneck() {
     let r = nnlin::plan::direction_cost(&inst, 256, nnlin::Direction::Reverse).flops();
     let f = nnlin::plan::direction_cost(&inst, 256, nnlin::Direction::Forward).flops();
     let mut fac = nnlin::plan::chain_factors(&inst).unwrap();
-    fac.push(std::sync::Arc::new(nnlin::linalg::Operator::Selection(nnlin::linalg::Selection {
-        ncols: 256,
-        cols: (0..256).collect(),
-    })));
+    fac.push(std::sync::Arc::new(nnlin::linalg::Operator::Selection(
+        nnlin::linalg::Selection::new(256, (0..256).collect()).expect("indices within the input"),
+    )));
     let (tree, cost) = nnlin::plan::chain_plan(&fac, &rates);
     assert!(
         cost.flops() < 0.1 * r.min(f),

@@ -462,7 +462,12 @@ fn pad_operator(
             cols.push(src);
         }
     }
-    (Operator::Selection(Selection { ncols: in_shape.iter().product(), cols }), bias)
+    (
+        Operator::Selection(
+            Selection::new(in_shape.iter().product(), cols).expect("indices within the input"),
+        ),
+        bias,
+    )
 }
 
 fn transpose_operator(perm: &[usize], in_shape: &[usize], out_shape: &[usize]) -> Operator {
@@ -474,7 +479,7 @@ fn transpose_operator(perm: &[usize], in_shape: &[usize], out_shape: &[usize]) -
             (0..perm.len()).map(|ax| ((flat / ost[ax]) % out_shape[ax]) * ist[perm[ax]]).sum()
         })
         .collect();
-    Operator::Selection(Selection { ncols: numel, cols })
+    Operator::Selection(Selection::new(numel, cols).expect("indices within the input"))
 }
 
 fn concat_operators(
@@ -496,7 +501,9 @@ fn concat_operators(
                 }
             }
             offset += inner;
-            Arc::new(Operator::Selection(Selection { ncols: outer * inner, cols }))
+            Arc::new(Operator::Selection(
+                Selection::new(outer * inner, cols).expect("indices within the input"),
+            ))
         })
         .collect()
 }
@@ -587,7 +594,12 @@ impl Compiler {
                     } else {
                         sel.fill.clone().into()
                     };
-                    one(Operator::Selection(Selection { ncols: numel, cols }), bias)
+                    one(
+                        Operator::Selection(
+                            Selection::new(numel, cols).expect("indices within the input"),
+                        ),
+                        bias,
+                    )
                 }
                 Layer::Reduce(r) => {
                     let w = if r.mean { 1.0 / r.count(in_shape) as f64 } else { 1.0 };
@@ -731,7 +743,10 @@ fn product_operators(
         Mode::Secant => (
             vec![
                 Operator::Diagonal(gt),
-                Operator::Selection(Selection { ncols: g.len(), cols: vec![Selection::ZERO; n] }),
+                Operator::Selection(
+                    Selection::new(g.len(), vec![Selection::ZERO; n])
+                        .expect("indices within the input"),
+                ),
             ],
             vec![0.0; n],
         ),
@@ -768,10 +783,10 @@ fn matmul_operators(
         }
         Mode::Secant => (
             vec![
-                Operator::Selection(Selection {
-                    ncols: a.len(),
-                    cols: vec![Selection::ZERO; rows],
-                }),
+                Operator::Selection(
+                    Selection::new(a.len(), vec![Selection::ZERO; rows])
+                        .expect("indices within the input"),
+                ),
                 on_b,
             ],
             vec![0.0; rows],
@@ -833,7 +848,13 @@ fn per_instance(
                 }
             }
             let rows = cols.len();
-            (Operator::Selection(Selection { ncols: u.len(), cols }), vec![0.0; rows], None)
+            (
+                Operator::Selection(
+                    Selection::new(u.len(), cols).expect("indices within the input"),
+                ),
+                vec![0.0; rows],
+                None,
+            )
         }
         Unary::Softmax(sm) => {
             // values of each slice, shifted by its largest element

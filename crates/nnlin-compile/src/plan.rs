@@ -276,7 +276,7 @@ pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
                 for (i, j, v) in entries {
                     by_row[i].push((j, v));
                 }
-                for (r, &c) in sel.cols.iter().enumerate() {
+                for (r, &c) in sel.cols().iter().enumerate() {
                     if c != Selection::ZERO {
                         tri.extend(by_row[c].iter().map(|&(j, v)| (r, j, v)));
                     }
@@ -289,7 +289,7 @@ pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
             Cheap::Selection(sel) => {
                 // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
                 for (i, j, v) in entries {
-                    let c = sel.cols[j];
+                    let c = sel.cols()[j];
                     if c != Selection::ZERO {
                         tri.push((i, c, v));
                     }
@@ -453,7 +453,9 @@ pub fn chain_accumulate_factors(
 /// is not a chain, is empty, or is longer than [`MAX_DP_FACTORS`].
 fn dp_factors(inst: &Instance, rows: Vec<usize>) -> Option<Vec<Arc<Operator>>> {
     let mut factors = chain_factors(inst).filter(|f| !f.is_empty() && f.len() < MAX_DP_FACTORS)?;
-    factors.push(Arc::new(Operator::Selection(Selection { ncols: inst.output.len(), cols: rows })));
+    factors.push(Arc::new(Operator::Selection(
+        Selection::new(inst.output.len(), rows).expect("indices within the input"),
+    )));
     Some(factors)
 }
 
@@ -705,10 +707,12 @@ mod tests {
         );
         let diag_out = Operator::Diagonal(vec![1.0, -2.0, 0.0, 3.0]);
         let diag_in = Operator::Diagonal(vec![0.5, 1.0, -1.0, 2.0, 0.0]);
-        let sel_out =
-            Operator::Selection(Selection { ncols: 4, cols: vec![3, Selection::ZERO, 0, 3] });
-        let sel_in =
-            Operator::Selection(Selection { ncols: 6, cols: vec![5, 0, 2, Selection::ZERO, 1] });
+        let sel_out = Operator::Selection(
+            Selection::new(4, vec![3, Selection::ZERO, 0, 3]).expect("indices within the input"),
+        );
+        let sel_in = Operator::Selection(
+            Selection::new(6, vec![5, 0, 2, Selection::ZERO, 1]).expect("indices within the input"),
+        );
         for a in [&dense, &csr] {
             for (outer, inner) in [(&diag_out, a), (a, &diag_in), (&sel_out, a), (a, &sel_in)] {
                 assert!(foldable(outer, inner));

@@ -219,7 +219,7 @@ pub fn region(
                     for oy in 0..w.oh {
                         for ox in 0..w.ow {
                             let o = (ch * w.oh + oy) * w.ow + ox;
-                            let s = sel.cols[o];
+                            let s = sel.cols()[o];
                             for ky in 0..w.kh {
                                 let Some(iy) = w.iy(oy, ky) else { continue };
                                 for kx in 0..w.kw {
@@ -427,7 +427,7 @@ pub fn same_pattern(a: &Instance, b: &Instance, ignore: &[(usize, BoundaryKind)]
                 x.iter().zip(y).enumerate().any(|(i, (p, q))| p != q && !skip(i))
             }
             (Operator::Selection(x), Operator::Selection(y)) if la.layer_kind == "maxpool" => {
-                x.cols.iter().zip(&y.cols).enumerate().any(|(i, (p, q))| p != q && !skip(i))
+                x.cols().iter().zip(y.cols()).enumerate().any(|(i, (p, q))| p != q && !skip(i))
             }
             _ => false,
         };

@@ -188,16 +188,38 @@ impl<T: Real> std::ops::IndexMut<(usize, usize)> for Block<T> {
 
 /// A row-selection operator: row `i` of `A` is `e_{cols[i]}ᵀ` (gather), or
 /// zero where `cols[i] == Selection::ZERO` (padding, the other blocks of a
-/// concatenation).
+/// concatenation). Built by [`Selection::new`], which checks every index.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Selection {
-    /// Number of columns (input length).
-    pub ncols: usize,
-    /// For each output row, the input index it copies.
-    pub cols: Vec<usize>,
+    ncols: usize,
+    cols: Vec<usize>,
 }
 
 impl Selection {
+    /// The selection of `cols` from an input of `ncols` elements.
+    ///
+    /// # Errors
+    /// If an index is neither below `ncols` nor [`Selection::ZERO`].
+    pub fn new(ncols: usize, cols: Vec<usize>) -> Result<Self, ShapeError> {
+        match cols.iter().position(|&c| c >= ncols && c != Self::ZERO) {
+            Some(r) => {
+                Err(ShapeError(format!("selection row {r} reads input {} of {ncols}", cols[r])))
+            }
+            None => Ok(Self { ncols, cols }),
+        }
+    }
+
+    /// Number of columns (input length).
+    pub fn ncols(&self) -> usize {
+        self.ncols
+    }
+
+    /// For each output row, the input index it copies (or
+    /// [`Selection::ZERO`]).
+    pub fn cols(&self) -> &[usize] {
+        &self.cols
+    }
+
     /// Marks a zero row.
     pub const ZERO: usize = usize::MAX;
 }
@@ -275,7 +297,7 @@ impl Operator {
             Operator::Diagonal(d) => d.len(),
             Operator::Dense(m) => m.nrows(),
             Operator::Csr(m) => m.rows(),
-            Operator::Selection(s) => s.cols.len(),
+            Operator::Selection(s) => s.cols().len(),
             Operator::Conv(c) => c.nrows(),
             Operator::Kron(k) => k.nrows(),
             Operator::Softmax(j) => j.size(),
@@ -291,7 +313,7 @@ impl Operator {
             Operator::Diagonal(d) => d.len(),
             Operator::Dense(m) => m.ncols(),
             Operator::Csr(m) => m.cols(),
-            Operator::Selection(s) => s.ncols,
+            Operator::Selection(s) => s.ncols(),
             Operator::Conv(c) => c.ncols(),
             Operator::Kron(k) => k.ncols(),
             Operator::Softmax(j) => j.size(),
@@ -309,7 +331,7 @@ impl Operator {
             Operator::Diagonal(d) => d.len(),
             Operator::Dense(m) => m.nrows() * m.ncols(),
             Operator::Csr(m) => m.nnz(),
-            Operator::Selection(s) => s.cols.iter().filter(|&&c| c != Selection::ZERO).count(),
+            Operator::Selection(s) => s.cols().iter().filter(|&&c| c != Selection::ZERO).count(),
             Operator::Conv(c) => c.nnz(),
             Operator::Kron(k) => k.nrows() * k.weight().ncols(),
             Operator::Softmax(j) => 2 * j.size(),
@@ -327,7 +349,7 @@ impl Operator {
             Operator::Diagonal(d) => d.len() * f,
             Operator::Dense(m) => m.nrows() * m.ncols() * f,
             Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
-            Operator::Selection(s) => s.cols.len() * u,
+            Operator::Selection(s) => std::mem::size_of_val(s.cols()),
             Operator::Conv(c) => std::mem::size_of_val(c.weight()),
             Operator::Kron(k) => k.weight().nrows() * k.weight().ncols() * f,
             Operator::Softmax(j) => j.size() * f,
@@ -365,7 +387,7 @@ impl Operator {
                     .collect()
             }
             Operator::Selection(s) => {
-                s.cols.iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
+                s.cols().iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
             }
             Operator::Conv(c) => c.forward_gemm(x, 1, Par::Seq),
             Operator::Kron(k) => k.forward(x, 1, Par::Seq),
@@ -467,7 +489,7 @@ impl Operator {
             }
             Operator::Selection(s) => {
                 let mut out = Block::zeros(k, s.ncols);
-                for (i, &c) in s.cols.iter().enumerate() {
+                for (i, &c) in s.cols().iter().enumerate() {
                     if c == Selection::ZERO {
                         continue;
                     }
@@ -554,7 +576,7 @@ impl Operator {
                 out
             }
             Operator::Selection(s) => {
-                let mut out = Block::zeros(s.cols.len(), k);
+                let mut out = Block::zeros(s.cols().len(), k);
                 for c in 0..k {
                     let tc = t.col_as_slice(c);
                     for (o, &src) in out.col_as_slice_mut(c).iter_mut().zip(&s.cols) {
@@ -694,12 +716,23 @@ mod tests {
                         .collect();
                     Operator::csr_from_triplets(r, c, &tri)
                 }
-                _ => Operator::Selection(Selection {
-                    ncols: c,
-                    cols: (0..r).map(|_| ((rnd() + 1.0) / 2.0 * c as f64) as usize % c).collect(),
-                }),
+                _ => Operator::Selection(
+                    Selection::new(
+                        c,
+                        (0..r).map(|_| ((rnd() + 1.0) / 2.0 * c as f64) as usize % c).collect(),
+                    )
+                    .expect("indices within the input"),
+                ),
             }
         })
+    }
+
+    #[test]
+    fn selection_new_checks_every_index() {
+        assert!(Selection::new(3, vec![2, Selection::ZERO, 0]).is_ok());
+        let e = Selection::new(3, vec![0, 3]).unwrap_err();
+        assert_eq!(e.to_string(), "selection row 1 reads input 3 of 3");
+        assert!(Selection::new(0, vec![Selection::ZERO]).is_ok());
     }
 
     proptest! {
