@@ -277,13 +277,12 @@ impl Importer<'_> {
                             .unsupported(format!("`{name}` does not depend on the model input")));
                     }
                     ExprClass::Affine => {
-                        let mut scratch = Vec::new();
-                        let (mut scale, mut shift) = (Vec::new(), Vec::new());
-                        for i in 0..numel {
-                            let y = expr.eval(i, Dual::var(0.0), &mut scratch);
-                            scale.push(y.d);
-                            shift.push(y.v);
-                        }
+                        // the value and slope at 0 of every element, one
+                        // chunked dual evaluation
+                        let zeros = vec![Dual::var(0.0); numel];
+                        let mut y = zeros.clone();
+                        expr.eval_slice(&zeros, &mut y);
+                        let (shift, scale) = y.iter().map(|d| (d.v, d.d)).unzip();
                         let layer = Layer::Affine(nnlin_ir::Affine { scale, shift });
                         self.net.push(name, source, layer, vec![root])?
                     }
