@@ -26,6 +26,11 @@ fn main() {
     // PHASE=reference|compile|f32|f64 runs one phase only (for a profiler)
     let phase = std::env::var("PHASE").unwrap_or_default();
     let on = |p: &str| phase.is_empty() || phase == p;
+    // PAR=t: one instance's products spread over t threads
+    let par = match std::env::var("PAR").ok().and_then(|s| s.parse().ok()) {
+        Some(t) if t > 1 => faer::Par::rayon(t),
+        _ => faer::Par::Seq,
+    };
     let (mut tc, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..n {
         let xi = &xs[i * per..(i + 1) * per];
@@ -33,19 +38,19 @@ fn main() {
             m.forward_reference(xi);
         });
         tc += best(if on("compile") { reps } else { 0 }, || {
-            m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
+            m.compile_instance_with(xi, nnlin::Mode::Tangent, par).unwrap();
         });
         let inst = m.compile_instance(xi, nnlin::Mode::Tangent).unwrap();
         ta += best(if on("f32") { reps } else { 0 }, || {
-            nnlin_compile::accumulate_reverse::<f32>(&inst, &rows, faer::Par::Seq).unwrap();
+            nnlin_compile::accumulate_reverse::<f32>(&inst, &rows, par).unwrap();
         });
         t64 += best(if on("f64") { reps } else { 0 }, || {
-            nnlin_compile::accumulate_reverse::<f64>(&inst, &rows, faer::Par::Seq).unwrap();
+            nnlin_compile::accumulate_reverse::<f64>(&inst, &rows, par).unwrap();
         });
     }
     let n = n as f64;
     println!(
-        "reference {:.2} ms, compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, 1 thread)",
+        "reference {:.2} ms, compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, {par:?})",
         tr / n * 1e3,
         tc / n * 1e3,
         ta / n * 1e3,

@@ -693,8 +693,14 @@ impl Model {
     }
     /// Compiles every layer at `x` (for inspection).
     pub fn compile_instance(&self, x: &[f64], mode: Mode) -> Result<Instance> {
+        self.compile_instance_with(x, mode, Par::Seq)
+    }
+
+    /// [`Model::compile_instance`] with the forward pass's structured
+    /// products spread over `par`.
+    pub fn compile_instance_with(&self, x: &[f64], mode: Mode, par: Par) -> Result<Instance> {
         self.compiler
-            .instance(x, mode)
+            .instance_with(x, mode, par)
             .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }
     /// The auto strategy's plan for `m` rows, computed once per model and
@@ -772,7 +778,7 @@ impl Model {
     /// assert_eq!(wx.len(), op.nrows());
     /// ```
     pub fn operator(&self, x: &[f64], opts: &Options) -> Result<matfree::LinearMap> {
-        let inst = self.compile_instance(x, opts.mode)?;
+        let inst = self.compile_instance_with(x, opts.mode, opts.par.unwrap_or(Par::Seq))?;
         let rows = select_rows(&opts.rows, &inst.output)?;
         matfree::LinearMap::new(inst, rows)
             .map_err(|source| Error::Compile { model: self.name.clone(), source })
@@ -1133,7 +1139,7 @@ impl Ensemble {
         let mut output = vec![0.0; self.output_len()];
         let mut pattern = vec![];
         for (k, (m, a)) in self.members.iter().enumerate() {
-            let inst = m.compile_instance(x, opts.mode)?;
+            let inst = m.compile_instance_with(x, opts.mode, par)?;
             for (o, v) in output.iter_mut().zip(&inst.output) {
                 *o += a * v;
             }

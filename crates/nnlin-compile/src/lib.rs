@@ -155,12 +155,24 @@ pub struct CompiledLayer {
 
 impl CompiledLayer {
     /// `Σ_k A_k·u_k (+ c)` given all values.
-    fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool) -> Vec<f64> {
-        let mut y = if with_offset { self.bias.to_vec() } else { vec![0.0; self.bias.len()] };
-        for (v, op) in &self.inputs {
-            let u = values[*v].as_ref().expect("input value alive");
-            for (yi, t) in y.iter_mut().zip(op.apply(u)) {
-                *yi += t;
+    ///
+    /// The first product's buffer becomes `y` and the offset is added to it
+    /// in place: `A_0·u_0 + c` has the bits of `c + A_0·u_0` (addition
+    /// commutes), and a zero offset still adds `+0.0` (as `0 + t` did).
+    fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
+        let mut parts = self
+            .inputs
+            .iter()
+            .map(|(v, op)| op.apply_with(values[*v].as_ref().expect("input value alive"), par));
+        let mut y = parts.next().expect("a layer has an input");
+        if with_offset {
+            self.bias.add_to(&mut y);
+        } else {
+            y.iter_mut().for_each(|v| *v += 0.0);
+        }
+        for t in parts {
+            for (yi, ti) in y.iter_mut().zip(t) {
+                *yi += ti;
             }
         }
         y
@@ -225,6 +237,18 @@ impl Offset {
             Offset::Full(v) => v.clone(),
         }
     }
+    /// `y += c`, without expanding `c`.
+    fn add_to(&self, y: &mut [f64]) {
+        match self {
+            Offset::Zero(_) => y.iter_mut().for_each(|v| *v += 0.0),
+            Offset::PerChannel { values, spatial } => {
+                for (yc, &v) in y.chunks_mut((*spatial).max(1)).zip(values) {
+                    yc.iter_mut().for_each(|t| *t += v);
+                }
+            }
+            Offset::Full(c) => y.iter_mut().zip(c).for_each(|(t, &v)| *t += v),
+        }
+    }
     /// `b += G·c` for an adjoint block `G` (`m × len`), column by column in
     /// order, skipping zero entries of `c`.
     fn add_adjoint_product<T: Real>(&self, g: &Block<T>, b: &mut [T]) {
@@ -272,7 +296,7 @@ impl Instance {
         let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
         values[0] = Some(start.to_vec());
         for l in &self.layers {
-            values[l.output] = Some(l.eval(&values, with_offsets));
+            values[l.output] = Some(l.eval(&values, with_offsets, Par::Seq));
         }
         values
     }
@@ -654,6 +678,13 @@ impl Compiler {
 
     /// Compiles every node at `x` into its affine operator.
     pub fn instance(&self, x: &[f64], mode: Mode) -> Result<Instance, CompileError> {
+        self.instance_with(x, mode, Par::Seq)
+    }
+
+    /// [`Compiler::instance`] with the forward pass's structured products
+    /// (convolutions, `I ⊗ W`, batched matrix products) spread over `par`:
+    /// one instance on several threads.
+    pub fn instance_with(&self, x: &[f64], mode: Mode, par: Par) -> Result<Instance, CompileError> {
         let n = self.net.input_len();
         if x.len() != n {
             return Err(CompileError::InputLength { expected: n, got: x.len() });
@@ -697,8 +728,8 @@ impl Compiler {
                 output: node.output.0,
                 active,
             };
-            let y = layer.eval(&values, true);
-            if !y.iter().all(|v| v.is_finite()) {
+            let y = layer.eval(&values, true, par);
+            if !y.iter().fold(true, |a, v| a & v.is_finite()) {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),
                 });

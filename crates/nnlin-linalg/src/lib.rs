@@ -363,6 +363,15 @@ impl Operator {
     /// # Panics
     /// If `x.len() != self.ncols()` (a caller contract).
     pub fn apply(&self, x: &[f64]) -> Vec<f64> {
+        self.apply_with(x, Par::Seq)
+    }
+
+    /// `A·x`, the structured products (convolution, `I ⊗ W`, batched
+    /// matrix products) spread over `par`.
+    ///
+    /// # Panics
+    /// If `x.len() != self.ncols()` (a caller contract).
+    pub fn apply_with(&self, x: &[f64], par: Par) -> Vec<f64> {
         assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
         match self {
             Operator::Identity(_) => x.to_vec(),
@@ -389,10 +398,10 @@ impl Operator {
             Operator::Selection(s) => {
                 s.cols().iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
             }
-            Operator::Conv(c) => c.forward_gemm(x, 1, Par::Seq),
-            Operator::Kron(k) => k.forward(x, 1, Par::Seq),
+            Operator::Conv(c) => c.forward_gemm(x, 1, par),
+            Operator::Kron(k) => k.forward(x, 1, par),
             Operator::Softmax(j) => j.apply(x),
-            Operator::MatMul(p) => p.forward(x, 1, Par::Seq),
+            Operator::MatMul(p) => p.forward(x, 1, par),
             Operator::Transposed(a) => {
                 a.left_mul(&Block::from_col_major(1, x.len(), x.to_vec()), Par::Seq).data
             }
