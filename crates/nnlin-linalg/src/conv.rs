@@ -46,6 +46,26 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
     }
 }
 
+/// A convolution's sizes as the GEMM kernels use them.
+struct Sizes {
+    /// Output positions per channel.
+    p_len: usize,
+    /// Input channels per group.
+    cig: usize,
+    /// Output channels per group.
+    cog: usize,
+    /// Kernel taps.
+    ntaps: usize,
+    /// im2col rows per group (`cig · ntaps`).
+    kk: usize,
+    /// Input positions per channel.
+    plane: usize,
+    /// 1×1, stride 1, unpadded: im2col and col2im are the identity.
+    pointwise: bool,
+    /// The tap table (empty when pointwise).
+    taps: Arc<Vec<usize>>,
+}
+
 /// A 2-D convolution's shape (1-D as height 1): `c_in × ih × iw` in,
 /// `c_out × oh × ow` out, `groups` groups, a `kh × kw` kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,11 +193,24 @@ impl ConvOp {
         self.geom.c_in * self.geom.ih * self.geom.iw
     }
 
-    /// A 1×1, stride-1, unpadded convolution: output position `p` reads
-    /// input position `p`, so im2col and col2im are the identity.
-    fn pointwise(&self) -> bool {
+    /// What the GEMM kernels derive from the shape.
+    fn sizes(&self) -> Sizes {
         let g = &self.geom;
-        (g.kh, g.kw, g.stride, g.pad, g.oh, g.ow) == (1, 1, (1, 1), (0, 0), g.ih, g.iw)
+        let (cig, ntaps) = (g.c_in / g.groups, g.kh * g.kw);
+        // a 1×1, stride-1, unpadded convolution: output position p reads
+        // input position p, so im2col and col2im are the identity
+        let pointwise =
+            (g.kh, g.kw, g.stride, g.pad, g.oh, g.ow) == (1, 1, (1, 1), (0, 0), g.ih, g.iw);
+        Sizes {
+            p_len: g.oh * g.ow,
+            cig,
+            cog: g.c_out / g.groups,
+            ntaps,
+            kk: cig * ntaps,
+            plane: g.ih * g.iw,
+            pointwise,
+            taps: if pointwise { Arc::new(Vec::new()) } else { self.tap_table() },
+        }
     }
 
     /// Calls `f(row, col, weight)` for every structural nonzero, row by row.
@@ -265,14 +298,8 @@ impl ConvOp {
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
         let g = &self.geom;
-        let p_len = g.oh * g.ow;
-        let (cig, cog) = (g.c_in / g.groups, g.c_out / g.groups);
-        let ntaps = g.kh * g.kw;
-        let kk = cig * ntaps;
-        let plane = g.ih * g.iw;
+        let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
         let mut out = vec![0.0; nrows * k];
-        let pointwise = self.pointwise();
-        let taps = if pointwise { Arc::new(Vec::new()) } else { self.tap_table() };
         let pc = (tile / kk).clamp(1, p_len.max(1));
         let mut cols = if pointwise { Vec::new() } else { vec![0.0; pc * kk] };
         for q in 0..k {
@@ -354,16 +381,10 @@ impl ConvOp {
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
         let geom = &self.geom;
-        let p_len = geom.oh * geom.ow;
-        let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
-        let ntaps = geom.kh * geom.kw;
-        let kk = cig * ntaps;
-        let plane = geom.ih * geom.iw;
+        let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
         let weight = self.weight_as::<T>();
         let mut out = vec![T::ZERO; ncols * k];
         let width = p_len * k;
-        let pointwise = self.pointwise();
-        let taps = if pointwise { Arc::new(Vec::new()) } else { self.tap_table() };
         let pc = (tile / (kk * k).max(1)).max(min_rows.div_ceil(k.max(1))).clamp(1, p_len.max(1));
         let mut cols = if pointwise { Mat::<T>::new() } else { Mat::<T>::zeros(pc * k, kk) };
         for grp in 0..geom.groups {
@@ -457,33 +478,15 @@ impl ConvOp {
 
     /// Structural nonzeros (taps inside the input).
     pub fn nnz(&self) -> usize {
-        let mut n = 0;
-        let cig = self.geom.c_in / self.geom.groups;
+        let g = &self.geom;
         let taps = |o: usize, k: usize, s: usize, d: usize, p: usize, len: usize| {
             (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|v| v < len)).count()
         };
-        for oy in 0..self.geom.oh {
-            let ty = taps(
-                oy,
-                self.geom.kh,
-                self.geom.stride.0,
-                self.geom.dilation.0,
-                self.geom.pad.0,
-                self.geom.ih,
-            );
-            for ox in 0..self.geom.ow {
-                n += ty
-                    * taps(
-                        ox,
-                        self.geom.kw,
-                        self.geom.stride.1,
-                        self.geom.dilation.1,
-                        self.geom.pad.1,
-                        self.geom.iw,
-                    );
-            }
-        }
-        n * cig * self.geom.c_out
+        let rows: usize =
+            (0..g.oh).map(|oy| taps(oy, g.kh, g.stride.0, g.dilation.0, g.pad.0, g.ih)).sum();
+        let cols: usize =
+            (0..g.ow).map(|ox| taps(ox, g.kw, g.stride.1, g.dilation.1, g.pad.1, g.iw)).sum();
+        rows * cols * (g.c_in / g.groups) * g.c_out
     }
 
     /// The explicit Toeplitz matrix.
@@ -576,6 +579,7 @@ mod tests {
         #[test]
         fn tiled_kernels_match_the_toeplitz_matrix(op in conv(), k in 1usize..4, tile in 1usize..200, seed in 0usize..100) {
             let a = op.to_csr();
+            prop_assert_eq!(op.nnz(), a.nnz());
             let (m, n) = (op.nrows(), op.ncols());
             // forward: A·T, T column-major n × k
             let t = entries(n * k, seed);
