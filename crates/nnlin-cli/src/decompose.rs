@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         targets.push(Target::File(p, &mp));
     }
     crate::output::commit(&targets)?;
-    print!("{md}");
+    out!("{md}");
     eprintln!("nnlin: {count} instances in {seconds:.2} s");
     Ok(())
 }

@@ -7,6 +7,17 @@
 //! nnlin inspect MODEL.onnx [--input X.npy]
 //! ```
 
+/// `print!` to stdout through [`stdout_write`]: a reader that closed the
+/// pipe (`nnlin inspect m | head`) ends the process quietly.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::stdout_write(format_args!($($t)*), false) };
+}
+
+/// `println!` through [`stdout_write`].
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::stdout_write(format_args!($($t)*), true) };
+}
+
 mod decompose;
 mod heatmap;
 mod io;
@@ -245,6 +256,23 @@ fn escape_controls(s: &str) -> String {
     out
 }
 
+/// Writes to stdout. A closed pipe ends the process with 141 (128 +
+/// SIGPIPE, what a shell reports for a command cut off by `head`) and no
+/// message; any other write error with one line. Every file the command
+/// writes is committed before its summary is printed, so nothing is lost.
+fn stdout_write(args: std::fmt::Arguments, newline: bool) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let r = o.write_fmt(args).and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) });
+    if let Err(e) = r.and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("nnlin: error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() -> ExitCode {
     // a bug must still end in one line (exit code 101 says it was a bug)
     std::panic::set_hook(Box::new(|info| {
@@ -298,7 +326,7 @@ fn demo() -> Result<()> {
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("fixtures");
     let model = root.join("cnn/lenet5.onnx");
     let data = root.join("data/mnist/t10k-images-idx3-ubyte.gz[0..4]");
-    println!("nnlin demo: LeNet-5 (fixtures/cnn/lenet5.onnx) on the first 4 MNIST test digits");
+    outln!("nnlin demo: LeNet-5 (fixtures/cnn/lenet5.onnx) on the first 4 MNIST test digits");
     let out = PathBuf::from("nnlin-out");
     explain(ExplainArgs {
         models: vec![model],
@@ -319,21 +347,21 @@ fn demo() -> Result<()> {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
     for inst in summary["instances"].as_array().into_iter().flatten() {
-        println!("\ndigit {}: predicted {}", inst["index"], inst["predicted"]);
-        println!("  {:>5} {:>10} {:>10} {:>10}", "class", "F(x)", "W·x", "b");
+        outln!("\ndigit {}: predicted {}", inst["index"], inst["predicted"]);
+        outln!("  {:>5} {:>10} {:>10} {:>10}", "class", "F(x)", "W·x", "b");
         for (i, r) in inst["rows"].as_array().into_iter().flatten().enumerate() {
             let (wx, b) =
                 (inst["wx"][i].as_f64().unwrap_or(0.0), inst["b"][i].as_f64().unwrap_or(0.0));
             let f = inst["output"][r.as_u64().unwrap_or(0) as usize].as_f64().unwrap_or(0.0);
-            println!("  {:>5} {:>10.4} {:>10.4} {:>10.4}", r.as_u64().unwrap_or(0), f, wx, b);
+            outln!("  {:>5} {:>10.4} {:>10.4} {:>10.4}", r.as_u64().unwrap_or(0), f, wx, b);
         }
-        println!("  max |W·x + b − F(x)| = {:.1e}", inst["residual"].as_f64().unwrap_or(0.0));
+        outln!("  max |W·x + b − F(x)| = {:.1e}", inst["residual"].as_f64().unwrap_or(0.0));
     }
-    println!(
+    outln!(
         "\nheat maps: {}/heatmaps/instance_*.png (W rows and W⊙x beside each digit)",
         out.display()
     );
-    println!("W, b and the summary: {}/W.npy, b.npy, summary.json", out.display());
+    outln!("W, b and the summary: {}/W.npy, b.npy, summary.json", out.display());
     Ok(())
 }
 
@@ -417,7 +445,7 @@ fn run(cli: Cli) -> Result<()> {
                 "bytes_per_second": r.bandwidth,
             });
             output::write_json_atomic(&path, &v)?;
-            println!(
+            outln!(
                 "gemm {:.3e} multiply-adds/s, sparse {:.3e} multiply-adds/s, memory {:.3e} bytes/s; wrote {}",
                 r.gemm,
                 r.sparse,
@@ -662,7 +690,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         eprintln!("nnlin: note: {}", escape_controls(s));
     }
     let worst = instances.iter().map(|i| i["residual"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
-    println!(
+    outln!(
         "nnlin: {n_inst} instance(s), W {m}×{n}, max |W·x + b − F(x)| = {worst:.3e}, {seconds:.4} s; wrote {}",
         args.out.display()
     );
@@ -689,13 +717,13 @@ fn plan_cmd(
     };
     let inst = m.compile_instance(&xs.row(0).to_vec(), Mode::Tangent)?;
     let (text, best) = nnlin::plan::describe(&inst, count, &rates);
-    println!(
+    outln!(
         "model: {}",
         model.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned())
     );
-    println!("W: {count} x {}", m.input_len());
-    print!("{text}");
-    println!("chosen: {best}");
+    outln!("W: {count} x {}", m.input_len());
+    out!("{text}");
+    outln!("chosen: {best}");
     Ok(())
 }
 
@@ -712,9 +740,9 @@ fn inspect(
     let model = io::load_model(path, if show_csr { ConvKernel::Structured } else { kernel })?;
     let net = model.network();
     let imp = model.info();
-    println!("model: {}", path.display());
-    println!("opset: {}   producer: {}", imp.opset, imp.producer);
-    println!(
+    outln!("model: {}", path.display());
+    outln!("opset: {}   producer: {}", imp.opset, imp.producer);
+    outln!(
         "input: `{}` {:?}   output: `{}` {:?}",
         imp.input_name,
         net.input_shape(),
@@ -722,11 +750,15 @@ fn inspect(
         net.output_shape()
     );
     if let Some(op) = &imp.skipped_softmax {
-        println!("note: trailing {op} skipped; the logits are explained");
+        outln!("note: trailing {op} skipped; the logits are explained");
     }
-    println!(
+    outln!(
         "\n{:<4} {:<28} {:<11} {:<18} {:>10}  from / function",
-        "#", "layer", "kind", "output shape", "params"
+        "#",
+        "layer",
+        "kind",
+        "output shape",
+        "params"
     );
     let mut total = 0;
     for (i, node) in net.nodes().iter().enumerate() {
@@ -739,7 +771,7 @@ fn inspect(
             _ => node.source.clone(),
         };
         total += node.layer.param_count();
-        println!(
+        outln!(
             "{:<4} {:<28} {:<11} {:<18} {:>10}  {}",
             i,
             node.name,
@@ -749,15 +781,20 @@ fn inspect(
             detail
         );
     }
-    println!("total parameters: {total}");
+    outln!("total parameters: {total}");
     if let Some(input) = input {
         let xs = io::read_instances(input, model.input_shape())?;
         let x = xs.row(0).to_vec();
         let inst = model.compile_instance(&x, mode)?;
-        println!("\ncompiled operators at instance 0 ({:?} mode):", mode);
-        println!(
+        outln!("\ncompiled operators at instance 0 ({:?} mode):", mode);
+        outln!(
             "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  active units",
-            "#", "layer", "operator", "shape", "nnz", "bytes"
+            "#",
+            "layer",
+            "operator",
+            "shape",
+            "nnz",
+            "bytes"
         );
         for (i, l) in inst.layers.iter().enumerate() {
             let active = l.active.as_ref().map_or(String::new(), |m| {
@@ -771,7 +808,7 @@ fn inspect(
                     }
                     _ => (op.kind(), op.bytes()),
                 };
-                println!(
+                outln!(
                     "{:<4} {:<28} {:<10} {:<12} {:>10} {:>12}  {}",
                     if k == 0 { i.to_string() } else { String::new() },
                     if k == 0 { l.name.as_str() } else { "" },

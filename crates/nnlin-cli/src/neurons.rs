@@ -114,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     let rp = crate::output::Payload::Json(&report);
     list.push(("neurons.json", &rp));
     crate::output::write_files(&args.out, &list)?;
-    println!("nnlin: neuron maps for {count} instance(s) written to {}", args.out.display());
+    outln!("nnlin: neuron maps for {count} instance(s) written to {}", args.out.display());
     Ok(())
 }
 

@@ -92,12 +92,12 @@ pub fn run(args: Args) -> Result<()> {
     crate::output::commit(&targets)?;
     for v in report["instances"].as_array().expect("array") {
         if v.get("smooth").is_some() {
-            println!(
+            outln!(
                 "instance {}: smooth network, no linear region (sweep in region.json)",
                 v["index"]
             );
         } else {
-            println!(
+            outln!(
                 "instance {}: radius l2 {} linf {} (excluding {} kink units: l2 {} linf {})",
                 v["index"],
                 v["radius_l2"],
@@ -108,6 +108,6 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    println!("nnlin: {n_inst} instance(s) in {seconds:.3} s; wrote {}", args.out.display());
+    outln!("nnlin: {n_inst} instance(s) in {seconds:.3} s; wrote {}", args.out.display());
     Ok(())
 }

@@ -131,7 +131,7 @@ pub fn run(a: Args<'_>) -> Result<()> {
     output::write_files(a.out, &files)?;
     let worst =
         (0..n_inst).map(|i| instances[i]["residual"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
-    println!(
+    outln!(
         "nnlin: {n_inst} instance(s), top {k} singular values of W ({m}×{n}, never formed), max |W·x + b − F(x)| = {worst:.3e}, {seconds:.4} s; wrote {}",
         a.out.display()
     );

@@ -462,3 +462,20 @@ fn two_writers_to_one_folder_do_not_mix() {
     }
     no_leftovers(tmp.path());
 }
+
+/// A reader that closes the pipe early (`nnlin inspect m | head`) ends the
+/// command quietly with 141 (128 + SIGPIPE), not with an internal error.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let mut child = bin()
+        .args(["inspect", &root().join("cnn/lenet5.onnx").to_string_lossy()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // close the read end before the model is loaded and the first line written
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
