@@ -477,9 +477,14 @@ pub struct Options {
     /// `max_memory / threads`.
     pub max_memory: Option<usize>,
     /// Kernel throughputs the `Auto` and `Dp` strategies plan with; `None`:
-    /// [`plan::Rates::TYPICAL`]. The CLI passes what `nnlin calibrate`
-    /// measured.
+    /// [`plan::Rates::TYPICAL`], or see `measure_rates`. The CLI passes what
+    /// `nnlin calibrate` measured.
     pub rates: Option<plan::Rates>,
+    /// With no `rates`: measure this machine's (about 0.1 s, once per
+    /// model) only where the plan depends on them; an `Auto` choice that is
+    /// the same whatever the rates ([`plan::rate_independent`]) measures
+    /// nothing. The CLI sets it when no calibration is stored.
+    pub measure_rates: bool,
     /// Precision of W and b.
     pub precision: Precision,
     /// Parallelism of the products inside one instance; `None`: a batch of
@@ -531,8 +536,11 @@ impl Options {
         self.rates = Some(rates);
         self
     }
-    fn kernel_rates(&self) -> plan::Rates {
-        self.rates.unwrap_or(plan::Rates::TYPICAL)
+    /// With the planner's rates measured on this machine where the plan
+    /// depends on them (see [`Options::measure_rates`]).
+    pub fn with_measured_rates(mut self) -> Self {
+        self.measure_rates = true;
+        self
     }
 }
 
@@ -578,9 +586,24 @@ pub struct Model {
     /// The auto strategy's choice per number of rows: the candidates' costs
     /// depend on the network's structure and on m, so it is planned once.
     auto_choice: std::sync::Arc<std::sync::Mutex<Vec<(PlanKey, plan::Choice)>>>,
+    /// Per number of rows: the auto choice if no rate can change it.
+    rate_free: std::sync::Arc<std::sync::Mutex<Vec<RateFree>>>,
+    /// This machine's kernel rates, measured on first need.
+    measured: std::sync::Arc<std::sync::OnceLock<plan::Rates>>,
 }
 
 impl Model {
+    fn assemble(name: &str, info: ModelInfo, compiler: Compiler) -> Self {
+        Self {
+            name: name.to_string(),
+            info,
+            compiler,
+            auto_choice: Default::default(),
+            rate_free: Default::default(),
+            measured: Default::default(),
+        }
+    }
+
     /// Imports an ONNX model from bytes; `name` appears in errors.
     pub fn from_onnx_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
         Self::from_onnx_bytes_with(name, bytes, &ImportOptions::default())
@@ -611,7 +634,7 @@ impl Model {
                 .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
-        Ok(Self { name: name.to_string(), info, compiler, auto_choice: Default::default() })
+        Ok(Self::assemble(name, info, compiler))
     }
 
     /// A model from a network built in code (no ONNX file).
@@ -624,7 +647,7 @@ impl Model {
             skipped_softmax: None,
         };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
-        Self { name: name.to_string(), info, compiler, auto_choice: Default::default() }
+        Self::assemble(name, info, compiler)
     }
 
     /// Reads and imports an ONNX file.
@@ -703,6 +726,38 @@ impl Model {
             .instance_with(x, mode, par)
             .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }
+    /// The rates `opts` plans with: its own, else this machine's (measured
+    /// once) if it asks, else the typical ones.
+    fn rates(&self, opts: &Options) -> plan::Rates {
+        match opts.rates {
+            Some(r) => r,
+            None if opts.measure_rates => *self.measured.get_or_init(plan::Rates::measure),
+            None => plan::Rates::TYPICAL,
+        }
+    }
+
+    /// The auto choice for `m` rows under `opts` and the rates it ran with:
+    /// with `measure_rates` and no rates given, a choice no rate can change
+    /// is taken without measuring.
+    fn auto(&self, inst: &Instance, m: usize, opts: &Options) -> (plan::Choice, plan::Rates) {
+        if opts.rates.is_none() && opts.measure_rates {
+            let known =
+                self.rate_free.lock().ok().and_then(|c| c.iter().find(|e| e.0 == m).map(|e| e.1));
+            let free = known.unwrap_or_else(|| {
+                let free = plan::rate_independent(inst, m);
+                if let Ok(mut c) = self.rate_free.lock() {
+                    c.push((m, free));
+                }
+                free
+            });
+            if let Some(choice) = free {
+                return (choice, plan::Rates::TYPICAL);
+            }
+        }
+        let rates = self.rates(opts);
+        (self.planned(inst, m, &rates), rates)
+    }
+
     /// The auto strategy's plan for `m` rows, computed once per model and
     /// row count (the candidates' costs depend on the structure, not on x).
     fn planned(&self, inst: &Instance, m: usize, rates: &plan::Rates) -> plan::Choice {
@@ -927,6 +982,9 @@ impl std::fmt::Display for Executed {
 
 /// The auto plan's cache key: row count and the rates' bits.
 type PlanKey = (usize, [u64; 3]);
+
+/// A row count and the auto choice no rate can change, if there is one.
+type RateFree = (usize, Option<plan::Choice>);
 
 /// `W` and `b` of one instance, as the compiler forms them.
 type WAndB = (Block, Vec<f64>);
@@ -1173,13 +1231,11 @@ impl Ensemble {
                         .map_err(|source| Error::Dense { model: model.name.clone(), source })?
                 }
                 fixed @ (Strategy::Auto | Strategy::Reverse | Strategy::Forward | Strategy::Dp) => {
-                    let choice = match fixed {
-                        Strategy::Reverse => plan::Choice::Reverse,
-                        Strategy::Forward => plan::Choice::Forward,
-                        Strategy::Dp => plan::Choice::Dp,
-                        Strategy::Auto | Strategy::Dense => {
-                            model.planned(inst, m, &opts.kernel_rates())
-                        }
+                    let (choice, rates) = match fixed {
+                        Strategy::Reverse => (plan::Choice::Reverse, plan::Rates::TYPICAL),
+                        Strategy::Forward => (plan::Choice::Forward, plan::Rates::TYPICAL),
+                        Strategy::Dp => (plan::Choice::Dp, model.rates(opts)),
+                        Strategy::Auto | Strategy::Dense => model.auto(inst, m, opts),
                     };
                     let need = plan::peak_bytes(inst, m, choice);
                     if need > budget {
@@ -1192,7 +1248,7 @@ impl Ensemble {
                         });
                     }
                     let (wb, ran) = model
-                        .run_plan(inst, &rows, choice, &opts.kernel_rates(), opts, par)
+                        .run_plan(inst, &rows, choice, &rates, opts, par)
                         .map_err(compile_err)?;
                     if ran == Executed::Forward {
                         direction = Direction::Forward;

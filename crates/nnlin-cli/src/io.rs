@@ -661,6 +661,11 @@ pub fn calibration_path() -> Option<std::path::PathBuf> {
         .map(|h| std::path::PathBuf::from(h).join(".config/nnlin/calibration.json"))
 }
 
+/// The rates `nnlin calibrate` stored, if any.
+pub fn stored_rates() -> Option<nnlin::plan::Rates> {
+    load_rates()
+}
+
 fn load_rates() -> Option<nnlin::plan::Rates> {
     let text = std::fs::read_to_string(calibration_path()?).ok()?;
     let num = |key: &str| -> Option<f64> {

@@ -531,8 +531,12 @@ fn explain(args: ExplainArgs) -> Result<()> {
         .with_precision(args.precision)
         .with_max_memory(io::budget());
     if matches!(strategy, Strategy::Auto | Strategy::Dp) {
-        // the rates `nnlin calibrate` stored, or measured once now
-        opts = opts.with_rates(io::rates());
+        // the rates `nnlin calibrate` stored, or this machine's, measured
+        // only if the plan depends on them
+        opts = match io::stored_rates() {
+            Some(r) => opts.with_rates(r),
+            None => opts.with_measured_rates(),
+        };
     }
     let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();

@@ -571,6 +571,33 @@ pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
     c
 }
 
+/// The auto choice for `m` rows when it does not depend on the machine:
+/// the same under [`Rates::TYPICAL`] and under every corner of a box around
+/// it (each rate 4× lower or higher, so any ratio between two rates up to
+/// 16× off; machines measured so far sit within 2× of it), and not a chain
+/// program (whose
+/// bracketing would still follow the rates). `None` when the rates could
+/// change the choice, and for networks of more than 512 layers, where
+/// pricing nine scenarios costs more than measuring.
+pub fn rate_independent(inst: &Instance, m: usize) -> Option<Choice> {
+    if inst.layers.len() > 512 {
+        return None;
+    }
+    let t = Rates::TYPICAL;
+    let mut scenarios = vec![t];
+    for k in 0..8u32 {
+        let f = |bit: u32| if k >> bit & 1 == 1 { 4.0 } else { 0.25 };
+        scenarios.push(Rates {
+            gemm: t.gemm * f(0),
+            sparse: t.sparse * f(1),
+            bandwidth: t.bandwidth * f(2),
+        });
+    }
+    let mut choices = scenarios.iter().map(|r| candidates(inst, m, r).2);
+    let first = choices.next()?;
+    (first != Choice::Dp && choices.all(|c| c == first)).then_some(first)
+}
+
 /// The candidates' predicted costs (reverse, forward; the chain DP on
 /// chains, the best cut split on DAGs) and the chosen one: reverse unless
 /// another is predicted at least 5 % faster.
