@@ -859,22 +859,30 @@ fn per_instance(
         }
         Unary::MaxPool(p) => {
             let w = &p.window;
+            // the input rows and columns each output row and column reads,
+            // in window order (taps in the padding left out)
+            let rows: Vec<Vec<usize>> =
+                (0..w.oh).map(|oy| (0..w.kh).filter_map(|ky| w.iy(oy, ky)).collect()).collect();
+            let cols_in: Vec<Vec<usize>> =
+                (0..w.ow).map(|ox| (0..w.kw).filter_map(|kx| w.ix(ox, kx)).collect()).collect();
             let mut cols = Vec::with_capacity(p.channels * w.oh * w.ow);
             for ch in 0..p.channels {
-                for oy in 0..w.oh {
-                    for ox in 0..w.ow {
+                let plane = &u[ch * w.ih * w.iw..(ch + 1) * w.ih * w.iw];
+                for ys in &rows {
+                    for xs in &cols_in {
+                        // the first tap in window order that no later one
+                        // exceeds (ties to the first, as PyTorch)
                         let mut best: Option<(usize, f64)> = None;
-                        for ky in 0..w.kh {
-                            let Some(iy) = w.iy(oy, ky) else { continue };
-                            for kx in 0..w.kw {
-                                let Some(ix) = w.ix(ox, kx) else { continue };
-                                let j = (ch * w.ih + iy) * w.iw + ix;
-                                if best.is_none_or(|(_, b)| u[j] > b) {
-                                    best = Some((j, u[j]));
+                        for &iy in ys {
+                            let row = &plane[iy * w.iw..(iy + 1) * w.iw];
+                            for &ix in xs {
+                                if best.is_none_or(|(_, b)| row[ix] > b) {
+                                    best = Some((iy * w.iw + ix, row[ix]));
                                 }
                             }
                         }
-                        cols.push(best.expect("a pooling window inside the input").0);
+                        let (j, _) = best.expect("a pooling window inside the input");
+                        cols.push(ch * w.ih * w.iw + j);
                     }
                 }
             }
