@@ -532,12 +532,36 @@ impl Expr {
             _ => false,
         };
         if direct {
-            let mut scratch = Vec::new();
-            return u
-                .iter()
-                .enumerate()
-                .map(|(i, &z)| self.value_and_slope(i, z, &mut scratch))
-                .unzip();
+            // the form is fixed: one tight loop per form instead of matching
+            // the nodes at every element
+            return match self.nodes.as_slice() {
+                [ExprNode::Var, ExprNode::Unary(Unary::Relu, 0)] => {
+                    u.iter().map(|&z| if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) }).unzip()
+                }
+                [ExprNode::Var, ExprNode::Unary(Unary::LeakyRelu { alpha }, 0)] => {
+                    u.iter().map(|&z| if z > 0.0 { (z, 1.0) } else { (alpha * z, *alpha) }).unzip()
+                }
+                [.., ExprNode::Binary(Binary::PRelu, _, b)] => {
+                    let ExprNode::Const(c) = self.nodes[*b] else {
+                        unreachable!("`direct` checked a constant slope")
+                    };
+                    let a = &self.consts[c];
+                    u.iter()
+                        .enumerate()
+                        .map(|(i, &z)| {
+                            let alpha = if a.len() == 1 { a[0] } else { a[i] };
+                            if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) }
+                        })
+                        .unzip()
+                }
+                _ => {
+                    let mut scratch = Vec::new();
+                    u.iter()
+                        .enumerate()
+                        .map(|(i, &z)| self.value_and_slope(i, z, &mut scratch))
+                        .unzip()
+                }
+            };
         }
         let vars: Vec<crate::Dual> = u.iter().map(|&z| crate::Dual::var(z)).collect();
         let mut out = vec![crate::Dual::var(0.0); u.len()];
