@@ -14,8 +14,9 @@ mod common;
 
 use common::conv;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use faer::{Accum, Mat, Par};
+use faer::{Mat, Par};
 use nnlin::Block;
+use nnlin::linalg::Weights;
 
 const ROWS: usize = 10;
 const FRACTIONS: [usize; 7] = [5, 10, 20, 33, 50, 75, 100];
@@ -49,50 +50,21 @@ fn bench(c: &mut Criterion) {
         }
     }
     for (name, out, inp) in [("lenet5_fc1", 120usize, 400usize), ("vgg_fc", 4096, 4096)] {
-        let a = Mat::<f64>::from_fn(out, inp, |i, j| ((i * 31 + j * 7) % 13) as f64 - 6.0);
+        let a = Weights::from(Mat::<f64>::from_fn(out, inp, |i, j| {
+            ((i * 31 + j * 7) % 13) as f64 - 6.0
+        }));
         for percent in FRACTIONS {
             let (g, nz) = adjoint(out, percent);
+            // the two paths of the dense reverse product, as Operator::Dense runs them
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}/skip"), percent),
                 &(&g, &nz),
-                |b, (g, nz)| {
-                    b.iter(|| {
-                        let mut gc = Vec::with_capacity(ROWS * nz.len());
-                        for &t in nz.iter() {
-                            gc.extend_from_slice(g.col_as_slice(t));
-                        }
-                        let gc = Block::from_col_major(ROWS, nz.len(), gc);
-                        let ac = Mat::from_fn(nz.len(), inp, |t, j| a[(nz[t], j)]);
-                        let mut o = Block::<f64>::zeros(ROWS, inp);
-                        faer::linalg::matmul::matmul(
-                            o.as_mut(),
-                            Accum::Replace,
-                            gc.as_ref(),
-                            &ac,
-                            1.0,
-                            Par::Seq,
-                        );
-                        o
-                    })
-                },
+                |b, (g, nz)| b.iter(|| a.left_mul_rows(g, nz, Par::Seq)),
             );
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}/full"), percent),
                 &g,
-                |b, g| {
-                    b.iter(|| {
-                        let mut o = Block::<f64>::zeros(ROWS, inp);
-                        faer::linalg::matmul::matmul(
-                            o.as_mut(),
-                            Accum::Replace,
-                            g.as_ref(),
-                            &a,
-                            1.0,
-                            Par::Seq,
-                        );
-                        o
-                    })
-                },
+                |b, g| b.iter(|| a.left_mul(g, Par::Seq)),
             );
         }
     }

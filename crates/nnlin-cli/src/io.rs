@@ -649,7 +649,7 @@ pub fn load_model_at(
 /// otherwise measured once per process.
 pub fn rates() -> nnlin::plan::Rates {
     static RATES: std::sync::OnceLock<nnlin::plan::Rates> = std::sync::OnceLock::new();
-    *RATES.get_or_init(|| load_rates().unwrap_or_else(nnlin::plan::Rates::measure))
+    *RATES.get_or_init(|| stored_rates().unwrap_or_else(nnlin::plan::Rates::measure))
 }
 
 /// Where `nnlin calibrate` stores its figures.
@@ -663,10 +663,6 @@ pub fn calibration_path() -> Option<std::path::PathBuf> {
 
 /// The rates `nnlin calibrate` stored, if any.
 pub fn stored_rates() -> Option<nnlin::plan::Rates> {
-    load_rates()
-}
-
-fn load_rates() -> Option<nnlin::plan::Rates> {
     let text = std::fs::read_to_string(calibration_path()?).ok()?;
     let num = |key: &str| -> Option<f64> {
         let at = text.find(&format!("\"{key}\""))?;

@@ -14,6 +14,9 @@ use sprs::CsMat;
 mod conv;
 mod real;
 mod structured;
+pub use conv::{ConvGeometry, ConvOp};
+pub use real::{Real, Weights};
+pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
 /// A convolution's reverse product scatters only the nonzero columns of
 /// the adjoint (`ConvOp::backward_sparse`) when they are fewer than this
@@ -52,9 +55,6 @@ fn sparse_columns<T: Real>(g: &Block<T>, (num, den): (usize, usize)) -> Option<V
     }
     Some(nz)
 }
-pub use conv::{ConvGeometry, ConvOp};
-pub use real::{Real, Weights};
-pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
 /// A dense column-major block with contiguous columns: the adjoint blocks of
 /// reverse accumulation and the tangent blocks of forward accumulation.
@@ -449,37 +449,11 @@ impl Operator {
         match self {
             Operator::Identity(_) => g.clone(),
             Operator::Diagonal(_) => self.left_mul_owned(g.clone(), par),
-            Operator::Dense(a) => {
-                let mut out = Block::zeros(k, a.ncols());
-                if let Some(nz) = sparse_columns(g, DENSE_SKIP_BELOW) {
-                    // skip the rows of A that zero columns of G would multiply
-                    let mut gc = Vec::with_capacity(k * nz.len());
-                    for &t in &nz {
-                        gc.extend_from_slice(g.col_as_slice(t));
-                    }
-                    let gc = Block::from_col_major(k, nz.len(), gc);
-                    let ac = Mat::<T>::from_fn(nz.len(), a.ncols(), |t, j| T::of(a[(nz[t], j)]));
-                    faer::linalg::matmul::matmul(
-                        out.as_mut(),
-                        Accum::Replace,
-                        gc.as_ref(),
-                        &ac,
-                        T::ONE,
-                        par,
-                    );
-                } else {
-                    let a: &Mat<T> = a.get::<T>();
-                    faer::linalg::matmul::matmul(
-                        out.as_mut(),
-                        Accum::Replace,
-                        g.as_ref(),
-                        a,
-                        T::ONE,
-                        par,
-                    );
-                }
-                out
-            }
+            // skip the rows of A that zero columns of G would multiply
+            Operator::Dense(a) => match sparse_columns(g, DENSE_SKIP_BELOW) {
+                Some(nz) => a.left_mul_rows(g, &nz, par),
+                None => a.left_mul(g, par),
+            },
             Operator::Csr(a) => {
                 // (G·A)[:, j] += A[i, j] · G[:, i] for every stored (i, j).
                 let mut out = Block::zeros(k, a.cols());

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use faer::{Mat, Par};
+use faer::{Accum, Mat, Par};
 
 use crate::{Block, Operator};
 
@@ -125,6 +125,35 @@ impl Weights {
     /// The shared `f64` matrix.
     pub fn shared(&self) -> &std::sync::Arc<Mat<f64>> {
         &self.f64
+    }
+
+    /// `G·W` for `G` of `k × nrows`: one GEMM.
+    pub fn left_mul<T: Real>(&self, g: &Block<T>, par: Par) -> Block<T> {
+        let mut out = Block::zeros(g.nrows(), self.f64.ncols());
+        faer::linalg::matmul::matmul(
+            out.as_mut(),
+            Accum::Replace,
+            g.as_ref(),
+            self.get::<T>(),
+            T::ONE,
+            par,
+        );
+        out
+    }
+
+    /// `G·W` when only the columns `nz` of `G` are nonzero: those columns
+    /// and the rows of `W` they select, gathered, and a smaller GEMM.
+    pub fn left_mul_rows<T: Real>(&self, g: &Block<T>, nz: &[usize], par: Par) -> Block<T> {
+        let k = g.nrows();
+        let mut gc = Vec::with_capacity(k * nz.len());
+        for &t in nz {
+            gc.extend_from_slice(g.col_as_slice(t));
+        }
+        let gc = Block::from_col_major(k, nz.len(), gc);
+        let ac = Mat::<T>::from_fn(nz.len(), self.f64.ncols(), |t, j| T::of(self.f64[(nz[t], j)]));
+        let mut out = Block::zeros(k, self.f64.ncols());
+        faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, gc.as_ref(), &ac, T::ONE, par);
+        out
     }
 }
 
