@@ -169,7 +169,8 @@ proptest! {
         let mut rng = Rng(seed);
         let mut net = Network::new(vec![1, c, hw, hw]);
         let n = net.input_len();
-        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 1.0), shift: rng.vec(n, 1.0) }), vec![ValueId(0)]).unwrap();
+        // one scale and shift per channel, as a batch-norm's
+        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(c, 1.0), shift: rng.vec(c, 1.0), spatial: hw * hw }), vec![ValueId(0)]).unwrap();
         let r = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![a]).unwrap();
         let s = net.push("add", "Add", Layer::Add(nnlin::ir::Add { coeffs: vec![1.0, -0.5] }), vec![r, ValueId(0)]).unwrap();
         net.push("concat", "Concat", Layer::Concat(Concat { axis }), vec![ValueId(0), s, r]).unwrap();
@@ -227,7 +228,7 @@ proptest! {
         let n = net.input_len();
         let gate: Vec<usize> = shape.iter().zip(&ones).map(|(&d, &o)| if o { 1 } else { d }).collect();
         let a = net.push("tanh", "Tanh", Layer::Activation(Activation { expr: Expr::unary(Unary::Tanh) }), vec![ValueId(0)]).unwrap();
-        let aff = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 1.0), shift: rng.vec(n, 0.5) }), vec![ValueId(0)]).unwrap();
+        let aff = net.push("affine", "Mul", Layer::Affine(Affine::per_element(rng.vec(n, 1.0), rng.vec(n, 0.5))), vec![ValueId(0)]).unwrap();
         let s = net.push("sigmoid", "Sigmoid", Layer::Activation(Activation { expr: Expr::unary(Unary::Sigmoid) }), vec![aff]).unwrap();
         let gn: usize = gate.iter().product();
         let src = (0..gn).map(|k| Some((k * 7 + 3) % n)).collect();
@@ -248,7 +249,7 @@ proptest! {
         let mut net = Network::new(shape.clone());
         let n = net.input_len();
         let axis = axis_seed % shape.len();
-        let a = net.push("affine", "Mul", Layer::Affine(Affine { scale: rng.vec(n, 2.0), shift: rng.vec(n, 1.0) }), vec![ValueId(0)]).unwrap();
+        let a = net.push("affine", "Mul", Layer::Affine(Affine::per_element(rng.vec(n, 2.0), rng.vec(n, 1.0))), vec![ValueId(0)]).unwrap();
         net.push("softmax", "Softmax", Layer::Softmax(Softmax { axis, log }), vec![a]).unwrap();
         let x = rng.vec(n, 1.0);
         check(&net, &x, Mode::Tangent)?;

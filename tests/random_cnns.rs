@@ -57,15 +57,13 @@ impl Builder {
     fn bn(&mut self, v: ValueId) -> ValueId {
         let n = self.net.numel(v);
         let s = self.shape(v);
-        let per = n / s[1];
-        let scale: Vec<f64> =
-            (0..s[1]).flat_map(|_| std::iter::repeat_n(1.0 + 0.3 * self.rng.next(), per)).collect();
-        let shift: Vec<f64> =
-            (0..s[1]).flat_map(|_| std::iter::repeat_n(0.2 * self.rng.next(), per)).collect();
+        // one scale and shift per channel, read by its `spatial` positions
+        let spatial = n / s[1];
+        let scale: Vec<f64> = (0..s[1]).map(|_| 1.0 + 0.3 * self.rng.next()).collect();
+        let shift: Vec<f64> = (0..s[1]).map(|_| 0.2 * self.rng.next()).collect();
         let name = self.name("bn");
-        self.net
-            .push(name, "BatchNormalization", Layer::Affine(Affine { scale, shift }), vec![v])
-            .unwrap()
+        let layer = Layer::Affine(Affine { scale, shift, spatial });
+        self.net.push(name, "BatchNormalization", layer, vec![v]).unwrap()
     }
     fn act(&mut self, v: ValueId) -> ValueId {
         let f = if self.smooth {

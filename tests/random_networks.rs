@@ -137,7 +137,9 @@ fn build(c: &Case) -> (Network, Vec<f64>, bool) {
     if c.normalize {
         let scale = (0..c.n).map(|_| 1.0 + 0.5 * rng.next()).collect();
         let shift = (0..c.n).map(|_| rng.next()).collect();
-        v = net.push("norm", "Sub+Div", Layer::Affine(Affine { scale, shift }), vec![v]).unwrap();
+        v = net
+            .push("norm", "Sub+Div", Layer::Affine(Affine::per_element(scale, shift)), vec![v])
+            .unwrap();
     }
     let mut width = c.n;
     let mut homogeneous = true;
@@ -194,12 +196,15 @@ fn paper_secant(net: &Network, x: &[f64]) -> (Vec<Vec<f64>>, Vec<f64>) {
                     .collect(),
                 d.bias.clone().unwrap_or_else(|| vec![0.0; d.out_features]),
             ),
-            Layer::Affine(af) => (
-                (0..nz)
-                    .map(|i| (0..nz).map(|j| if i == j { af.scale[i] } else { 0.0 }).collect())
-                    .collect(),
-                af.shift.clone(),
-            ),
+            Layer::Affine(af) => {
+                let (scale, shift) = af.expanded();
+                (
+                    (0..nz)
+                        .map(|i| (0..nz).map(|j| if i == j { scale[i] } else { 0.0 }).collect())
+                        .collect(),
+                    shift,
+                )
+            }
             Layer::Activation(act) => {
                 let mut lam = vec![0.0; nz];
                 let mut off = vec![0.0; nz];

@@ -24,7 +24,8 @@ use faer::{Mat, Par};
 use nnlin_ir::{ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
 use nnlin_linalg::{
-    ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection, SoftmaxJac,
+    ChannelScale, ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection,
+    SoftmaxJac,
 };
 
 /// How smooth activations are linearized (piecewise-linear ones always use
@@ -556,8 +557,19 @@ impl Compiler {
                     let (op, b) = dense_operator(d, numel / d.in_features);
                     one(op, b.into())
                 }
-                Layer::Affine(a) => {
+                Layer::Affine(a) if a.spatial == 1 => {
                     one(Operator::Diagonal(a.scale.clone()), a.shift.clone().into())
+                }
+                Layer::Affine(a) => {
+                    // one scale and shift per block (a batch-norm's channel)
+                    let op = ChannelScale::new(a.scale.clone(), a.spatial)
+                        .expect("the network checked the blocks");
+                    let bias = if a.shift.iter().all(|x| x.to_bits() == 0) {
+                        Offset::Zero(op.len())
+                    } else {
+                        Offset::PerChannel { values: a.shift.clone(), spatial: a.spatial }
+                    };
+                    one(Operator::ChannelScale(op), bias)
                 }
                 Layer::Reshape(_) => one(Operator::Identity(numel), Offset::Zero(numel)),
                 Layer::Conv(c) => {

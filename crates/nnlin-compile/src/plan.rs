@@ -147,6 +147,7 @@ fn op_cost(op: &Operator, width: usize) -> Cost {
             apply(true)
         }
         Operator::Diagonal(_)
+        | Operator::ChannelScale(_)
         | Operator::Csr(_)
         | Operator::Selection(_)
         | Operator::Softmax(_) => apply(false),
@@ -203,7 +204,8 @@ pub enum Tree {
 
 /// A factor cheap to fold into an explicit neighbour.
 enum Cheap<'a> {
-    Diagonal(&'a [f64]),
+    /// `values[i / spatial]` at element `i`.
+    Diagonal(&'a [f64], usize),
     Selection(&'a Selection),
 }
 
@@ -228,6 +230,7 @@ fn explicit_entries(op: &Operator) -> Option<Vec<(usize, usize, f64)>> {
         }
         Operator::Identity(_)
         | Operator::Diagonal(_)
+        | Operator::ChannelScale(_)
         | Operator::Selection(_)
         | Operator::Conv(_)
         | Operator::Transposed(_)
@@ -243,7 +246,8 @@ fn is_explicit(op: &Operator) -> bool {
 
 fn cheap(op: &Operator) -> Option<Cheap<'_>> {
     match op {
-        Operator::Diagonal(d) => Some(Cheap::Diagonal(d)),
+        Operator::Diagonal(d) => Some(Cheap::Diagonal(d, 1)),
+        Operator::ChannelScale(d) => Some(Cheap::Diagonal(d.values(), d.spatial())),
         Operator::Selection(s) => Some(Cheap::Selection(s)),
         Operator::Identity(_)
         | Operator::Dense(_)
@@ -269,7 +273,9 @@ pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
     let mut tri: Vec<(usize, usize, f64)> = Vec::new();
     if let (Some(c), Some(entries)) = (cheap(outer), explicit_entries(inner)) {
         match c {
-            Cheap::Diagonal(d) => tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, d[i] * v))),
+            Cheap::Diagonal(d, s) => {
+                tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, d[i / s] * v)));
+            }
             Cheap::Selection(sel) => {
                 // gather rows of the explicit factor
                 let mut by_row: Vec<Vec<(usize, f64)>> = vec![vec![]; inner.nrows()];
@@ -285,7 +291,9 @@ pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
         }
     } else if let (Some(entries), Some(c)) = (explicit_entries(outer), cheap(inner)) {
         match c {
-            Cheap::Diagonal(d) => tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, v * d[j]))),
+            Cheap::Diagonal(d, s) => {
+                tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, v * d[j / s])));
+            }
             Cheap::Selection(sel) => {
                 // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
                 for (i, j, v) in entries {

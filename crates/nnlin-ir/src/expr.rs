@@ -129,15 +129,43 @@ pub enum ExprClass {
     Smooth,
 }
 
+/// A constant tensor of an [`Expr`], stored once per block of `repeat`
+/// consecutive elements: element `i` reads `values[i / repeat]`, and a
+/// scalar (one value) is read everywhere. A per-channel constant of an
+/// `[1, C, H, W]` tensor (batch-norm) is `C` values repeated `H·W` times;
+/// a per-element one has `repeat` 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Const {
+    /// One value per block (or one scalar).
+    pub values: Arc<[f64]>,
+    /// Elements per block, at least 1.
+    pub repeat: usize,
+}
+
+impl Const {
+    /// The value at element `i`.
+    #[inline]
+    pub fn at(&self, i: usize) -> f64 {
+        if self.values.len() == 1 { self.values[0] } else { self.values[i / self.repeat] }
+    }
+
+    /// Whether the constant fits a tensor of `numel` elements: a scalar, or
+    /// blocks that tile it exactly.
+    pub fn fits(&self, numel: usize) -> bool {
+        self.values.len() == 1
+            || (self.repeat >= 1 && self.values.len().checked_mul(self.repeat) == Some(numel))
+    }
+}
+
 /// An elementwise function of one tensor: nodes in topological order, the
-/// last one the result. Constants have length 1 (scalar) or the tensor's
-/// element count (already broadcast).
+/// last one the result. Each constant is a scalar or covers the tensor's
+/// elements in blocks ([`Const`]).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Expr {
     /// Nodes; the last is the result.
     pub nodes: Vec<ExprNode>,
-    /// Constant tensors, each of length 1 or `numel`.
-    pub consts: Vec<Arc<[f64]>>,
+    /// Constant tensors.
+    pub consts: Vec<Const>,
 }
 
 impl Unary {
@@ -319,7 +347,17 @@ impl Expr {
 
     /// Appends a constant tensor (length 1 or `numel`) and a node for it.
     pub fn push_const(&mut self, values: Vec<f64>) -> usize {
-        self.consts.push(values.into());
+        self.push_const_repeated(values, 1)
+    }
+
+    /// Appends a constant of one value per block of `repeat` consecutive
+    /// elements ([`Const`]) and a node for it.
+    ///
+    /// # Panics
+    /// If `repeat` is 0.
+    pub fn push_const_repeated(&mut self, values: Vec<f64>, repeat: usize) -> usize {
+        assert!(repeat >= 1, "a constant's blocks hold at least one element");
+        self.consts.push(Const { values: values.into(), repeat });
         self.push(ExprNode::Const(self.consts.len() - 1))
     }
 
@@ -330,7 +368,7 @@ impl Expr {
             ExprNode::Var => (0, 0, 0, String::new()),
             ExprNode::Const(c) => {
                 let v = &self.consts[*c];
-                (1, v.as_ptr() as usize, v.len(), String::new())
+                (1, v.values.as_ptr() as usize, v.values.len(), v.repeat.to_string())
             }
             ExprNode::Unary(f, a) => (2, *a, 0, format!("{f:?}")),
             ExprNode::Binary(f, a, b) => (3, *a, *b, format!("{f:?}")),
@@ -355,12 +393,15 @@ impl Expr {
                     let existing = self
                         .consts
                         .iter()
-                        .position(|v| Arc::ptr_eq(v, &other.consts[*c]))
+                        .position(|v| {
+                            Arc::ptr_eq(&v.values, &other.consts[*c].values)
+                                && v.repeat == other.consts[*c].repeat
+                        })
                         .or_else(|| const_map.get(c).copied());
                     let k = match existing {
                         Some(k) => k,
                         None => {
-                            self.consts.push(Arc::clone(&other.consts[*c]));
+                            self.consts.push(other.consts[*c].clone());
                             const_map.insert(*c, self.consts.len() - 1);
                             self.consts.len() - 1
                         }
@@ -405,9 +446,46 @@ impl Expr {
         }
     }
 
-    /// Longest constant; 1 if all are scalars.
-    pub fn const_len(&self) -> usize {
-        self.consts.iter().map(|c| c.len()).max().unwrap_or(1)
+    /// The coefficients of an affine expression over `numel` elements:
+    /// `(scale, shift, spatial)` with element `i` mapped to
+    /// `scale[i / spatial]·x + shift[i / spatial]`. `spatial` is the largest
+    /// block on which every constant is constant (the gcd of their
+    /// repeats; `numel` when all are scalars), so a batch-norm keeps one
+    /// pair per channel. The values are the expression's value and slope at
+    /// 0, one dual evaluation per block, the same bits as per element.
+    ///
+    /// # Panics
+    /// If a constant does not fit `numel` elements (see [`Const::fits`]).
+    pub fn affine_coefficients(&self, numel: usize) -> (Vec<f64>, Vec<f64>, usize) {
+        assert!(self.consts.iter().all(|c| c.fits(numel)), "a constant does not fit the tensor");
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let spatial = self
+            .consts
+            .iter()
+            .filter(|c| c.values.len() > 1)
+            .fold(numel, |g, c| gcd(g, c.repeat))
+            .max(1);
+        let blocks = numel / spatial;
+        let (shift, scale) = if spatial == 1 {
+            let zeros = vec![crate::Dual::var(0.0); numel];
+            let mut y = zeros.clone();
+            self.eval_slice(&zeros, &mut y);
+            y.iter().map(|d| (d.v, d.d)).unzip()
+        } else {
+            let mut scratch = Vec::new();
+            (0..blocks)
+                .map(|k| {
+                    let d = self.eval(k * spatial, crate::Dual::var(0.0), &mut scratch);
+                    (d.v, d.d)
+                })
+                .unzip()
+        };
+        (scale, shift, spatial)
     }
 
     /// Evaluates the expression for element `i` at `x`. `scratch` is reused
@@ -549,7 +627,7 @@ impl Expr {
                     u.iter()
                         .enumerate()
                         .map(|(i, &z)| {
-                            let alpha = if a.len() == 1 { a[0] } else { a[i] };
+                            let alpha = a.at(i);
                             if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) }
                         })
                         .unzip()
@@ -570,8 +648,7 @@ impl Expr {
     }
 
     fn const_at(&self, c: usize, i: usize) -> f64 {
-        let v = &self.consts[c];
-        if v.len() == 1 { v[0] } else { v[i] }
+        self.consts[c].at(i)
     }
 
     /// How the result depends on the variable (a structural, conservative
@@ -723,7 +800,7 @@ impl Expr {
         match &self.nodes[i] {
             ExprNode::Var => "x".into(),
             ExprNode::Const(c) => {
-                let v = &self.consts[*c];
+                let v = &self.consts[*c].values;
                 if v.len() == 1 { format!("{}", v[0]) } else { format!("c[{}]", v.len()) }
             }
             ExprNode::Unary(f, a) => format!("{}({})", f.name(), self.render_node(*a, left)),
@@ -774,6 +851,38 @@ mod tests {
         e.push(ExprNode::Binary(Binary::PRelu, 0, s));
         assert_eq!(e.eval(0, Dual::var(0.0), &mut vec![]).d, 0.25);
         assert_eq!(e.class(), ExprClass::PiecewiseLinear);
+    }
+
+    /// Affine coefficients kept per block equal the per-element ones: a
+    /// batch-norm (per channel) composed with a per-pair constant keeps the
+    /// blocks both share, and scalars alone keep one block.
+    #[test]
+    fn affine_coefficients_keep_the_shared_blocks() {
+        let per_channel = |e: &mut Expr, v: Vec<f64>, r: usize| e.push_const_repeated(v, r);
+        // (x·m_c + t_c)·k_p + 0.5 over 3 channels of 4 elements, k per 2
+        let mut e = Expr::var();
+        let m = per_channel(&mut e, vec![0.5, -2.0, 3.0], 4);
+        let xm = e.push(ExprNode::Binary(Binary::Mul, 0, m));
+        let t = per_channel(&mut e, vec![0.1, 0.2, -0.3], 4);
+        let y = e.push(ExprNode::Binary(Binary::Add, xm, t));
+        let k = per_channel(&mut e, (0..6).map(|i| 1.0 + f64::from(i)).collect(), 2);
+        let yk = e.push(ExprNode::Binary(Binary::Mul, y, k));
+        let h = e.push_const(vec![0.5]);
+        e.push(ExprNode::Binary(Binary::Add, yk, h));
+        let (scale, shift, spatial) = e.affine_coefficients(12);
+        assert_eq!((scale.len(), spatial), (6, 2));
+        for i in 0..12 {
+            let d = e.eval(i, Dual::var(0.0), &mut vec![]);
+            assert_eq!(
+                (scale[i / 2].to_bits(), shift[i / 2].to_bits()),
+                (d.d.to_bits(), d.v.to_bits())
+            );
+        }
+        let mut s = Expr::var();
+        let c = s.push_const(vec![4.0]);
+        s.push(ExprNode::Binary(Binary::Div, 0, c));
+        assert_eq!(s.affine_coefficients(10), (vec![0.25], vec![0.0], 10));
+        assert!(!Const { values: vec![1.0, 2.0].into(), repeat: 3 }.fits(7));
     }
 
     /// The direct branches of `value_and_slope` give the dual evaluation's

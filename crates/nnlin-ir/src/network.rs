@@ -28,14 +28,35 @@ pub struct Dense {
 }
 
 /// An elementwise affine map `y = scale ⊙ x + shift` (input normalization,
-/// `Add`/`Sub`/`Mul`/`Div` by constants). Both vectors have the tensor's
-/// element count.
+/// batch-norm, `Add`/`Sub`/`Mul`/`Div` by constants), stored once per block
+/// of `spatial` consecutive elements: element `i` is
+/// `scale[i / spatial]·x_i + shift[i / spatial]`. A batch-norm of an
+/// `[1, C, H, W]` tensor holds `C` pairs with `spatial = H·W`; a
+/// per-element map has `spatial` 1. `scale.len() · spatial` is the
+/// tensor's element count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Affine {
-    /// Per-element scale.
+    /// Scale, one per block.
     pub scale: Vec<f64>,
-    /// Per-element shift.
+    /// Shift, one per block.
     pub shift: Vec<f64>,
+    /// Elements per block, at least 1.
+    pub spatial: usize,
+}
+
+impl Affine {
+    /// One scale and shift per element.
+    pub fn per_element(scale: Vec<f64>, shift: Vec<f64>) -> Self {
+        Self { scale, shift, spatial: 1 }
+    }
+
+    /// The same map with one scale and shift per element (for readers that
+    /// want them spelled out; the compiled path keeps the blocks).
+    pub fn expanded(&self) -> (Vec<f64>, Vec<f64>) {
+        let rep =
+            |v: &[f64]| v.iter().flat_map(|&c| std::iter::repeat_n(c, self.spatial)).collect();
+        (rep(&self.scale), rep(&self.shift))
+    }
 }
 
 /// An elementwise nonlinear function `y_i = σ_i(x_i)`.
@@ -445,7 +466,7 @@ impl Layer {
         match self {
             Layer::Dense(d) => d.weight.len() + d.bias.as_ref().map_or(0, Vec::len),
             Layer::Affine(a) => a.scale.len() + a.shift.len(),
-            Layer::Activation(a) => a.expr.consts.iter().map(|c| c.len()).sum(),
+            Layer::Activation(a) => a.expr.consts.iter().map(|c| c.values.len()).sum(),
             Layer::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
             Layer::ConvTranspose(t) => t.conv.weight.len() + t.bias.as_ref().map_or(0, Vec::len),
             Layer::Reshape(_)
@@ -473,7 +494,9 @@ impl Layer {
         let x = inputs[0];
         let numel: usize = x.iter().product();
         let finite = |param: &str, v: &[f64]| {
-            if v.iter().all(|t| t.is_finite()) {
+            // a fold without early exit vectorizes (weights are finite but
+            // for hostile files, and every weight passes through here)
+            if v.chunks(4096).all(|c| c.iter().fold(true, |a, t| a & t.is_finite())) {
                 Ok(())
             } else {
                 Err(IrError::NonFinite { layer: name.to_string(), param: param.to_string() })
@@ -504,8 +527,14 @@ impl Layer {
                 }
             }
             Layer::Affine(a) => {
-                if a.scale.len() != numel || a.shift.len() != numel {
-                    return Err(mismatch(format!("{} elements", a.scale.len()), x));
+                if a.spatial == 0
+                    || a.scale.len() != a.shift.len()
+                    || a.scale.len().checked_mul(a.spatial) != Some(numel)
+                {
+                    return Err(mismatch(
+                        format!("{} blocks of {} elements", a.scale.len(), a.spatial),
+                        x,
+                    ));
                 }
                 finite("scale", &a.scale)?;
                 finite("shift", &a.shift)?;
@@ -513,10 +542,13 @@ impl Layer {
             }
             Layer::Activation(a) => {
                 for c in &a.expr.consts {
-                    if c.len() != 1 && c.len() != numel {
-                        return Err(mismatch(format!("{} elements", c.len()), x));
+                    if !c.fits(numel) {
+                        return Err(mismatch(
+                            format!("{} blocks of {} elements", c.values.len(), c.repeat),
+                            x,
+                        ));
                     }
-                    finite("constant", c)?;
+                    finite("constant", &c.values)?;
                 }
                 Ok(x.to_vec())
             }

@@ -46,9 +46,11 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     .collect()
             }
             Layer::Affine(a) => u
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| S::from_f64(a.scale[i]) * t + S::from_f64(a.shift[i]))
+                .chunks(a.spatial)
+                .zip(a.scale.iter().zip(&a.shift))
+                .flat_map(|(block, (&sc, &sh))| {
+                    block.iter().map(move |&t| S::from_f64(sc) * t + S::from_f64(sh))
+                })
                 .collect(),
             Layer::Activation(a) => {
                 let mut y = u.clone();

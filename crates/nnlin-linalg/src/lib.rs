@@ -224,6 +224,56 @@ impl Selection {
     pub const ZERO: usize = usize::MAX;
 }
 
+/// `diag(values ⊗ 1_spatial)`: one scale per block of `spatial` consecutive
+/// elements (a batch-norm's per-channel scale over its `H·W` positions),
+/// stored once per block rather than once per element.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelScale {
+    values: Vec<f64>,
+    spatial: usize,
+}
+
+impl ChannelScale {
+    /// `values[c]` on elements `c·spatial .. (c+1)·spatial`.
+    ///
+    /// # Errors
+    /// If `spatial` is 0 or the element count overflows.
+    pub fn new(values: Vec<f64>, spatial: usize) -> Result<Self, ShapeError> {
+        if spatial == 0 || values.len().checked_mul(spatial).is_none() {
+            return Err(ShapeError(format!(
+                "{} blocks of {spatial} elements is not a size",
+                values.len()
+            )));
+        }
+        Ok(Self { values, spatial })
+    }
+
+    /// One scale per block.
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// Elements per block.
+    pub fn spatial(&self) -> usize {
+        self.spatial
+    }
+
+    /// Elements (rows and columns).
+    pub fn len(&self) -> usize {
+        self.values.len() * self.spatial
+    }
+
+    /// Whether the operator is `0 × 0`.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// `(block, scale)` for every element range.
+    fn blocks(&self) -> impl Iterator<Item = (std::ops::Range<usize>, f64)> + '_ {
+        self.values.iter().enumerate().map(|(c, &v)| (c * self.spatial..(c + 1) * self.spatial, v))
+    }
+}
+
 /// The closed set of linear operators.
 #[derive(Clone, Debug)]
 pub enum Operator {
@@ -231,6 +281,8 @@ pub enum Operator {
     Identity(usize),
     /// Diagonal `diag(d)` (elementwise affine layers, activation slopes).
     Diagonal(Vec<f64>),
+    /// A diagonal with one value per block of elements (batch-norm).
+    ChannelScale(ChannelScale),
     /// A dense matrix (fully connected layers).
     Dense(Weights),
     /// A CSR matrix with explicit nonzeros.
@@ -275,7 +327,7 @@ impl Operator {
     pub fn kind(&self) -> &'static str {
         match self {
             Operator::Identity(_) => "identity",
-            Operator::Diagonal(_) => "diagonal",
+            Operator::Diagonal(_) | Operator::ChannelScale(_) => "diagonal",
             Operator::Dense(_) => "dense",
             Operator::Csr(_) => "csr",
             Operator::Selection(_) => "selection",
@@ -295,6 +347,7 @@ impl Operator {
         match self {
             Operator::Identity(n) => *n,
             Operator::Diagonal(d) => d.len(),
+            Operator::ChannelScale(d) => d.len(),
             Operator::Dense(m) => m.nrows(),
             Operator::Csr(m) => m.rows(),
             Operator::Selection(s) => s.cols().len(),
@@ -311,6 +364,7 @@ impl Operator {
         match self {
             Operator::Identity(n) => *n,
             Operator::Diagonal(d) => d.len(),
+            Operator::ChannelScale(d) => d.len(),
             Operator::Dense(m) => m.ncols(),
             Operator::Csr(m) => m.cols(),
             Operator::Selection(s) => s.ncols(),
@@ -329,6 +383,7 @@ impl Operator {
         match self {
             Operator::Identity(n) => *n,
             Operator::Diagonal(d) => d.len(),
+            Operator::ChannelScale(d) => d.len(),
             Operator::Dense(m) => m.nrows() * m.ncols(),
             Operator::Csr(m) => m.nnz(),
             Operator::Selection(s) => s.cols().iter().filter(|&&c| c != Selection::ZERO).count(),
@@ -347,6 +402,7 @@ impl Operator {
         match self {
             Operator::Identity(_) => 0,
             Operator::Diagonal(d) => d.len() * f,
+            Operator::ChannelScale(d) => std::mem::size_of_val(d.values()),
             Operator::Dense(m) => m.nrows() * m.ncols() * f,
             Operator::Csr(m) => m.nnz() * (f + u) + (m.rows() + 1) * u,
             Operator::Selection(s) => std::mem::size_of_val(s.cols()),
@@ -376,6 +432,9 @@ impl Operator {
         match self {
             Operator::Identity(_) => x.to_vec(),
             Operator::Diagonal(d) => d.iter().zip(x).map(|(a, b)| a * b).collect(),
+            Operator::ChannelScale(d) => {
+                d.blocks().flat_map(|(r, v)| x[r].iter().map(move |b| v * b)).collect()
+            }
             Operator::Dense(m) => {
                 let mut y = vec![0.0; m.nrows()];
                 for j in 0..m.ncols() {
@@ -428,6 +487,17 @@ impl Operator {
                 }
                 g
             }
+            Operator::ChannelScale(d) => {
+                for (r, v) in d.blocks() {
+                    let v = T::of(v);
+                    for j in r {
+                        for x in g.col_as_slice_mut(j) {
+                            *x *= v;
+                        }
+                    }
+                }
+                g
+            }
             Operator::Dense(_)
             | Operator::Csr(_)
             | Operator::Selection(_)
@@ -448,7 +518,9 @@ impl Operator {
         let k = g.nrows();
         match self {
             Operator::Identity(_) => g.clone(),
-            Operator::Diagonal(_) => self.left_mul_owned(g.clone(), par),
+            Operator::Diagonal(_) | Operator::ChannelScale(_) => {
+                self.left_mul_owned(g.clone(), par)
+            }
             // skip the rows of A that zero columns of G would multiply
             Operator::Dense(a) => match sparse_columns(g, DENSE_SKIP_BELOW) {
                 Some(nz) => a.left_mul_rows(g, &nz, par),
@@ -505,6 +577,7 @@ impl Operator {
             Operator::Transposed(a) => a.right_mul(&g.transpose(), par).transpose(),
             Operator::Identity(_)
             | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
             | Operator::Dense(_)
             | Operator::Csr(_)
             | Operator::Selection(_)
@@ -529,6 +602,16 @@ impl Operator {
                 for c in 0..k {
                     for (v, dj) in out.col_as_slice_mut(c).iter_mut().zip(d) {
                         *v *= dj;
+                    }
+                }
+                out
+            }
+            Operator::ChannelScale(d) => {
+                let mut out = t.clone();
+                for c in 0..k {
+                    let col = out.col_as_slice_mut(c);
+                    for (r, v) in d.blocks() {
+                        col[r].iter_mut().for_each(|x| *x *= v);
                     }
                 }
                 out
@@ -687,7 +770,13 @@ mod tests {
                     Operator::MatMul(MatMulOp::new((b, m, k, n), fixed, f.into()).unwrap())
                 }
                 0 => Operator::Identity(c),
-                1 => Operator::Diagonal((0..c).map(|_| rnd()).collect()),
+                1 if seed / 16 % 2 == 0 => Operator::Diagonal((0..c).map(|_| rnd()).collect()),
+                1 => {
+                    // c blocks of 1 + r % 3 elements
+                    let spatial = 1 + r % 3;
+                    let values = (0..c).map(|_| rnd()).collect();
+                    Operator::ChannelScale(ChannelScale::new(values, spatial).unwrap())
+                }
                 2 => Operator::Dense(Mat::from_fn(r, c, |_, _| rnd()).into()),
                 3 => {
                     let tri: Vec<_> = (0..r * c / 2 + 1)

@@ -96,17 +96,27 @@ impl Importer<'_> {
                 }
                 Some(Sym::Const(t)) => {
                     let t = &self.legacy_broadcast(t, root_shape.len())?;
-                    let data = if t.numel() == 1 {
-                        vec![t.data[0]]
+                    // a constant whose shape is the tensor's up to an axis
+                    // and 1 after it (a per-channel [1, C, 1, 1] over
+                    // [1, C, H, W]) keeps its values, each read by a block
+                    let last = t.dims.iter().rposition(|&d| d != 1);
+                    let blocks = last.filter(|&k| {
+                        t.dims.len() == root_shape.len() && t.dims[..=k] == root_shape[..=k]
+                    });
+                    if t.numel() == 1 {
+                        Some(e.push_const(vec![t.data[0]]))
+                    } else if let Some(k) = blocks {
+                        let repeat = root_shape[k + 1..].iter().product::<usize>().max(1);
+                        Some(e.push_const_repeated(t.data.clone(), repeat))
                     } else {
-                        tensor::broadcast_to(t, &root_shape).ok_or_else(|| {
+                        let data = tensor::broadcast_to(t, &root_shape).ok_or_else(|| {
                             self.unsupported(format!(
                                 "constant of shape {:?} does not broadcast",
                                 t.dims
                             ))
-                        })?
-                    };
-                    Some(e.push_const(data))
+                        })?;
+                        Some(e.push_const(data))
+                    }
                 }
             });
         }
@@ -230,20 +240,23 @@ impl Importer<'_> {
         if [&scale, &bias, &mean, &var].iter().any(|t| t.numel() != channels) {
             return Err(self.unsupported(format!("parameters must have {channels} channels")));
         }
+        // one scale and shift per channel, each read by the channel's
+        // `inner` elements (a [1, C, ...] tensor)
         let inner: usize = shape.iter().skip(2).product();
-        let mut mul = Vec::with_capacity(channels * inner);
-        let mut add = Vec::with_capacity(channels * inner);
-        for ch in 0..channels {
-            let sc = scale.data[ch] / (var.data[ch] + eps).sqrt();
-            let sh = bias.data[ch] - mean.data[ch] * sc;
-            mul.extend(std::iter::repeat_n(sc, inner));
-            add.extend(std::iter::repeat_n(sh, inner));
+        if shape.first().is_some_and(|&b| b != 1) {
+            return Err(self.unsupported(format!("input {shape:?}: batch size must be 1")));
         }
+        let (mul, add): (Vec<f64>, Vec<f64>) = (0..channels)
+            .map(|ch| {
+                let sc = scale.data[ch] / (var.data[ch] + eps).sqrt();
+                (sc, bias.data[ch] - mean.data[ch] * sc)
+            })
+            .unzip();
         let mut e = Expr::var();
         let x = e.splice(&base, 0);
-        let m = e.push_const(mul);
+        let m = e.push_const_repeated(mul, inner.max(1));
         let xm = e.push(ExprNode::Binary(Binary::Mul, x, m));
-        let t = e.push_const(add);
+        let t = e.push_const_repeated(add, inner.max(1));
         e.push(ExprNode::Binary(Binary::Add, xm, t));
         sources.push("BatchNormalization".into());
         Ok(Sym::Expr { root, expr: e, sources })

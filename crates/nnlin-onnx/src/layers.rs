@@ -160,7 +160,7 @@ impl Importer<'_> {
             Some(b) => per_element(b)
                 .ok_or_else(|| self.unsupported(format!("bias of shape {:?}", b.dims)))?,
         };
-        let layer = Layer::Affine(nnlin_ir::Affine { scale: sc, shift: sh });
+        let layer = Layer::Affine(nnlin_ir::Affine::per_element(sc, sh));
         Ok(Sym::Value(self.net.push(format!("{name}.affine"), op, layer, vec![y])?))
     }
 
@@ -536,8 +536,9 @@ impl Importer<'_> {
             let count: usize = shape[2..].iter().product();
             let n = self.net.numel(v);
             let layer = Layer::Affine(nnlin_ir::Affine {
-                scale: vec![count as f64; n],
-                shift: vec![0.0; n],
+                scale: vec![count as f64; n.min(1)],
+                shift: vec![0.0; n.min(1)],
+                spatial: n.max(1),
             });
             v = self.net.push(format!("{name}.sum"), op.clone(), layer, vec![v])?;
         }

@@ -35,9 +35,7 @@ pub use ops::supported_ops;
 
 use std::collections::HashMap;
 
-use nnlin_ir::{
-    Binary, Dense, Dual, Expr, ExprClass, ExprNode, IrError, Layer, Network, Unary, ValueId,
-};
+use nnlin_ir::{Binary, Dense, Expr, ExprClass, ExprNode, IrError, Layer, Network, Unary, ValueId};
 use prost::Message;
 
 use crate::ops::Handler;
@@ -277,13 +275,16 @@ impl Importer<'_> {
                             .unsupported(format!("`{name}` does not depend on the model input")));
                     }
                     ExprClass::Affine => {
-                        // the value and slope at 0 of every element, one
-                        // chunked dual evaluation
-                        let zeros = vec![Dual::var(0.0); numel];
-                        let mut y = zeros.clone();
-                        expr.eval_slice(&zeros, &mut y);
-                        let (shift, scale) = y.iter().map(|d| (d.v, d.d)).unzip();
-                        let layer = Layer::Affine(nnlin_ir::Affine { scale, shift });
+                        // the value and slope at 0, once per block on which
+                        // every constant is constant (per channel for a
+                        // batch-norm)
+                        if !expr.consts.iter().all(|c| c.fits(numel)) {
+                            return Err(self.unsupported(format!(
+                                "a constant of `{name}` does not fit its {numel} elements"
+                            )));
+                        }
+                        let (scale, shift, spatial) = expr.affine_coefficients(numel);
+                        let layer = Layer::Affine(nnlin_ir::Affine { scale, shift, spatial });
                         self.net.push(name, source, layer, vec![root])?
                     }
                     ExprClass::PiecewiseLinear | ExprClass::Smooth => {

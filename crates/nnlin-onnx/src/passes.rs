@@ -78,7 +78,7 @@ pub(crate) fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
                 .find(|&j| nodes[j].as_ref().is_some_and(|n| n.inputs.contains(&node.output)))
                 .filter(|&j| {
                     nodes[j].as_ref().is_some_and(|n| {
-                        n.inputs.len() == 1 && matches!(&n.layer, Layer::Affine(a) if a.scale.len() == d.out_features)
+                        n.inputs.len() == 1 && matches!(&n.layer, Layer::Affine(a) if a.spatial == 1 && a.scale.len() == d.out_features)
                     })
                 }),
             _ => None,
