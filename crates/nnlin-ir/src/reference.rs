@@ -58,101 +58,10 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                 y
             }
             Layer::Reshape(_) => u.clone(),
-            Layer::Conv(c) => {
-                // Weight-stationary loops over blocks of output channels,
-                // parallel over blocks: each input row is read once per
-                // block (in cache) instead of once per channel. Each output
-                // element still adds its bias, then its taps in (input
-                // channel, ky, kx) order, skipping taps in the padding, so
-                // the sums are the direct definition's, bit for bit; the
-                // innermost loop runs along an output row.
-                let w = &c.window;
-                let cog = c.c_out / c.groups;
-                let cig = c.c_in / c.groups;
-                let plane = w.oh * w.ow;
-                // a block's output planes within ~256 KB of f64, the block
-                // inside one group (its channels read the same inputs)
-                let mut block = (32_768 / plane.max(1)).clamp(1, 16).min(cog);
-                while !cog.is_multiple_of(block) {
-                    block -= 1;
-                }
-                let mut y = vec![S::from_f64(0.0); c.c_out * plane];
-                // the outputs o in [lo, hi) whose input o·s + off − p lies in [0, len)
-                let range = |outs: usize, len: usize, s: usize, off: usize, p: usize| {
-                    let lo = if off >= p { 0 } else { (p - off).div_ceil(s) };
-                    let hi =
-                        if len + p > off { ((len + p - off - 1) / s + 1).min(outs) } else { 0 };
-                    (lo, hi)
-                };
-                y.par_chunks_mut((plane * block).max(1)).enumerate().for_each(|(bi, yb)| {
-                    let oc0 = bi * block;
-                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
-                        yo.fill(S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc0 + j])));
-                    }
-                    // a strided input row, gathered once for the block
-                    let mut packed: Vec<S> = Vec::new();
-                    for icg in 0..cig {
-                        let ic = oc0 / cog * cig + icg;
-                        for ky in 0..w.kh {
-                            let (oy_lo, oy_hi) = range(w.oh, w.ih, w.sh, ky * w.dh, w.pt);
-                            for kx in 0..w.kw {
-                                let off = kx * w.dw;
-                                let (ox_lo, ox_hi) = range(w.ow, w.iw, w.sw, off, w.pl);
-                                if ox_lo >= ox_hi || oy_lo >= oy_hi {
-                                    continue;
-                                }
-                                let wt = |j: usize| {
-                                    S::from_f64(
-                                        c.weight[(((oc0 + j) * cig + icg) * w.kh + ky) * w.kw + kx],
-                                    )
-                                };
-                                // the input element of output (oy, ox_lo)
-                                let at = |oy: usize| {
-                                    let iy = oy * w.sh + ky * w.dh - w.pt;
-                                    (ic * w.ih + iy) * w.iw + ox_lo * w.sw + off - w.pl
-                                };
-                                // whole rows, stride 1, equal widths: the
-                                // tap's rows are one contiguous span of input
-                                // and of output
-                                if w.sw == 1
-                                    && w.sh == 1
-                                    && (ox_lo, ox_hi) == (0, w.ow)
-                                    && w.iw == w.ow
-                                {
-                                    let (first, len) = (at(oy_lo), (oy_hi - oy_lo) * w.ow);
-                                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
-                                        S::axpy(
-                                            &mut yo[oy_lo * w.ow..oy_lo * w.ow + len],
-                                            &u[first..first + len],
-                                            wt(j),
-                                        );
-                                    }
-                                    continue;
-                                }
-                                let n = ox_hi - ox_lo;
-                                for oy in oy_lo..oy_hi {
-                                    let first = at(oy);
-                                    let src: &[S] = if w.sw == 1 {
-                                        &u[first..first + n]
-                                    } else {
-                                        packed.clear();
-                                        packed.extend(u[first..].iter().step_by(w.sw).take(n));
-                                        &packed
-                                    };
-                                    for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
-                                        S::axpy(
-                                            &mut yo[oy * w.ow + ox_lo..oy * w.ow + ox_hi],
-                                            src,
-                                            wt(j),
-                                        );
-                                    }
-                                }
-                            }
-                        }
-                    }
-                });
-                y
-            }
+            Layer::Conv(c) => match S::conv_fast(c, u) {
+                Some(y) => y,
+                None => conv_loops(c, u),
+            },
             Layer::ConvTranspose(t) => {
                 // the scatter form of the definition: every input element
                 // adds weight × itself to the outputs its taps reach
@@ -409,6 +318,194 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
     values
 }
 
+/// The convolution's definition as weight-stationary loops, for any
+/// scalar: see the comments inside.
+fn conv_loops<S: Scalar>(c: &crate::network::Conv, u: &[S]) -> Vec<S> {
+    // Weight-stationary loops over blocks of output channels,
+    // parallel over blocks: each input row is read once per
+    // block (in cache) instead of once per channel. Each output
+    // element still adds its bias, then its taps in (input
+    // channel, ky, kx) order, skipping taps in the padding, so
+    // the sums are the direct definition's, bit for bit; the
+    // innermost loop runs along an output row.
+    let w = &c.window;
+    let cog = c.c_out / c.groups;
+    let cig = c.c_in / c.groups;
+    let plane = w.oh * w.ow;
+    // a block's output planes within ~256 KB of f64, the block
+    // inside one group (its channels read the same inputs)
+    let mut block = (32_768 / plane.max(1)).clamp(1, 16).min(cog);
+    while !cog.is_multiple_of(block) {
+        block -= 1;
+    }
+    let mut y = vec![S::from_f64(0.0); c.c_out * plane];
+    // the outputs o in [lo, hi) whose input o·s + off − p lies in [0, len)
+    let range = |outs: usize, len: usize, s: usize, off: usize, p: usize| {
+        let lo = if off >= p { 0 } else { (p - off).div_ceil(s) };
+        let hi = if len + p > off { ((len + p - off - 1) / s + 1).min(outs) } else { 0 };
+        (lo, hi)
+    };
+    y.par_chunks_mut((plane * block).max(1)).enumerate().for_each(|(bi, yb)| {
+        let oc0 = bi * block;
+        for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+            yo.fill(S::from_f64(c.bias.as_ref().map_or(0.0, |b| b[oc0 + j])));
+        }
+        // a strided input row, gathered once for the block
+        let mut packed: Vec<S> = Vec::new();
+        for icg in 0..cig {
+            let ic = oc0 / cog * cig + icg;
+            for ky in 0..w.kh {
+                let (oy_lo, oy_hi) = range(w.oh, w.ih, w.sh, ky * w.dh, w.pt);
+                for kx in 0..w.kw {
+                    let off = kx * w.dw;
+                    let (ox_lo, ox_hi) = range(w.ow, w.iw, w.sw, off, w.pl);
+                    if ox_lo >= ox_hi || oy_lo >= oy_hi {
+                        continue;
+                    }
+                    let wt = |j: usize| {
+                        S::from_f64(c.weight[(((oc0 + j) * cig + icg) * w.kh + ky) * w.kw + kx])
+                    };
+                    // the input element of output (oy, ox_lo)
+                    let at = |oy: usize| {
+                        let iy = oy * w.sh + ky * w.dh - w.pt;
+                        (ic * w.ih + iy) * w.iw + ox_lo * w.sw + off - w.pl
+                    };
+                    // whole rows, stride 1, equal widths: the
+                    // tap's rows are one contiguous span of input
+                    // and of output
+                    if w.sw == 1 && w.sh == 1 && (ox_lo, ox_hi) == (0, w.ow) && w.iw == w.ow {
+                        let (first, len) = (at(oy_lo), (oy_hi - oy_lo) * w.ow);
+                        for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+                            S::axpy(
+                                &mut yo[oy_lo * w.ow..oy_lo * w.ow + len],
+                                &u[first..first + len],
+                                wt(j),
+                            );
+                        }
+                        continue;
+                    }
+                    let n = ox_hi - ox_lo;
+                    for oy in oy_lo..oy_hi {
+                        let first = at(oy);
+                        let src: &[S] = if w.sw == 1 {
+                            &u[first..first + n]
+                        } else {
+                            packed.clear();
+                            packed.extend(u[first..].iter().step_by(w.sw).take(n));
+                            &packed
+                        };
+                        for (j, yo) in yb.chunks_mut(plane.max(1)).enumerate() {
+                            S::axpy(&mut yo[oy * w.ow + ox_lo..oy * w.ow + ox_hi], src, wt(j));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+/// Positions per task of [`conv_gemm`]: its im2col tile holds at most this
+/// many entries (2 MB of `f64`, within a core's L2).
+const GEMM_TILE: usize = 1 << 18;
+/// Output channels per task of [`conv_gemm`].
+const GEMM_CHANNELS: usize = 64;
+
+/// The convolution in `f64` as an im2col and a GEMM per group: for a tile
+/// of output positions, `Xᵀ` (positions × taps, taps in the padding 0)
+/// times `Wᵀ` (taps × output channels), then the bias. Tasks are fixed
+/// tiles of positions and channels (sized by the shape alone), each a
+/// sequential GEMM, so the bits do not depend on the thread count. The sums
+/// are the definition's in another order: within `(taps + 1)·ε·Σ|w·u|` of
+/// it (tested). The oracle owns this im2col; the compiled path's kernels
+/// live in `nnlin-linalg`.
+pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
+    use faer::{Accum, MatMut, MatRef, Par};
+    let w = &c.window;
+    let (cog, cig) = (c.c_out / c.groups, c.c_in / c.groups);
+    let (plane, inplane) = (w.oh * w.ow, w.ih * w.iw);
+    let taps = cig * w.kh * w.kw;
+    let mut y = vec![0.0; c.c_out * plane];
+    if plane == 0 || c.c_out == 0 {
+        return y;
+    }
+    let tile = (GEMM_TILE / taps.max(1)).clamp(1, plane);
+    // a pointwise, unstrided, unpadded convolution reads the input as is
+    let direct = w.kh == 1
+        && w.kw == 1
+        && (w.sh, w.sw) == (1, 1)
+        && (w.pt, w.pl) == (0, 0)
+        && (w.oh, w.ow) == (w.ih, w.iw);
+    let tiles = plane.div_ceil(tile);
+    let chunks = cog.div_ceil(GEMM_CHANNELS);
+    let tasks: Vec<(usize, usize, usize)> = (0..c.groups)
+        .flat_map(|g| (0..tiles).flat_map(move |t| (0..chunks).map(move |k| (g, t, k))))
+        .collect();
+    let blocks: Vec<Vec<f64>> = tasks
+        .par_iter()
+        .map(|&(g, t, k)| {
+            let (p0, rows) = (t * tile, tile.min(plane - t * tile));
+            let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
+            let input = &u[g * cig * inplane..(g + 1) * cig * inplane];
+            let mut cols_buf = Vec::new();
+            let xt: MatRef<'_, f64> = if direct {
+                MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
+                    .subrows(p0, rows)
+            } else {
+                cols_buf.resize(rows * taps, 0.0);
+                for icg in 0..cig {
+                    for ky in 0..w.kh {
+                        for kx in 0..w.kw {
+                            let col =
+                                &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
+                            for (r, v) in col.iter_mut().enumerate() {
+                                let p = p0 + r;
+                                let (oy, ox) = (p / w.ow, p % w.ow);
+                                let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
+                                let ix = (ox * w.sw + kx * w.dw).wrapping_sub(w.pl);
+                                *v = if iy < w.ih && ix < w.iw {
+                                    input[(icg * w.ih + iy) * w.iw + ix]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                }
+                MatRef::from_column_major_slice(&cols_buf, rows, taps)
+            };
+            let oc0 = g * cog + c0;
+            let wt = MatRef::from_column_major_slice(
+                &c.weight[oc0 * taps..(oc0 + cols) * taps],
+                taps,
+                cols,
+            );
+            let mut out = vec![0.0; rows * cols];
+            faer::linalg::matmul::matmul(
+                MatMut::from_column_major_slice_mut(&mut out, rows, cols),
+                Accum::Replace,
+                xt,
+                wt,
+                1.0,
+                Par::Seq,
+            );
+            out
+        })
+        .collect();
+    for (&(g, t, k), out) in tasks.iter().zip(&blocks) {
+        let (p0, rows) = (t * tile, tile.min(plane - t * tile));
+        let oc0 = g * cog + k * GEMM_CHANNELS;
+        for (j, src) in out.chunks(rows).enumerate() {
+            let b = c.bias.as_ref().map_or(0.0, |b| b[oc0 + j]);
+            let dst = &mut y[(oc0 + j) * plane + p0..][..rows];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = b + v;
+            }
+        }
+    }
+    y
+}
+
 /// Evaluates the network's output at `x`.
 pub fn forward<S: Scalar>(net: &Network, x: &[S]) -> Vec<S> {
     let out: ValueId = net.output();
@@ -475,12 +572,51 @@ mod tests {
         y
     }
 
+    /// Several position tiles (the last one partial), channel chunks and
+    /// groups, padded and strided: the GEMM path stays within its bound.
+    #[test]
+    fn conv_gemm_tiles_and_chunks_match_the_definition() {
+        for (stride, pad) in [(1, 1), (2, 0)] {
+            let window = Window::new(
+                (40, 40),
+                (3, 3),
+                (stride, stride),
+                (1, 1),
+                (pad, pad, pad, pad),
+                false,
+            )
+            .expect("a window");
+            let (groups, cig, cog) = (2, 150, 70);
+            let taps = cig * 9;
+            assert!(window.oh * window.ow > GEMM_TILE / taps && cog > GEMM_CHANNELS);
+            let mut s = 7u64;
+            let mut next = move || {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            };
+            let conv = Conv {
+                window,
+                c_in: groups * cig,
+                c_out: groups * cog,
+                groups,
+                weight: std::sync::Arc::new((0..groups * cog * taps).map(|_| next()).collect()),
+                bias: Some((0..groups * cog).map(|_| next()).collect()),
+                one_d: false,
+            };
+            let x: Vec<f64> = (0..groups * cig * 1600).map(|_| next()).collect();
+            let (got, want) = (conv_gemm(&conv, &x), direct(&conv, &x));
+            assert_eq!(got.len(), want.len());
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-12, "{worst:e}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
         /// The weight-stationary loops give the definition's sums bit for
-        /// bit, on any geometry.
+        /// bit, on any geometry; the f64 GEMM path is within its bound.
         #[test]
-        fn conv_equals_its_definition_bit_for_bit(
+        fn conv_equals_its_definition(
             groups in 1usize..3, cig in 1usize..3, cog in 1usize..10,
             ih in 1usize..9, iw in 1usize..24, kh in 1usize..4, kw in 1usize..4,
             sh in 1usize..3, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
@@ -507,11 +643,25 @@ mod tests {
             let x: Vec<f64> = (0..c_in * ih * iw).map(|_| next()).collect();
             let mut net = Network::new(vec![1, c_in, ih, iw]);
             net.push("conv", "Conv", Layer::Conv(conv.clone()), vec![ValueId(0)]).unwrap();
-            let got = forward(&net, &x);
             let want = direct(&conv, &x);
-            prop_assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
+            let loops = conv_loops(&conv, &x);
+            prop_assert_eq!(loops.len(), want.len());
+            for (a, b) in loops.iter().zip(&want) {
                 prop_assert_eq!(a.to_bits(), b.to_bits());
+            }
+            // the f64 GEMM path (what `forward` runs): the same sums in
+            // another order, within (taps + 2)·ε·(|b| + Σ|w·u|)
+            let got = forward(&net, &x);
+            let abs = Conv {
+                weight: std::sync::Arc::new(conv.weight.iter().map(|v| v.abs()).collect()),
+                bias: conv.bias.as_ref().map(|b| b.iter().map(|v| v.abs()).collect()),
+                ..conv.clone()
+            };
+            let mag = direct(&abs, &x.iter().map(|v| v.abs()).collect::<Vec<_>>());
+            let gamma = (cig * kh * kw + 2) as f64 * f64::EPSILON;
+            prop_assert_eq!(got.len(), want.len());
+            for ((a, b), m) in got.iter().zip(&want).zip(&mag) {
+                prop_assert!((a - b).abs() <= gamma * m, "{a} vs {b}");
             }
         }
     }

@@ -38,6 +38,13 @@ pub trait Scalar:
     fn sqrt(self) -> Self;
     /// `self^c` for a constant exponent `c`.
     fn powf(self, c: f64) -> Self;
+    /// The reference's convolution at `u`, when this scalar has a faster
+    /// kernel than the plain loops: `f64` answers with its own im2col and
+    /// GEMM ([`crate::reference::conv_gemm`]); the others (`f32`, [`Dual`])
+    /// return `None` and run the loops.
+    fn conv_fast(_c: &crate::network::Conv, _u: &[Self]) -> Option<Vec<Self>> {
+        None
+    }
     /// `y[i] = y[i] + w·x[i]` over `y.len()` elements: a product, then a
     /// sum, each rounded (never fused), as the definition's loops.
     #[inline]
@@ -88,6 +95,9 @@ impl pulp::WithSimd for Axpy<'_> {
 }
 
 impl Scalar for f64 {
+    fn conv_fast(c: &crate::network::Conv, u: &[Self]) -> Option<Vec<Self>> {
+        Some(crate::reference::conv_gemm(c, u))
+    }
     fn axpy(y: &mut [Self], x: &[Self], w: Self) {
         pulp::Arch::new().dispatch(Axpy { y, x, w });
     }
