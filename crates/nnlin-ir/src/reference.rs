@@ -458,16 +458,23 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
                         for kx in 0..w.kw {
                             let col =
                                 &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
-                            for (r, v) in col.iter_mut().enumerate() {
-                                let p = p0 + r;
-                                let (oy, ox) = (p / w.ow, p % w.ow);
+                            // the tile's positions, one output row segment
+                            // at a time (no division per element)
+                            let (mut oy, mut ox, mut r) = (p0 / w.ow, p0 % w.ow, 0);
+                            while r < rows {
+                                let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
                                 let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
-                                let ix = (ox * w.sw + kx * w.dw).wrapping_sub(w.pl);
-                                *v = if iy < w.ih && ix < w.iw {
-                                    input[(icg * w.ih + iy) * w.iw + ix]
+                                if iy < w.ih {
+                                    let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                                    for (j, v) in seg.iter_mut().enumerate() {
+                                        let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
+                                        *v = if ix < w.iw { row[ix] } else { 0.0 };
+                                    }
                                 } else {
-                                    0.0
-                                };
+                                    seg.fill(0.0);
+                                }
+                                r += seg.len();
+                                (oy, ox) = (oy + 1, 0);
                             }
                         }
                     }
