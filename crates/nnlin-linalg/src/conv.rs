@@ -290,40 +290,51 @@ impl ConvOp {
     /// The GEMM writes each tile of output positions in place; a pointwise
     /// convolution multiplies the input as it lies.
     pub fn forward_gemm(&self, t: &[f64], k: usize, par: Par) -> Vec<f64> {
-        self.forward_tiled(t, k, par, TILE)
+        self.forward_tiled(t, k, par, TILE, MIN_TILE_ROWS)
     }
 
-    /// [`ConvOp::forward_gemm`] with tiles of `tile` im2col entries.
-    fn forward_tiled(&self, t: &[f64], k: usize, par: Par, tile: usize) -> Vec<f64> {
+    /// [`ConvOp::forward_gemm`] with tiles of `tile` im2col entries and at
+    /// least `min_rows` positions. A parallel `par` runs the tiles of a
+    /// group as tasks, each a sequential GEMM (the GEMMs of one tile are too
+    /// small to split well), with the bits of the sequential loop; a group
+    /// of one tile hands `par` to its GEMM.
+    fn forward_tiled(
+        &self,
+        t: &[f64],
+        k: usize,
+        par: Par,
+        tile: usize,
+        min_rows: usize,
+    ) -> Vec<f64> {
+        use rayon::prelude::*;
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
         let g = &self.geom;
         let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
         let mut out = vec![0.0; nrows * k];
-        let pc = (tile / kk).clamp(1, p_len.max(1));
-        let mut cols = if pointwise { Vec::new() } else { vec![0.0; pc * kk] };
-        for q in 0..k {
-            let (tq, oq) = (&t[q * ncols..(q + 1) * ncols], &mut out[q * nrows..(q + 1) * nrows]);
-            for grp in 0..g.groups {
+        if p_len == 0 || cog == 0 {
+            return out;
+        }
+        let pc = (tile / kk.max(1)).max(min_rows).clamp(1, p_len);
+        let tiles = p_len.div_ceil(pc);
+        let cols_len = if pointwise { 0 } else { pc * kk };
+        // one tile: positions p0.. of `dst`'s rows, its im2col in `cols`
+        let run =
+            |tq: &[f64], grp: usize, p0: usize, dst: MatMut<'_, f64>, cols: &mut [f64], par| {
+                let pn = dst.nrows();
                 let w = MatRef::from_row_major_slice(
                     &self.weight[grp * cog * kk..(grp + 1) * cog * kk],
                     cog,
                     kk,
                 );
-                let og = &mut oq[grp * cog * p_len..(grp + 1) * cog * p_len];
-                if pointwise {
-                    let x = MatRef::from_column_major_slice(
+                let x = if pointwise {
+                    MatRef::from_column_major_slice(
                         &tq[grp * cig * plane..(grp + 1) * cig * plane],
                         p_len,
                         cig,
-                    );
-                    let dst = MatMut::from_column_major_slice_mut(og, p_len, cog);
-                    faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), 1.0, par);
-                    continue;
-                }
-                let mut p0 = 0;
-                while p0 < p_len {
-                    let pn = pc.min(p_len - p0);
+                    )
+                    .subrows(p0, pn)
+                } else {
                     // colsᵀ: pn × K, column-major: element (p, tap) at tap·pn + p
                     for icg in 0..cig {
                         let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
@@ -337,22 +348,30 @@ impl ConvOp {
                             });
                         }
                     }
-                    let colst = MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk);
-                    let dst = MatMut::from_column_major_slice_with_stride_mut(
-                        &mut og[p0..],
-                        pn,
-                        cog,
-                        p_len,
+                    MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk)
+                };
+                faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), 1.0, par);
+            };
+        let mut cols = vec![0.0; cols_len];
+        for q in 0..k {
+            let (tq, oq) = (&t[q * ncols..(q + 1) * ncols], &mut out[q * nrows..(q + 1) * nrows]);
+            for grp in 0..g.groups {
+                let og = &mut oq[grp * cog * p_len..(grp + 1) * cog * p_len];
+                let dst = MatMut::from_column_major_slice_mut(og, p_len, cog);
+                if tiles == 1 {
+                    run(tq, grp, 0, dst, &mut cols, par);
+                } else if par.degree() > 1 {
+                    dst.par_row_chunks_mut(pc).enumerate().for_each_init(
+                        || vec![0.0; cols_len],
+                        |cols, (i, d)| run(tq, grp, i * pc, d, cols, Par::Seq),
                     );
-                    faer::linalg::matmul::matmul(
-                        dst,
-                        Accum::Replace,
-                        colst,
-                        w.transpose(),
-                        1.0,
-                        par,
-                    );
-                    p0 += pn;
+                } else {
+                    let mut rest = dst;
+                    for i in 0..tiles {
+                        let (d, r) = rest.split_at_row_mut(pc.min(p_len - i * pc));
+                        run(tq, grp, i * pc, d, &mut cols, Par::Seq);
+                        rest = r;
+                    }
                 }
             }
         }
@@ -589,7 +608,14 @@ mod tests {
                     want[q * m + i] = row.iter().map(|(j, &v)| v * t[q * n + j]).sum();
                 }
             }
-            for got in [op.forward_tiled(&t, k, Par::Seq, tile), op.forward_gemm(&t, k, Par::Seq)] {
+            let tiled = [
+                op.forward_tiled(&t, k, Par::Seq, tile, 1),
+                op.forward_tiled(&t, k, Par::rayon(2), tile, 1),
+                op.forward_gemm(&t, k, Par::Seq),
+            ];
+            // parallel tiles give the sequential loop's bits
+            prop_assert_eq!(&tiled[0], &tiled[1]);
+            for got in tiled {
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "forward {g} vs {w}");
                 }
