@@ -712,6 +712,8 @@ impl Compiler {
         for (node, fixed) in self.net.nodes().iter().zip(&self.fixed) {
             let u = values[node.inputs[0].0].as_ref().expect("input value alive");
             let mut active = None;
+            // the layer's output where forming its operator gave it already
+            let mut formed = None;
             let (ops, bias) = match fixed {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
                 Fixed::PerInstance(d @ (Dynamic::Product | Dynamic::MatMul)) => {
@@ -727,9 +729,10 @@ impl Compiler {
                     (ops.into_iter().map(Arc::new).collect(), Arc::new(Offset::from(bias)))
                 }
                 Fixed::PerInstance(Dynamic::Unary(d)) => {
-                    let (op, bias, act) = per_instance(d, u, self.net.shape(node.inputs[0]), mode);
-                    active = act;
-                    (vec![Arc::new(op)], Arc::new(Offset::from(bias)))
+                    let f = per_instance(d, u, self.net.shape(node.inputs[0]), mode, par);
+                    active = f.active;
+                    formed = f.output;
+                    (vec![Arc::new(f.op)], Arc::new(Offset::from(f.offset)))
                 }
             };
             let layer = CompiledLayer {
@@ -740,7 +743,7 @@ impl Compiler {
                 output: node.output.0,
                 active,
             };
-            let y = layer.eval(&values, true, par);
+            let y = formed.unwrap_or_else(|| layer.eval(&values, true, par));
             if !y.iter().fold(true, |a, v| a & v.is_finite()) {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),
@@ -837,37 +840,84 @@ fn matmul_operators(
     }
 }
 
-/// The operator of a one-input node that depends on its input `u`.
-fn per_instance(
-    layer: &Unary,
+/// Elements per task of [`activation_instance`].
+const ACTIVATION_CHUNK: usize = 1 << 14;
+
+/// One task's chunks of [`activation_instance`]'s slopes, offsets, pattern
+/// and outputs.
+type UnitChunk<'a> = (((&'a mut [f64], &'a mut [f64]), &'a mut [bool]), &'a mut [f64]);
+
+/// A per-instance operator as formed at `u`: the operator, its offset, the
+/// activation pattern (activations), and the layer's output where forming
+/// the operator computed it (activations).
+struct Formed {
+    op: Operator,
+    offset: Vec<f64>,
+    active: Option<Vec<bool>>,
+    output: Option<Vec<f64>>,
+}
+
+/// An activation layer at `u`, in one pass over chunks of the units (the
+/// chunks in parallel when `par` has threads; the bits do not depend on
+/// it): the slope per unit (tangent σ'(z); secant σ(z)/z for a smooth
+/// function, σ'(0) at 0), the offset, the activation pattern, and the
+/// output `slope·z + offset` with the bits [`CompiledLayer::eval`] gives
+/// for the diagonal and offset.
+fn activation_instance(
+    a: &nnlin_ir::Activation,
     u: &[f64],
-    in_shape: &[usize],
     mode: Mode,
-) -> (Operator, Vec<f64>, Option<Vec<bool>>) {
+    par: Par,
+) -> (Vec<f64>, Vec<f64>, Vec<bool>, Vec<f64>) {
+    use rayon::prelude::*;
+    let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
+    // the activation pattern: for functions with one kink at 0 (ReLU,
+    // LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0 (a LeakyReLU
+    // unit below 0 still has a nonzero slope); for the others (Clip,
+    // HardSigmoid, smooth ones) a nonzero slope
+    let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
+    let n = u.len();
+    let (mut slope, mut offset, mut active, mut y) =
+        (vec![0.0; n], vec![0.0; n], vec![false; n], vec![0.0; n]);
+    let chunk = |k: usize, (((s, c), act), y): UnitChunk<'_>| {
+        let base = k * ACTIVATION_CHUNK;
+        let z = &u[base..base + s.len()];
+        // values into the offsets' buffer, then slope and offset in place
+        a.expr.values_and_slopes_into(base, z, c, s);
+        for ((((s, c), act), y), &z) in s.iter_mut().zip(c.iter_mut()).zip(act).zip(y).zip(z) {
+            let (v, d) = (*c, *s);
+            (*s, *c) = if mode == Mode::Secant && !pwl && z != 0.0 {
+                (v / z, 0.0)
+            } else {
+                (d, v - d * z)
+            };
+            *act = if kink_at_zero { z > 0.0 } else { *s != 0.0 };
+            *y = *s * z + *c;
+        }
+    };
+    const C: usize = ACTIVATION_CHUNK;
+    if par.degree() > 1 && n > C {
+        (slope.par_chunks_mut(C).zip(offset.par_chunks_mut(C)))
+            .zip(active.par_chunks_mut(C))
+            .zip(y.par_chunks_mut(C))
+            .enumerate()
+            .for_each(|(k, p)| chunk(k, p));
+    } else {
+        (slope.chunks_mut(C).zip(offset.chunks_mut(C)))
+            .zip(active.chunks_mut(C))
+            .zip(y.chunks_mut(C))
+            .enumerate()
+            .for_each(|(k, p)| chunk(k, p));
+    }
+    (slope, offset, active, y)
+}
+
+/// The operator of a one-input node that depends on its input `u`.
+fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: Par) -> Formed {
     match layer {
         Unary::Activation(a) => {
-            let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
-            let (values, mut slope) = a.expr.values_and_slopes(u);
-            let mut offset = values;
-            for ((c, s), &z) in offset.iter_mut().zip(slope.iter_mut()).zip(u) {
-                let (v, d) = (*c, *s);
-                (*s, *c) = if mode == Mode::Secant && !pwl && z != 0.0 {
-                    (v / z, 0.0)
-                } else {
-                    (d, v - d * z)
-                };
-            }
-            // the activation pattern: for functions with one kink at 0
-            // (ReLU, LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0
-            // (a LeakyReLU unit below 0 still has a nonzero slope); for the
-            // others (Clip, HardSigmoid, smooth ones) a nonzero slope
-            let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
-            let active = if kink_at_zero {
-                u.iter().map(|&z| z > 0.0).collect()
-            } else {
-                slope.iter().map(|&s| s != 0.0).collect()
-            };
-            (Operator::Diagonal(slope), offset, Some(active))
+            let (slope, offset, active, y) = activation_instance(a, u, mode, par);
+            Formed { op: Operator::Diagonal(slope), offset, active: Some(active), output: Some(y) }
         }
         Unary::MaxPool(p) => {
             let w = &p.window;
@@ -899,13 +949,14 @@ fn per_instance(
                 }
             }
             let rows = cols.len();
-            (
-                Operator::Selection(
+            Formed {
+                op: Operator::Selection(
                     Selection::new(u.len(), cols).expect("indices within the input"),
                 ),
-                vec![0.0; rows],
-                None,
-            )
+                offset: vec![0.0; rows],
+                active: None,
+                output: None,
+            }
         }
         Unary::Softmax(sm) => {
             // values of each slice, shifted by its largest element
@@ -930,7 +981,7 @@ fn per_instance(
                         .expect("probabilities of the input's shape");
                     let ju = jac.apply(u);
                     let offset = y.iter().zip(&ju).map(|(v, j)| v - j).collect();
-                    (Operator::Softmax(jac), offset, None)
+                    Formed { op: Operator::Softmax(jac), offset, active: None, output: None }
                 }
                 // secant: each output its own ratio y/z (the normalizer frozen
                 // with the rest of the slice); where z = 0 the value is offset
@@ -949,7 +1000,7 @@ fn per_instance(
                             }
                         })
                         .collect();
-                    (Operator::Diagonal(ratio), offset, None)
+                    Formed { op: Operator::Diagonal(ratio), offset, active: None, output: None }
                 }
             }
         }
@@ -992,7 +1043,7 @@ fn per_instance(
                 Mode::Secant => Operator::Diagonal(diag),
                 Mode::Tangent => Operator::csr_from_triplets(u.len(), u.len(), &tri),
             };
-            (op, offset, None)
+            Formed { op, offset, active: None, output: None }
         }
     }
 }

@@ -532,11 +532,22 @@ impl Expr {
     /// # Panics
     /// If `out` and `u` differ in length.
     pub fn eval_slice<S: Scalar>(&self, u: &[S], out: &mut [S]) {
+        self.eval_slice_at(0, u, out);
+    }
+
+    /// [`Expr::eval_slice`] for the elements `offset..offset + u.len()` of
+    /// the tensor (`u[i]` is element `offset + i`, which per-element
+    /// constants index): a slice of a larger tensor, with the bits of the
+    /// whole-tensor evaluation.
+    ///
+    /// # Panics
+    /// If `out` and `u` differ in length.
+    pub fn eval_slice_at<S: Scalar>(&self, offset: usize, u: &[S], out: &mut [S]) {
         assert_eq!(u.len(), out.len(), "eval_slice: lengths differ");
         let nn = self.nodes.len();
         let mut buf = vec![S::from_f64(0.0); nn * EVAL_CHUNK];
         for (ci, (uc, oc)) in u.chunks(EVAL_CHUNK).zip(out.chunks_mut(EVAL_CHUNK)).enumerate() {
-            let (base, len) = (ci * EVAL_CHUNK, uc.len());
+            let (base, len) = (offset + ci * EVAL_CHUNK, uc.len());
             for (k, node) in self.nodes.iter().enumerate() {
                 let (done, rest) = buf.split_at_mut(k * EVAL_CHUNK);
                 let dst = &mut rest[..len];
@@ -598,53 +609,61 @@ impl Expr {
     /// direct branches where the expression has one, else one chunked dual
     /// evaluation ([`Expr::eval_slice`]); the same values either way.
     pub fn values_and_slopes(&self, u: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let direct = match self.nodes.as_slice() {
-            [ExprNode::Var, ExprNode::Unary(f, 0)] => {
-                matches!(f, Unary::Relu | Unary::LeakyRelu { .. } | Unary::Clip { .. })
+        let (mut v, mut d) = (vec![0.0; u.len()], vec![0.0; u.len()]);
+        self.values_and_slopes_into(0, u, &mut v, &mut d);
+        (v, d)
+    }
+
+    /// [`Expr::values_and_slopes`] of the elements `offset..offset +
+    /// u.len()` of a tensor into `v` and `d` (a slice of a larger tensor,
+    /// the same bits).
+    ///
+    /// # Panics
+    /// If `v`, `d` and `u` differ in length.
+    pub fn values_and_slopes_into(&self, offset: usize, u: &[f64], v: &mut [f64], d: &mut [f64]) {
+        assert!(v.len() == u.len() && d.len() == u.len(), "values_and_slopes: lengths differ");
+        let each = |v: &mut [f64], d: &mut [f64], f: &dyn Fn(usize, f64) -> (f64, f64)| {
+            for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
+                (*vi, *di) = f(offset + i, z);
             }
-            [.., ExprNode::Binary(Binary::PRelu, a, b)] => {
-                self.nodes.len() == 3
-                    && matches!(self.nodes[*a], ExprNode::Var)
-                    && matches!(self.nodes[*b], ExprNode::Const(_))
-            }
-            _ => false,
         };
-        if direct {
-            // the form is fixed: one tight loop per form instead of matching
-            // the nodes at every element
-            return match self.nodes.as_slice() {
-                [ExprNode::Var, ExprNode::Unary(Unary::Relu, 0)] => {
-                    u.iter().map(|&z| if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) }).unzip()
+        // the forms with a direct branch: one tight loop per form instead of
+        // matching the nodes at every element
+        match self.nodes.as_slice() {
+            [ExprNode::Var, ExprNode::Unary(Unary::Relu, 0)] => {
+                for ((vi, di), &z) in v.iter_mut().zip(d.iter_mut()).zip(u) {
+                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) };
                 }
-                [ExprNode::Var, ExprNode::Unary(Unary::LeakyRelu { alpha }, 0)] => {
-                    u.iter().map(|&z| if z > 0.0 { (z, 1.0) } else { (alpha * z, *alpha) }).unzip()
+            }
+            [ExprNode::Var, ExprNode::Unary(Unary::LeakyRelu { alpha }, 0)] => {
+                let alpha = *alpha;
+                for ((vi, di), &z) in v.iter_mut().zip(d.iter_mut()).zip(u) {
+                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
                 }
-                [.., ExprNode::Binary(Binary::PRelu, _, b)] => {
-                    let ExprNode::Const(c) = self.nodes[*b] else {
-                        unreachable!("`direct` checked a constant slope")
-                    };
-                    let a = &self.consts[c];
-                    u.iter()
-                        .enumerate()
-                        .map(|(i, &z)| {
-                            let alpha = a.at(i);
-                            if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) }
-                        })
-                        .unzip()
+            }
+            [ExprNode::Var, ExprNode::Unary(Unary::Clip { .. }, 0)] => {
+                let mut scratch = Vec::new();
+                for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
+                    (*vi, *di) = self.value_and_slope(offset + i, z, &mut scratch);
                 }
-                _ => {
-                    let mut scratch = Vec::new();
-                    u.iter()
-                        .enumerate()
-                        .map(|(i, &z)| self.value_and_slope(i, z, &mut scratch))
-                        .unzip()
+            }
+            [ExprNode::Var, ExprNode::Const(c), ExprNode::Binary(Binary::PRelu, 0, 1)]
+            | [ExprNode::Const(c), ExprNode::Var, ExprNode::Binary(Binary::PRelu, 1, 0)] => {
+                let a = &self.consts[*c];
+                each(v, d, &|i, z| {
+                    let alpha = a.at(i);
+                    if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) }
+                });
+            }
+            _ => {
+                let vars: Vec<crate::Dual> = u.iter().map(|&z| crate::Dual::var(z)).collect();
+                let mut out = vec![crate::Dual::var(0.0); u.len()];
+                self.eval_slice_at(offset, &vars, &mut out);
+                for ((vi, di), y) in v.iter_mut().zip(d.iter_mut()).zip(&out) {
+                    (*vi, *di) = (y.v, y.d);
                 }
-            };
+            }
         }
-        let vars: Vec<crate::Dual> = u.iter().map(|&z| crate::Dual::var(z)).collect();
-        let mut out = vec![crate::Dual::var(0.0); u.len()];
-        self.eval_slice(&vars, &mut out);
-        out.iter().map(|y| (y.v, y.d)).unzip()
     }
 
     fn const_at(&self, c: usize, i: usize) -> f64 {
@@ -962,6 +981,20 @@ mod tests {
                     "{e}"
                 );
                 assert_eq!((vals[i], slopes[i]), (want_d.v, want_d.d), "{e}");
+            }
+            // a slice at an offset (a task's chunk) has the whole's bits
+            let (lo, hi) = (EVAL_CHUNK / 2 + 3, n - 5);
+            let (mut v, mut d) = (vec![0.0; hi - lo], vec![0.0; hi - lo]);
+            e.values_and_slopes_into(lo, &u[lo..hi], &mut v, &mut d);
+            let mut part = vec![0.0; hi - lo];
+            e.eval_slice_at(lo, &u[lo..hi], &mut part);
+            for i in lo..hi {
+                assert_eq!(
+                    (v[i - lo].to_bits(), d[i - lo].to_bits()),
+                    (vals[i].to_bits(), slopes[i].to_bits()),
+                    "{e}"
+                );
+                assert_eq!(part[i - lo].to_bits(), got[i].to_bits(), "{e}");
             }
         }
     }

@@ -45,13 +45,13 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     })
                     .collect()
             }
-            Layer::Affine(a) => u
-                .chunks(a.spatial)
-                .zip(a.scale.iter().zip(&a.shift))
-                .flat_map(|(block, (&sc, &sh))| {
-                    block.iter().map(move |&t| S::from_f64(sc) * t + S::from_f64(sh))
-                })
-                .collect(),
+            Layer::Affine(a) => {
+                let mut y = Vec::with_capacity(u.len());
+                for (block, (&sc, &sh)) in u.chunks(a.spatial).zip(a.scale.iter().zip(&a.shift)) {
+                    y.extend(block.iter().map(|&t| S::from_f64(sc) * t + S::from_f64(sh)));
+                }
+                y
+            }
             Layer::Activation(a) => {
                 let mut y = u.clone();
                 a.expr.eval_slice(u, &mut y);

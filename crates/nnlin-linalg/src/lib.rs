@@ -433,7 +433,11 @@ impl Operator {
             Operator::Identity(_) => x.to_vec(),
             Operator::Diagonal(d) => d.iter().zip(x).map(|(a, b)| a * b).collect(),
             Operator::ChannelScale(d) => {
-                d.blocks().flat_map(|(r, v)| x[r].iter().map(move |b| v * b)).collect()
+                let mut y = Vec::with_capacity(x.len());
+                for (r, v) in d.blocks() {
+                    y.extend(x[r].iter().map(|b| v * b));
+                }
+                y
             }
             Operator::Dense(m) => {
                 let mut y = vec![0.0; m.nrows()];
