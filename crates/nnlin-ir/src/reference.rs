@@ -45,18 +45,17 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                     })
                     .collect()
             }
-            Layer::Affine(a) => {
-                let mut y = Vec::with_capacity(u.len());
-                for (block, (&sc, &sh)) in u.chunks(a.spatial).zip(a.scale.iter().zip(&a.shift)) {
-                    y.extend(block.iter().map(|&t| S::from_f64(sc) * t + S::from_f64(sh)));
+            Layer::Affine(a) => par_map(u, a.spatial, |at, uc, yc| {
+                let blocks = uc.chunks(a.spatial).zip(yc.chunks_mut(a.spatial));
+                for (j, (ub, yb)) in blocks.enumerate() {
+                    let k = at / a.spatial + j;
+                    let (sc, sh) = (S::from_f64(a.scale[k]), S::from_f64(a.shift[k]));
+                    for (y, &t) in yb.iter_mut().zip(ub) {
+                        *y = sc * t + sh;
+                    }
                 }
-                y
-            }
-            Layer::Activation(a) => {
-                let mut y = u.clone();
-                a.expr.eval_slice(u, &mut y);
-                y
-            }
+            }),
+            Layer::Activation(a) => par_map(u, 1, |at, uc, yc| a.expr.eval_slice_at(at, uc, yc)),
             Layer::Reshape(_) => u.clone(),
             Layer::Conv(c) => match S::conv_fast(c, u) {
                 Some(y) => y,
@@ -107,8 +106,10 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
             }
             Layer::Pool(p) => {
                 let w = &p.window;
-                let mut y = Vec::with_capacity(p.channels * w.oh * w.ow);
-                for ch in 0..p.channels {
+                let mut y = vec![S::from_f64(0.0); p.channels * w.oh * w.ow];
+                // one task per channel plane
+                y.par_chunks_mut((w.oh * w.ow).max(1)).enumerate().for_each(|(ch, plane)| {
+                    let mut y = plane.iter_mut();
                     for oy in 0..w.oh {
                         for ox in 0..w.ow {
                             let mut best: Option<S> = None;
@@ -137,27 +138,25 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                                     }
                                 }
                             }
-                            y.push(match p.kind {
+                            *y.next().expect("one output per window") = match p.kind {
                                 PoolKind::Max => best.expect("a pooling window inside the input"),
                                 PoolKind::Average { count_include_pad } => {
                                     let d = if count_include_pad { padded } else { inside };
                                     sum / S::from_f64(d as f64)
                                 }
-                            });
+                            };
                         }
                     }
-                }
+                });
                 y
             }
-            Layer::Add(a) => {
-                let mut y = vec![S::from_f64(0.0); u.len()];
+            Layer::Add(a) => par_map(u, 1, |at, _, yc| {
                 for (k, v) in node.inputs.iter().enumerate() {
-                    for (yi, &ui) in y.iter_mut().zip(&values[v.0]) {
+                    for (yi, &ui) in yc.iter_mut().zip(&values[v.0][at..]) {
                         *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
                     }
                 }
-                y
-            }
+            }),
             Layer::Concat(c) => {
                 let outer: usize = in_shape[..c.axis].iter().product();
                 let mut y = Vec::new();
@@ -464,7 +463,21 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
                             while r < rows {
                                 let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
                                 let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
-                                if iy < w.ih {
+                                if iy < w.ih && w.sw == 1 {
+                                    // stride 1: the segment is one span of the
+                                    // padded row (zeros, a copy, zeros)
+                                    let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                                    let start = ox + kx * w.dw;
+                                    let n = seg.len();
+                                    let lo = w.pl.saturating_sub(start).min(n);
+                                    let hi = (w.pl + w.iw).saturating_sub(start).clamp(lo, n);
+                                    seg.fill(0.0);
+                                    if lo < hi {
+                                        seg[lo..hi].copy_from_slice(
+                                            &row[start + lo - w.pl..start + hi - w.pl],
+                                        );
+                                    }
+                                } else if iy < w.ih {
                                     let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
                                     for (j, v) in seg.iter_mut().enumerate() {
                                         let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
@@ -510,6 +523,22 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
             }
         }
     }
+    y
+}
+
+/// Elements per task of [`par_map`].
+const PAR_CHUNK: usize = 1 << 14;
+
+/// A layer's elementwise output: `f(at, u[at..], y[at..])` over chunks of
+/// whole blocks of `align` elements, in parallel (each element's
+/// operations are the same whichever task runs them; `y` starts at 0).
+fn par_map<S: Scalar>(u: &[S], align: usize, f: impl Fn(usize, &[S], &mut [S]) + Sync) -> Vec<S> {
+    let align = align.max(1);
+    let chunk = align * (PAR_CHUNK / align).max(1);
+    let mut y = vec![S::from_f64(0.0); u.len()];
+    y.par_chunks_mut(chunk).zip(u.par_chunks(chunk)).enumerate().for_each(|(k, (yc, uc))| {
+        f(k * chunk, uc, yc);
+    });
     y
 }
 
@@ -577,6 +606,44 @@ mod tests {
             }
         }
         y
+    }
+
+    /// Every small row geometry, padding wider than the input included (an
+    /// output row whose taps all lie in the padding): the GEMM path's
+    /// im2col against the definition.
+    #[test]
+    fn conv_gemm_matches_on_every_small_padded_row() {
+        for (iw, kw, pl, pr, dw, sw) in (1..4usize).flat_map(|iw| {
+            (1..4usize).flat_map(move |kw| {
+                (0..4usize).flat_map(move |pl| {
+                    (0..4usize).flat_map(move |pr| {
+                        (1..3usize)
+                            .flat_map(move |dw| (1..3usize).map(move |sw| (iw, kw, pl, pr, dw, sw)))
+                    })
+                })
+            })
+        }) {
+            let Some(window) =
+                Window::new((2, iw), (1, kw), (1, sw), (1, dw), (1, pl, 0, pr), false)
+            else {
+                continue;
+            };
+            let conv = Conv {
+                window,
+                c_in: 2,
+                c_out: 3,
+                groups: 1,
+                weight: std::sync::Arc::new((0..6 * kw).map(|i| i as f64 * 0.25 - 1.0).collect()),
+                bias: Some(vec![0.5, -0.25, 1.0]),
+                one_d: false,
+            };
+            let x: Vec<f64> = (0..2 * 2 * iw).map(|i| (i as f64 * 0.7).sin()).collect();
+            let (got, want) = (conv_gemm(&conv, &x), direct(&conv, &x));
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-13, "{a} vs {b} at {:?}", (iw, kw, pl, pr, dw, sw));
+            }
+        }
     }
 
     /// Several position tiles (the last one partial), channel chunks and
