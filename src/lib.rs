@@ -629,12 +629,17 @@ impl Model {
         options: &ImportOptions,
         resolve: &dyn Fn(&ExternalRef) -> std::result::Result<Vec<u8>, String>,
     ) -> Result<Self> {
+        let imported = nnlin_onnx::import_with_resolver(bytes, options, resolve)
+            .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
+        Ok(Self::from_imported(name, imported))
+    }
+
+    fn from_imported(name: &str, imported: Imported) -> Self {
         let Imported { network, opset, producer, input_name, output_name, skipped_softmax } =
-            nnlin_onnx::import_with_resolver(bytes, options, resolve)
-                .map_err(|source| Error::Onnx { model: name.to_string(), source })?;
+            imported;
         let info = ModelInfo { opset, producer, input_name, output_name, skipped_softmax };
         let compiler = Compiler::from_shared(std::sync::Arc::new(network), ConvKernel::Auto);
-        Ok(Self::assemble(name, info, compiler))
+        Self::assemble(name, info, compiler)
     }
 
     /// A model from a network built in code (no ONNX file).
@@ -667,7 +672,11 @@ impl Model {
             _ => std::path::PathBuf::from("."),
         };
         let resolve = |r: &ExternalRef| read_external(&dir, r);
-        Self::from_onnx_bytes_with_resolver(&path.display().to_string(), &bytes, options, &resolve)
+        let name = path.display().to_string();
+        // the file's buffer is handed over: tensors decode as slices of it
+        let imported = nnlin_onnx::import_owned_with_resolver(bytes, options, &resolve)
+            .map_err(|source| Error::Onnx { model: name.clone(), source })?;
+        Ok(Self::from_imported(&name, imported))
     }
 
     /// The same model with convolutions represented as `kernel` (explicit

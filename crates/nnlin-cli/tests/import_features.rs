@@ -31,7 +31,7 @@ fn externalize(src: &Path, dir: &Path, data_name: &str) -> (PathBuf, proto::Mode
     let mut data = vec![];
     for t in &mut m.graph.as_mut().unwrap().initializer {
         let raw: Vec<u8> = if let Some(r) = t.raw_data.take().filter(|r| !r.is_empty()) {
-            r
+            r.to_vec()
         } else {
             t.float_data.drain(..).flat_map(f32::to_le_bytes).collect()
         };

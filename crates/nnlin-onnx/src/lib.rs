@@ -341,6 +341,25 @@ pub fn import_with_resolver(
     options: &ImportOptions,
     resolve: &dyn Fn(&ExternalRef) -> Result<Vec<u8>, String>,
 ) -> Result<Imported, OnnxError> {
+    import_buf(bytes, options, resolve)
+}
+
+/// [`import_with_resolver`] for a model the caller hands over (a file read
+/// into memory): the tensors' raw data are decoded as slices of `bytes`
+/// instead of copies of them.
+pub fn import_owned_with_resolver(
+    bytes: Vec<u8>,
+    options: &ImportOptions,
+    resolve: &dyn Fn(&ExternalRef) -> Result<Vec<u8>, String>,
+) -> Result<Imported, OnnxError> {
+    import_buf(prost::bytes::Bytes::from(bytes), options, resolve)
+}
+
+fn import_buf(
+    bytes: impl prost::bytes::Buf,
+    options: &ImportOptions,
+    resolve: &dyn Fn(&ExternalRef) -> Result<Vec<u8>, String>,
+) -> Result<Imported, OnnxError> {
     let budget = options.max_bytes;
     // a tensor, its external data read through `resolve`
     let load = |tp: &proto::TensorProto| -> Result<Tensor, String> {
@@ -349,7 +368,7 @@ pub fn import_with_resolver(
             Some(r) => {
                 let raw = resolve(&r)?;
                 let inline = proto::TensorProto {
-                    raw_data: Some(raw),
+                    raw_data: Some(raw.into()),
                     data_location: None,
                     external_data: vec![],
                     ..tp.clone()

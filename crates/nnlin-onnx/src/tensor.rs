@@ -124,21 +124,28 @@ pub fn decode(t: &TensorProto) -> Result<Tensor, String> {
                 numel.saturating_mul(width)
             ));
         }
-        raw.chunks_exact(width)
-            .map(|c| match ty {
-                dt::FLOAT => f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                dt::DOUBLE => f64::from_le_bytes(c.try_into().expect("8 bytes")),
-                dt::INT32 => f64::from(i32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                dt::UINT32 => f64::from(u32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                dt::INT64 => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
-                dt::UINT64 => u64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
-                dt::FLOAT16 => f64::from(f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
-                dt::INT16 => f64::from(i16::from_le_bytes([c[0], c[1]])),
-                dt::UINT16 => f64::from(u16::from_le_bytes([c[0], c[1]])),
-                dt::INT8 => f64::from(c[0] as i8),
-                _ => f64::from(c[0]),
-            })
-            .collect()
+        if ty == dt::FLOAT {
+            // the weights' type: its own loop (no type match per element)
+            raw.chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+                .collect()
+        } else {
+            raw.chunks_exact(width)
+                .map(|c| match ty {
+                    dt::FLOAT => f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))),
+                    dt::DOUBLE => f64::from_le_bytes(c.try_into().expect("8 bytes")),
+                    dt::INT32 => f64::from(i32::from_le_bytes(c.try_into().expect("4 bytes"))),
+                    dt::UINT32 => f64::from(u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+                    dt::INT64 => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
+                    dt::UINT64 => u64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
+                    dt::FLOAT16 => f64::from(f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+                    dt::INT16 => f64::from(i16::from_le_bytes([c[0], c[1]])),
+                    dt::UINT16 => f64::from(u16::from_le_bytes([c[0], c[1]])),
+                    dt::INT8 => f64::from(c[0] as i8),
+                    _ => f64::from(c[0]),
+                })
+                .collect()
+        }
     } else {
         match ty {
             dt::FLOAT => t.float_data.iter().map(|&v| f64::from(v)).collect(),
@@ -292,7 +299,7 @@ mod tests {
         let mut typed = proto(&[2, 2], dt::FLOAT);
         typed.float_data = vals.to_vec();
         let mut raw = proto(&[2, 2], dt::FLOAT);
-        raw.raw_data = Some(vals.iter().flat_map(|v| v.to_le_bytes()).collect());
+        raw.raw_data = Some(vals.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into());
         let (a, b) = (decode(&typed).unwrap(), decode(&raw).unwrap());
         assert_eq!(a, b);
         assert_eq!(a.dims, vec![2, 2]);
@@ -307,14 +314,14 @@ mod tests {
         assert!(t.is_int);
         assert_eq!(t.as_ints(), vec![-1, 0, 7]);
         let mut h = proto(&[2], dt::FLOAT16);
-        h.raw_data = Some(vec![0x00, 0x3c, 0x00, 0xc0]); // 1.0, -2.0
+        h.raw_data = Some(vec![0x00, 0x3c, 0x00, 0xc0].into()); // 1.0, -2.0
         assert_eq!(decode(&h).unwrap().data, vec![1.0, -2.0]);
     }
 
     #[test]
     fn bad_tensors_are_errors() {
         let mut t = proto(&[3], dt::FLOAT);
-        t.raw_data = Some(vec![0; 8]);
+        t.raw_data = Some(vec![0; 8].into());
         assert!(decode(&t).unwrap_err().contains("raw_data holds 8 bytes"));
         let mut t = proto(&[2], dt::FLOAT);
         t.float_data = vec![1.0];

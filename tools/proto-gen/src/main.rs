@@ -17,7 +17,8 @@ fn generate(root: &Path) -> Result<String, Box<dyn std::error::Error>> {
     let fds = protox::compile([proto_dir.join("onnx.proto")], [&proto_dir])?;
     let out = tempdir(root)?;
     let mut config = prost_build::Config::new();
-    config.out_dir(&out).disable_comments(["."]);
+    // tensor payloads decode as slices of the model's buffer (no copy)
+    config.out_dir(&out).disable_comments(["."]).bytes([".onnx.TensorProto.raw_data"]);
     config.compile_fds(fds)?;
     let code = std::fs::read_to_string(out.join("onnx.rs"))?;
     std::fs::remove_dir_all(&out)?;
