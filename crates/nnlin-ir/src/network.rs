@@ -819,6 +819,41 @@ impl Network {
         Ok(output)
     }
 
+    /// The network without the nodes its output does not depend on, values
+    /// renumbered in order. The kept nodes, their layers and their input
+    /// shapes are unchanged, so they are not checked again (a check reads
+    /// every parameter).
+    pub fn pruned(self) -> Network {
+        let mut live = vec![false; self.shapes.len()];
+        live[self.output.0] = true;
+        for node in self.nodes.iter().rev() {
+            if live[node.output.0] {
+                for i in &node.inputs {
+                    live[i.0] = true;
+                }
+            }
+        }
+        let mut map: Vec<Option<ValueId>> = vec![None; self.shapes.len()];
+        map[0] = Some(ValueId(0));
+        let Network { mut shapes, nodes, output } = self;
+        let mut out = Network::new(std::mem::take(&mut shapes[0]));
+        for mut node in nodes {
+            if !live[node.output.0] {
+                continue;
+            }
+            for i in &mut node.inputs {
+                *i = map[i.0].expect("a live node's inputs are live and earlier");
+            }
+            let v = ValueId(out.shapes.len());
+            out.shapes.push(std::mem::take(&mut shapes[node.output.0]));
+            map[node.output.0] = Some(v);
+            node.output = v;
+            out.nodes.push(node);
+        }
+        out.output = map[output.0].expect("the output is live");
+        out
+    }
+
     /// Takes the nodes out (for passes that rebuild the network without
     /// copying layer parameters).
     pub fn into_nodes(self) -> Vec<Node> {
@@ -897,5 +932,37 @@ impl Network {
         }
         rev.reverse();
         Some(rev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expr::{Expr, Unary};
+
+    /// A dead branch (and a dead node after the output) is dropped, the
+    /// values are renumbered, and the output is the unpruned network's.
+    #[test]
+    fn pruned_drops_dead_nodes_and_keeps_the_output() {
+        let mut net = Network::new(vec![1, 4]);
+        let act = |f| Layer::Activation(Activation { expr: Expr::unary(f) });
+        let dead = net.push("dead", "Tanh", act(Unary::Tanh), vec![ValueId(0)]).unwrap();
+        let a = net.push("a", "Relu", act(Unary::Relu), vec![ValueId(0)]).unwrap();
+        net.push("dead2", "Abs", act(Unary::Abs), vec![dead]).unwrap();
+        let scale = Layer::Affine(Affine::per_element(vec![2.0; 4], vec![1.0; 4]));
+        let b = net.push("b", "Mul", scale, vec![a]).unwrap();
+        let sum = Layer::Add(Add { coeffs: vec![1.0, -1.0] });
+        let out = net.push("sum", "Add", sum, vec![b, a]).unwrap();
+        net.push("after", "Abs", act(Unary::Abs), vec![out]).unwrap();
+        net.set_output(out);
+        let x = [0.5, -1.0, 2.0, -0.25];
+        let want = crate::reference::forward::<f64>(&net, &x);
+        let p = net.pruned();
+        let names: Vec<&str> = p.nodes().iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "sum"]);
+        assert_eq!(p.nodes()[2].inputs, [ValueId(2), ValueId(1)]);
+        assert_eq!(p.output(), ValueId(3));
+        assert_eq!(p.shape(p.output()), [1, 4]);
+        assert_eq!(crate::reference::forward::<f64>(&p, &x), want);
     }
 }

@@ -39,7 +39,7 @@ use nnlin_ir::{Binary, Dense, Expr, ExprClass, ExprNode, IrError, Layer, Network
 use prost::Message;
 
 use crate::ops::Handler;
-use crate::passes::{fuse_dense_affine, prune, trailing_through_shape_ops};
+use crate::passes::{fuse_dense_affine, trailing_through_shape_ops};
 use crate::proto::{AttributeProto, ModelProto, NodeProto};
 pub use crate::tensor::ExternalRef;
 use crate::tensor::Tensor;
@@ -808,7 +808,7 @@ fn import_buf(
     let out = imp.materialize(&output_name)?;
     let mut net = imp.net;
     net.set_output(out);
-    let net = fuse_dense_affine(prune(net)?)?;
+    let net = fuse_dense_affine(net.pruned())?;
     let producer = format!(
         "{} {}",
         model.producer_name.as_deref().unwrap_or(""),

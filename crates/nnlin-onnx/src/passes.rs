@@ -1,5 +1,6 @@
-//! Graph passes after import: dead-node pruning and the fusion of an affine
-//! layer into the dense layer before it; and the trailing-softmax test.
+//! Graph passes after import (dead nodes are pruned by `Network::pruned`):
+//! the fusion of an affine layer into the dense layer before it; and the
+//! trailing-softmax test.
 
 use super::*;
 
@@ -31,31 +32,6 @@ pub(crate) fn trailing_through_shape_ops(
         }
     }
     false
-}
-
-/// Rebuilds the network keeping only the nodes the output depends on.
-pub(crate) fn prune(net: Network) -> Result<Network, IrError> {
-    let mut live = vec![false; net.nodes().len() + 1];
-    live[net.output().0] = true;
-    for node in net.nodes().iter().rev() {
-        if live[node.output.0] {
-            for i in &node.inputs {
-                live[i.0] = true;
-            }
-        }
-    }
-    let (input_shape, output) = (net.input_shape().to_vec(), net.output());
-    let mut map: Vec<Option<ValueId>> = vec![None; live.len()];
-    map[0] = Some(ValueId(0));
-    let mut out = Network::new(input_shape);
-    for node in net.into_nodes() {
-        if live[node.output.0] {
-            let inputs = node.inputs.iter().map(|i| map[i.0].expect("live input")).collect();
-            map[node.output.0] = Some(out.push(node.name, node.source, node.layer, inputs)?);
-        }
-    }
-    out.set_output(map[output.0].expect("live output"));
-    Ok(out)
 }
 
 /// Folds an `Affine` layer into the `Dense` layer that feeds it (ONNX
