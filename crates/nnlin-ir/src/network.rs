@@ -854,6 +854,69 @@ impl Network {
         out
     }
 
+    /// Replaces node `k`'s layer (and its source label) by one that gives
+    /// the same output shape from the same inputs, checked as [`push`]
+    /// checks a layer: a pass that folds parameters into a layer.
+    ///
+    /// [`push`]: Network::push
+    ///
+    /// # Errors
+    /// If `k` is not a node, or the layer does not fit or changes the shape.
+    pub fn replace_layer(
+        &mut self,
+        k: usize,
+        layer: Layer,
+        source: impl Into<String>,
+    ) -> Result<(), IrError> {
+        let node =
+            self.nodes.get(k).ok_or(IrError::BadInput { layer: format!("#{k}"), value: k })?;
+        let in_shapes: Vec<&[usize]> =
+            node.inputs.iter().map(|v| self.shapes[v.0].as_slice()).collect();
+        let shape = layer.output_shape(&node.name, &in_shapes)?;
+        if shape != self.shapes[node.output.0] {
+            return Err(IrError::ShapeMismatch {
+                layer: node.name.clone(),
+                expected: format!("the replaced layer's output {:?}", self.shapes[node.output.0]),
+                got: shape,
+            });
+        }
+        let node = &mut self.nodes[k];
+        node.layer = layer;
+        node.source = source.into();
+        Ok(())
+    }
+
+    /// Makes every reader of node `k`'s output, and the network's output if
+    /// it is that value, read the node's one input instead (of the same
+    /// shape); the node is left dead for [`Network::pruned`] to drop.
+    ///
+    /// # Errors
+    /// If `k` is not a node, or it has several inputs or changes the shape.
+    pub fn bypass(&mut self, k: usize) -> Result<(), IrError> {
+        let node =
+            self.nodes.get(k).ok_or(IrError::BadInput { layer: format!("#{k}"), value: k })?;
+        let (from, to) = (node.output, node.inputs[0]);
+        if node.inputs.len() != 1 || self.shapes[from.0] != self.shapes[to.0] {
+            return Err(IrError::ShapeMismatch {
+                layer: node.name.clone(),
+                expected: "one input of the output's shape (to bypass the node)".into(),
+                got: self.shapes[to.0].clone(),
+            });
+        }
+        // readers of `from` come after node k, which comes after `to`
+        for n in &mut self.nodes[k + 1..] {
+            for i in &mut n.inputs {
+                if *i == from {
+                    *i = to;
+                }
+            }
+        }
+        if self.output == from {
+            self.output = to;
+        }
+        Ok(())
+    }
+
     /// Takes the nodes out (for passes that rebuild the network without
     /// copying layer parameters).
     pub fn into_nodes(self) -> Vec<Node> {
@@ -964,5 +1027,38 @@ mod tests {
         assert_eq!(p.output(), ValueId(3));
         assert_eq!(p.shape(p.output()), [1, 4]);
         assert_eq!(crate::reference::forward::<f64>(&p, &x), want);
+    }
+
+    /// A replaced layer is checked; a bypassed node's readers and the
+    /// output read its input; what does not fit is refused.
+    #[test]
+    fn replace_layer_and_bypass_check_what_they_change() {
+        let mut net = Network::new(vec![1, 3]);
+        let dense = |out: usize, w: f64| {
+            Layer::Dense(Dense {
+                in_features: 3,
+                out_features: out,
+                weight: vec![w; 3 * out],
+                bias: None,
+            })
+        };
+        let d = net.push("d", "Gemm", dense(3, 1.0), vec![ValueId(0)]).unwrap();
+        let scale = Layer::Affine(Affine::per_element(vec![2.0; 3], vec![0.5; 3]));
+        let a = net.push("a", "Mul", scale, vec![d]).unwrap();
+        let relu = Layer::Activation(Activation { expr: Expr::unary(Unary::Relu) });
+        net.push("r", "Relu", relu, vec![a]).unwrap();
+        assert!(net.replace_layer(0, dense(2, 1.0), "x").is_err(), "a new shape");
+        assert!(net.replace_layer(0, dense(3, f64::NAN), "x").is_err(), "a NaN weight");
+        assert!(net.replace_layer(7, dense(3, 1.0), "x").is_err(), "no node 7");
+        net.replace_layer(0, dense(3, 2.0), "Gemm+Mul").unwrap();
+        net.bypass(1).unwrap();
+        let p = net.pruned();
+        let names: Vec<&str> = p.nodes().iter().map(|n| n.source.as_str()).collect();
+        assert_eq!(names, ["Gemm+Mul", "Relu"]);
+        assert_eq!(crate::reference::forward::<f64>(&p, &[1.0, -1.0, 0.5]), [1.0; 3]);
+        let mut two = Network::new(vec![1, 3]);
+        let sum = Layer::Add(Add { coeffs: vec![1.0, 1.0] });
+        two.push("s", "Add", sum, vec![ValueId(0), ValueId(0)]).unwrap();
+        assert!(two.bypass(0).is_err(), "two inputs");
     }
 }

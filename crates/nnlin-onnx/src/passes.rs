@@ -36,35 +36,35 @@ pub(crate) fn trailing_through_shape_ops(
 
 /// Folds an `Affine` layer into the `Dense` layer that feeds it (ONNX
 /// `MatMul` followed by `Add` of the bias, or a scale), when the dense output
-/// has no other consumer and covers one row.
-pub(crate) fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
+/// has no other consumer and covers one row: the dense layer is replaced in
+/// place (and checked), the affine bypassed, and the dead nodes pruned;
+/// the other layers are not checked again.
+pub(crate) fn fuse_dense_affine(mut net: Network) -> Result<Network, IrError> {
     let uses = net.use_counts();
-    let (input_shape, output) = (net.input_shape().to_vec(), net.output());
-    let mut nodes: Vec<Option<nnlin_ir::Node>> = net.into_nodes().into_iter().map(Some).collect();
-    let mut out = Network::new(input_shape);
-    let mut map: Vec<Option<ValueId>> = vec![None; nodes.len() + 1];
-    map[0] = Some(ValueId(0));
-    for k in 0..nodes.len() {
-        let Some(node) = nodes[k].take() else { continue };
-        let inputs: Vec<ValueId> =
-            node.inputs.iter().map(|i| map[i.0].expect("mapped input")).collect();
-        // a Dense whose output is read only by an Affine of matching width
-        let consumer = match &node.layer {
-            Layer::Dense(d) if uses[node.output.0] == 1 && node.output != output => (k + 1..nodes.len())
-                .find(|&j| nodes[j].as_ref().is_some_and(|n| n.inputs.contains(&node.output)))
-                .filter(|&j| {
-                    nodes[j].as_ref().is_some_and(|n| {
-                        n.inputs.len() == 1 && matches!(&n.layer, Layer::Affine(a) if a.spatial == 1 && a.scale.len() == d.out_features)
-                    })
-                }),
-            _ => None,
+    let output = net.output();
+    let nodes = net.nodes();
+    // (dense, affine) pairs: a Dense whose output is read only by an Affine
+    // of matching width
+    let pairs: Vec<(usize, usize)> = (0..nodes.len())
+        .filter_map(|k| {
+            let node = &nodes[k];
+            let Layer::Dense(d) = &node.layer else { return None };
+            if uses[node.output.0] != 1 || node.output == output {
+                return None;
+            }
+            let j = (k + 1..nodes.len()).find(|&j| nodes[j].inputs.contains(&node.output))?;
+            let n = &nodes[j];
+            (n.inputs.len() == 1
+                && matches!(&n.layer, Layer::Affine(a) if a.spatial == 1 && a.scale.len() == d.out_features))
+            .then_some((k, j))
+        })
+        .collect();
+    for (k, j) in pairs {
+        let (dense, affine) = (&net.nodes()[k], &net.nodes()[j]);
+        let (Layer::Dense(d), Layer::Affine(a)) = (&dense.layer, &affine.layer) else {
+            unreachable!("checked above")
         };
-        let (Some(j), Layer::Dense(mut d)) = (consumer, node.layer.clone()) else {
-            map[node.output.0] = Some(out.push(node.name, node.source, node.layer, inputs)?);
-            continue;
-        };
-        let next = nodes[j].take().expect("consumer");
-        let Layer::Affine(a) = &next.layer else { unreachable!("checked above") };
+        let mut d = d.clone();
         let old = d.bias.take().unwrap_or_else(|| vec![0.0; d.out_features]);
         for o in 0..d.out_features {
             for w in &mut d.weight[o * d.in_features..(o + 1) * d.in_features] {
@@ -72,11 +72,9 @@ pub(crate) fn fuse_dense_affine(net: Network) -> Result<Network, IrError> {
             }
         }
         d.bias = Some((0..d.out_features).map(|o| a.scale[o] * old[o] + a.shift[o]).collect());
-        let source = format!("{}+{}", node.source, next.source);
-        let v = out.push(node.name, source, Layer::Dense(d), inputs)?;
-        map[node.output.0] = Some(v);
-        map[next.output.0] = Some(v);
+        let source = format!("{}+{}", dense.source, affine.source);
+        net.replace_layer(k, Layer::Dense(d), source)?;
+        net.bypass(j)?;
     }
-    out.set_output(map[output.0].expect("mapped output"));
-    Ok(out)
+    Ok(net.pruned())
 }
