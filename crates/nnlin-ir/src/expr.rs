@@ -622,11 +622,6 @@ impl Expr {
     /// If `v`, `d` and `u` differ in length.
     pub fn values_and_slopes_into(&self, offset: usize, u: &[f64], v: &mut [f64], d: &mut [f64]) {
         assert!(v.len() == u.len() && d.len() == u.len(), "values_and_slopes: lengths differ");
-        let each = |v: &mut [f64], d: &mut [f64], f: &dyn Fn(usize, f64) -> (f64, f64)| {
-            for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
-                (*vi, *di) = f(offset + i, z);
-            }
-        };
         // the forms with a direct branch: one tight loop per form instead of
         // matching the nodes at every element
         match self.nodes.as_slice() {
@@ -650,10 +645,10 @@ impl Expr {
             [ExprNode::Var, ExprNode::Const(c), ExprNode::Binary(Binary::PRelu, 0, 1)]
             | [ExprNode::Const(c), ExprNode::Var, ExprNode::Binary(Binary::PRelu, 1, 0)] => {
                 let a = &self.consts[*c];
-                each(v, d, &|i, z| {
-                    let alpha = a.at(i);
-                    if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) }
-                });
+                for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
+                    let alpha = a.at(offset + i);
+                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
+                }
             }
             _ => {
                 let vars: Vec<crate::Dual> = u.iter().map(|&z| crate::Dual::var(z)).collect();
@@ -963,8 +958,21 @@ mod tests {
         let mut prelu = Expr::var();
         let s = prelu.push_const(per.clone());
         prelu.push(ExprNode::Binary(Binary::PRelu, 0, s));
+        // per-channel constants: 61 blocks of 9 elements (runs that straddle
+        // the chunks and the slice offsets below)
+        assert_eq!(n, 61 * 9);
+        let chan: Vec<f64> = (0..61).map(|i| (i % 7) as f64 / 4.0 - 0.5).collect();
+        let mut prelu_c = Expr::var();
+        let s = prelu_c.push_const_repeated(chan.clone(), 9);
+        prelu_c.push(ExprNode::Binary(Binary::PRelu, 0, s));
+        let mut bn_c = Expr::var();
+        let m = bn_c.push_const_repeated(chan.iter().map(|v| v + 1.5).collect(), 9);
+        let xm = bn_c.push(ExprNode::Binary(Binary::Mul, 0, m));
+        let t = bn_c.push_const_repeated(chan, 9);
+        let z = bn_c.push(ExprNode::Binary(Binary::Add, xm, t));
+        bn_c.push(ExprNode::Unary(Unary::Relu, z));
         let u: Vec<f64> = (0..n).map(|i| ((i * 7919) % 211) as f64 / 50.0 - 2.1).collect();
-        for e in [&bn_relu, &silu, &gelu, &pow, &prelu] {
+        for e in [&bn_relu, &silu, &gelu, &pow, &prelu, &prelu_c, &bn_c] {
             let mut got = vec![0.0; n];
             e.eval_slice(&u, &mut got);
             let duals: Vec<Dual> = u.iter().map(|&z| Dual::var(z)).collect();
