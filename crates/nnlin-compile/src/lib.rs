@@ -564,11 +564,7 @@ impl Compiler {
                     // one scale and shift per block (a batch-norm's channel)
                     let op = ChannelScale::new(a.scale.clone(), a.spatial)
                         .expect("the network checked the blocks");
-                    let bias = if a.shift.iter().all(|x| x.to_bits() == 0) {
-                        Offset::Zero(op.len())
-                    } else {
-                        Offset::PerChannel { values: a.shift.clone(), spatial: a.spatial }
-                    };
+                    let bias = Offset::PerChannel { values: a.shift.clone(), spatial: a.spatial };
                     one(Operator::ChannelScale(op), bias)
                 }
                 Layer::Reshape(_) => one(Operator::Identity(numel), Offset::Zero(numel)),
