@@ -1,14 +1,16 @@
-//! The two thresholds of the reverse products, measured: below which
-//! fraction of nonzero adjoint columns (units a following ReLU or max-pool
-//! left active) a convolution scatters only those columns
+//! The thresholds of the reverse products, measured: below which fraction
+//! of nonzero adjoint columns (units a following ReLU or max-pool left
+//! active) a convolution sums only the active channels per position
+//! (`ConvOp::backward_active`, f64 and f32) or scatters only those columns
 //! (`ConvOp::backward_sparse`) instead of the im2col GEMM over all of them
-//! (`ConvOp::backward_gemm`), and a dense layer multiplies only the rows of
-//! its weight those columns select (a gather and a smaller GEMM) instead of
-//! the full GEMM. 10 adjoint rows (a classifier's full W), one thread, f64;
-//! nonzero columns spread over the block as an activation pattern is.
+//! (`ConvOp::backward_gemm`, f64 and f32), and a dense layer multiplies only
+//! the rows of its weight those columns select (a gather and a smaller GEMM)
+//! instead of the full GEMM. 10 adjoint rows (a classifier's full W), one
+//! thread; nonzero columns spread over the block as an activation pattern is.
 //!
-//! `cargo bench --bench row_skip`; the crossovers are in docs/PERFORMANCE.md
-//! and set `nnlin_linalg::{CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
+//! `cargo bench -p nnlin --bench row_skip`; the crossovers are in
+//! docs/PERFORMANCE.md and set `nnlin_linalg::{CONV_ACTIVE_BELOW,
+//! ACTIVE_MIN_TAPS, CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
 
 mod common;
 
@@ -32,11 +34,31 @@ fn adjoint(cols: usize, percent: usize) -> (Block, Vec<usize>) {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("row_skip");
     group.sample_size(10);
-    for (name, op) in
-        [("lenet5_conv2", conv(6, 16, 14, 5, 0)), ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1))]
-    {
+    for (name, op) in [
+        ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
+        ("onet_conv1", conv(3, 32, 48, 3, 0)),
+        ("onet_conv2", conv(32, 64, 23, 3, 0)),
+        ("onet_conv3", conv(64, 64, 10, 3, 0)),
+        ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1)),
+    ] {
         for percent in FRACTIONS {
             let (g, nz) = adjoint(op.nrows(), percent);
+            let g32: Vec<f32> = g.as_slice().iter().map(|&v| v as f32).collect();
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/active"), percent),
+                &g,
+                |b, g| b.iter(|| op.backward_active(g.as_slice(), ROWS)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/active_f32"), percent),
+                &g32,
+                |b, g| b.iter(|| op.backward_active(g, ROWS)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/gemm_f32"), percent),
+                &g32,
+                |b, g| b.iter(|| op.backward_gemm(g, ROWS, Par::Seq)),
+            );
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}/sparse"), percent),
                 &(&g, &nz),

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 use sprs::CsMat;
 
 use crate::{Block, Real, ShapeError};
@@ -43,6 +43,129 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
             f(p, Some(start), len);
         }
         p += len;
+    }
+}
+
+/// Adjoint rows per register tile of [`ConvOp::backward_active`]: two AVX
+/// registers, 16 in `f32` and 8 in `f64`.
+fn active_rows<T>() -> usize {
+    if size_of::<T>() == 4 { 16 } else { 8 }
+}
+
+/// Taps per register tile of [`ConvOp::backward_active`]: with two AVX
+/// registers of adjoint rows per tap, 12 accumulators.
+pub const ACTIVE_TAPS: usize = 6;
+
+/// The reverse product through a convolution runs
+/// [`ConvOp::backward_active`] when fewer than this fraction (numerator,
+/// denominator) of `G`'s columns are nonzero. `benches/row_skip.rs`, 10
+/// rows, one thread, against the im2col GEMM (f32 / f64): ONet's second
+/// convolution (32→64, 3×3, 21²) at 20 %: 1.6 / 4.9 ms against 2.9 /
+/// 6.1; at 33 %: 1.8 / 5.2 against 3.3 / 7.0; a 64-channel 3×3 at 32²:
+/// even at 33 % (12.6 / 21.9 against 12.9 / 32.1), slower at 50 % (19.3 /
+/// 39.1 against 15.8 / 29.9).
+pub const CONV_ACTIVE_BELOW: (usize, usize) = (1, 3);
+
+/// The fewest im2col rows per group (`c_in/groups · kh · kw`) for which
+/// [`ConvOp::backward_active`] is chosen: below, the per-position work
+/// (lists, register tiles, col2im) outweighs the skipped products. ONet's
+/// first convolution (3→32, 27 rows) lost at 20 % (1.2 ms against 1.0,
+/// f32); LeNet-5's second (6→16, 5×5, 150 rows) won at 10 % (78 µs against
+/// 115) and tied at 20–33 %.
+pub const ACTIVE_MIN_TAPS: usize = 64;
+
+/// How [`ConvOp::backward_tiled`] forms a tile's im2col block.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fill {
+    /// A GEMM over every output channel.
+    Gemm,
+    /// Register tiles over the channels active at each position.
+    Active,
+}
+
+/// Per position `p` of a group's adjoint columns (`cog` channels of `p_len`
+/// positions; `nonzero[oc·p_len + p]`), the channels whose column is
+/// nonzero: `lists[start[p]..start[p + 1]]`, in order.
+fn active_lists(nonzero: &[bool], p_len: usize, start: &mut [usize], lists: &mut [usize]) {
+    start.fill(0);
+    for flags in nonzero.chunks_exact(p_len) {
+        for (s, &f) in start[1..].iter_mut().zip(flags) {
+            *s += usize::from(f);
+        }
+    }
+    for p in 0..p_len {
+        start[p + 1] += start[p];
+    }
+    let mut fill = start[..p_len].to_vec();
+    for (oc, flags) in nonzero.chunks_exact(p_len).enumerate() {
+        for (p, _) in flags.iter().enumerate().filter(|(_, f)| **f) {
+            lists[fill[p]] = oc;
+            fill[p] += 1;
+        }
+    }
+}
+
+/// [`ConvOp::backward_active`]'s im2col block for positions `p0..p0+pn`
+/// of one group: column `t` (`ld` apart, rows `(p − p0)·k + r`) is
+/// `Σ_{oc active at p} W[oc, t] · G[r, (oc, p)]`, channels in order from
+/// zero. Register tiles are `RL` rows × [`ACTIVE_TAPS`] taps: each active
+/// channel's adjoint rows are one vector (`gbuf`, zero-padded), each weight
+/// a broadcast, and each tap's sums one contiguous store. A tile writes
+/// whole vectors: the rows past `k` land on the next position's rows,
+/// written after, or on the column's padding; taps past `kk` on padding
+/// columns.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn active_fill<T: Real, const RL: usize>(
+    cols: &mut [T],
+    ld: usize,
+    gbuf: &mut [T],
+    g: &[T],
+    wp: &[T],
+    kp: usize,
+    kk: usize,
+    lists: &[usize],
+    start: &[usize],
+    p0: usize,
+    pn: usize,
+    k: usize,
+    width: usize,
+) {
+    for pp in 0..pn {
+        let p = p0 + pp;
+        let on = &lists[start[p]..start[p + 1]];
+        let mut r0 = 0;
+        while r0 < k {
+            let rb = RL.min(k - r0);
+            for (i, &oc) in on.iter().enumerate() {
+                let dst = &mut gbuf[i * RL..(i + 1) * RL];
+                let c = oc * width + p * k + r0;
+                dst[..rb].copy_from_slice(&g[c..c + rb]);
+                dst[rb..].fill(T::ZERO);
+            }
+            let row = pp * k + r0;
+            let mut t0 = 0;
+            while t0 < kk {
+                let mut acc = [[T::ZERO; RL]; ACTIVE_TAPS];
+                for (i, &oc) in on.iter().enumerate() {
+                    let gv: &[T; RL] = gbuf[i * RL..(i + 1) * RL].try_into().expect("RL rows");
+                    let w: &[T; ACTIVE_TAPS] = wp[oc * kp + t0..oc * kp + t0 + ACTIVE_TAPS]
+                        .try_into()
+                        .expect("a tap tile");
+                    for (a, &wt) in acc.iter_mut().zip(w) {
+                        for (x, &gr) in a.iter_mut().zip(gv) {
+                            *x = wt.fma(gr, *x);
+                        }
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    let o = (t0 + t) * ld + row;
+                    cols[o..o + RL].copy_from_slice(a);
+                }
+                t0 += ACTIVE_TAPS;
+            }
+            r0 += rb;
+        }
     }
 }
 
@@ -384,11 +507,52 @@ impl ConvOp {
     /// while in cache; a pointwise convolution's GEMM writes the result in
     /// place.
     pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
-        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS)
+        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[])
     }
 
-    /// [`ConvOp::backward_gemm`] with tiles of `tile` col2im entries and at
-    /// least `min_rows` rows.
+    /// `G·A` (layout as [`ConvOp::backward_gemm`]) through the nonzero
+    /// columns of `G` only: a tile's im2col block, row `(p, r)`, is
+    /// `Σ_{oc active at p} G[r, (oc, p)] · W[oc, :]` (channels in order, each
+    /// sum from zero), formed in registers (16 rows in `f32`, 8 in `f64`, ×
+    /// [`ACTIVE_TAPS`] taps at a time), then scattered by the GEMM path's
+    /// col2im. Its work is proportional to the nonzero columns, where the
+    /// GEMM's is to all of them: after a max-pool or a ReLU most are zero.
+    /// Sequential; fused multiply-adds, the same bits on every CPU.
+    pub fn backward_active<T: Real>(&self, g: &[T], k: usize) -> Vec<T> {
+        self.backward_active_with(g, k, &crate::nonzero_columns(g, k))
+    }
+
+    /// Whether [`ConvOp::backward_active`] is the cheaper reverse product
+    /// for `k` adjoint rows of which `nonzero` columns are nonzero: fewer
+    /// than [`CONV_ACTIVE_BELOW`] of the columns, at least
+    /// [`ACTIVE_MIN_TAPS`] im2col rows, and rows filling at least half of
+    /// its registers (8 in `f32`, 4 in `f64`). The thread count plays no
+    /// part, so an instance's bits do not depend on it (nor on how many
+    /// instances share the threads); the kernel itself is sequential.
+    pub fn prefers_active<T: Real>(&self, k: usize, nonzero: usize) -> bool {
+        let (num, den) = CONV_ACTIVE_BELOW;
+        nonzero * den < self.nrows() * num
+            && self.sizes().kk >= ACTIVE_MIN_TAPS
+            && 2 * k >= active_rows::<T>()
+    }
+
+    /// [`ConvOp::backward_active`] with `G`'s nonzero columns given
+    /// (`nonzero[j]`: column `j` has a nonzero entry; one per row of the
+    /// operator).
+    ///
+    /// # Panics
+    /// If `nonzero` does not have one flag per row.
+    pub fn backward_active_with<T: Real>(&self, g: &[T], k: usize, nonzero: &[bool]) -> Vec<T> {
+        assert_eq!(nonzero.len(), self.nrows(), "conv backward: one flag per column of G");
+        crate::simd::dispatch(
+            #[inline(always)]
+            || self.backward_tiled(g, k, Par::Seq, TILE, MIN_TILE_ROWS, Fill::Active, nonzero),
+        )
+    }
+
+    /// [`ConvOp::backward_gemm`] or [`ConvOp::backward_active`] with tiles of
+    /// `tile` col2im entries and at least `min_rows` rows.
+    #[inline(always)]
     fn backward_tiled<T: Real>(
         &self,
         g: &[T],
@@ -396,6 +560,8 @@ impl ConvOp {
         par: Par,
         tile: usize,
         min_rows: usize,
+        fill: Fill,
+        nonzero: &[bool],
     ) -> Vec<T> {
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
@@ -403,9 +569,33 @@ impl ConvOp {
         let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
         let weight = self.weight_as::<T>();
         let mut out = vec![T::ZERO; ncols * k];
+        if k == 0 || kk == 0 {
+            return out;
+        }
         let width = p_len * k;
         let pc = (tile / (kk * k).max(1)).max(min_rows.div_ceil(k.max(1))).clamp(1, p_len.max(1));
-        let mut cols = if pointwise { Mat::<T>::new() } else { Mat::<T>::zeros(pc * k, kk) };
+        // the active fill scatters through col2im, pointwise or not
+        let (pointwise, taps) = match fill {
+            Fill::Active if pointwise => (false, self.tap_table()),
+            Fill::Gemm | Fill::Active => (pointwise, taps),
+        };
+        // the im2col tile, column-major with columns `pc·k` apart
+        // (the active fill writes whole register tiles: rows past a
+        // column's end and whole tap tiles past `kk`, never read)
+        let active = fill == Fill::Active;
+        let ld = if active { pc * k + active_rows::<T>() } else { pc * k };
+        let kp = kk.next_multiple_of(ACTIVE_TAPS);
+        let mut cols = match (pointwise, active) {
+            (true, _) => vec![],
+            (false, false) => vec![T::ZERO; ld * kk],
+            (false, true) => vec![T::ZERO; ld * kp],
+        };
+        let mut gbuf = if active { vec![T::ZERO; cog * active_rows::<T>()] } else { vec![] };
+        // Fill::Active: the group's weight rows padded to whole lanes, and
+        // per position the channels whose column is nonzero
+        let mut wp = if active { vec![T::ZERO; cog * kp] } else { vec![] };
+        let mut start = if active { vec![0usize; p_len + 1] } else { vec![] };
+        let mut lists = if active { vec![0usize; cog * p_len] } else { vec![] };
         for grp in 0..geom.groups {
             let gg = &g[grp * cog * width..(grp + 1) * cog * width];
             let w = MatRef::from_row_major_slice(
@@ -424,23 +614,53 @@ impl ConvOp {
                 faer::linalg::matmul::matmul(dst, Accum::Replace, ggt, w, T::ONE, par);
                 continue;
             }
+            if active {
+                for (oc, row) in wp.chunks_exact_mut(kp).enumerate() {
+                    row[..kk].copy_from_slice(&weight[(grp * cog + oc) * kk..][..kk]);
+                }
+                let flags = &nonzero[grp * cog * p_len..(grp + 1) * cog * p_len];
+                active_lists(flags, p_len, &mut start, &mut lists);
+            }
             let mut p0 = 0;
             while p0 < p_len {
                 let pn = pc.min(p_len - p0);
-                // G_gᵀ rows p0·k .. (p0+pn)·k: (pn·k) × cog, columns width apart
-                let ggt =
-                    MatRef::from_column_major_slice_with_stride(&gg[p0 * k..], pn * k, cog, width);
-                // colsᵀ = G_gᵀ·W_g: (pn·k) × K, element (p·k + r, tap) contiguous in r
-                let mut c = cols.as_mut().submatrix_mut(0, 0, pn * k, kk);
-                faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, ggt, w, T::ONE, par);
+                match fill {
+                    Fill::Gemm => {
+                        // G_gᵀ rows p0·k .. (p0+pn)·k: (pn·k) × cog, columns width apart
+                        let ggt = MatRef::from_column_major_slice_with_stride(
+                            &gg[p0 * k..],
+                            pn * k,
+                            cog,
+                            width,
+                        );
+                        // colsᵀ = G_gᵀ·W_g: (pn·k) × K, element (p·k + r, tap) contiguous in r
+                        let c = MatMut::from_column_major_slice_with_stride_mut(
+                            &mut cols,
+                            pn * k,
+                            kk,
+                            ld,
+                        );
+                        faer::linalg::matmul::matmul(c, Accum::Replace, ggt, w, T::ONE, par);
+                    }
+                    Fill::Active => {
+                        if active_rows::<T>() == 16 {
+                            active_fill::<T, 16>(
+                                &mut cols, ld, &mut gbuf, gg, &wp, kp, kk, &lists, &start, p0, pn,
+                                k, width,
+                            );
+                        } else {
+                            active_fill::<T, 8>(
+                                &mut cols, ld, &mut gbuf, gg, &wp, kp, kk, &lists, &start, p0, pn,
+                                k, width,
+                            );
+                        }
+                    }
+                }
                 for icg in 0..cig {
                     let ic = grp * cig + icg;
                     for tap in 0..ntaps {
-                        let col = c.as_ref().col(icg * ntaps + tap);
-                        let col = col
-                            .try_as_col_major()
-                            .expect("a Mat's column is contiguous")
-                            .as_slice();
+                        let t = icg * ntaps + tap;
+                        let col = &cols[t * ld..t * ld + pn * k];
                         let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
                         let base = ic * plane;
                         for_runs(tt, |p, run, len| {
@@ -596,7 +816,7 @@ mod tests {
         /// Every tiling of the GEMM kernels, and the pointwise path, against
         /// the explicit Toeplitz matrix; f32 within its rounding bound.
         #[test]
-        fn tiled_kernels_match_the_toeplitz_matrix(op in conv(), k in 1usize..4, tile in 1usize..200, seed in 0usize..100) {
+        fn tiled_kernels_match_the_toeplitz_matrix(op in conv(), k in 1usize..7, tile in 1usize..200, seed in 0usize..100) {
             let a = op.to_csr();
             prop_assert_eq!(op.nnz(), a.nnz());
             let (m, n) = (op.nrows(), op.ncols());
@@ -631,15 +851,32 @@ mod tests {
                 }
             }
             let bound = |w: f64, eps: f64| (op.geometry().c_in * op.geometry().kh * op.geometry().kw + 2) as f64 * eps * 4.0 * (1.0 + w.abs());
-            for got in [op.backward_tiled(&g, k, Par::Seq, tile, 1), op.backward_gemm(&g, k, Par::Seq)] {
+            for got in [op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Gemm, &[]), op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g, k)), op.backward_gemm(&g, k, Par::Seq), op.backward_active(&g, k)] {
                 for (v, w) in got.iter().zip(&want) {
                     prop_assert!((v - w).abs() <= bound(*w, f64::EPSILON), "reverse {v} vs {w}");
                 }
             }
             let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-            for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1), op.backward_gemm(&g32, k, Par::Seq)] {
+            for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Gemm, &[]), op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g32, k)), op.backward_gemm(&g32, k, Par::Seq), op.backward_active(&g32, k)] {
                 for (&v, w) in got.iter().zip(&want) {
                     prop_assert!((f64::from(v) - w).abs() <= bound(*w, f64::from(f32::EPSILON)), "f32 reverse {v} vs {w}");
+                }
+            }
+            // columns zero in every row (inactive units, unselected max-pool
+            // positions), as backward_active skips them: exactly the
+            // products of the nonzero ones
+            let gz: Vec<f64> = g.iter().enumerate().map(|(i, &v)| if (i / k.max(1)) % 3 == seed % 3 { v } else { 0.0 }).collect();
+            let mut want = vec![0.0; n * k];
+            for (i, row) in a.outer_iterator().enumerate() {
+                for (j, &v) in row.iter() {
+                    for r in 0..k {
+                        want[j * k + r] += gz[i * k + r] * v;
+                    }
+                }
+            }
+            for got in [op.backward_active(&gz, k), op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k)), op.backward_gemm(&gz, k, Par::Seq)] {
+                for (v, w) in got.iter().zip(&want) {
+                    prop_assert!((v - w).abs() <= bound(*w, f64::EPSILON), "zero columns: reverse {v} vs {w}");
                 }
             }
         }

@@ -13,19 +13,23 @@ use sprs::CsMat;
 
 mod conv;
 mod real;
+mod simd;
 mod structured;
 pub use conv::{ConvGeometry, ConvOp};
 pub use real::{Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
-/// A convolution's reverse product scatters only the nonzero columns of
-/// the adjoint (`ConvOp::backward_sparse`) when they are fewer than this
+/// A convolution's reverse product, where the active kernel is not
+/// eligible ([`ConvOp::prefers_active`]), scatters only the nonzero columns
+/// of the adjoint (`ConvOp::backward_sparse`) when they are fewer than this
 /// fraction (numerator, denominator) of its output positions, and runs the
 /// im2col GEMM over all of them otherwise. `benches/row_skip.rs`, 10 rows,
 /// one thread: the scatter wins at 10 % nonzero (LeNet-5's second
 /// convolution 186 µs against 283 µs; a 3×3 64-channel 32×32 one 72 ms
 /// against 87 ms) and loses from 20 % on (375 µs / 273 µs, 125 ms / 91 ms).
 pub const CONV_SPARSE_BELOW: (usize, usize) = (3, 20);
+
+pub use conv::{ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
 
 /// A dense layer's reverse product multiplies only the rows of its weight
 /// that nonzero adjoint columns select (a gather and a smaller GEMM) when
@@ -54,6 +58,26 @@ fn sparse_columns<T: Real>(g: &Block<T>, (num, den): (usize, usize)) -> Option<V
         }
     }
     Some(nz)
+}
+
+/// Per column of a column-major block with `k` rows (`g.len() / k`
+/// columns): whether it has a nonzero entry. One pass, vectorized for the
+/// row counts up to 16 (a classifier's W has 10).
+pub fn nonzero_columns<T: Real>(g: &[T], k: usize) -> Vec<bool> {
+    #[inline(always)]
+    fn fixed<T: Real, const K: usize>(g: &[T]) -> Vec<bool> {
+        g.chunks_exact(K).map(|c| c.iter().fold(false, |a, &v| a | (v != T::ZERO))).collect()
+    }
+    macro_rules! by_rows {
+        ($($n:literal)*) => {
+            match k {
+                0 => vec![],
+                $($n => simd::dispatch(#[inline(always)] || fixed::<T, $n>(g)),)*
+                _ => g.chunks_exact(k).map(|c| c.iter().any(|&v| v != T::ZERO)).collect(),
+            }
+        };
+    }
+    by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
 }
 
 /// A dense column-major block with contiguous columns: the adjoint blocks of
@@ -562,8 +586,18 @@ impl Operator {
             Operator::Conv(c) => {
                 // Columns of G zeroed by a following 0/1 factor (inactive
                 // units, max-pool positions not selected) cost nothing: when
-                // most are zero, scatter only the nonzero ones.
-                if let Some(nz) = sparse_columns(g, CONV_SPARSE_BELOW) {
+                // many are zero, sum only the nonzero ones (the active
+                // kernel), or scatter them when too few rows fill its
+                // registers.
+                let flags = nonzero_columns(g.as_slice(), k);
+                let count = flags.iter().filter(|&&f| f).count();
+                if c.prefers_active::<T>(k, count) {
+                    let w = c.backward_active_with(g.as_slice(), k, &flags);
+                    return Block::from_col_major(k, c.ncols(), w);
+                }
+                let (num, den) = CONV_SPARSE_BELOW;
+                if count * den < g.ncols() * num {
+                    let nz: Vec<usize> = (0..g.ncols()).filter(|&j| flags[j]).collect();
                     return c.backward_sparse(g, &nz);
                 }
                 Block::from_col_major(k, c.ncols(), c.backward_gemm(g.as_slice(), k, par))
@@ -839,6 +873,60 @@ mod tests {
                 for j in 0..want.ncols() {
                     let e = (f64::from(got[(i, j)]) - want[(i, j)]).abs();
                     prop_assert!(e <= gamma * mag[(i, j)] + 1e-30, "({i}, {j}): {e:e}");
+                }
+            }
+        }
+    }
+
+    /// The three reverse products of a convolution, as `left_mul` chooses
+    /// them by the density of `G`'s nonzero columns (10 rows, 72 im2col
+    /// rows): the active kernel below a third, the scatter below 15 % where
+    /// the active kernel is not eligible (f64 with 3 rows), the GEMM above;
+    /// each against the dense Toeplitz product, in f64 and f32.
+    #[test]
+    fn conv_reverse_paths_by_density_match_the_toeplitz_product() {
+        let geom = ConvGeometry {
+            c_in: 8,
+            c_out: 6,
+            groups: 1,
+            ih: 7,
+            iw: 7,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (1, 1),
+            oh: 7,
+            ow: 7,
+        };
+        let weight: Vec<f64> =
+            (0..6 * 8 * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
+        let conv = ConvOp::new(geom, std::sync::Arc::new(weight)).unwrap();
+        let dense = Operator::Csr(conv.to_csr()).to_dense();
+        for (rows, percent, active) in
+            [(10, 10, true), (10, 25, true), (10, 60, false), (3, 10, false)]
+        {
+            let on = |j: usize| ((j * 2_654_435_761) >> 5) % 100 < percent;
+            let g = Block::from_fn(rows, conv.nrows(), |i, j| {
+                if on(j) { ((i * 7 + j) % 13) as f64 / 6.0 - 1.0 } else { 0.0 }
+            });
+            let count = (0..conv.nrows()).filter(|&j| on(j)).count();
+            assert_eq!(
+                conv.prefers_active::<f64>(rows, count),
+                active,
+                "{rows} rows at {percent} %"
+            );
+            let want = dense_ref(&g, &dense);
+            let got = Operator::Conv(conv.clone()).left_mul(&g, Par::Seq);
+            assert!(close(&got, &want), "{rows} rows at {percent} %");
+            // the thread count changes neither the path nor the bits
+            assert_eq!(Operator::Conv(conv.clone()).left_mul(&g, Par::rayon(2)), got);
+            let g32: Block<f32> = g.cast();
+            let got = Operator::Conv(conv.clone()).left_mul(&g32, Par::Seq);
+            for i in 0..rows {
+                for j in 0..conv.ncols() {
+                    let e = (f64::from(got[(i, j)]) - want[(i, j)]).abs();
+                    assert!(e < 1e-4 * (1.0 + want[(i, j)].abs()), "f32 ({i}, {j}): {e:e}");
                 }
             }
         }

@@ -36,6 +36,9 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// The value as `f64` (exact).
     fn to_f64(self) -> f64;
+    /// `self · a + b` with one rounding (the same bits on every CPU: an
+    /// FMA instruction where the caller is compiled for one, else libm).
+    fn fma(self, a: Self, b: Self) -> Self;
     /// `w`'s matrix in this type: borrowed for `f64`; for `f32` rounded
     /// once, on first use.
     fn matrix(w: &Weights) -> &Mat<Self>;
@@ -61,6 +64,10 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
     fn matrix(w: &Weights) -> &Mat<Self> {
         &w.f64
     }
@@ -85,6 +92,10 @@ impl Real for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
+    }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
     }
     fn matrix(w: &Weights) -> &Mat<Self> {
         w.f32
