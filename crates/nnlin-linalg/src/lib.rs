@@ -60,6 +60,18 @@ fn sparse_columns<T: Real>(g: &Block<T>, (num, den): (usize, usize)) -> Option<V
     Some(nz)
 }
 
+/// `n` zeros, written. `vec![0; n]` asks the allocator for zeroed memory,
+/// which for a large block is fresh pages mapped to the kernel's shared
+/// zero page: a kernel that accumulates into them (`+=`) reads each page
+/// first and then takes a second, copy-on-write fault with a TLB flush on
+/// every thread's CPU. Written zeros fault each page once. ONet, 2
+/// instances on 2 threads: half the samples were such faults.
+pub(crate) fn written_zeros<T: Real>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, T::ZERO);
+    v
+}
+
 /// Per column of a column-major block with `k` rows (`g.len() / k`
 /// columns): whether it has a nonzero entry. One pass, vectorized for the
 /// row counts up to 16 (a classifier's W has 10).
@@ -94,7 +106,7 @@ pub struct Block<T: Real = f64> {
 impl<T: Real> Block<T> {
     /// An `nrows × ncols` block of zeros.
     pub fn zeros(nrows: usize, ncols: usize) -> Self {
-        Self { nrows, ncols, data: vec![T::ZERO; nrows * ncols] }
+        Self { nrows, ncols, data: written_zeros(nrows * ncols) }
     }
     /// The identity (or its leading `nrows × ncols` part).
     pub fn identity(nrows: usize, ncols: usize) -> Self {
