@@ -519,6 +519,9 @@ impl ConvOp {
     /// GEMM's is to all of them: after a max-pool or a ReLU most are zero.
     /// Sequential; fused multiply-adds, the same bits on every CPU.
     pub fn backward_active<T: Real>(&self, g: &[T], k: usize) -> Vec<T> {
+        if k == 0 {
+            return Vec::new();
+        }
         self.backward_active_with(g, k, &crate::nonzero_columns(g, k))
     }
 

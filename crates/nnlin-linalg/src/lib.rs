@@ -601,6 +601,9 @@ impl Operator {
                 // many are zero, sum only the nonzero ones (the active
                 // kernel), or scatter them when too few rows fill its
                 // registers.
+                if k == 0 {
+                    return Block::zeros(0, c.ncols());
+                }
                 let flags = nonzero_columns(g.as_slice(), k);
                 let count = flags.iter().filter(|&&f| f).count();
                 if c.prefers_active::<T>(k, count) {
@@ -915,6 +918,11 @@ mod tests {
             (0..6 * 8 * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
         let conv = ConvOp::new(geom, std::sync::Arc::new(weight)).unwrap();
         let dense = Operator::Csr(conv.to_csr()).to_dense();
+        // no rows: an empty product, whatever the path
+        let empty =
+            Operator::Conv(conv.clone()).left_mul(&Block::<f64>::zeros(0, conv.nrows()), Par::Seq);
+        assert_eq!((empty.nrows(), empty.ncols()), (0, conv.ncols()));
+        assert!(conv.backward_active::<f64>(&[], 0).is_empty());
         for (rows, percent, active) in
             [(10, 10, true), (10, 25, true), (10, 60, false), (3, 10, false)]
         {
