@@ -46,8 +46,9 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
     }
 }
 
-/// Adjoint rows per register tile of [`ConvOp::backward_active`]: two AVX
-/// registers, 16 in `f32` and 8 in `f64`.
+/// The most adjoint rows per register tile of [`ConvOp::backward_active`]:
+/// two AVX registers, 16 in `f32` and 8 in `f64` (fewer rows take a
+/// narrower tile).
 fn active_rows<T>() -> usize {
     if size_of::<T>() == 4 { 16 } else { 8 }
 }
@@ -114,22 +115,19 @@ fn active_lists(nonzero: &[bool], p_len: usize, start: &mut [usize], lists: &mut
 /// whole vectors: the rows past `k` land on the next position's rows,
 /// written after, or on the column's padding; taps past `kk` on padding
 /// columns.
-#[allow(clippy::too_many_arguments)]
+/// The buffers of [`active_fill`]: the im2col tile and its column stride,
+/// the adjoint-row vectors, the group's adjoint, its padded weight rows,
+/// their padded length, and the im2col rows.
+type FillBuffers<'a, T> = (&'a mut [T], usize, &'a mut [T], &'a [T], &'a [T], usize, usize);
+/// Where [`active_fill`] works: the active lists and their starts, the
+/// tile's first position and count, the adjoint rows, and the positions'
+/// stride per channel (`p_len·k`).
+type FillAt<'a> = (&'a [usize], &'a [usize], usize, usize, usize, usize);
+
 #[inline(always)]
 fn active_fill<T: Real, const RL: usize>(
-    cols: &mut [T],
-    ld: usize,
-    gbuf: &mut [T],
-    g: &[T],
-    wp: &[T],
-    kp: usize,
-    kk: usize,
-    lists: &[usize],
-    start: &[usize],
-    p0: usize,
-    pn: usize,
-    k: usize,
-    width: usize,
+    (cols, ld, gbuf, g, wp, kp, kk): FillBuffers<'_, T>,
+    (lists, start, p0, pn, k, width): FillAt<'_>,
 ) {
     for pp in 0..pn {
         let p = p0 + pp;
@@ -513,8 +511,8 @@ impl ConvOp {
     /// `G·A` (layout as [`ConvOp::backward_gemm`]) through the nonzero
     /// columns of `G` only: a tile's im2col block, row `(p, r)`, is
     /// `Σ_{oc active at p} G[r, (oc, p)] · W[oc, :]` (channels in order, each
-    /// sum from zero), formed in registers (16 rows in `f32`, 8 in `f64`, ×
-    /// [`ACTIVE_TAPS`] taps at a time), then scattered by the GEMM path's
+    /// sum from zero), formed in registers (up to 16 rows in `f32`, 8 in
+    /// `f64`, × [`ACTIVE_TAPS`] taps at a time), then scattered by the GEMM path's
     /// col2im. Its work is proportional to the nonzero columns, where the
     /// GEMM's is to all of them: after a max-pool or a ReLU most are zero.
     /// Sequential; fused multiply-adds, the same bits on every CPU.
@@ -526,17 +524,16 @@ impl ConvOp {
     }
 
     /// Whether [`ConvOp::backward_active`] is the cheaper reverse product
-    /// for `k` adjoint rows of which `nonzero` columns are nonzero: fewer
-    /// than [`CONV_ACTIVE_BELOW`] of the columns, at least
-    /// [`ACTIVE_MIN_TAPS`] im2col rows, and rows filling at least half of
-    /// its registers (8 in `f32`, 4 in `f64`). The thread count plays no
-    /// part, so an instance's bits do not depend on it (nor on how many
-    /// instances share the threads); the kernel itself is sequential.
-    pub fn prefers_active<T: Real>(&self, k: usize, nonzero: usize) -> bool {
+    /// when `nonzero` of `G`'s columns are nonzero: fewer than
+    /// [`CONV_ACTIVE_BELOW`] of them, and at least [`ACTIVE_MIN_TAPS`]
+    /// im2col rows. Neither the thread count nor the number of adjoint rows
+    /// plays a part, so an instance's bits do not depend on the threads, on
+    /// how many instances share them, or on which other rows of W are
+    /// asked for (each row's sums are the same whatever the register
+    /// tile's width); the kernel itself is sequential.
+    pub fn prefers_active(&self, nonzero: usize) -> bool {
         let (num, den) = CONV_ACTIVE_BELOW;
-        nonzero * den < self.nrows() * num
-            && self.sizes().kk >= ACTIVE_MIN_TAPS
-            && 2 * k >= active_rows::<T>()
+        nonzero * den < self.nrows() * num && self.sizes().kk >= ACTIVE_MIN_TAPS
     }
 
     /// [`ConvOp::backward_active`] with `G`'s nonzero columns given
@@ -646,16 +643,16 @@ impl ConvOp {
                         faer::linalg::matmul::matmul(c, Accum::Replace, ggt, w, T::ONE, par);
                     }
                     Fill::Active => {
-                        if active_rows::<T>() == 16 {
-                            active_fill::<T, 16>(
-                                &mut cols, ld, &mut gbuf, gg, &wp, kp, kk, &lists, &start, p0, pn,
-                                k, width,
-                            );
-                        } else {
-                            active_fill::<T, 8>(
-                                &mut cols, ld, &mut gbuf, gg, &wp, kp, kk, &lists, &start, p0, pn,
-                                k, width,
-                            );
+                        // the register tile's rows by the adjoint's: the
+                        // width changes the speed, never the bits (each
+                        // row's sums are the same)
+                        let f = (&mut cols[..], ld, &mut gbuf[..], gg, &wp[..], kp, kk);
+                        let at = (&lists[..], &start[..], p0, pn, k, width);
+                        match (active_rows::<T>(), k) {
+                            (16, 9..) => active_fill::<T, 16>(f, at),
+                            (_, 5..) => active_fill::<T, 8>(f, at),
+                            (_, 2..) => active_fill::<T, 4>(f, at),
+                            _ => active_fill::<T, 1>(f, at),
                         }
                     }
                 }

@@ -599,14 +599,13 @@ impl Operator {
                 // Columns of G zeroed by a following 0/1 factor (inactive
                 // units, max-pool positions not selected) cost nothing: when
                 // many are zero, sum only the nonzero ones (the active
-                // kernel), or scatter them when too few rows fill its
-                // registers.
+                // kernel), or scatter them where it is not eligible.
                 if k == 0 {
                     return Block::zeros(0, c.ncols());
                 }
                 let flags = nonzero_columns(g.as_slice(), k);
                 let count = flags.iter().filter(|&&f| f).count();
-                if c.prefers_active::<T>(k, count) {
+                if c.prefers_active(count) {
                     let w = c.backward_active_with(g.as_slice(), k, &flags);
                     return Block::from_col_major(k, c.ncols(), w);
                 }
@@ -894,59 +893,72 @@ mod tests {
     }
 
     /// The three reverse products of a convolution, as `left_mul` chooses
-    /// them by the density of `G`'s nonzero columns (10 rows, 72 im2col
-    /// rows): the active kernel below a third, the scatter below 15 % where
-    /// the active kernel is not eligible (f64 with 3 rows), the GEMM above;
-    /// each against the dense Toeplitz product, in f64 and f32.
+    /// them by the density of `G`'s nonzero columns: with 72 im2col rows
+    /// the active kernel below a third, with 36 (too few for it) the
+    /// scatter below 15 %, the GEMM above; each against the dense Toeplitz
+    /// product, in f64 and f32, for 1 to 10 adjoint rows.
     #[test]
     fn conv_reverse_paths_by_density_match_the_toeplitz_product() {
-        let geom = ConvGeometry {
-            c_in: 8,
-            c_out: 6,
-            groups: 1,
-            ih: 7,
-            iw: 7,
-            kh: 3,
-            kw: 3,
-            stride: (1, 1),
-            dilation: (1, 1),
-            pad: (1, 1),
-            oh: 7,
-            ow: 7,
-        };
-        let weight: Vec<f64> =
-            (0..6 * 8 * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
-        let conv = ConvOp::new(geom, std::sync::Arc::new(weight)).unwrap();
-        let dense = Operator::Csr(conv.to_csr()).to_dense();
-        // no rows: an empty product, whatever the path
-        let empty =
-            Operator::Conv(conv.clone()).left_mul(&Block::<f64>::zeros(0, conv.nrows()), Par::Seq);
-        assert_eq!((empty.nrows(), empty.ncols()), (0, conv.ncols()));
-        assert!(conv.backward_active::<f64>(&[], 0).is_empty());
-        for (rows, percent, active) in
-            [(10, 10, true), (10, 25, true), (10, 60, false), (3, 10, false)]
-        {
-            let on = |j: usize| ((j * 2_654_435_761) >> 5) % 100 < percent;
-            let g = Block::from_fn(rows, conv.nrows(), |i, j| {
-                if on(j) { ((i * 7 + j) % 13) as f64 / 6.0 - 1.0 } else { 0.0 }
-            });
-            let count = (0..conv.nrows()).filter(|&j| on(j)).count();
-            assert_eq!(
-                conv.prefers_active::<f64>(rows, count),
-                active,
-                "{rows} rows at {percent} %"
-            );
-            let want = dense_ref(&g, &dense);
-            let got = Operator::Conv(conv.clone()).left_mul(&g, Par::Seq);
-            assert!(close(&got, &want), "{rows} rows at {percent} %");
-            // the thread count changes neither the path nor the bits
-            assert_eq!(Operator::Conv(conv.clone()).left_mul(&g, Par::rayon(2)), got);
-            let g32: Block<f32> = g.cast();
-            let got = Operator::Conv(conv.clone()).left_mul(&g32, Par::Seq);
-            for i in 0..rows {
-                for j in 0..conv.ncols() {
-                    let e = (f64::from(got[(i, j)]) - want[(i, j)]).abs();
-                    assert!(e < 1e-4 * (1.0 + want[(i, j)].abs()), "f32 ({i}, {j}): {e:e}");
+        for c_in in [8, 4] {
+            let geom = ConvGeometry {
+                c_in,
+                c_out: 6,
+                groups: 1,
+                ih: 7,
+                iw: 7,
+                kh: 3,
+                kw: 3,
+                stride: (1, 1),
+                dilation: (1, 1),
+                pad: (1, 1),
+                oh: 7,
+                ow: 7,
+            };
+            let weight: Vec<f64> =
+                (0..6 * c_in * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
+            let conv = ConvOp::new(geom, std::sync::Arc::new(weight)).unwrap();
+            let dense = Operator::Csr(conv.to_csr()).to_dense();
+            // no rows: an empty product, whatever the path
+            let empty = Operator::Conv(conv.clone())
+                .left_mul(&Block::<f64>::zeros(0, conv.nrows()), Par::Seq);
+            assert_eq!((empty.nrows(), empty.ncols()), (0, conv.ncols()));
+            assert!(conv.backward_active::<f64>(&[], 0).is_empty());
+            for (rows, percent, active) in
+                [(10, 10, true), (10, 25, true), (10, 60, false), (3, 10, true), (1, 20, true)]
+                    .map(|(r, p, a)| (r, p, a && c_in == 8))
+            {
+                let on = |j: usize| ((j * 2_654_435_761) >> 5) % 100 < percent;
+                let g = Block::from_fn(rows, conv.nrows(), |i, j| {
+                    if on(j) { ((i * 7 + j) % 13) as f64 / 6.0 - 1.0 } else { 0.0 }
+                });
+                let count = (0..conv.nrows()).filter(|&j| on(j)).count();
+                assert_eq!(conv.prefers_active(count), active, "{rows} rows at {percent} %");
+                let want = dense_ref(&g, &dense);
+                let got = Operator::Conv(conv.clone()).left_mul(&g, Par::Seq);
+                assert!(close(&got, &want), "{rows} rows at {percent} %");
+                // the thread count changes neither the path nor the bits
+                assert_eq!(Operator::Conv(conv.clone()).left_mul(&g, Par::rayon(2)), got);
+                // nor does asking for fewer rows (other register tile widths)
+                for keep in [vec![0], vec![rows - 1, 0]] {
+                    let sub = Block::from_fn(keep.len(), conv.nrows(), |i, j| g[(keep[i], j)]);
+                    let part = Operator::Conv(conv.clone()).left_mul(&sub, Par::Seq);
+                    for (i, &r) in keep.iter().enumerate() {
+                        for j in 0..conv.ncols() {
+                            assert_eq!(
+                                part[(i, j)].to_bits(),
+                                got[(r, j)].to_bits(),
+                                "row {r} of {rows}"
+                            );
+                        }
+                    }
+                }
+                let g32: Block<f32> = g.cast();
+                let got = Operator::Conv(conv.clone()).left_mul(&g32, Par::Seq);
+                for i in 0..rows {
+                    for j in 0..conv.ncols() {
+                        let e = (f64::from(got[(i, j)]) - want[(i, j)]).abs();
+                        assert!(e < 1e-4 * (1.0 + want[(i, j)].abs()), "f32 ({i}, {j}): {e:e}");
+                    }
                 }
             }
         }
