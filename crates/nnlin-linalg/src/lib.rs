@@ -518,22 +518,32 @@ impl Operator {
         match self {
             Operator::Identity(_) => g,
             // the same products as `left_mul`, in `g`'s own buffer
+            // Each column is contiguous, so one row is one elementwise
+            // product (vectorized), and a channel's columns are one run.
             Operator::Diagonal(d) => {
-                for (j, &dj) in d.iter().enumerate() {
-                    let dj = T::of(dj);
-                    for v in g.col_as_slice_mut(j) {
-                        *v *= dj;
+                let k = g.nrows();
+                let data = g.as_mut_slice();
+                if k == 1 {
+                    for (v, &dj) in data.iter_mut().zip(d) {
+                        *v *= T::of(dj);
+                    }
+                } else if k > 0 {
+                    for (col, &dj) in data.chunks_exact_mut(k).zip(d) {
+                        let dj = T::of(dj);
+                        for v in col {
+                            *v *= dj;
+                        }
                     }
                 }
                 g
             }
             Operator::ChannelScale(d) => {
+                let k = g.nrows();
+                let data = g.as_mut_slice();
                 for (r, v) in d.blocks() {
                     let v = T::of(v);
-                    for j in r {
-                        for x in g.col_as_slice_mut(j) {
-                            *x *= v;
-                        }
+                    for x in &mut data[r.start * k..r.end * k] {
+                        *x *= v;
                     }
                 }
                 g
