@@ -46,6 +46,10 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
     }
 }
 
+/// Additions per parallel col2im task: below this a task costs more to
+/// hand to a thread than to run (a few microseconds).
+const PAR_MIN_ADDS: usize = 1 << 14;
+
 /// The most adjoint rows per register tile of [`ConvOp::backward_active`]:
 /// two AVX registers, 16 in `f32` and 8 in `f64` (fewer rows take a
 /// narrower tile).
@@ -505,7 +509,7 @@ impl ConvOp {
     /// while in cache; a pointwise convolution's GEMM writes the result in
     /// place.
     pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
-        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[])
+        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[], PAR_MIN_ADDS)
     }
 
     /// `G·A` (layout as [`ConvOp::backward_gemm`]) through the nonzero
@@ -546,7 +550,18 @@ impl ConvOp {
         assert_eq!(nonzero.len(), self.nrows(), "conv backward: one flag per column of G");
         crate::simd::dispatch(
             #[inline(always)]
-            || self.backward_tiled(g, k, Par::Seq, TILE, MIN_TILE_ROWS, Fill::Active, nonzero),
+            || {
+                self.backward_tiled(
+                    g,
+                    k,
+                    Par::Seq,
+                    TILE,
+                    MIN_TILE_ROWS,
+                    Fill::Active,
+                    nonzero,
+                    PAR_MIN_ADDS,
+                )
+            },
         )
     }
 
@@ -562,6 +577,7 @@ impl ConvOp {
         min_rows: usize,
         fill: Fill,
         nonzero: &[bool],
+        par_min: usize,
     ) -> Vec<T> {
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(g.len(), nrows * k, "conv backward: dimension mismatch");
@@ -660,17 +676,18 @@ impl ConvOp {
                         }
                     }
                 }
-                for icg in 0..cig {
-                    let ic = grp * cig + icg;
+                // col2im: input channel `icg` of the group takes im2col
+                // columns icg·ntaps.., each added in tap order; channels
+                // are disjoint, so threads split them with the same bits
+                let og = &mut out[grp * cig * plane * k..(grp + 1) * cig * plane * k];
+                let scatter = |icg: usize, dst_c: &mut [T]| {
                     for tap in 0..ntaps {
                         let t = icg * ntaps + tap;
                         let col = &cols[t * ld..t * ld + pn * k];
                         let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
-                        let base = ic * plane;
                         for_runs(tt, |p, run, len| {
                             if let Some(idx) = run {
-                                let dst = (base + idx) * k;
-                                for (o, &v) in out[dst..dst + len * k]
+                                for (o, &v) in dst_c[idx * k..(idx + len) * k]
                                     .iter_mut()
                                     .zip(&col[p * k..(p + len) * k])
                                 {
@@ -678,6 +695,18 @@ impl ConvOp {
                                 }
                             }
                         });
+                    }
+                };
+                let per_channel = ntaps * pn * k;
+                if par.degree() > 1 && cig > 1 && per_channel * cig >= 2 * par_min {
+                    use rayon::prelude::*;
+                    og.par_chunks_mut(plane * k)
+                        .with_min_len(par_min.div_ceil(per_channel))
+                        .enumerate()
+                        .for_each(|(icg, dst_c)| scatter(icg, dst_c));
+                } else {
+                    for (icg, dst_c) in og.chunks_mut(plane * k).enumerate() {
+                        scatter(icg, dst_c);
                     }
                 }
                 p0 += pn;
@@ -855,13 +884,19 @@ mod tests {
                 }
             }
             let bound = |w: f64, eps: f64| (op.geometry().c_in * op.geometry().kh * op.geometry().kw + 2) as f64 * eps * 4.0 * (1.0 + w.abs());
-            for got in [op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Gemm, &[]), op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g, k)), op.backward_gemm(&g, k, Par::Seq), op.backward_active(&g, k)] {
+            for got in [op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Gemm, &[], 1), op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g, k), 1), op.backward_gemm(&g, k, Par::Seq), op.backward_active(&g, k)] {
                 for (v, w) in got.iter().zip(&want) {
                     prop_assert!((v - w).abs() <= bound(*w, f64::EPSILON), "reverse {v} vs {w}");
                 }
             }
+            // col2im split over channels between threads (every task one
+            // addition or more): the sequential loop's bits
+            prop_assert_eq!(
+                op.backward_tiled(&g, k, Par::rayon(2), tile, 1, Fill::Gemm, &[], 1),
+                op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Gemm, &[], 1)
+            );
             let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-            for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Gemm, &[]), op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g32, k)), op.backward_gemm(&g32, k, Par::Seq), op.backward_active(&g32, k)] {
+            for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Gemm, &[], 1), op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g32, k), 1), op.backward_gemm(&g32, k, Par::Seq), op.backward_active(&g32, k)] {
                 for (&v, w) in got.iter().zip(&want) {
                     prop_assert!((f64::from(v) - w).abs() <= bound(*w, f64::from(f32::EPSILON)), "f32 reverse {v} vs {w}");
                 }
@@ -878,7 +913,7 @@ mod tests {
                     }
                 }
             }
-            for got in [op.backward_active(&gz, k), op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k)), op.backward_gemm(&gz, k, Par::Seq)] {
+            for got in [op.backward_active(&gz, k), op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k), 1), op.backward_gemm(&gz, k, Par::Seq)] {
                 for (v, w) in got.iter().zip(&want) {
                     prop_assert!((v - w).abs() <= bound(*w, f64::EPSILON), "zero columns: reverse {v} vs {w}");
                 }
@@ -886,8 +921,8 @@ mod tests {
             // a row's bits do not depend on the other rows: the first row
             // alone gives the first row of the whole, tile for tile
             let g1: Vec<f64> = (0..m).map(|i| gz[i * k]).collect();
-            let one = op.backward_tiled(&g1, 1, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g1, 1));
-            let all = op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k));
+            let one = op.backward_tiled(&g1, 1, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g1, 1), 1);
+            let all = op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k), 1);
             for j in 0..n {
                 prop_assert_eq!(one[j].to_bits(), all[j * k].to_bits(), "row 0 alone differs at {}", j);
             }
