@@ -24,7 +24,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     crate::io::set_input_file(Some(&args.data));
-    let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
+    // the import decodes its tensors on these threads too
+    let pool = crate::io::thread_pool(args.threads)?;
+    let model = pool.install(|| crate::io::load_model(&args.model, nnlin::ConvKernel::Auto))?;
     let xs = crate::io::read_instances(&args.data, model.input_shape())?;
     let labels = crate::io::read_labels(&args.labels)?;
     let count = args.limit.unwrap_or(usize::MAX).min(xs.nrows());
@@ -34,7 +36,6 @@ pub fn run(args: Args) -> Result<()> {
     if count == 0 {
         bail!("no instances");
     }
-    let pool = crate::io::thread_pool(args.threads)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(count as u64)
     } else {

@@ -512,12 +512,14 @@ fn load_ensemble(
 fn explain(args: ExplainArgs) -> Result<()> {
     let rows: Rows = args.rows.parse().map_err(anyhow::Error::msg)?;
     io::set_input_file(Some(&args.input));
-    let ens = load_ensemble(&args.models, args.weights, args.conv_kernel)?;
+    // the import decodes its tensors on these threads too
+    let pool = crate::io::thread_pool(args.threads)?;
+    let ens = pool.install(|| load_ensemble(&args.models, args.weights, args.conv_kernel))?;
     // `--then` models read the first one's output, not the input file
     io::set_input_file(None);
     let mut then = Vec::with_capacity(args.then.len());
     for p in &args.then {
-        then.push(io::load_model_at(p, args.conv_kernel, None)?);
+        then.push(pool.install(|| io::load_model_at(p, args.conv_kernel, None))?);
     }
     let pipeline = nnlin::Pipeline::new(ens.clone(), then)?;
     let first = &ens.members()[0].0;
@@ -538,7 +540,6 @@ fn explain(args: ExplainArgs) -> Result<()> {
             None => opts.with_measured_rates(),
         };
     }
-    let pool = crate::io::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     if let Some(k) = args.svd {
         if !(1..=256).contains(&k) {

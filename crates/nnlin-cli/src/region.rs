@@ -23,7 +23,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     crate::io::set_input_file(Some(&args.input));
-    let model = crate::io::load_model(&args.model, nnlin::ConvKernel::Auto)?;
+    // the import decodes its tensors on these threads too
+    let pool = crate::io::thread_pool(args.threads)?;
+    let model = pool.install(|| crate::io::load_model(&args.model, nnlin::ConvKernel::Auto))?;
     let mut xs = crate::io::read_instances(&args.input, model.input_shape())?;
     if let Some(l) = args.limit {
         let l = l.min(xs.nrows());
@@ -48,7 +50,6 @@ pub fn run(args: Args) -> Result<()> {
             "instance {k} lies outside --box {lo},{hi} (element {i} is {v}); no region around it is inside the box"
         );
     }
-    let pool = crate::io::thread_pool(args.threads)?;
     let (n_inst, n) = xs.dim();
     let mut opts = ReportOptions::new().with_norm(args.norm).with_verify(args.verify);
     opts.input_box = input_box;

@@ -392,11 +392,29 @@ fn import_buf(
         return Err(OnnxError::Opset(opset));
     }
 
+    // Tensors stored in the file decode in parallel (a large model's import
+    // is mostly this conversion and the page faults of its f64 buffers);
+    // their bytes are slices of the file's one buffer, so decoding them
+    // together holds no more memory than one at a time. External data is
+    // read and decoded one tensor at a time, below, so only one tensor's
+    // raw bytes are held at once.
+    let inline: Vec<Option<Result<Tensor, String>>> = {
+        use rayon::prelude::*;
+        initializers
+            .par_iter()
+            .map(|init| {
+                matches!(tensor::external_ref(init), Ok(None)).then(|| tensor::decode(init))
+            })
+            .collect()
+    };
     let mut syms: HashMap<String, Sym> = HashMap::new();
-    for init in initializers {
+    for (init, decoded) in initializers.into_iter().zip(inline) {
         let name = init.name.clone().unwrap_or_default();
-        let t =
-            load(&init).map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
+        let t = match decoded {
+            Some(t) => t,
+            None => load(&init),
+        }
+        .map_err(|reason| OnnxError::BadTensor { name: name.clone(), reason })?;
         drop(init);
         if syms.insert(name.clone(), Sym::Const(t)).is_some() {
             return Err(OnnxError::Graph(format!("initializer `{name}` is defined twice")));
