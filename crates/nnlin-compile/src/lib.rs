@@ -161,6 +161,14 @@ impl CompiledLayer {
     /// in place: `A_0·u_0 + c` has the bits of `c + A_0·u_0` (addition
     /// commutes), and a zero offset still adds `+0.0` (as `0 + t` did).
     fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
+        match self.eval_elementwise(values, with_offset, par) {
+            Some(y) => y,
+            None => self.eval_general(values, with_offset, par),
+        }
+    }
+
+    /// [`CompiledLayer::eval`] through each operator's own product.
+    fn eval_general(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
         let mut parts = self
             .inputs
             .iter()
@@ -177,6 +185,115 @@ impl CompiledLayer {
             }
         }
         y
+    }
+
+    /// [`CompiledLayer::eval`] for a layer whose operators are all
+    /// elementwise (identity, diagonal, channel scale: a residual sum, a
+    /// batch-norm): one pass over the output, `((A_0·u_0 + c) + A_1·u_1) +
+    /// …` element by element, the same operations in the same order as
+    /// the general path, so the same bits; in chunks across threads when
+    /// `par` has them. `None` for any other layer.
+    fn eval_elementwise(
+        &self,
+        values: &[Option<Vec<f64>>],
+        with_offset: bool,
+        par: Par,
+    ) -> Option<Vec<f64>> {
+        let elementwise = |op: &Operator| {
+            matches!(op, Operator::Identity(_) | Operator::Diagonal(_) | Operator::ChannelScale(_))
+        };
+        if !self.inputs.iter().all(|(_, op)| elementwise(op)) {
+            return None;
+        }
+        let input = |v: usize| values[v].as_deref().expect("input value alive");
+        let n = self.inputs.first().map(|(_, op)| op.nrows())?;
+        // the pieces of `lo..lo + len` within blocks of `spatial` elements
+        let blocks = |lo: usize,
+                      len: usize,
+                      spatial: usize,
+                      mut f: Box<dyn FnMut(usize, usize, usize) + '_>| {
+            let mut i = lo;
+            while i < lo + len {
+                let b = i / spatial;
+                let end = ((b + 1) * spatial).min(lo + len);
+                f(i - lo, end - lo, b);
+                i = end;
+            }
+        };
+        let chunk = |k: usize, y: &mut [f64]| {
+            let lo = k * ACTIVATION_CHUNK;
+            let len = y.len();
+            for (q, (v, op)) in self.inputs.iter().enumerate() {
+                let x = &input(*v)[lo..lo + len];
+                // y = A_0·u_0, then y += A_q·u_q
+                let put = |y: &mut [f64], x: &[f64], s: Option<&[f64]>| match (q, s) {
+                    (0, None) => y.copy_from_slice(x),
+                    (0, Some(s)) => y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y = s * x),
+                    (_, None) => y.iter_mut().zip(x).for_each(|(y, x)| *y += x),
+                    (_, Some(s)) => y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y += s * x),
+                };
+                match &**op {
+                    Operator::Diagonal(d) => put(y, x, Some(&d[lo..lo + len])),
+                    Operator::ChannelScale(cs) => {
+                        let (vals, sp) = (cs.values(), cs.spatial());
+                        blocks(
+                            lo,
+                            len,
+                            sp,
+                            Box::new(|a, b, c| {
+                                let s = vals[c];
+                                if q == 0 {
+                                    y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y = s * x);
+                                } else {
+                                    y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y += s * x);
+                                }
+                            }),
+                        );
+                    }
+                    _ => put(y, x, None),
+                }
+                if q == 0 {
+                    // the offset, added to the first product
+                    match (&*self.bias, with_offset) {
+                        (Offset::PerChannel { values: c, spatial }, true) => {
+                            blocks(
+                                lo,
+                                len,
+                                *spatial,
+                                Box::new(|a, b, ch| {
+                                    let cv = c[ch];
+                                    y[a..b].iter_mut().for_each(|t| *t += cv);
+                                }),
+                            );
+                        }
+                        (Offset::Full(c), true) => {
+                            y.iter_mut().zip(&c[lo..lo + len]).for_each(|(t, &v)| *t += v);
+                        }
+                        (Offset::Zero(_), _) | (_, false) => y.iter_mut().for_each(|v| *v += 0.0),
+                    }
+                }
+            }
+        };
+        let mut y = vec![0.0; n];
+        if par.degree() > 1 && n > 2 * ACTIVATION_CHUNK {
+            use rayon::prelude::*;
+            y.par_chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
+        } else {
+            y.chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
+        }
+        Some(y)
+    }
+}
+
+/// Whether every element of `y` is finite; in chunks across threads when
+/// `par` has them.
+fn all_finite(y: &[f64], par: Par) -> bool {
+    let finite = |c: &[f64]| c.iter().fold(true, |a, v| a & v.is_finite());
+    if par.degree() > 1 && y.len() > 2 * ACTIVATION_CHUNK {
+        use rayon::prelude::*;
+        y.par_chunks(ACTIVATION_CHUNK).all(finite)
+    } else {
+        finite(y)
     }
 }
 
@@ -773,7 +890,7 @@ impl Compiler {
                 active,
             };
             let y = formed.unwrap_or_else(|| layer.eval(&values, true, par));
-            if !y.iter().fold(true, |a, v| a & v.is_finite()) {
+            if !all_finite(&y, par) {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),
                 });
@@ -1322,6 +1439,64 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The fused elementwise evaluation (residual sums, batch-norms)
+        /// gives the bits of the general path, for every mix of identity,
+        /// diagonal and channel-scale inputs and every offset kind, with
+        /// and without the offset, sequential and across threads, on
+        /// lengths across several chunks whose channels straddle them.
+        #[test]
+        fn elementwise_eval_has_the_general_paths_bits(
+            kinds in proptest::collection::vec(0u8..3, 1..4),
+            offset in 0u8..3,
+            spatial in 1usize..5000,
+            channels in 1usize..30,
+            with_offset in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let mut s = seed | 1;
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                // signed zeros among the values: `+ 0.0` matters for -0.0
+                if s % 17 == 0 { -0.0 } else { (s % 2001) as f64 / 1000.0 - 1.0 }
+            };
+            let n = channels * spatial;
+            let mut values = vec![None];
+            let mut inputs = vec![];
+            for (i, &k) in kinds.iter().enumerate() {
+                values.push(Some((0..n).map(|_| next()).collect::<Vec<f64>>()));
+                let op = match k {
+                    0 => Operator::Identity(n),
+                    1 => Operator::Diagonal((0..n).map(|_| next()).collect()),
+                    _ => Operator::ChannelScale(
+                        ChannelScale::new((0..channels).map(|_| next()).collect(), spatial).unwrap(),
+                    ),
+                };
+                inputs.push((i + 1, Arc::new(op)));
+            }
+            let bias = match offset {
+                0 => Offset::Zero(n),
+                1 => Offset::PerChannel { values: (0..channels).map(|_| next()).collect(), spatial },
+                _ => Offset::Full((0..n).map(|_| next()).collect()),
+            };
+            let layer = CompiledLayer {
+                name: "l".into(),
+                layer_kind: "add",
+                inputs,
+                bias: Arc::new(bias),
+                output: kinds.len() + 1,
+                active: None,
+            };
+            let want = layer.eval_general(&values, with_offset, Par::Seq);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for par in [Par::Seq, Par::rayon(2)] {
+                let got = layer.eval_elementwise(&values, with_offset, par).expect("elementwise");
+                prop_assert_eq!(bits(&got), bits(&want));
+            }
+        }
+
         /// A per-channel offset's adjoint product (channel sums first, in
         /// wide stretches) equals the column-by-column product of the
         /// expanded offset within the rounding of the two sums, in f64
