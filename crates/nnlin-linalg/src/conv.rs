@@ -584,7 +584,7 @@ impl ConvOp {
         let geom = &self.geom;
         let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
         let weight = self.weight_as::<T>();
-        let mut out = crate::written_zeros(ncols * k);
+        let mut out = crate::written_zeros_par(ncols * k, par);
         if k == 0 || kk == 0 {
             return out;
         }
