@@ -339,6 +339,47 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// Files at least this large are read in pieces across the current rayon
+/// pool (see [`read_file`]).
+const PAR_READ_MIN: u64 = 1 << 24;
+
+/// A whole file's bytes. A large regular file is read in one piece per
+/// thread of the current rayon pool, each at its offset: most of the time
+/// of reading a model is faulting in the new buffer's pages, and the
+/// threads fault in their own pieces. A file that changed size while
+/// being read is read again as a whole; anything else (small files,
+/// pipes, other systems) is `std::fs::read`.
+fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path)?;
+        let meta = f.metadata()?;
+        let len = meta.len();
+        if meta.is_file()
+            && len >= PAR_READ_MIN
+            && rayon::current_num_threads() > 1
+            && let Ok(n) = usize::try_from(len)
+        {
+            let piece = n.div_ceil(rayon::current_num_threads());
+            // an allocation the machine refuses is an error, as in
+            // `std::fs::read`; the threads fault in their own pages
+            let mut buf = Vec::new();
+            buf.try_reserve_exact(n)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::OutOfMemory, e))?;
+            buf.par_extend(rayon::iter::repeat_n(0u8, n));
+            buf.par_chunks_mut(piece)
+                .enumerate()
+                .try_for_each(|(k, c)| f.read_exact_at(c, (k * piece) as u64))?;
+            // nothing past the end: the file did not grow meanwhile
+            if f.read_at(&mut [0u8], len)? == 0 {
+                return Ok(buf);
+            }
+        }
+    }
+    std::fs::read(path)
+}
+
 /// Reads the bytes an external-data reference names, from a file inside
 /// `dir` (the model's folder): absolute locations, `..` components and
 /// symbolic links leading out of `dir` are refused, and the offset and
@@ -665,7 +706,7 @@ impl Model {
     /// (see [`read_external`]).
     pub fn from_onnx_file_with(path: impl AsRef<Path>, options: &ImportOptions) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
+        let bytes = read_file(path)
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -1537,5 +1578,27 @@ impl Pipeline {
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
         batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file large enough to be read in pieces across threads gives the
+    /// bytes `std::fs::read` gives, for 1 to 3 threads and a length no
+    /// thread count divides.
+    #[test]
+    fn large_files_read_in_pieces_are_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let n = (super::PAR_READ_MIN as usize) + 12_347;
+        let bytes: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        for threads in 1..4 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let got = pool.install(|| super::read_file(&path)).unwrap();
+            assert!(got == bytes, "{threads} threads");
+        }
+        let missing = super::read_file(&dir.path().join("none"));
+        assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
 }
