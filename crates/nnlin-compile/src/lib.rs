@@ -1269,6 +1269,16 @@ pub fn accumulate_reverse<T: Real>(
     par: Par,
 ) -> Result<(Block<T>, Vec<T>), CompileError> {
     check_rows(inst, rows)?;
+    if par.degree() > 1 {
+        // the operators' f32 weights formed side by side, not one at a
+        // time on one thread as the products first reach them (ResNet-50:
+        // 25 M weights)
+        use rayon::prelude::*;
+        inst.layers
+            .par_iter()
+            .flat_map_iter(|l| l.inputs.iter())
+            .for_each(|(_, op)| op.prepare::<T>());
+    }
     let (g, b) = reverse_to(inst, rows, 0, par);
     Ok((g.unwrap_or_else(|| Block::zeros(rows.len(), inst.input_len)), b))
 }

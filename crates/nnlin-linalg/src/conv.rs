@@ -305,7 +305,7 @@ impl ConvOp {
     }
 
     /// The weights in `T` (`f32`: rounded once, on first use).
-    fn weight_as<T: Real>(&self) -> &[T] {
+    pub(crate) fn weight_as<T: Real>(&self) -> &[T] {
         T::cached(&self.weight, &self.weight32)
     }
 
@@ -896,6 +896,11 @@ mod tests {
                 op.backward_tiled(&g, k, Par::Seq, tile, 1, Fill::Gemm, &[], 1)
             );
             let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+            // the f32 weights `prepare` forms are those the first product forms
+            let prepared = crate::Operator::Conv(op.clone());
+            prepared.prepare::<f32>();
+            let crate::Operator::Conv(prepared) = prepared else { unreachable!() };
+            prop_assert_eq!(prepared.backward_gemm(&g32, k, Par::Seq), op.clone().backward_gemm(&g32, k, Par::Seq));
             for got in [op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Gemm, &[], 1), op.backward_tiled(&g32, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&g32, k), 1), op.backward_gemm(&g32, k, Par::Seq), op.backward_active(&g32, k)] {
                 for (&v, w) in got.iter().zip(&want) {
                     prop_assert!((f64::from(v) - w).abs() <= bound(*w, f64::from(f32::EPSILON)), "f32 reverse {v} vs {w}");

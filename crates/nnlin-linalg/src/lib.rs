@@ -525,6 +525,30 @@ impl Operator {
         }
     }
 
+    /// Forms what this operator's products in `T` read and keep (a dense
+    /// layer's or a convolution's weights rounded to `f32`), which the
+    /// first product would otherwise form. Nothing for `f64` or for
+    /// operators that keep nothing.
+    pub fn prepare<T: Real>(&self) {
+        match self {
+            Operator::Dense(w) => {
+                T::matrix(w);
+            }
+            Operator::Conv(c) => {
+                c.weight_as::<T>();
+            }
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Transposed(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_) => {}
+        }
+    }
+
     /// `G·A` for a dense `G` of `k × nrows` that the caller gives up;
     /// returns `k × ncols`. Identity and diagonal factors work in `g`'s own
     /// buffer (no allocation; the same bits as [`Operator::left_mul`]).
@@ -964,6 +988,11 @@ mod tests {
             prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
             // taking the adjoint over gives the same bits
             prop_assert_eq!(op.left_mul_owned(g.clone(), Par::Seq), op.left_mul(&g, Par::Seq));
+            // what `prepare` forms is what the first f32 product forms
+            let prepared = op.clone();
+            prepared.prepare::<f32>();
+            prepared.prepare::<f64>();
+            prop_assert_eq!(prepared.left_mul(&g.cast::<f32>(), Par::Seq), op.clone().left_mul(&g.cast::<f32>(), Par::Seq));
             // in f32: within (inner + 2)·ε32 of |G|·|A| entry by entry (G
             // and A rounded to f32, then a sum of `inner` products)
             let got = op.left_mul(&g.cast::<f32>(), Par::Seq);
