@@ -878,7 +878,7 @@ impl Compiler {
                     let f = per_instance(d, u, self.net.shape(node.inputs[0]), mode, par);
                     active = f.active;
                     formed = f.output;
-                    (vec![Arc::new(f.op)], Arc::new(Offset::from(f.offset)))
+                    (vec![Arc::new(f.op)], Arc::new(f.offset))
                 }
             };
             let layer = CompiledLayer {
@@ -989,16 +989,12 @@ fn matmul_operators(
 /// Elements per task of [`activation_instance`].
 const ACTIVATION_CHUNK: usize = 1 << 14;
 
-/// One task's chunks of [`activation_instance`]'s slopes, offsets, pattern
-/// and outputs.
-type UnitChunk<'a> = (((&'a mut [f64], &'a mut [f64]), &'a mut [bool]), &'a mut [f64]);
-
 /// A per-instance operator as formed at `u`: the operator, its offset, the
 /// activation pattern (activations), and the layer's output where forming
 /// the operator computed it (activations).
 struct Formed {
     op: Operator,
-    offset: Vec<f64>,
+    offset: Offset,
     active: Option<Vec<bool>>,
     output: Option<Vec<f64>>,
 }
@@ -1009,13 +1005,43 @@ struct Formed {
 /// function, σ'(0) at 0), the offset, the activation pattern, and the
 /// output `slope·z + offset` with the bits [`CompiledLayer::eval`] gives
 /// for the diagonal and offset.
+///
+/// A piecewise-linear function whose one kink is at 0 (ReLU, LeakyReLU,
+/// PReLU, Abs) is linear through the origin on each piece, so its offsets
+/// `σ(z) − σ'(z)·z` come out `+0.0`: they are checked chunk by chunk and
+/// not stored (ResNet-50: 10 M of them); should any differ, the pass runs
+/// again keeping them.
 fn activation_instance(
     a: &nnlin_ir::Activation,
     u: &[f64],
     mode: Mode,
     par: Par,
-) -> (Vec<f64>, Vec<f64>, Vec<bool>, Vec<f64>) {
+) -> ActivationFormed {
+    let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
+    let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
+    if pwl
+        && kink_at_zero
+        && let Some(formed) = activation_pass(a, u, mode, par, false)
+    {
+        return formed;
+    }
+    activation_pass(a, u, mode, par, true).expect("a pass that keeps its offsets")
+}
+
+/// An activation at one input: slopes, offset, pattern, outputs.
+type ActivationFormed = (Vec<f64>, Offset, Vec<bool>, Vec<f64>);
+
+/// [`activation_instance`]'s pass: with `keep`, every offset stored;
+/// without, `None` unless every offset is `+0.0`.
+fn activation_pass(
+    a: &nnlin_ir::Activation,
+    u: &[f64],
+    mode: Mode,
+    par: Par,
+    keep: bool,
+) -> Option<ActivationFormed> {
     use rayon::prelude::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
     // the activation pattern: for functions with one kink at 0 (ReLU,
     // LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0 (a LeakyReLU
@@ -1023,39 +1049,69 @@ fn activation_instance(
     // HardSigmoid, smooth ones) a nonzero slope
     let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
     let n = u.len();
-    let (mut slope, mut offset, mut active, mut y) =
-        (vec![0.0; n], vec![0.0; n], vec![false; n], vec![0.0; n]);
-    let chunk = |k: usize, (((s, c), act), y): UnitChunk<'_>| {
-        let base = k * ACTIVATION_CHUNK;
-        let z = &u[base..base + s.len()];
-        // values into the offsets' buffer, then slope and offset in place
-        a.expr.values_and_slopes_into(base, z, c, s);
-        for ((((s, c), act), y), &z) in s.iter_mut().zip(c.iter_mut()).zip(act).zip(y).zip(z) {
-            let (v, d) = (*c, *s);
-            (*s, *c) = if mode == Mode::Secant && !pwl && z != 0.0 {
-                (v / z, 0.0)
-            } else {
-                (d, v - d * z)
-            };
-            *act = if kink_at_zero { z > 0.0 } else { *s != 0.0 };
-            *y = *s * z + *c;
+    let (mut slope, mut active, mut y) = (vec![0.0; n], vec![false; n], vec![0.0; n]);
+    let mut offset = if keep { vec![0.0; n] } else { vec![] };
+    // one chunk: whether all its offsets are +0.0; the values go into the
+    // outputs' buffer, each replaced by its output once its slope and
+    // offset are formed (and the offset kept in `c` if given)
+    let chunk =
+        |k: usize, s: &mut [f64], act: &mut [bool], y: &mut [f64], c: Option<&mut [f64]>| {
+            let base = k * ACTIVATION_CHUNK;
+            let z = &u[base..base + s.len()];
+            a.expr.values_and_slopes_into(base, z, y, s);
+            let mut zero = true;
+            let mut c = c.map(|c| c.iter_mut());
+            for (((s, act), y), &z) in s.iter_mut().zip(act).zip(y).zip(z) {
+                let (v, d) = (*y, *s);
+                let (sl, off) = if mode == Mode::Secant && !pwl && z != 0.0 {
+                    (v / z, 0.0)
+                } else {
+                    (d, v - d * z)
+                };
+                *s = sl;
+                *act = if kink_at_zero { z > 0.0 } else { sl != 0.0 };
+                *y = sl * z + off;
+                zero &= off.to_bits() == 0;
+                if let Some(c) = c.as_mut() {
+                    *c.next().expect("an offset per unit") = off;
+                }
+            }
+            zero
+        };
+    const C: usize = ACTIVATION_CHUNK;
+    let parallel = par.degree() > 1 && n > C;
+    let all_zero = AtomicBool::new(true);
+    let units = |k: usize, ((s, act), y): ((&mut [f64], &mut [bool]), &mut [f64]), c| {
+        if !chunk(k, s, act, y, c) {
+            all_zero.store(false, Ordering::Relaxed);
         }
     };
-    const C: usize = ACTIVATION_CHUNK;
-    if par.degree() > 1 && n > C {
-        (slope.par_chunks_mut(C).zip(offset.par_chunks_mut(C)))
-            .zip(active.par_chunks_mut(C))
+    match (keep, parallel) {
+        (true, true) => (slope.par_chunks_mut(C).zip(active.par_chunks_mut(C)))
+            .zip(y.par_chunks_mut(C))
+            .zip(offset.par_chunks_mut(C))
+            .enumerate()
+            .for_each(|(k, (p, c))| units(k, p, Some(c))),
+        (true, false) => (slope.chunks_mut(C).zip(active.chunks_mut(C)))
+            .zip(y.chunks_mut(C))
+            .zip(offset.chunks_mut(C))
+            .enumerate()
+            .for_each(|(k, (p, c))| units(k, p, Some(c))),
+        (false, true) => (slope.par_chunks_mut(C).zip(active.par_chunks_mut(C)))
             .zip(y.par_chunks_mut(C))
             .enumerate()
-            .for_each(|(k, p)| chunk(k, p));
-    } else {
-        (slope.chunks_mut(C).zip(offset.chunks_mut(C)))
-            .zip(active.chunks_mut(C))
+            .for_each(|(k, p)| units(k, p, None)),
+        (false, false) => (slope.chunks_mut(C).zip(active.chunks_mut(C)))
             .zip(y.chunks_mut(C))
             .enumerate()
-            .for_each(|(k, p)| chunk(k, p));
+            .for_each(|(k, p)| units(k, p, None)),
     }
-    (slope, offset, active, y)
+    let offset = match (keep, all_zero.into_inner()) {
+        (true, _) => Offset::from(offset),
+        (false, true) => Offset::Zero(n),
+        (false, false) => return None,
+    };
+    Some((slope, offset, active, y))
 }
 
 /// The operator of a one-input node that depends on its input `u`.
@@ -1099,7 +1155,7 @@ fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: P
                 op: Operator::Selection(
                     Selection::new(u.len(), cols).expect("indices within the input"),
                 ),
-                offset: vec![0.0; rows],
+                offset: Offset::Zero(rows),
                 active: None,
                 output: None,
             }
@@ -1126,7 +1182,8 @@ fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: P
                     let jac = SoftmaxJac::new(outer, len, inner, s, sm.log)
                         .expect("probabilities of the input's shape");
                     let ju = jac.apply(u);
-                    let offset = y.iter().zip(&ju).map(|(v, j)| v - j).collect();
+                    let offset =
+                        Offset::from(y.iter().zip(&ju).map(|(v, j)| v - j).collect::<Vec<_>>());
                     Formed { op: Operator::Softmax(jac), offset, active: None, output: None }
                 }
                 // secant: each output its own ratio y/z (the normalizer frozen
@@ -1146,7 +1203,12 @@ fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: P
                             }
                         })
                         .collect();
-                    Formed { op: Operator::Diagonal(ratio), offset, active: None, output: None }
+                    Formed {
+                        op: Operator::Diagonal(ratio),
+                        offset: Offset::from(offset),
+                        active: None,
+                        output: None,
+                    }
                 }
             }
         }
@@ -1189,7 +1251,7 @@ fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: P
                 Mode::Secant => Operator::Diagonal(diag),
                 Mode::Tangent => Operator::csr_from_triplets(u.len(), u.len(), &tri),
             };
-            Formed { op, offset, active: None, output: None }
+            Formed { op, offset: Offset::from(offset), active: None, output: None }
         }
     }
 }
@@ -1447,6 +1509,54 @@ pub fn accumulate_split(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The activation pass that checks its offsets instead of storing
+    /// them (functions with one kink at 0) gives the stored pass's slopes,
+    /// pattern and outputs bit for bit and a zero offset, signed zeros and
+    /// kinks included, sequential and across threads; a function with
+    /// offsets (Clip) keeps them.
+    #[test]
+    fn activations_with_a_kink_at_zero_form_no_offsets() {
+        use nnlin_ir::{Binary, Expr, ExprNode, Unary as U};
+        let n = 3 * ACTIVATION_CHUNK + 17;
+        let u: Vec<f64> = (0..n)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => -0.0,
+                _ => ((i * 37) % 201) as f64 / 50.0 - 2.0,
+            })
+            .collect();
+        let mut prelu = Expr::var();
+        let slope = prelu.push_const((0..n).map(|i| (i % 5) as f64 / 10.0).collect());
+        prelu.push(ExprNode::Binary(Binary::PRelu, 0, slope));
+        let acts = [
+            Expr::unary(U::Relu),
+            Expr::unary(U::LeakyRelu { alpha: 0.01 }),
+            Expr::unary(U::Abs),
+            prelu,
+        ];
+        for expr in acts {
+            let a = nnlin_ir::Activation { expr };
+            for mode in [Mode::Tangent, Mode::Secant] {
+                let kept = activation_pass(&a, &u, mode, Par::Seq, true).unwrap();
+                assert!(matches!(kept.1, Offset::Zero(_)), "{:?}", a.expr);
+                for par in [Par::Seq, Par::rayon(2)] {
+                    let got = activation_instance(&a, &u, mode, par);
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got.0), bits(&kept.0));
+                    assert_eq!(got.1, Offset::Zero(n));
+                    assert_eq!(got.2, kept.2);
+                    assert_eq!(bits(&got.3), bits(&kept.3));
+                }
+            }
+        }
+        let clip = nnlin_ir::Activation { expr: Expr::unary(U::Clip { min: -1.0, max: 1.0 }) };
+        assert!(activation_pass(&clip, &u, Mode::Tangent, Par::Seq, false).is_none());
+        assert!(matches!(
+            activation_instance(&clip, &u, Mode::Tangent, Par::Seq).1,
+            Offset::Full(_)
+        ));
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
