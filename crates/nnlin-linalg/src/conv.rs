@@ -537,7 +537,10 @@ impl ConvOp {
     /// tile's width); the kernel itself is sequential.
     pub fn prefers_active(&self, nonzero: usize) -> bool {
         let (num, den) = CONV_ACTIVE_BELOW;
-        nonzero * den < self.nrows() * num && self.sizes().kk >= ACTIVE_MIN_TAPS
+        let g = &self.geom;
+        // im2col rows, without forming the tap table `sizes` carries
+        let kk = g.c_in / g.groups * g.kh * g.kw;
+        nonzero * den < self.nrows() * num && kk >= ACTIVE_MIN_TAPS
     }
 
     /// [`ConvOp::backward_active`] with `G`'s nonzero columns given

@@ -40,24 +40,15 @@ pub use conv::{ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
 /// 33 % (gathering the weight rows costs more than the GEMM saves).
 pub const DENSE_SKIP_BELOW: (usize, usize) = (1, 8);
 
-/// The nonzero columns of `g` when they are fewer than `fraction` of its
-/// columns, else `None`: the scan stops as soon as the limit is reached
-/// (a typical ReLU adjoint, half nonzero, is decided within its first third),
-/// and a column's test has no early exit, so it vectorizes.
+/// The nonzero columns of `g` when there are none or fewer than `fraction`
+/// of its columns, else `None`; the columns are tested by
+/// [`nonzero_columns`], the test the convolution's kernels use.
 fn sparse_columns<T: Real>(g: &Block<T>, (num, den): (usize, usize)) -> Option<Vec<usize>> {
-    let n = g.ncols();
     // count · den < n · num
-    let limit = (n * num).div_ceil(den);
-    let mut nz = Vec::new();
-    for j in 0..n {
-        if g.col_as_slice(j).iter().fold(false, |a, &v| a | (v != T::ZERO)) {
-            if nz.len() + 1 >= limit {
-                return None;
-            }
-            nz.push(j);
-        }
-    }
-    Some(nz)
+    let limit = (g.ncols() * num).div_ceil(den);
+    let flags = nonzero_columns(g.as_slice(), g.nrows());
+    let nz: Vec<usize> = flags.iter().enumerate().filter(|(_, f)| **f).map(|(j, _)| j).collect();
+    (nz.is_empty() || nz.len() < limit).then_some(nz)
 }
 
 /// `n` zeros, written. `vec![0; n]` asks the allocator for zeroed memory,
