@@ -175,7 +175,7 @@ impl CompiledLayer {
             .map(|(v, op)| op.apply_with(values[*v].as_ref().expect("input value alive"), par));
         let mut y = parts.next().expect("a layer has an input");
         if with_offset {
-            self.bias.add_to(&mut y);
+            self.bias.add_to(0, &mut y);
         } else {
             y.iter_mut().for_each(|v| *v += 0.0);
         }
@@ -207,19 +207,6 @@ impl CompiledLayer {
         }
         let input = |v: usize| values[v].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
-        // the pieces of `lo..lo + len` within blocks of `spatial` elements
-        let blocks = |lo: usize,
-                      len: usize,
-                      spatial: usize,
-                      mut f: Box<dyn FnMut(usize, usize, usize) + '_>| {
-            let mut i = lo;
-            while i < lo + len {
-                let b = i / spatial;
-                let end = ((b + 1) * spatial).min(lo + len);
-                f(i - lo, end - lo, b);
-                i = end;
-            }
-        };
         let chunk = |k: usize, y: &mut [f64]| {
             let lo = k * ACTIVATION_CHUNK;
             let len = y.len();
@@ -235,41 +222,24 @@ impl CompiledLayer {
                 match &**op {
                     Operator::Diagonal(d) => put(y, x, Some(&d[lo..lo + len])),
                     Operator::ChannelScale(cs) => {
-                        let (vals, sp) = (cs.values(), cs.spatial());
-                        blocks(
-                            lo,
-                            len,
-                            sp,
-                            Box::new(|a, b, c| {
-                                let s = vals[c];
-                                if q == 0 {
-                                    y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y = s * x);
-                                } else {
-                                    y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y += s * x);
-                                }
-                            }),
-                        );
+                        let vals = cs.values();
+                        for_blocks(lo, len, cs.spatial(), |a, b, c| {
+                            let s = vals[c];
+                            if q == 0 {
+                                y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y = s * x);
+                            } else {
+                                y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y += s * x);
+                            }
+                        });
                     }
                     _ => put(y, x, None),
                 }
                 if q == 0 {
                     // the offset, added to the first product
-                    match (&*self.bias, with_offset) {
-                        (Offset::PerChannel { values: c, spatial }, true) => {
-                            blocks(
-                                lo,
-                                len,
-                                *spatial,
-                                Box::new(|a, b, ch| {
-                                    let cv = c[ch];
-                                    y[a..b].iter_mut().for_each(|t| *t += cv);
-                                }),
-                            );
-                        }
-                        (Offset::Full(c), true) => {
-                            y.iter_mut().zip(&c[lo..lo + len]).for_each(|(t, &v)| *t += v);
-                        }
-                        (Offset::Zero(_), _) | (_, false) => y.iter_mut().for_each(|v| *v += 0.0),
+                    if with_offset {
+                        self.bias.add_to(lo, y);
+                    } else {
+                        y.iter_mut().for_each(|v| *v += 0.0);
                     }
                 }
             }
@@ -282,6 +252,20 @@ impl CompiledLayer {
             y.chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
         }
         Some(y)
+    }
+}
+
+/// Calls `f(a, b, block)` for each piece of `lo..lo + len` within one block
+/// of `spatial` elements, with `a..b` relative to `lo` (a zero `spatial`
+/// counts as 1, as an empty channel has no elements to visit).
+fn for_blocks(lo: usize, len: usize, spatial: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let spatial = spatial.max(1);
+    let mut i = lo;
+    while i < lo + len {
+        let b = i / spatial;
+        let end = ((b + 1) * spatial).min(lo + len);
+        f(i - lo, end - lo, b);
+        i = end;
     }
 }
 
@@ -355,16 +339,17 @@ impl Offset {
             Offset::Full(v) => v.clone(),
         }
     }
-    /// `y += c`, without expanding `c`.
-    fn add_to(&self, y: &mut [f64]) {
+    /// `y += c[lo..lo + y.len()]`, without expanding `c`.
+    fn add_to(&self, lo: usize, y: &mut [f64]) {
         match self {
             Offset::Zero(_) => y.iter_mut().for_each(|v| *v += 0.0),
             Offset::PerChannel { values, spatial } => {
-                for (yc, &v) in y.chunks_mut((*spatial).max(1)).zip(values) {
-                    yc.iter_mut().for_each(|t| *t += v);
-                }
+                for_blocks(lo, y.len(), *spatial, |a, b, c| {
+                    let v = values[c];
+                    y[a..b].iter_mut().for_each(|t| *t += v);
+                });
             }
-            Offset::Full(c) => y.iter_mut().zip(c).for_each(|(t, &v)| *t += v),
+            Offset::Full(c) => y.iter_mut().zip(&c[lo..]).for_each(|(t, &v)| *t += v),
         }
     }
     /// `b += G·c` for an adjoint block `G` (`m × len`), skipping zero
