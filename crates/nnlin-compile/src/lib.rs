@@ -1002,15 +1002,37 @@ fn activation_instance(
     mode: Mode,
     par: Par,
 ) -> ActivationFormed {
-    let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
-    let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
-    if pwl
-        && kink_at_zero
-        && let Some(formed) = activation_pass(a, u, mode, par, false)
+    let kind = ActivationKind::of(a);
+    if kind.pwl
+        && kind.kink_at_zero
+        && let Some(formed) = activation_pass(a, kind, u, mode, par, false)
     {
         return formed;
     }
-    activation_pass(a, u, mode, par, true).expect("a pass that keeps its offsets")
+    activation_pass(a, kind, u, mode, par, true).expect("a pass that keeps its offsets")
+}
+
+/// What [`activation_pass`] needs to know of an activation's function,
+/// found once per layer (`breakpoints` allocates).
+#[derive(Clone, Copy, Debug)]
+struct ActivationKind {
+    /// Piecewise linear (or simpler): its slopes are tangents in either
+    /// mode.
+    pwl: bool,
+    /// One kink, at 0 (ReLU, LeakyReLU, PReLU, Abs): the activation
+    /// pattern is the piece each unit is on, z > 0 (a LeakyReLU unit below
+    /// 0 still has a nonzero slope); for the others (Clip, HardSigmoid,
+    /// smooth ones) it is a nonzero slope.
+    kink_at_zero: bool,
+}
+
+impl ActivationKind {
+    fn of(a: &nnlin_ir::Activation) -> Self {
+        ActivationKind {
+            pwl: a.expr.class() <= ExprClass::PiecewiseLinear,
+            kink_at_zero: a.expr.breakpoints(0).is_some_and(|b| b == [0.0]),
+        }
+    }
 }
 
 /// An activation at one input: slopes, offset, pattern, outputs.
@@ -1020,6 +1042,7 @@ type ActivationFormed = (Vec<f64>, Offset, Vec<bool>, Vec<f64>);
 /// without, `None` unless every offset is `+0.0`.
 fn activation_pass(
     a: &nnlin_ir::Activation,
+    kind: ActivationKind,
     u: &[f64],
     mode: Mode,
     par: Par,
@@ -1027,12 +1050,7 @@ fn activation_pass(
 ) -> Option<ActivationFormed> {
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let pwl = a.expr.class() <= ExprClass::PiecewiseLinear;
-    // the activation pattern: for functions with one kink at 0 (ReLU,
-    // LeakyReLU, PReLU, Abs) the piece each unit is on, z > 0 (a LeakyReLU
-    // unit below 0 still has a nonzero slope); for the others (Clip,
-    // HardSigmoid, smooth ones) a nonzero slope
-    let kink_at_zero = a.expr.breakpoints(0).is_some_and(|b| b == [0.0]);
+    let ActivationKind { pwl, kink_at_zero } = kind;
     let n = u.len();
     let (mut slope, mut active, mut y) = (vec![0.0; n], vec![false; n], vec![0.0; n]);
     let mut offset = if keep { vec![0.0; n] } else { vec![] };
@@ -1523,7 +1541,8 @@ mod tests {
         for expr in acts {
             let a = nnlin_ir::Activation { expr };
             for mode in [Mode::Tangent, Mode::Secant] {
-                let kept = activation_pass(&a, &u, mode, Par::Seq, true).unwrap();
+                let kept =
+                    activation_pass(&a, ActivationKind::of(&a), &u, mode, Par::Seq, true).unwrap();
                 assert!(matches!(kept.1, Offset::Zero(_)), "{:?}", a.expr);
                 for par in [Par::Seq, Par::rayon(2)] {
                     let got = activation_instance(&a, &u, mode, par);
@@ -1536,7 +1555,10 @@ mod tests {
             }
         }
         let clip = nnlin_ir::Activation { expr: Expr::unary(U::Clip { min: -1.0, max: 1.0 }) };
-        assert!(activation_pass(&clip, &u, Mode::Tangent, Par::Seq, false).is_none());
+        assert!(
+            activation_pass(&clip, ActivationKind::of(&clip), &u, Mode::Tangent, Par::Seq, false)
+                .is_none()
+        );
         assert!(matches!(
             activation_instance(&clip, &u, Mode::Tangent, Par::Seq).1,
             Offset::Full(_)
