@@ -352,32 +352,45 @@ const PAR_READ_MIN: u64 = 1 << 24;
 fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(path)?;
         let meta = f.metadata()?;
-        let len = meta.len();
         if meta.is_file()
-            && len >= PAR_READ_MIN
+            && meta.len() >= PAR_READ_MIN
             && rayon::current_num_threads() > 1
-            && let Ok(n) = usize::try_from(len)
+            && let Ok(n) = usize::try_from(meta.len())
+            && let Some(buf) = read_in_pieces(&f, n)?
         {
-            let piece = n.div_ceil(rayon::current_num_threads());
-            // an allocation the machine refuses is an error, as in
-            // `std::fs::read`; the threads fault in their own pages
-            let mut buf = Vec::new();
-            buf.try_reserve_exact(n)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::OutOfMemory, e))?;
-            buf.par_extend(rayon::iter::repeat_n(0u8, n));
-            buf.par_chunks_mut(piece)
-                .enumerate()
-                .try_for_each(|(k, c)| f.read_exact_at(c, (k * piece) as u64))?;
-            // nothing past the end: the file did not grow meanwhile
-            if f.read_at(&mut [0u8], len)? == 0 {
-                return Ok(buf);
-            }
+            return Ok(buf);
         }
     }
     std::fs::read(path)
+}
+
+/// The `n` bytes of `f`, in one piece per thread of the current rayon
+/// pool; `None` if `f` turns out not to hold exactly `n` bytes (it grew or
+/// shrank since its size was taken).
+#[cfg(unix)]
+fn read_in_pieces(f: &std::fs::File, n: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt;
+    let piece = n.div_ceil(rayon::current_num_threads()).max(1);
+    // an allocation the machine refuses is an error, as in
+    // `std::fs::read`; the threads fault in their own pages
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::OutOfMemory, e))?;
+    buf.par_extend(rayon::iter::repeat_n(0u8, n));
+    let read = buf
+        .par_chunks_mut(piece)
+        .enumerate()
+        .try_for_each(|(k, c)| f.read_exact_at(c, (k * piece) as u64));
+    match read {
+        // nothing past the end: the file did not grow meanwhile
+        Ok(()) if f.read_at(&mut [0u8], n as u64)? == 0 => Ok(Some(buf)),
+        Ok(()) => Ok(None),
+        // it ended before `n` bytes
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads the bytes an external-data reference names, from a file inside
@@ -1585,7 +1598,9 @@ impl Pipeline {
 mod tests {
     /// A file large enough to be read in pieces across threads gives the
     /// bytes `std::fs::read` gives, for 1 to 3 threads and a length no
-    /// thread count divides.
+    /// thread count divides; one that grew or shrank is left to
+    /// `std::fs::read`.
+    #[cfg(unix)]
     #[test]
     fn large_files_read_in_pieces_are_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -1598,6 +1613,14 @@ mod tests {
             let got = pool.install(|| super::read_file(&path)).unwrap();
             assert!(got == bytes, "{threads} threads");
         }
+        // a file that shrank or grew after its size was taken
+        let f = std::fs::File::open(&path).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for n in [bytes.len() + 1, bytes.len() + 5_000, bytes.len() - 1] {
+            assert!(pool.install(|| super::read_in_pieces(&f, n)).unwrap().is_none(), "{n}");
+        }
+        let whole = pool.install(|| super::read_in_pieces(&f, bytes.len())).unwrap();
+        assert!(whole.is_some_and(|w| w == bytes));
         let missing = super::read_file(&dir.path().join("none"));
         assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
