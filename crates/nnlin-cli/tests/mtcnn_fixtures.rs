@@ -115,3 +115,30 @@ fn a_dynamic_size_detector_takes_the_inputs_shape() {
         run(&["inspect", file.to_str().unwrap(), "--output", "box", "--input-shape", "1,3,14,16"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// PyTorch exports a convolution's PReLU slope as `[C, 1, 1]`: numpy rules
+/// align it at the right, so each channel's slope is stored once and read
+/// over the channel's positions, not broadcast to every element.
+#[test]
+fn per_channel_prelu_slopes_are_stored_once_per_channel() {
+    use nnlin::ir::{Binary, ExprNode, Layer};
+    for net in ["pnet", "rnet", "onet"] {
+        let opts = ImportOptions::default().with_output("prob");
+        let m = Model::from_onnx_file_with(dir().join(format!("{net}.onnx")), &opts).unwrap();
+        let mut slopes = 0;
+        for node in m.network().nodes() {
+            let Layer::Activation(a) = &node.layer else { continue };
+            let shape = m.network().shape(node.output);
+            for n in &a.expr.nodes {
+                let ExprNode::Binary(Binary::PRelu, _, k) = n else { continue };
+                let ExprNode::Const(c) = a.expr.nodes[*k] else { continue };
+                let c = &a.expr.consts[c];
+                let channels = shape[1];
+                assert_eq!(c.values.len(), channels, "{net} {}: {shape:?}", node.name);
+                assert_eq!(c.repeat, shape[2..].iter().product::<usize>(), "{net} {}", node.name);
+                slopes += 1;
+            }
+        }
+        assert!(slopes >= 3, "{net}: {slopes} PReLU layers");
+    }
+}

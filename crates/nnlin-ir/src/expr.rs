@@ -149,6 +149,18 @@ impl Const {
         if self.values.len() == 1 { self.values[0] } else { self.values[i / self.repeat] }
     }
 
+    /// The value at element `i` and how many elements from `i` on share it
+    /// (to the end of its block; unbounded for a scalar): a loop over one
+    /// run reads a constant, with no division per element.
+    #[inline]
+    pub fn run(&self, i: usize) -> (f64, usize) {
+        if self.values.len() == 1 {
+            (self.values[0], usize::MAX)
+        } else {
+            (self.values[i / self.repeat], self.repeat - i % self.repeat)
+        }
+    }
+
     /// Whether the constant fits a tensor of `numel` elements: a scalar, or
     /// blocks that tile it exactly.
     pub fn fits(&self, numel: usize) -> bool {
@@ -645,9 +657,15 @@ impl Expr {
             [ExprNode::Var, ExprNode::Const(c), ExprNode::Binary(Binary::PRelu, 0, 1)]
             | [ExprNode::Const(c), ExprNode::Var, ExprNode::Binary(Binary::PRelu, 1, 0)] => {
                 let a = &self.consts[*c];
-                for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
-                    let alpha = a.at(offset + i);
-                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
+                // one slope per run of elements (a channel's positions)
+                let mut i = 0;
+                while i < u.len() {
+                    let (alpha, run) = a.run(offset + i);
+                    let end = i + run.min(u.len() - i);
+                    for ((vi, di), &z) in v[i..end].iter_mut().zip(&mut d[i..end]).zip(&u[i..end]) {
+                        (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
+                    }
+                    i = end;
                 }
             }
             _ => {

@@ -99,9 +99,16 @@ impl Importer<'_> {
                     // a constant whose shape is the tensor's up to an axis
                     // and 1 after it (a per-channel [1, C, 1, 1] over
                     // [1, C, H, W]) keeps its values, each read by a block
-                    let last = t.dims.iter().rposition(|&d| d != 1);
+                    // (numpy rules align the shapes at the right: a
+                    // [C, 1, 1] constant, as PyTorch exports a PReLU slope,
+                    // is [1, C, 1, 1])
+                    let dims: Vec<usize> = (t.dims.len()..root_shape.len())
+                        .map(|_| 1)
+                        .chain(t.dims.iter().copied())
+                        .collect();
+                    let last = dims.iter().rposition(|&d| d != 1);
                     let blocks = last.filter(|&k| {
-                        t.dims.len() == root_shape.len() && t.dims[..=k] == root_shape[..=k]
+                        dims.len() == root_shape.len() && dims[..=k] == root_shape[..=k]
                     });
                     if t.numel() == 1 {
                         Some(e.push_const(vec![t.data[0]]))
