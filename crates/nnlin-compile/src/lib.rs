@@ -199,18 +199,14 @@ impl CompiledLayer {
         with_offset: bool,
         par: Par,
     ) -> Option<Vec<f64>> {
-        let elementwise = |op: &Operator| {
-            matches!(op, Operator::Identity(_) | Operator::Diagonal(_) | Operator::ChannelScale(_))
-        };
-        if !self.inputs.iter().all(|(_, op)| elementwise(op)) {
-            return None;
-        }
+        let ops: Vec<Elementwise<'_>> =
+            self.inputs.iter().map(|(_, op)| Elementwise::of(op)).collect::<Option<_>>()?;
         let input = |v: usize| values[v].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
         let chunk = |k: usize, y: &mut [f64]| {
             let lo = k * ACTIVATION_CHUNK;
             let len = y.len();
-            for (q, (v, op)) in self.inputs.iter().enumerate() {
+            for (q, ((v, _), op)) in self.inputs.iter().zip(&ops).enumerate() {
                 let x = &input(*v)[lo..lo + len];
                 // y = A_0·u_0, then y += A_q·u_q
                 let put = |y: &mut [f64], x: &[f64], s: Option<&[f64]>| match (q, s) {
@@ -219,9 +215,10 @@ impl CompiledLayer {
                     (_, None) => y.iter_mut().zip(x).for_each(|(y, x)| *y += x),
                     (_, Some(s)) => y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y += s * x),
                 };
-                match &**op {
-                    Operator::Diagonal(d) => put(y, x, Some(&d[lo..lo + len])),
-                    Operator::ChannelScale(cs) => {
+                match op {
+                    Elementwise::Identity => put(y, x, None),
+                    Elementwise::Diagonal(d) => put(y, x, Some(&d[lo..lo + len])),
+                    Elementwise::ChannelScale(cs) => {
                         let vals = cs.values();
                         for_blocks(lo, len, cs.spatial(), |a, b, c| {
                             let s = vals[c];
@@ -232,7 +229,6 @@ impl CompiledLayer {
                             }
                         });
                     }
-                    _ => put(y, x, None),
                 }
                 if q == 0 {
                     // the offset, added to the first product
@@ -252,6 +248,33 @@ impl CompiledLayer {
             y.chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
         }
         Some(y)
+    }
+}
+
+/// An operator that acts element by element, as
+/// [`CompiledLayer::eval_elementwise`] applies it.
+enum Elementwise<'a> {
+    Identity,
+    Diagonal(&'a [f64]),
+    ChannelScale(&'a nnlin_linalg::ChannelScale),
+}
+
+impl<'a> Elementwise<'a> {
+    /// `None` for an operator that mixes elements.
+    fn of(op: &'a Operator) -> Option<Self> {
+        match op {
+            Operator::Identity(_) => Some(Elementwise::Identity),
+            Operator::Diagonal(d) => Some(Elementwise::Diagonal(d)),
+            Operator::ChannelScale(cs) => Some(Elementwise::ChannelScale(cs)),
+            Operator::Dense(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Conv(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => None,
+        }
     }
 }
 
