@@ -235,6 +235,10 @@ pub struct ConvOp {
     weight32: OnceLock<Vec<f32>>,
     /// The tap table, on first use (see `tap_table`).
     taps: OnceLock<Arc<Vec<usize>>>,
+    /// The Winograd-transformed kernel, on the first reverse product that
+    /// takes that path (see `winograd`), in each precision used.
+    wino: OnceLock<Vec<f64>>,
+    wino32: OnceLock<Vec<f32>>,
 }
 
 impl PartialEq for ConvOp {
@@ -291,7 +295,14 @@ impl ConvOp {
         {
             return err("the window's reach overflows".into());
         }
-        Ok(Self { geom, weight, weight32: OnceLock::new(), taps: OnceLock::new() })
+        Ok(Self {
+            geom,
+            weight,
+            weight32: OnceLock::new(),
+            taps: OnceLock::new(),
+            wino: OnceLock::new(),
+            wino32: OnceLock::new(),
+        })
     }
 
     /// The shape.
@@ -307,6 +318,23 @@ impl ConvOp {
     /// The weights in `T` (`f32`: rounded once, on first use).
     pub(crate) fn weight_as<T: Real>(&self) -> &[T] {
         T::cached(&self.weight, &self.weight32)
+    }
+
+    /// Forms what the reverse products read in `T`: the weights, and for
+    /// a convolution the Winograd path takes, its transformed kernel
+    /// (formed once, and rounded once for `f32`).
+    pub(crate) fn prepare<T: Real>(&self) {
+        self.weight_as::<T>();
+        if crate::winograd::eligible(&self.geom) {
+            self.winograd_kernel::<T>();
+        }
+    }
+
+    /// The Winograd-transformed kernel in `T` (see `winograd::kernel`).
+    fn winograd_kernel<T: Real>(&self) -> &[T] {
+        T::formed(&self.wino, &self.wino32, || {
+            crate::winograd::kernel::<T>(&self.geom, &self.weight)
+        })
     }
 
     /// Rows (`c_out·oh·ow`).
@@ -509,6 +537,9 @@ impl ConvOp {
     /// while in cache; a pointwise convolution's GEMM writes the result in
     /// place.
     pub fn backward_gemm<T: Real>(&self, g: &[T], k: usize, par: Par) -> Vec<T> {
+        if crate::winograd::eligible(&self.geom) {
+            return crate::winograd::backward(&self.geom, self.winograd_kernel::<T>(), g, k, par);
+        }
         self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[], PAR_MIN_ADDS)
     }
 

@@ -15,6 +15,7 @@ mod conv;
 mod real;
 mod simd;
 mod structured;
+mod winograd;
 pub use conv::{ConvGeometry, ConvOp};
 pub use real::{Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
@@ -525,9 +526,7 @@ impl Operator {
             Operator::Dense(w) => {
                 T::matrix(w);
             }
-            Operator::Conv(c) => {
-                c.weight_as::<T>();
-            }
+            Operator::Conv(c) => c.prepare::<T>(),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)

@@ -26,6 +26,7 @@ pub trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
+    + std::ops::SubAssign
     + std::ops::MulAssign
 {
     /// `0`.
@@ -47,6 +48,13 @@ pub trait Real:
     /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
     /// on first use and borrowed from it after.
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self];
+    /// Values `make` forms in this type, kept in `wide` for `f64` and in
+    /// `narrow` for `f32`: formed on first use, then borrowed.
+    fn formed<'a>(
+        wide: &'a OnceLock<Vec<f64>>,
+        narrow: &'a OnceLock<Vec<f32>>,
+        make: impl FnOnce() -> Vec<Self>,
+    ) -> &'a [Self];
     /// `G·A` for a transposed operator (a transposed convolution): in `f64`
     /// for both types today (an `f32` adjoint is widened and the product
     /// rounded back), as the forward products are `f64` only.
@@ -77,6 +85,13 @@ impl Real for f64 {
     fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         w
     }
+    fn formed<'a>(
+        wide: &'a OnceLock<Vec<f64>>,
+        _: &'a OnceLock<Vec<f32>>,
+        make: impl FnOnce() -> Vec<Self>,
+    ) -> &'a [Self] {
+        wide.get_or_init(make)
+    }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(g, par)
     }
@@ -106,6 +121,13 @@ impl Real for f32 {
     }
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         cache.get_or_init(|| w.iter().map(|&v| v as f32).collect())
+    }
+    fn formed<'a>(
+        _: &'a OnceLock<Vec<f64>>,
+        narrow: &'a OnceLock<Vec<f32>>,
+        make: impl FnOnce() -> Vec<Self>,
+    ) -> &'a [Self] {
+        narrow.get_or_init(make)
     }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(&g.cast::<f64>(), par).cast()

@@ -1,0 +1,666 @@
+//! The reverse product `G·A` of a 3×3, stride-1, undilated convolution by
+//! Winograd's minimal filtering F(2×2, 3×3): each 2×2 block of the
+//! adjoint's input-side image is formed from a 4×4 block of its output-side
+//! image with 16 multiplications per channel pair instead of 36, so the
+//! GEMMs do 4/9 of the direct method's multiply-adds (2.25× fewer).
+//!
+//! The reverse product of a stride-1 convolution is a correlation of the
+//! output-side adjoint with the flipped kernel:
+//! `G_in[r, ci, y, x] = Σ_co Σ_{a,b} W[co, ci, 2−a, 2−b] ·
+//! G_out[r, co, y − q_y + a, x − q_x + b]` with `q = 2 − pad` (terms
+//! outside the output zero). With the standard transforms (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016)
+//!
+//! ```text
+//! Bᵀ = [1  0 −1  0]    G = [1    0    0 ]    Aᵀ = [1 1  1  0]
+//!      [0  1  1  0]        [1/2  1/2  1/2]         [0 1 −1 −1]
+//!      [0 −1  1  0]        [1/2 −1/2  1/2]
+//!      [0  1  0 −1]        [0    0    1 ]
+//! ```
+//!
+//! a 2×2 output block is `Aᵀ [Σ_co (G g Gᵀ) ⊙ (Bᵀ d B)] A`: the kernel
+//! transform `U = G g Gᵀ` (per channel pair), the data transform
+//! `V = Bᵀ d B` (per channel, block and adjoint row), then for each of the
+//! 16 transformed positions one GEMM `M = V·U` summing over the output
+//! channels, and the inverse transform. Every constant is a power of two
+//! or ±1, so the transforms add and subtract only; the result differs from
+//! the direct sum by rounding alone (tested against the explicit Toeplitz
+//! matrix with a bound of the direct path's order).
+//!
+//! The blocks of the image are taken in bands of whole block rows, a band's
+//! transforms and GEMMs fitting in a core's L2; bands run in parallel,
+//! each into its own buffer, so the bits do not depend on the threads.
+
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::Real;
+use crate::conv::ConvGeometry;
+
+/// Each band's GEMMs have about this many rows (adjoint rows × blocks) at
+/// least, and their data about `BAND_ENTRIES` entries: below the first the
+/// GEMM's packing outweighs its work, above the second a band leaves L2.
+const BAND_MIN_ROWS: usize = 64;
+/// See [`BAND_MIN_ROWS`]: 2^16 entries (256 KB in `f32`).
+const BAND_ENTRIES: usize = 1 << 16;
+
+/// Channels per group, on both sides, below which the direct GEMM stays:
+/// with few channels the 16 small GEMMs and the transforms cost more than
+/// they save (a network's first convolution, 3 input channels).
+pub(crate) const WINOGRAD_MIN_CHANNELS: usize = 16;
+
+/// Input positions below which the direct GEMM stays: the transformed
+/// kernel (16 values per channel pair, formed once per operator) costs
+/// more than a product over a tiny image saves. At 16 (4×4, a CIFAR
+/// ResNet-18's last stage) a 10-row product already gains; one row of
+/// ResNet-50 at 224² (its last stage 7×7) roughly breaks even in a
+/// one-shot run, where the kernel is formed for a single product.
+pub(crate) const WINOGRAD_MIN_POSITIONS: usize = 16;
+
+/// Whether the reverse product of `g` takes the Winograd path: a 3×3,
+/// stride-1, undilated kernel with leading pads of at most 2 (a block's
+/// rows then start at most 2 before its output's), at least
+/// [`WINOGRAD_MIN_CHANNELS`] channels per group on each side and
+/// [`WINOGRAD_MIN_POSITIONS`] input positions. Never the number of adjoint
+/// rows: a row's bits do not depend on which other rows are asked for.
+pub(crate) fn eligible(g: &ConvGeometry) -> bool {
+    (g.kh, g.kw, g.stride, g.dilation) == (3, 3, (1, 1), (1, 1))
+        && g.pad.0 <= 2
+        && g.pad.1 <= 2
+        && g.c_in / g.groups >= WINOGRAD_MIN_CHANNELS
+        && g.c_out / g.groups >= WINOGRAD_MIN_CHANNELS
+        && g.ih * g.iw >= WINOGRAD_MIN_POSITIONS
+}
+
+/// `U = G g Gᵀ` of one 3×3 kernel `g` (row-major), already flipped.
+#[inline(always)]
+fn kernel_transform<T: Real>(g: [T; 9]) -> [T; 16] {
+    let h = T::of(0.5);
+    // G g: 4×3
+    let mut t = [T::ZERO; 12];
+    for c in 0..3 {
+        let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+        t[c] = g0;
+        t[3 + c] = (g0 + g1 + g2) * h;
+        t[6 + c] = (g0 - g1 + g2) * h;
+        t[9 + c] = g2;
+    }
+    // (G g) Gᵀ: 4×4
+    let mut u = [T::ZERO; 16];
+    for r in 0..4 {
+        let (a, b, c) = (t[3 * r], t[3 * r + 1], t[3 * r + 2]);
+        u[4 * r] = a;
+        u[4 * r + 1] = (a + b + c) * h;
+        u[4 * r + 2] = (a - b + c) * h;
+        u[4 * r + 3] = c;
+    }
+    u
+}
+
+/// What the data and output transforms compute on: a scalar, or
+/// [`Lanes`] of adjoint rows (the same operations on each).
+trait AddSub: Copy + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> {}
+impl<E: Copy + Default + std::ops::Add<Output = E> + std::ops::Sub<Output = E>> AddSub for E {}
+
+/// [`LANES`] adjoint rows' values, added and subtracted lane by lane (a
+/// fixed-size loop the compiler turns into vector instructions).
+#[derive(Clone, Copy, Default)]
+struct Lanes<T>([T; LANES]);
+
+impl<T: Real> std::ops::Add for Lanes<T> {
+    type Output = Self;
+    #[inline(always)]
+    fn add(mut self, o: Self) -> Self {
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            *a += b;
+        }
+        self
+    }
+}
+
+impl<T: Real> std::ops::Sub for Lanes<T> {
+    type Output = Self;
+    #[inline(always)]
+    fn sub(mut self, o: Self) -> Self {
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            *a -= b;
+        }
+        self
+    }
+}
+
+/// `Bᵀ d B` of one 4×4 block `d` (row-major).
+#[inline(always)]
+fn data_transform<E: AddSub>(d: [E; 16]) -> [E; 16] {
+    // Bᵀ d: rows
+    let mut t = [E::default(); 16];
+    for c in 0..4 {
+        let (d0, d1, d2, d3) = (d[c], d[4 + c], d[8 + c], d[12 + c]);
+        t[c] = d0 - d2;
+        t[4 + c] = d1 + d2;
+        t[8 + c] = d2 - d1;
+        t[12 + c] = d1 - d3;
+    }
+    // (Bᵀ d) B: columns
+    let mut v = [E::default(); 16];
+    for r in 0..4 {
+        let (a, b, c, e) = (t[4 * r], t[4 * r + 1], t[4 * r + 2], t[4 * r + 3]);
+        v[4 * r] = a - c;
+        v[4 * r + 1] = b + c;
+        v[4 * r + 2] = c - b;
+        v[4 * r + 3] = b - e;
+    }
+    v
+}
+
+/// `Aᵀ m A` of one transformed 4×4 block: the 2×2 output block.
+#[inline(always)]
+fn output_transform<E: AddSub>(m: [E; 16]) -> [E; 4] {
+    // Aᵀ m: 2×4
+    let mut t = [E::default(); 8];
+    for c in 0..4 {
+        let (m0, m1, m2, m3) = (m[c], m[4 + c], m[8 + c], m[12 + c]);
+        t[c] = m0 + m1 + m2;
+        t[4 + c] = m1 - m2 - m3;
+    }
+    let mut y = [E::default(); 4];
+    for r in 0..2 {
+        let (a, b, c, e) = (t[4 * r], t[4 * r + 1], t[4 * r + 2], t[4 * r + 3]);
+        y[2 * r] = a + b + c;
+        y[2 * r + 1] = b - c - e;
+    }
+    y
+}
+
+/// Adjoint rows transformed together: a block's 16 vectors are read and
+/// written this many rows at a time, as fixed-size arrays the compiler
+/// keeps in vector registers.
+const LANES: usize = 8;
+
+/// Rows `r0 .. r0 + len` (`len ≤ LANES`) of each of a block's vectors, as
+/// lanes (zeros past `len`).
+#[inline(always)]
+fn load_lanes<T: Real, const I: usize>(src: &[&[T]; I], r0: usize, len: usize) -> [Lanes<T>; I] {
+    // (loops, not `array::from_fn`: everything here must inline into the
+    // AVX2 copy)
+    let mut d = [Lanes([T::ZERO; LANES]); I];
+    for (d, s) in d.iter_mut().zip(src) {
+        let s = &s[r0..r0 + len];
+        // whole lanes as fixed-size copies (vector moves)
+        match <&[T; LANES]>::try_from(s) {
+            Ok(full) => d.0 = *full,
+            Err(_) => d.0[..len].copy_from_slice(s),
+        }
+    }
+    d
+}
+
+/// `dst[at..][..len] = e`'s first `len` lanes.
+#[inline(always)]
+fn store_lanes<T: Real>(dst: &mut [T], at: usize, len: usize, e: &Lanes<T>) {
+    let out = &mut dst[at..at + len];
+    match <&mut [T; LANES]>::try_from(&mut *out) {
+        Ok(full) => *full = e.0,
+        Err(_) => {
+            for (l, o) in out.iter_mut().enumerate() {
+                *o = e.0[l];
+            }
+        }
+    }
+}
+
+/// Calls `f(r0, len)` over the adjoint rows `0..k` in pieces of [`LANES`]:
+/// whole pieces where `k` allows, the last one overlapping the one before
+/// it (its rows are formed twice, alike) instead of a partial one.
+#[inline(always)]
+fn lane_pieces(k: usize, mut f: impl FnMut(usize, usize)) {
+    if k < LANES {
+        f(0, k);
+        return;
+    }
+    let mut r0 = 0;
+    loop {
+        f(r0.min(k - LANES), LANES);
+        if r0 + LANES >= k {
+            break;
+        }
+        r0 += LANES;
+    }
+}
+
+/// `dst[ξ][at + r] = (Bᵀ d_r B)[ξ]` for every adjoint row `r < k`, where
+/// `d_r[i] = src[i][r]`.
+#[inline(always)]
+fn data_lanes<T: Real>(src: &[&[T]; 16], dst: &mut [&mut [T]], at: usize, k: usize) {
+    lane_pieces(
+        k,
+        #[inline(always)]
+        |r0, len| {
+            let e = data_transform(load_lanes(src, r0, len));
+            for (d, e) in dst.iter_mut().zip(&e) {
+                store_lanes(d, at + r0, len, e);
+            }
+        },
+    );
+}
+
+/// `o[to[i] + r] = (Aᵀ m_r A)[i]` for every adjoint row `r < k` and every
+/// output `i` with a place `to[i]`, where `m_r[ξ] = src[ξ][r]`.
+#[inline(always)]
+fn output_lanes<T: Real>(src: &[&[T]; 16], o: &mut [T], to: &[Option<usize>; 4], k: usize) {
+    lane_pieces(
+        k,
+        #[inline(always)]
+        |r0, len| {
+            let e = output_transform(load_lanes(src, r0, len));
+            for (t, e) in to.iter().zip(&e) {
+                if let Some(at) = t {
+                    store_lanes(o, at + r0, len, e);
+                }
+            }
+        },
+    );
+}
+
+/// What every band of one group reads.
+struct Band<'a, T> {
+    geom: &'a ConvGeometry,
+    /// The kernel's 16 transformed matrices, each `cog × cig` column-major.
+    u: &'a [T],
+    /// The group's slice of the adjoint.
+    gg: &'a [T],
+    /// `k` zeros: a block's vectors outside the image.
+    zeros: &'a [T],
+    /// How far a block's rows and columns start before its output's.
+    qy: isize,
+    qx: isize,
+}
+
+/// One band of block rows `t0..t1` (see [`band`]), as pulp's job.
+struct BandJob<'a, 'b, T> {
+    ctx: &'a Band<'b, T>,
+    t0: usize,
+    t1: usize,
+}
+
+impl<T: Real> pulp::WithSimd for BandJob<'_, '_, T> {
+    type Output = Vec<T>;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<T> {
+        band(self.ctx, self.t0, self.t1)
+    }
+}
+
+/// The band of block rows `t0..t1`: its output rows `2·t0 .. 2·t1` (within
+/// `ih`), every channel of the group, as `[ci][y][x][r]`.
+#[inline(always)]
+fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
+    let Band { geom, u, gg, zeros, qy, qx } = *ctx;
+    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+    let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
+    let tw = iw.div_ceil(2);
+    let k = zeros.len();
+    // GEMM rows: (block, r); at least 2, a zero row added to a lone one,
+    // as faer takes a one-row product down another path (a matrix-vector
+    // product, with other sums), and a row's bits must not depend on how
+    // many adjoint rows there are
+    let rows = ((t1 - t0) * tw * k).max(2);
+    let mut v = vec![T::ZERO; 16 * rows * cog];
+    // V_ξ: rows × cog column-major, row (block, r); each block's
+    // 16 input vectors (over r, contiguous; zeros outside the
+    // image) transformed lane by lane
+    {
+        let mut vx: Vec<&mut [T]> = v.chunks_exact_mut(rows * cog).collect();
+        for co in 0..cog {
+            let plane = &gg[co * oh * ow * k..(co + 1) * oh * ow * k];
+            for ty in t0..t1 {
+                let y0 = 2 * ty as isize - qy;
+                // the value of tap `i` of block `tx`, row `r`
+                let tap = |tx: usize, r: usize, i: usize| {
+                    let (y, x) = (y0 + (i / 4) as isize, 2 * tx as isize - qx + (i % 4) as isize);
+                    if y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow {
+                        plane[(y as usize * ow + x as usize) * k + r]
+                    } else {
+                        T::ZERO
+                    }
+                };
+                let row0 = co * rows + (ty - t0) * tw * k;
+                if k >= LANES {
+                    // lanes over the adjoint rows of one block
+                    for tx in 0..tw {
+                        let (x0, at) = (2 * tx as isize - qx, row0 + tx * k);
+                        let mut src: [&[T]; 16] = [zeros; 16];
+                        for (i, s) in src.iter_mut().enumerate() {
+                            let (y, x) = (y0 + (i / 4) as isize, x0 + (i % 4) as isize);
+                            if y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow {
+                                *s = &plane[(y as usize * ow + x as usize) * k..][..k];
+                            }
+                        }
+                        data_lanes(&src, &mut vx, at, k);
+                    }
+                } else {
+                    // few adjoint rows: lanes over (block, r), the GEMM
+                    // rows of this block row, gathered
+                    lane_pieces(
+                        tw * k,
+                        #[inline(always)]
+                        |q0, len| {
+                            let mut d = [Lanes([T::ZERO; LANES]); 16];
+                            for l in 0..len {
+                                let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
+                                for (i, d) in d.iter_mut().enumerate() {
+                                    d.0[l] = tap(tx, r, i);
+                                }
+                            }
+                            let e = data_transform(d);
+                            for (dst, e) in vx.iter_mut().zip(&e) {
+                                store_lanes(dst, row0 + q0, len, e);
+                            }
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // M_ξ = V_ξ·U_ξ: rows × cig column-major
+    let mut m = vec![T::ZERO; 16 * rows * cig];
+    for xi in 0..16 {
+        let a = MatRef::from_column_major_slice(&v[xi * rows * cog..][..rows * cog], rows, cog);
+        let b = MatRef::from_column_major_slice(&u[xi * cog * cig..][..cog * cig], cog, cig);
+        let c =
+            MatMut::from_column_major_slice_mut(&mut m[xi * rows * cig..][..rows * cig], rows, cig);
+        faer::linalg::matmul::matmul(c, Accum::Replace, a, b, T::ONE, Par::Seq);
+    }
+    let (y_lo, y_hi) = (2 * t0, (2 * t1).min(ih));
+    let span = (y_hi - y_lo) * iw * k;
+    let mut o = vec![T::ZERO; cig * span];
+    {
+        let mut mx: [&[T]; 16] = [&[]; 16];
+        for (d, c) in mx.iter_mut().zip(m.chunks_exact(rows * cig)) {
+            *d = c;
+        }
+        for ci in 0..cig {
+            for ty in t0..t1 {
+                let row0 = ci * rows + (ty - t0) * tw * k;
+                // where output `i` of block `tx`, row `r`, goes (nowhere
+                // past the image's edge)
+                let place = |tx: usize, r: usize, i: usize| {
+                    let (oy, ox) = (2 * ty + i / 2, 2 * tx + i % 2);
+                    (oy < ih && ox < iw).then(|| ci * span + ((oy - y_lo) * iw + ox) * k + r)
+                };
+                if k >= LANES {
+                    for tx in 0..tw {
+                        let at = row0 + tx * k;
+                        let mut src: [&[T]; 16] = mx;
+                        for s in &mut src {
+                            *s = &s[at..at + k];
+                        }
+                        let mut to = [None; 4];
+                        for (i, t) in to.iter_mut().enumerate() {
+                            *t = place(tx, 0, i);
+                        }
+                        output_lanes(&src, &mut o, &to, k);
+                    }
+                } else {
+                    let mut src: [&[T]; 16] = mx;
+                    for s in &mut src {
+                        *s = &s[row0..row0 + tw * k];
+                    }
+                    lane_pieces(
+                        tw * k,
+                        #[inline(always)]
+                        |q0, len| {
+                            let e = output_transform(load_lanes(&src, q0, len));
+                            for l in 0..len {
+                                let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
+                                for (i, e) in e.iter().enumerate() {
+                                    if let Some(at) = place(tx, r, i) {
+                                        o[at] = e.0[l];
+                                    }
+                                }
+                            }
+                        },
+                    );
+                }
+            }
+        }
+    }
+    o
+}
+
+/// The transformed kernel of a convolution [`eligible`] for the Winograd
+/// path, from its weights (`c_out × (c_in/groups) × 3 × 3`, row-major):
+/// per group, the 16 matrices `U_ξ`, each `cog × cig` column-major, of the
+/// flipped kernels `G g Gᵀ`, formed in `f64` and rounded once to `T`.
+/// Input-independent: formed once per operator and precision. Output
+/// channels are taken 16 at a time, so that the weights are read as 16
+/// sequential streams and each `U_ξ` column is written a cache line at a
+/// time.
+pub(crate) fn kernel<T: Real>(geom: &ConvGeometry, weight: &[f64]) -> Vec<T> {
+    const BLOCK: usize = 16;
+    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+    let mut u = vec![T::ZERO; geom.groups * 16 * cog * cig];
+    for (grp, ug) in u.chunks_exact_mut(16 * cog * cig).enumerate() {
+        for co0 in (0..cog).step_by(BLOCK) {
+            for ci in 0..cig {
+                for co in co0..(co0 + BLOCK).min(cog) {
+                    let w = &weight[((grp * cog + co) * cig + ci) * 9..][..9];
+                    // flipped: gf[a][b] = w[2 − a][2 − b]
+                    let mut gf = [0.0; 9];
+                    for (i, g) in gf.iter_mut().enumerate() {
+                        *g = w[8 - i];
+                    }
+                    for (xi, v) in kernel_transform(gf).into_iter().enumerate() {
+                        ug[xi * cog * cig + ci * cog + co] = T::of(v);
+                    }
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `G·A` for a convolution [`eligible`] for the Winograd path: `g` holds a
+/// `k × (c_out·oh·ow)` block with element `(r, j)` at `j·k + r`, `u` the
+/// transformed kernel ([`kernel`]) in `T`; returns the `k × (c_in·ih·iw)`
+/// block in the same layout.
+pub(crate) fn backward<T: Real>(
+    geom: &ConvGeometry,
+    u: &[T],
+    g: &[T],
+    k: usize,
+    par: Par,
+) -> Vec<T> {
+    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+    let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
+    let (th, tw) = (ih.div_ceil(2), iw.div_ceil(2));
+    assert_eq!(g.len(), geom.c_out * oh * ow * k, "conv backward: dimension mismatch");
+    let mut out = vec![T::ZERO; geom.c_in * ih * iw * k];
+    if k == 0 {
+        return out;
+    }
+    // block rows per band: at least BAND_MIN_ROWS GEMM rows, at most
+    // BAND_ENTRIES entries of V and M where that allows more than one
+    let per_row = tw * k;
+    let fit = BAND_ENTRIES / (16 * (cig + cog) * per_row).max(1);
+    let band = fit.max(BAND_MIN_ROWS.div_ceil(per_row)).clamp(1, th);
+    let bands: Vec<(usize, usize)> =
+        (0..th).step_by(band).map(|t0| (t0, (t0 + band).min(th))).collect();
+    // the kernel's 16 transformed matrices, each cog × cig column-major
+    let (qy, qx) = (2 - geom.pad.0 as isize, 2 - geom.pad.1 as isize);
+    for grp in 0..geom.groups {
+        let u = &u[grp * 16 * cog * cig..(grp + 1) * 16 * cog * cig];
+        let gg = &g[grp * cog * oh * ow * k..(grp + 1) * cog * oh * ow * k];
+        let zeros = vec![T::ZERO; k];
+        // one band: its output rows 2·t0 .. 2·t1 (within ih), every
+        // channel of the group, as [ci][y][x][r]
+        let ctx = Band { geom, u, gg, zeros: &zeros, qy, qx };
+        let run_band = |&(t0, t1): &(usize, usize)| -> Vec<T> {
+            // compiled for AVX2 too, where the CPU has it
+            pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1 })
+        };
+        let parts: Vec<Vec<T>> = if par.degree() > 1 && bands.len() > 1 {
+            use rayon::prelude::*;
+            bands.par_iter().map(run_band).collect()
+        } else {
+            bands.iter().map(run_band).collect()
+        };
+        // each band's rows into every channel's plane
+        let og = &mut out[grp * cig * ih * iw * k..(grp + 1) * cig * ih * iw * k];
+        for (&(t0, t1), o) in bands.iter().zip(&parts) {
+            let (y_lo, y_hi) = (2 * t0, (2 * t1).min(ih));
+            let span = (y_hi - y_lo) * iw * k;
+            for (ci, dst) in og.chunks_exact_mut(ih * iw * k).enumerate() {
+                dst[y_lo * iw * k..y_hi * iw * k].copy_from_slice(&o[ci * span..(ci + 1) * span]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use faer::Par;
+    use proptest::prelude::*;
+
+    use crate::conv::{ConvGeometry, ConvOp};
+
+    /// An eligible convolution: 16–19 channels per group on each side,
+    /// 1–2 groups, any image size (odd ones leave half blocks), leading
+    /// and trailing pads 0–2.
+    fn eligible_conv() -> impl Strategy<Value = ConvOp> {
+        (
+            (16usize..40, 16usize..40, 1usize..3),
+            (4usize..20, 4usize..20),
+            (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            any::<u64>(),
+        )
+            .prop_filter_map(
+                "the kernel fits",
+                |((cig, cog, groups), (ih, iw), (pt, pl, pb, pr), seed)| {
+                    let oh = (ih + pt + pb).checked_sub(2)?;
+                    let ow = (iw + pl + pr).checked_sub(2)?;
+                    let geom = ConvGeometry {
+                        c_in: cig * groups,
+                        c_out: cog * groups,
+                        groups,
+                        ih,
+                        iw,
+                        kh: 3,
+                        kw: 3,
+                        stride: (1, 1),
+                        dilation: (1, 1),
+                        pad: (pt, pl),
+                        oh,
+                        ow,
+                    };
+                    let n = geom.c_out * cig * 9;
+                    let weight = (0..n)
+                        .map(|i| {
+                            ((i as u64 ^ seed).wrapping_mul(2654435761) % 2000) as f64 / 1000.0
+                                - 1.0
+                        })
+                        .collect();
+                    ConvOp::new(geom, Arc::new(weight)).ok()
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// The Winograd product against the explicit Toeplitz matrix, in
+        /// f64 and f32, within a bound of the direct path's order (the
+        /// transforms add at most 4 terms of the same scale per stage);
+        /// across threads with the sequential bits; and a row alone as in
+        /// the whole block.
+        #[test]
+        fn winograd_matches_the_toeplitz_matrix(op in eligible_conv(), k in 1usize..12, seed in any::<u64>()) {
+            let geom = *op.geometry();
+            prop_assert!(super::eligible(&geom));
+            let a = op.to_csr();
+            let (m, n) = (op.nrows(), op.ncols());
+            let mut s = seed | 1;
+            let g: Vec<f64> = (0..m * k)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % 2001) as f64 / 1000.0 - 1.0
+                })
+                .collect();
+            let (mut want, mut mag) = (vec![0.0; n * k], vec![0.0; n * k]);
+            for (i, row) in a.outer_iterator().enumerate() {
+                for (j, &v) in row.iter() {
+                    for r in 0..k {
+                        want[j * k + r] += g[i * k + r] * v;
+                        mag[j * k + r] += (g[i * k + r] * v).abs();
+                    }
+                }
+            }
+            let u = super::kernel::<f64>(&geom, op.weight());
+            let got = super::backward(&geom, &u, &g, k, Par::Seq);
+            prop_assert_eq!(&got, &super::backward(&geom, &u, &g, k, Par::rayon(2)));
+            // the transforms' magnitudes: |U| ≤ |g|·(9/4)... a modest
+            // multiple of the direct sum's rounding bound
+            let bound = |j: usize, eps: f64| 64.0 * eps * (mag[j] + 1.0);
+            for (j, (v, w)) in got.iter().zip(&want).enumerate() {
+                prop_assert!((v - w).abs() <= bound(j, f64::EPSILON), "f64 at {}: {} vs {}", j, v, w);
+            }
+            let u32: Vec<f32> = super::kernel(&geom, op.weight());
+            prop_assert!(u.iter().zip(&u32).all(|(&a, &b)| a as f32 == b));
+            let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+            let got32 = super::backward(&geom, &u32, &g32, k, Par::Seq);
+            // the operator's own f32 kernel, prepared or formed on first use
+            let prepared = crate::Operator::Conv(op.clone());
+            prepared.prepare::<f32>();
+            let crate::Operator::Conv(prepared) = prepared else { unreachable!() };
+            prop_assert_eq!(&prepared.backward_gemm(&g32, k, Par::Seq), &got32);
+            prop_assert_eq!(&op.clone().backward_gemm(&g32, k, Par::Seq), &got32);
+            for (j, (&v, w)) in got32.iter().zip(&want).enumerate() {
+                prop_assert!((f64::from(v) - w).abs() <= bound(j, f64::from(f32::EPSILON)), "f32 at {}: {} vs {}", j, v, w);
+            }
+            // ConvOp's reverse GEMM takes this path
+            prop_assert_eq!(&op.backward_gemm(&g, k, Par::Seq), &got);
+            // the first row alone: its bits in the whole block
+            let g1: Vec<f64> = (0..m).map(|i| g[i * k]).collect();
+            let one = super::backward(&geom, &u, &g1, 1, Par::Seq);
+            for j in 0..n {
+                prop_assert_eq!(one[j].to_bits(), got[j * k].to_bits(), "row 0 alone at {}", j);
+            }
+        }
+    }
+
+    /// Kernels other than 3×3, stride 1, no dilation, pads up to 2 and 16
+    /// channels a side keep the direct path.
+    #[test]
+    fn only_eligible_convolutions_take_the_winograd_path() {
+        let base = ConvGeometry {
+            c_in: 16,
+            c_out: 16,
+            groups: 1,
+            ih: 8,
+            iw: 8,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (1, 1),
+            oh: 8,
+            ow: 8,
+        };
+        assert!(super::eligible(&base));
+        let no = [
+            ConvGeometry { kh: 5, ..base },
+            ConvGeometry { stride: (2, 1), ..base },
+            ConvGeometry { dilation: (1, 2), ..base },
+            ConvGeometry { pad: (3, 1), ..base },
+            ConvGeometry { c_in: 8, ..base },
+            ConvGeometry { c_out: 32, groups: 2, c_in: 16, ..base },
+            ConvGeometry { ih: 3, iw: 3, oh: 3, ow: 3, ..base },
+        ];
+        for g in no {
+            assert!(!super::eligible(&g), "{g:?}");
+        }
+    }
+}
