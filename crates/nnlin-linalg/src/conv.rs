@@ -221,6 +221,28 @@ pub struct ConvGeometry {
     pub ow: usize,
 }
 
+#[cfg(test)]
+impl ConvGeometry {
+    /// A 3×3, stride-1, undilated convolution padded by 1 on every side
+    /// over `hw × hw` positions (the output the input's size).
+    pub(crate) fn same_3x3(c_in: usize, c_out: usize, groups: usize, hw: usize) -> Self {
+        ConvGeometry {
+            c_in,
+            c_out,
+            groups,
+            ih: hw,
+            iw: hw,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (1, 1),
+            oh: hw,
+            ow: hw,
+        }
+    }
+}
+
 /// A convolution's Toeplitz matrix, kept structured: rows are output
 /// positions `(oc, oy, ox)`, columns input positions `(ic, iy, ix)`, both
 /// row-major; entries are kernel weights. Applied without materializing it;
@@ -978,20 +1000,7 @@ mod tests {
 
     #[test]
     fn new_refuses_bad_shapes() {
-        let g = ConvGeometry {
-            c_in: 4,
-            c_out: 6,
-            groups: 2,
-            ih: 5,
-            iw: 5,
-            kh: 3,
-            kw: 3,
-            stride: (1, 1),
-            dilation: (1, 1),
-            pad: (1, 1),
-            oh: 5,
-            ow: 5,
-        };
+        let g = ConvGeometry::same_3x3(4, 6, 2, 5);
         let w = |n: usize| Arc::new(vec![0.5; n]);
         assert!(ConvOp::new(g, w(6 * 2 * 9)).is_ok());
         assert!(ConvOp::new(ConvGeometry { groups: 4, ..g }, w(6 * 9)).is_err());

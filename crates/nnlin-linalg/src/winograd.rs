@@ -635,20 +635,7 @@ mod tests {
     /// channels a side keep the direct path.
     #[test]
     fn only_eligible_convolutions_take_the_winograd_path() {
-        let base = ConvGeometry {
-            c_in: 16,
-            c_out: 16,
-            groups: 1,
-            ih: 8,
-            iw: 8,
-            kh: 3,
-            kw: 3,
-            stride: (1, 1),
-            dilation: (1, 1),
-            pad: (1, 1),
-            oh: 8,
-            ow: 8,
-        };
+        let base = ConvGeometry::same_3x3(16, 16, 1, 8);
         assert!(super::eligible(&base));
         let no = [
             ConvGeometry { kh: 5, ..base },
