@@ -567,8 +567,14 @@ impl Expr {
                 match *node {
                     ExprNode::Var => dst.copy_from_slice(uc),
                     ExprNode::Const(c) => {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d = S::from_f64(self.const_at(c, base + j));
+                        // one value per run (a channel's positions), no
+                        // division per element
+                        let (cst, mut j) = (&self.consts[c], 0);
+                        while j < len {
+                            let (v, run) = cst.run(base + j);
+                            let end = j + run.min(len - j);
+                            dst[j..end].fill(S::from_f64(v));
+                            j = end;
                         }
                     }
                     ExprNode::Unary(ref f, a) => {
