@@ -314,28 +314,24 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
             let plane = &gg[co * oh * ow * k..(co + 1) * oh * ow * k];
             for ty in t0..t1 {
                 let y0 = 2 * ty as isize - qy;
-                // the value of tap `i` of block `tx`, row `r`
-                let tap = |tx: usize, r: usize, i: usize| {
+                // where tap `i` of block `tx` starts in the plane (its `k`
+                // rows follow); none outside the image, which reads zeros
+                let tap_at = |tx: usize, i: usize| {
                     let (y, x) = (y0 + (i / 4) as isize, 2 * tx as isize - qx + (i % 4) as isize);
-                    if y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow {
-                        plane[(y as usize * ow + x as usize) * k + r]
-                    } else {
-                        T::ZERO
-                    }
+                    (y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow)
+                        .then(|| (y as usize * ow + x as usize) * k)
                 };
                 let row0 = co * rows + (ty - t0) * tw * k;
                 if k >= LANES {
                     // lanes over the adjoint rows of one block
                     for tx in 0..tw {
-                        let (x0, at) = (2 * tx as isize - qx, row0 + tx * k);
                         let mut src: [&[T]; 16] = [zeros; 16];
                         for (i, s) in src.iter_mut().enumerate() {
-                            let (y, x) = (y0 + (i / 4) as isize, x0 + (i % 4) as isize);
-                            if y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow {
-                                *s = &plane[(y as usize * ow + x as usize) * k..][..k];
+                            if let Some(at) = tap_at(tx, i) {
+                                *s = &plane[at..at + k];
                             }
                         }
-                        data_lanes(&src, &mut vx, at, k);
+                        data_lanes(&src, &mut vx, row0 + tx * k, k);
                     }
                 } else {
                     // few adjoint rows: lanes over (block, r), the GEMM
@@ -348,7 +344,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
                             for l in 0..len {
                                 let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
                                 for (i, d) in d.iter_mut().enumerate() {
-                                    d.0[l] = tap(tx, r, i);
+                                    d.0[l] = tap_at(tx, i).map_or(T::ZERO, |at| plane[at + r]);
                                 }
                             }
                             let e = data_transform(d);
