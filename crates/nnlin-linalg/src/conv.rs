@@ -222,6 +222,19 @@ pub struct ConvGeometry {
 }
 
 #[cfg(test)]
+impl ConvOp {
+    /// The operator of `geom` with weights in [−1, 1) drawn from `seed`;
+    /// `None` where `ConvOp::new` refuses the shape.
+    pub(crate) fn seeded(geom: ConvGeometry, seed: u64) -> Option<Self> {
+        let n = geom.c_out * (geom.c_in / geom.groups.max(1)) * geom.kh * geom.kw;
+        let weight = (0..n)
+            .map(|i| ((i as u64 ^ seed).wrapping_mul(2654435761) % 2000) as f64 / 1000.0 - 1.0)
+            .collect();
+        ConvOp::new(geom, Arc::new(weight)).ok()
+    }
+}
+
+#[cfg(test)]
 impl ConvGeometry {
     /// A 3×3, stride-1, undilated convolution padded by 1 on every side
     /// over `hw × hw` positions (the output the input's size).
@@ -885,14 +898,7 @@ mod tests {
                         oh,
                         ow,
                     };
-                    let n = c_out * cig * kh * kw;
-                    let weight = (0..n)
-                        .map(|i| {
-                            ((i as u64 ^ seed).wrapping_mul(2654435761) % 2000) as f64 / 1000.0
-                                - 1.0
-                        })
-                        .collect();
-                    ConvOp::new(geom, Arc::new(weight)).ok()
+                    ConvOp::seeded(geom, seed)
                 },
             )
     }

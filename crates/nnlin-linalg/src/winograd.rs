@@ -515,8 +515,6 @@ pub(crate) fn backward<T: Real>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use faer::Par;
     use proptest::prelude::*;
 
@@ -551,14 +549,7 @@ mod tests {
                         oh,
                         ow,
                     };
-                    let n = geom.c_out * cig * 9;
-                    let weight = (0..n)
-                        .map(|i| {
-                            ((i as u64 ^ seed).wrapping_mul(2654435761) % 2000) as f64 / 1000.0
-                                - 1.0
-                        })
-                        .collect();
-                    ConvOp::new(geom, Arc::new(weight)).ok()
+                    ConvOp::seeded(geom, seed)
                 },
             )
     }
