@@ -1,5 +1,5 @@
 //! `cargo run --release -p nnlin --example phases -- MODEL X.npy [ROWS]`:
-//! times one model's instance compile and reverse accumulation (f32, f64)
+//! times one model's instance compile (f64, f32) and reverse accumulation (f32, f64)
 //! separately: the minimum of `REPS` runs per instance, one thread.
 use std::time::Instant;
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -25,7 +25,8 @@ fn main() {
     let rows: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(10);
     let rows: Vec<usize> = (0..rows).collect();
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    // PHASE=reference|compile|f32|f64 runs one phase only (for a profiler)
+    // PHASE=reference|compile|compile32|f32|f64 runs one phase only (for a
+    // profiler)
     let phase = std::env::var("PHASE").unwrap_or_default();
     let on = |p: &str| phase.is_empty() || phase == p;
     // PAR=t: one instance's products spread over t threads
@@ -33,7 +34,7 @@ fn main() {
         Some(t) if t > 1 => faer::Par::rayon(t),
         _ => faer::Par::Seq,
     };
-    let (mut tc, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0);
+    let (mut tc, mut tc32, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for i in 0..n {
         let xi = &xs[i * per..(i + 1) * per];
         tr += best(if on("reference") { reps } else { 0 }, || {
@@ -41,6 +42,9 @@ fn main() {
         });
         tc += best(if on("compile") { reps } else { 0 }, || {
             m.compile_instance_with(xi, nnlin::Mode::Tangent, par).unwrap();
+        });
+        tc32 += best(if on("compile32") { reps } else { 0 }, || {
+            m.compile_instance_in(xi, nnlin::Mode::Tangent, par, nnlin::Precision::F32).unwrap();
         });
         if !(on("f32") || on("f64")) {
             continue;
@@ -55,9 +59,10 @@ fn main() {
     }
     let n = n as f64;
     println!(
-        "reference {:.2} ms, compile {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, {par:?})",
+        "reference {:.2} ms, compile {:.2} ms, compile f32 {:.2} ms, reverse f32 {:.2} ms, reverse f64 {:.2} ms (per instance, best of {reps}, {par:?})",
         tr / n * 1e3,
         tc / n * 1e3,
+        tc32 / n * 1e3,
         ta / n * 1e3,
         t64 / n * 1e3
     );

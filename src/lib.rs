@@ -309,9 +309,13 @@ impl std::str::FromStr for Strategy {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// Float32: reverse accumulation (what `auto` picks whenever rows are
-    /// fewer than inputs) runs every product in float32; the other plans
-    /// run in float64 and W and b are rounded to float32 values.
+    /// Float32: the instance's forward pass computes its dense layers and
+    /// convolutions in float32, so the activation pattern is the one a
+    /// float32 evaluation gives (a unit within float32 rounding of a kink
+    /// may take the other side than in float64, as in PyTorch's float32).
+    /// Reverse accumulation (what `auto` picks whenever rows are fewer
+    /// than inputs) runs every product in float32; the other plans run in
+    /// float64 and W and b are rounded to float32 values.
     F32,
     /// Float64 throughout: the exactness mode.
     #[default]
@@ -785,9 +789,24 @@ impl Model {
     /// [`Model::compile_instance`] with the forward pass's structured
     /// products spread over `par`.
     pub fn compile_instance_with(&self, x: &[f64], mode: Mode, par: Par) -> Result<Instance> {
-        self.compiler
-            .instance_with(x, mode, par)
-            .map_err(|source| Error::Compile { model: self.name.clone(), source })
+        self.compile_instance_in(x, mode, par, Precision::F64)
+    }
+
+    /// [`Model::compile_instance_with`] with the dense layers' and
+    /// convolutions' forward products in `precision` (see
+    /// [`Precision::F32`]).
+    pub fn compile_instance_in(
+        &self,
+        x: &[f64],
+        mode: Mode,
+        par: Par,
+        precision: Precision,
+    ) -> Result<Instance> {
+        match precision {
+            Precision::F64 => self.compiler.instance_in::<f64>(x, mode, par),
+            Precision::F32 => self.compiler.instance_in::<f32>(x, mode, par),
+        }
+        .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }
     /// The rates `opts` plans with: its own, else this machine's (measured
     /// once) if it asks, else the typical ones.
@@ -1260,7 +1279,7 @@ impl Ensemble {
         let mut output = vec![0.0; self.output_len()];
         let mut pattern = vec![];
         for (k, (m, a)) in self.members.iter().enumerate() {
-            let inst = m.compile_instance_with(x, opts.mode, par)?;
+            let inst = m.compile_instance_in(x, opts.mode, par, opts.precision)?;
             for (o, v) in output.iter_mut().zip(&inst.output) {
                 *o += a * v;
             }

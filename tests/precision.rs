@@ -1,4 +1,5 @@
-//! `--precision f32`: reverse accumulation runs every product in float32.
+//! `--precision f32`: the forward pass computes convolutions and dense layers
+//! in float32, and reverse accumulation runs every product in float32.
 //! On every fixture (the legacy exports of fixtures/{cnn, modern, zoo,
 //! iris}), the float32 W and b hold float32 values and agree with the
 //! float64 ones within the bound ARCHITECTURE.md states: for a network of

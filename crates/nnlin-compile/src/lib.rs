@@ -160,19 +160,26 @@ impl CompiledLayer {
     /// The first product's buffer becomes `y` and the offset is added to it
     /// in place: `A_0·u_0 + c` has the bits of `c + A_0·u_0` (addition
     /// commutes), and a zero offset still adds `+0.0` (as `0 + t` did).
-    fn eval(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
+    /// A dense layer's or a convolution's product runs in `T`
+    /// ([`Operator::apply_in`]); in `f64`, everything does.
+    fn eval<T: Real>(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
         match self.eval_elementwise(values, with_offset, par) {
             Some(y) => y,
-            None => self.eval_general(values, with_offset, par),
+            None => self.eval_general::<T>(values, with_offset, par),
         }
     }
 
     /// [`CompiledLayer::eval`] through each operator's own product.
-    fn eval_general(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
+    fn eval_general<T: Real>(
+        &self,
+        values: &[Option<Vec<f64>>],
+        with_offset: bool,
+        par: Par,
+    ) -> Vec<f64> {
         let mut parts = self
             .inputs
             .iter()
-            .map(|(v, op)| op.apply_with(values[*v].as_ref().expect("input value alive"), par));
+            .map(|(v, op)| op.apply_in::<T>(values[*v].as_ref().expect("input value alive"), par));
         let mut y = parts.next().expect("a layer has an input");
         if with_offset {
             self.bias.add_to(0, &mut y);
@@ -455,7 +462,7 @@ impl Instance {
         let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
         values[0] = Some(start.to_vec());
         for l in &self.layers {
-            values[l.output] = Some(l.eval(&values, with_offsets, Par::Seq));
+            values[l.output] = Some(l.eval::<f64>(&values, with_offsets, Par::Seq));
         }
         values
     }
@@ -851,6 +858,22 @@ impl Compiler {
     /// (convolutions, `I ⊗ W`, batched matrix products) spread over `par`:
     /// one instance on several threads.
     pub fn instance_with(&self, x: &[f64], mode: Mode, par: Par) -> Result<Instance, CompileError> {
+        self.instance_in::<f64>(x, mode, par)
+    }
+
+    /// [`Compiler::instance_with`] with the dense layers' and convolutions'
+    /// forward products computed in `T` ([`Operator::apply_in`]): for
+    /// `f32`, the forward pass of `--precision f32`. The activation
+    /// pattern, slopes and selections are then those of the values this
+    /// pass computes: a unit whose pre-activation lies within `f32`
+    /// rounding of a kink may fall on the other side than in `f64` (as in
+    /// PyTorch's float32). In `f64` the same bits as `instance_with`.
+    pub fn instance_in<T: Real>(
+        &self,
+        x: &[f64],
+        mode: Mode,
+        par: Par,
+    ) -> Result<Instance, CompileError> {
         let n = self.net.input_len();
         if x.len() != n {
             return Err(CompileError::InputLength { expected: n, got: x.len() });
@@ -897,7 +920,7 @@ impl Compiler {
                 output: node.output.0,
                 active,
             };
-            let y = formed.unwrap_or_else(|| layer.eval(&values, true, par));
+            let y = formed.unwrap_or_else(|| layer.eval::<T>(&values, true, par));
             if !all_finite(&y, par) {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),
@@ -1639,7 +1662,7 @@ mod tests {
                 output: kinds.len() + 1,
                 active: None,
             };
-            let want = layer.eval_general(&values, with_offset, Par::Seq);
+            let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for par in [Par::Seq, Par::rayon(2)] {
                 let got = layer.eval_elementwise(&values, with_offset, par).expect("elementwise");

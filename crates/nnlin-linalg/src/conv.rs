@@ -477,7 +477,8 @@ impl ConvOp {
     /// vectors (column-major, `ncols × k`); returns `nrows × k`, column-major.
     /// The GEMM writes each tile of output positions in place; a pointwise
     /// convolution multiplies the input as it lies.
-    pub fn forward_gemm(&self, t: &[f64], k: usize, par: Par) -> Vec<f64> {
+    /// In `f32` the weights are the ones rounded once per model.
+    pub fn forward_gemm<T: Real>(&self, t: &[T], k: usize, par: Par) -> Vec<T> {
         self.forward_tiled(t, k, par, TILE, MIN_TILE_ROWS)
     }
 
@@ -486,20 +487,21 @@ impl ConvOp {
     /// group as tasks, each a sequential GEMM (the GEMMs of one tile are too
     /// small to split well), with the bits of the sequential loop; a group
     /// of one tile hands `par` to its GEMM.
-    fn forward_tiled(
+    fn forward_tiled<T: Real>(
         &self,
-        t: &[f64],
+        t: &[T],
         k: usize,
         par: Par,
         tile: usize,
         min_rows: usize,
-    ) -> Vec<f64> {
+    ) -> Vec<T> {
         use rayon::prelude::*;
         let (nrows, ncols) = (self.nrows(), self.ncols());
         assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
         let g = &self.geom;
         let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
-        let mut out = vec![0.0; nrows * k];
+        let weight = self.weight_as::<T>();
+        let mut out = vec![T::ZERO; nrows * k];
         if p_len == 0 || cog == 0 {
             return out;
         }
@@ -507,40 +509,39 @@ impl ConvOp {
         let tiles = p_len.div_ceil(pc);
         let cols_len = if pointwise { 0 } else { pc * kk };
         // one tile: positions p0.. of `dst`'s rows, its im2col in `cols`
-        let run =
-            |tq: &[f64], grp: usize, p0: usize, dst: MatMut<'_, f64>, cols: &mut [f64], par| {
-                let pn = dst.nrows();
-                let w = MatRef::from_row_major_slice(
-                    &self.weight[grp * cog * kk..(grp + 1) * cog * kk],
-                    cog,
-                    kk,
-                );
-                let x = if pointwise {
-                    MatRef::from_column_major_slice(
-                        &tq[grp * cig * plane..(grp + 1) * cig * plane],
-                        p_len,
-                        cig,
-                    )
-                    .subrows(p0, pn)
-                } else {
-                    // colsᵀ: pn × K, column-major: element (p, tap) at tap·pn + p
-                    for icg in 0..cig {
-                        let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
-                        for tap in 0..ntaps {
-                            let row = icg * ntaps + tap;
-                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
-                            let dst = &mut cols[row * pn..(row + 1) * pn];
-                            for_runs(tt, |p, run, len| match run {
-                                Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
-                                None => dst[p..p + len].fill(0.0),
-                            });
-                        }
+        let run = |tq: &[T], grp: usize, p0: usize, dst: MatMut<'_, T>, cols: &mut [T], par| {
+            let pn = dst.nrows();
+            let w = MatRef::from_row_major_slice(
+                &weight[grp * cog * kk..(grp + 1) * cog * kk],
+                cog,
+                kk,
+            );
+            let x = if pointwise {
+                MatRef::from_column_major_slice(
+                    &tq[grp * cig * plane..(grp + 1) * cig * plane],
+                    p_len,
+                    cig,
+                )
+                .subrows(p0, pn)
+            } else {
+                // colsᵀ: pn × K, column-major: element (p, tap) at tap·pn + p
+                for icg in 0..cig {
+                    let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
+                    for tap in 0..ntaps {
+                        let row = icg * ntaps + tap;
+                        let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                        let dst = &mut cols[row * pn..(row + 1) * pn];
+                        for_runs(tt, |p, run, len| match run {
+                            Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
+                            None => dst[p..p + len].fill(T::ZERO),
+                        });
                     }
-                    MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk)
-                };
-                faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), 1.0, par);
+                }
+                MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk)
             };
-        let mut cols = vec![0.0; cols_len];
+            faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), T::ONE, par);
+        };
+        let mut cols = vec![T::ZERO; cols_len];
         for q in 0..k {
             let (tq, oq) = (&t[q * ncols..(q + 1) * ncols], &mut out[q * nrows..(q + 1) * nrows]);
             for grp in 0..g.groups {
@@ -550,7 +551,7 @@ impl ConvOp {
                     run(tq, grp, 0, dst, &mut cols, par);
                 } else if par.degree() > 1 {
                     dst.par_row_chunks_mut(pc).enumerate().for_each_init(
-                        || vec![0.0; cols_len],
+                        || vec![T::ZERO; cols_len],
                         |cols, (i, d)| run(tq, grp, i * pc, d, cols, Par::Seq),
                     );
                 } else {
@@ -933,6 +934,20 @@ mod tests {
             for got in tiled {
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "forward {g} vs {w}");
+                }
+            }
+            // in f32 (input and weights rounded, sums of c_in·kh·kw
+            // products in f32): within (inner + 2)·ε32 of |A|·|T|
+            let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+            let inner = op.geometry().c_in / op.geometry().groups * op.geometry().kh * op.geometry().kw;
+            for got in [op.forward_tiled(&t32, k, Par::Seq, tile, 1), op.forward_gemm(&t32, k, Par::rayon(2))] {
+                for q in 0..k {
+                    for (i, row) in a.outer_iterator().enumerate() {
+                        let mag: f64 = row.iter().map(|(j, &v)| (v * t[q * n + j]).abs()).sum();
+                        let (g, w) = (f64::from(got[q * m + i]), want[q * m + i]);
+                        let gamma = (inner + 2) as f64 * f64::from(f32::EPSILON);
+                        prop_assert!((g - w).abs() <= gamma * mag + 1e-30, "f32 forward {g} vs {w}");
+                    }
                 }
             }
             // reverse: G·A, G with element (r, j) at j·k + r

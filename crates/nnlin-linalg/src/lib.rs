@@ -368,6 +368,19 @@ impl AffineOp {
     }
 }
 
+/// `m·x` column by column, skipping zero entries of `x`.
+fn dense_forward<T: Real>(m: &Mat<T>, x: &[T]) -> Vec<T> {
+    let mut y = vec![T::ZERO; m.nrows()];
+    for (j, &xj) in x.iter().enumerate() {
+        if xj != T::ZERO {
+            for (yi, &aij) in y.iter_mut().zip(m.col_as_slice(j)) {
+                *yi += aij * xj;
+            }
+        }
+    }
+    y
+}
+
 impl Operator {
     /// Short kind name for reports.
     pub fn kind(&self) -> &'static str {
@@ -485,18 +498,7 @@ impl Operator {
                 }
                 y
             }
-            Operator::Dense(m) => {
-                let mut y = vec![0.0; m.nrows()];
-                for j in 0..m.ncols() {
-                    let xj = x[j];
-                    if xj != 0.0 {
-                        for (yi, aij) in y.iter_mut().zip(m.col_as_slice(j)) {
-                            *yi += aij * xj;
-                        }
-                    }
-                }
-                y
-            }
+            Operator::Dense(m) => dense_forward(m, x),
             Operator::Csr(m) => {
                 let (indptr, indices, data) = (m.indptr(), m.indices(), m.data());
                 let indptr = indptr.raw_storage();
@@ -514,6 +516,33 @@ impl Operator {
             Operator::Transposed(a) => {
                 a.left_mul(&Block::from_col_major(1, x.len(), x.to_vec()), Par::Seq).data
             }
+        }
+    }
+
+    /// `A·x` with a dense layer's or a convolution's product computed in
+    /// `T`: `x` rounded to `T`, the weights rounded once per model (as the
+    /// reverse products read them), the sums in `T`, the result widened.
+    /// Every other operator (elementwise, selections, the structured
+    /// products of attention) computes in `f64` as [`Operator::apply_with`]
+    /// does; in `f64` this is `apply_with`, the same bits. The forward pass
+    /// of an instance compiled for `--precision f32` runs through it.
+    ///
+    /// # Panics
+    /// If `x.len() != self.ncols()` (a caller contract).
+    pub fn apply_in<T: Real>(&self, x: &[f64], par: Par) -> Vec<f64> {
+        assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
+        match self {
+            Operator::Dense(m) => T::widen(dense_forward(T::matrix(m), &T::slice(x))),
+            Operator::Conv(c) => T::widen(c.forward_gemm(&T::slice(x), 1, par)),
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => self.apply_with(x, par),
         }
     }
 
@@ -978,6 +1007,18 @@ mod tests {
             prop_assert!(close(&op.right_mul(&t, Par::Seq), &dense_ref(&a, &t)));
             // taking the adjoint over gives the same bits
             prop_assert_eq!(op.left_mul_owned(g.clone(), Par::Seq), op.left_mul(&g, Par::Seq));
+            // the forward product in f64 is `apply`'s; in f32 within
+            // (inner + 2)·ε32 of |A|·|x| (x and the weights rounded, then
+            // sums in f32 for a dense layer; in f64 for the others)
+            let x: Vec<f64> = (0..op.ncols()).map(|j| (j * 5 + 3) as f64 * 0.2 - 0.7).collect();
+            let want = op.apply(&x);
+            prop_assert_eq!(op.apply_in::<f64>(&x, Par::Seq), want.clone());
+            let got = op.apply_in::<f32>(&x, Par::Seq);
+            let gamma = (op.ncols() as f64 + 2.0) * f64::from(f32::EPSILON);
+            for i in 0..op.nrows() {
+                let mag: f64 = (0..op.ncols()).map(|j| (a[(i, j)] * x[j]).abs()).sum();
+                prop_assert!((got[i] - want[i]).abs() <= gamma * mag + 1e-30, "apply_in::<f32> row {i}");
+            }
             // what `prepare` forms is what the first f32 product forms
             let prepared = op.clone();
             prepared.prepare::<f32>();

@@ -45,6 +45,8 @@ pub trait Real:
     fn matrix(w: &Weights) -> &Mat<Self>;
     /// `w` in this type (borrowed for `f64`).
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
+    /// `v` as `f64` values (exact; the same vector for `f64`).
+    fn widen(v: Vec<Self>) -> Vec<f64>;
     /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
     /// on first use and borrowed from it after.
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self];
@@ -82,6 +84,9 @@ impl Real for f64 {
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Borrowed(w)
     }
+    fn widen(v: Vec<Self>) -> Vec<f64> {
+        v
+    }
     fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         w
     }
@@ -118,6 +123,9 @@ impl Real for f32 {
     }
     fn slice(w: &[f64]) -> Cow<'_, [Self]> {
         Cow::Owned(w.iter().map(|&v| v as f32).collect())
+    }
+    fn widen(v: Vec<Self>) -> Vec<f64> {
+        v.into_iter().map(f64::from).collect()
     }
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         cache.get_or_init(|| w.iter().map(|&v| v as f32).collect())
