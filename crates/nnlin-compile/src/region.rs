@@ -104,6 +104,40 @@ pub enum RegionError {
     /// A piecewise-linear expression whose breakpoints nnlin does not know.
     #[error("layer `{0}`: the breakpoints of this piecewise-linear expression are not known")]
     UnknownBreakpoints(String),
+    /// A max-pool layer whose compiled operator is not a selection (a
+    /// compiler invariant broken; reported rather than panicking).
+    #[error("layer `{0}`: a max-pool compiled to something other than a selection")]
+    NotASelection(String),
+}
+
+/// What of a compiled layer makes up the activation pattern.
+enum Pattern<'a> {
+    /// An activation's slopes (the layer keeps its `active` mask).
+    Slopes(&'a [f64]),
+    /// A max-pool's selected inputs, one per output.
+    Selected(&'a [usize]),
+    /// Neither: the layer is the same linear map at every input.
+    Fixed,
+}
+
+impl<'a> Pattern<'a> {
+    fn of(l: &'a crate::CompiledLayer) -> Self {
+        match &*l.inputs[0].1 {
+            Operator::Diagonal(d) if l.active.is_some() => Pattern::Slopes(d.as_slice()),
+            Operator::Selection(s) if l.layer_kind == "maxpool" => Pattern::Selected(s.cols()),
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Dense(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Conv(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => Pattern::Fixed,
+        }
+    }
 }
 
 /// One boundary being measured: its signed offset `s = g·x + h` and the rows
@@ -211,15 +245,15 @@ pub fn region(
                 }
             }
             Layer::Pool(p) if p.kind == PoolKind::Max => {
-                let Operator::Selection(sel) = &*layer.inputs[0].1 else {
-                    unreachable!("max-pool compiles to a selection")
+                let Pattern::Selected(selected) = Pattern::of(layer) else {
+                    return Err(RegionError::NotASelection(node.name.clone()));
                 };
                 let w = &p.window;
                 for ch in 0..p.channels {
                     for oy in 0..w.oh {
                         for ox in 0..w.ow {
                             let o = (ch * w.oh + oy) * w.ow + ox;
-                            let s = sel.cols()[o];
+                            let s = selected[o];
                             for ky in 0..w.kh {
                                 let Some(iy) = w.iy(oy, ky) else { continue };
                                 for kx in 0..w.kw {
@@ -422,14 +456,19 @@ pub fn same_pattern(a: &Instance, b: &Instance, ignore: &[(usize, BoundaryKind)]
                     }
             })
         };
-        let differs = match (&*la.inputs[0].1, &*lb.inputs[0].1) {
-            (Operator::Diagonal(x), Operator::Diagonal(y)) if la.active.is_some() => {
+        let differs = match (Pattern::of(la), Pattern::of(lb)) {
+            (Pattern::Slopes(x), Pattern::Slopes(y)) => {
                 x.iter().zip(y).enumerate().any(|(i, (p, q))| p != q && !skip(i))
             }
-            (Operator::Selection(x), Operator::Selection(y)) if la.layer_kind == "maxpool" => {
-                x.cols().iter().zip(y.cols()).enumerate().any(|(i, (p, q))| p != q && !skip(i))
+            (Pattern::Selected(x), Pattern::Selected(y)) => {
+                x.iter().zip(y).enumerate().any(|(i, (p, q))| p != q && !skip(i))
             }
-            _ => false,
+            (Pattern::Fixed, Pattern::Fixed) => false,
+            // one network's layer compiled to different kinds: not shown
+            // to be the same pattern
+            (Pattern::Slopes(_), Pattern::Selected(_) | Pattern::Fixed)
+            | (Pattern::Selected(_), Pattern::Slopes(_) | Pattern::Fixed)
+            | (Pattern::Fixed, Pattern::Slopes(_) | Pattern::Selected(_)) => true,
         };
         if differs {
             return false;
