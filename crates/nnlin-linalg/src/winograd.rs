@@ -71,29 +71,52 @@ pub(crate) fn eligible(g: &ConvGeometry) -> bool {
         && g.ih * g.iw >= WINOGRAD_MIN_POSITIONS
 }
 
-/// `U = G g Gᵀ` of one 3×3 kernel `g` (row-major), already flipped.
+/// `U = G g Gᵀ` of one 3×3 kernel `g` (row-major), already flipped; on
+/// [`Lanes`], of several kernels at once (the same operations on each).
 #[inline(always)]
-fn kernel_transform<T: Real>(g: [T; 9]) -> [T; 16] {
-    let h = T::of(0.5);
+fn kernel_transform<E: AddSub + Half>(g: [E; 9]) -> [E; 16] {
     // G g: 4×3
-    let mut t = [T::ZERO; 12];
+    let mut t = [E::default(); 12];
     for c in 0..3 {
         let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
         t[c] = g0;
-        t[3 + c] = (g0 + g1 + g2) * h;
-        t[6 + c] = (g0 - g1 + g2) * h;
+        t[3 + c] = (g0 + g1 + g2).half();
+        t[6 + c] = (g0 - g1 + g2).half();
         t[9 + c] = g2;
     }
     // (G g) Gᵀ: 4×4
-    let mut u = [T::ZERO; 16];
+    let mut u = [E::default(); 16];
     for r in 0..4 {
         let (a, b, c) = (t[3 * r], t[3 * r + 1], t[3 * r + 2]);
         u[4 * r] = a;
-        u[4 * r + 1] = (a + b + c) * h;
-        u[4 * r + 2] = (a - b + c) * h;
+        u[4 * r + 1] = (a + b + c).half();
+        u[4 * r + 2] = (a - b + c).half();
         u[4 * r + 3] = c;
     }
     u
+}
+
+/// Multiplication by ½ (exact in binary floating point).
+trait Half {
+    fn half(self) -> Self;
+}
+
+impl Half for f64 {
+    #[inline(always)]
+    fn half(self) -> Self {
+        self * 0.5
+    }
+}
+
+impl<T: Real> Half for Lanes<T> {
+    #[inline(always)]
+    fn half(mut self) -> Self {
+        let h = T::of(0.5);
+        for a in &mut self.0 {
+            *a *= h;
+        }
+        self
+    }
 }
 
 /// What the data and output transforms compute on: a scalar, or
@@ -427,32 +450,56 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
 /// path, from its weights (`c_out × (c_in/groups) × 3 × 3`, row-major):
 /// per group, the 16 matrices `U_ξ`, each `cog × cig` column-major, of the
 /// flipped kernels `G g Gᵀ`, formed in `f64` and rounded once to `T`.
-/// Input-independent: formed once per operator and precision. Output
-/// channels are taken 16 at a time, so that the weights are read as 16
-/// sequential streams and each `U_ξ` column is written a cache line at a
-/// time.
+/// Input-independent: formed once per operator and precision. The kernels
+/// of [`LANES`] output channels are transformed together, as lanes (the
+/// scalar transform's operations, so its bits), and each `U_ξ` column
+/// written [`LANES`] entries at a time.
 pub(crate) fn kernel<T: Real>(geom: &ConvGeometry, weight: &[f64]) -> Vec<T> {
-    const BLOCK: usize = 16;
-    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
-    let mut u = vec![T::ZERO; geom.groups * 16 * cog * cig];
-    for (grp, ug) in u.chunks_exact_mut(16 * cog * cig).enumerate() {
-        for co0 in (0..cog).step_by(BLOCK) {
-            for ci in 0..cig {
-                for co in co0..(co0 + BLOCK).min(cog) {
-                    let w = &weight[((grp * cog + co) * cig + ci) * 9..][..9];
-                    // flipped: gf[a][b] = w[2 − a][2 − b]
-                    let mut gf = [0.0; 9];
-                    for (i, g) in gf.iter_mut().enumerate() {
-                        *g = w[8 - i];
-                    }
-                    for (xi, v) in kernel_transform(gf).into_iter().enumerate() {
-                        ug[xi * cog * cig + ci * cog + co] = T::of(v);
+    pulp::Arch::new().dispatch(KernelJob { geom, weight, _t: std::marker::PhantomData })
+}
+
+/// [`kernel`] as pulp's job (compiled for AVX2 too, where the CPU has it).
+struct KernelJob<'a, T> {
+    geom: &'a ConvGeometry,
+    weight: &'a [f64],
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Real> pulp::WithSimd for KernelJob<'_, T> {
+    type Output = Vec<T>;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<T> {
+        let (geom, weight) = (self.geom, self.weight);
+        let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+        let mut u = vec![T::ZERO; geom.groups * 16 * cog * cig];
+        for (grp, ug) in u.chunks_exact_mut(16 * cog * cig).enumerate() {
+            // two pieces of lanes per column and block: 16 entries, a
+            // whole cache line of f32, written at once
+            for cb in (0..cog).step_by(2 * LANES) {
+                for ci in 0..cig {
+                    for co0 in (cb..(cb + 2 * LANES).min(cog)).step_by(LANES) {
+                        let len = LANES.min(cog - co0);
+                        // flipped: gf[a][b] = w[2 − a][2 − b], lane l for
+                        // output channel co0 + l (zeros past `len`)
+                        let mut gf = [Lanes([0.0f64; LANES]); 9];
+                        for l in 0..len {
+                            let w = &weight[((grp * cog + co0 + l) * cig + ci) * 9..][..9];
+                            for (i, g) in gf.iter_mut().enumerate() {
+                                g.0[l] = w[8 - i];
+                            }
+                        }
+                        for (xi, v) in kernel_transform(gf).iter().enumerate() {
+                            let dst = &mut ug[xi * cog * cig + ci * cog + co0..][..len];
+                            for (d, &e) in dst.iter_mut().zip(&v.0) {
+                                *d = T::of(e);
+                            }
+                        }
                     }
                 }
             }
         }
+        u
     }
-    u
 }
 
 /// `G·A` for a convolution [`eligible`] for the Winograd path: `g` holds a
@@ -635,6 +682,35 @@ mod tests {
         ];
         for g in no {
             assert!(!super::eligible(&g), "{g:?}");
+        }
+    }
+
+    /// The kernel formed lanes at a time (output channels not a multiple
+    /// of the lanes, two groups) holds, bit for bit, each flipped kernel's
+    /// scalar transform, in f64 and rounded once to f32.
+    #[test]
+    fn the_transformed_kernel_is_each_kernels_scalar_transform() {
+        for (c_in, c_out, groups) in [(16, 16, 1), (17, 19, 1), (40, 42, 2)] {
+            let op = ConvOp::seeded(ConvGeometry::same_3x3(c_in, c_out, groups, 6), 7).unwrap();
+            let (geom, w) = (op.geometry(), op.weight());
+            let (u64_, u32_) = (super::kernel::<f64>(geom, w), super::kernel::<f32>(geom, w));
+            let (cig, cog) = (c_in / groups, c_out / groups);
+            for grp in 0..groups {
+                for co in 0..cog {
+                    for ci in 0..cig {
+                        let k = &w[((grp * cog + co) * cig + ci) * 9..][..9];
+                        let mut gf = [0.0f64; 9];
+                        for (i, g) in gf.iter_mut().enumerate() {
+                            *g = k[8 - i];
+                        }
+                        for (xi, v) in super::kernel_transform(gf).into_iter().enumerate() {
+                            let at = grp * 16 * cog * cig + xi * cog * cig + ci * cog + co;
+                            assert_eq!(u64_[at].to_bits(), v.to_bits());
+                            assert_eq!(u32_[at].to_bits(), (v as f32).to_bits());
+                        }
+                    }
+                }
+            }
         }
     }
 }
