@@ -804,7 +804,14 @@ impl Model {
     ) -> Result<Instance> {
         match precision {
             Precision::F64 => self.compiler.instance_in::<f64>(x, mode, par),
-            Precision::F32 => self.compiler.instance_in::<f32>(x, mode, par),
+            Precision::F32 => {
+                if par.degree() > 1 {
+                    // the f32 weights rounded on every thread, not as the
+                    // forward pass reaches them
+                    self.compiler.prepare::<f32>();
+                }
+                self.compiler.instance_in::<f32>(x, mode, par)
+            }
         }
         .map_err(|source| Error::Compile { model: self.name.clone(), source })
     }

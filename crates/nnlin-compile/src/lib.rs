@@ -861,6 +861,24 @@ impl Compiler {
         self.instance_in::<f64>(x, mode, par)
     }
 
+    /// Forms what the network's fixed operators read in `T` (f32 weights,
+    /// Winograd kernels), the operators side by side on the current rayon
+    /// pool; once per model (later calls find them formed). An instance
+    /// compiled in `f32` reads the f32 weights in its forward pass, which
+    /// would otherwise round them one operator at a time as it reaches
+    /// them (ResNet-50: 25 M weights).
+    pub fn prepare<T: Real>(&self) {
+        use rayon::prelude::*;
+        self.fixed
+            .par_iter()
+            .filter_map(|f| match f {
+                Fixed::Ops(ops, _) => Some(ops),
+                Fixed::PerInstance(_) => None,
+            })
+            .flatten()
+            .for_each(|op| op.prepare::<T>());
+    }
+
     /// [`Compiler::instance_with`] with the dense layers' and convolutions'
     /// forward products computed in `T` ([`Operator::apply_in`]): for
     /// `f32`, the forward pass of `--precision f32`. The activation
