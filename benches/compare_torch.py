@@ -3,6 +3,7 @@
 
     cargo build --release
     python3 benches/compare_torch.py [--threads 2] [--lenet-n 1000] [--resnet-n 8] [--onet-n 16] [--resnet50]
+                                     [--repeat R]
 (needs torch, numpy, onnx; torch runs on the CPU)
 nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in float32).
 
@@ -18,7 +19,8 @@ nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in f
 4. With --resnet50: torchvision's ResNet-50 (random weights, batch-norm statistics measured
    on random batches) at 224x224, the top-1 row: PyTorch's forward pass and one vjp against
    nnlin's linearize time and its whole process.
-Both sides use the same thread count. PyTorch computes in float32 (its
+Both sides use the same thread count; with --repeat R every time on both sides is the best of R
+runs (this machine's run-to-run noise is about +-30 %). PyTorch computes in float32 (its
 default and fastest); nnlin in float64 (the exactness mode) and float32. Times are per instance; nnlin's is `timing.linearize_seconds`
 (compile + accumulate, no loading or writing). Prints a markdown table and
 writes bench_torch.json.
@@ -51,14 +53,20 @@ def mnist(n):
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].astype(np.float64) / 255.0
 
 
+REPEAT = 1  # --repeat: every time is the best of this many runs
+
+
 def nnlin_time(model, x, threads, tmp, precision="f64", extra=()):
     xp = os.path.join(tmp, "x.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
-    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
-                    "--precision", precision, *extra], check=True, capture_output=True)
-    s = json.load(open(os.path.join(out, "summary.json")))
-    return s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"])
+    best = float("inf")
+    for _ in range(REPEAT):
+        subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
+                        "--precision", precision, *extra], check=True, capture_output=True)
+        s = json.load(open(os.path.join(out, "summary.json")))
+        best = min(best, s["timing"]["linearize_seconds"] / len(x))
+    return best, max(i["residual"] for i in s["instances"])
 
 
 def whole_process(model, x, threads, tmp, precision, extra=()):
@@ -66,11 +74,14 @@ def whole_process(model, x, threads, tmp, precision, extra=()):
     xp = os.path.join(tmp, "x.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
-    t = time.perf_counter()
-    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
-                    "--precision", precision, *extra], check=True, capture_output=True)
-    whole = time.perf_counter() - t
-    return whole, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"]
+    whole, lin = float("inf"), float("inf")
+    for _ in range(REPEAT):
+        t = time.perf_counter()
+        subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
+                        "--precision", precision, *extra], check=True, capture_output=True)
+        whole = min(whole, time.perf_counter() - t)
+        lin = min(lin, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"])
+    return whole, lin
 
 
 def torch_top1_vjp(model, x):
@@ -78,7 +89,7 @@ def torch_top1_vjp(model, x):
     xt = torch.tensor(x, dtype=torch.float32)
     model(xt[:1])  # warm up
     best = float("inf")
-    for _ in range(3):
+    for _ in range(max(3, REPEAT)):
         t = time.perf_counter()
         v = xt[:1].clone().requires_grad_(True)
         y = model(v)[0]
@@ -92,17 +103,21 @@ def torch_times(model, x, batch_too, head=None):
     f = (lambda v: model(v[None])[0]) if head is None else (lambda v: model(v[None])[head][0])
     jac = torch.func.jacrev(f)
     jac(xt[0])  # warm up
-    t = time.perf_counter()
-    for i in range(len(xt)):
-        jac(xt[i])
-    single = (time.perf_counter() - t) / len(xt)
+    single = float("inf")
+    for _ in range(REPEAT):
+        t = time.perf_counter()
+        for i in range(len(xt)):
+            jac(xt[i])
+        single = min(single, (time.perf_counter() - t) / len(xt))
     batched = None
     if batch_too:
         vj = torch.func.vmap(jac)
         vj(xt[:2])
-        t = time.perf_counter()
-        vj(xt)
-        batched = (time.perf_counter() - t) / len(xt)
+        batched = float("inf")
+        for _ in range(REPEAT):
+            t = time.perf_counter()
+            vj(xt)
+            batched = min(batched, (time.perf_counter() - t) / len(xt))
     return single, batched
 
 
@@ -140,7 +155,10 @@ def main():
     ap.add_argument("--resnet-n", type=int, default=8)
     ap.add_argument("--onet-n", type=int, default=16)
     ap.add_argument("--resnet50", action="store_true", help="also ResNet-50 at 224x224, top-1 row")
+    ap.add_argument("--repeat", type=int, default=1, help="every time (both sides) the best of R runs")
     a = ap.parse_args()
+    global REPEAT
+    REPEAT = max(1, a.repeat)
     torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp()
     rows = []
@@ -185,7 +203,8 @@ def main():
         rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res))
     except ImportError:
         print("facenet-pytorch not installed: ONet skipped")
-    print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32\n")
+    print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32; "
+          f"best of {REPEAT}\n")
     print("| model | instances | torch jacrev | torch vmap(jacrev) | nnlin f64 | nnlin f32 | f32 vs jacrev | f32 vs vmap | f64 / f32 | max residual (f64) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     out = []
@@ -218,7 +237,7 @@ def main():
             print(f"| {prec} | {tv:.3f} s | {lin:.3f} s | {whole:.2f} s | {tv / lin:.2f}x | {whole / lin:.1f} |")
             out.append({"model": "resnet50", "precision": prec, "torch_vjp_s": tv, "nnlin_s": lin,
                         "whole_s": whole})
-    json.dump({"threads": a.threads, "rows": out}, open("bench_torch.json", "w"), indent=1)
+    json.dump({"threads": a.threads, "repeat": REPEAT, "rows": out}, open("bench_torch.json", "w"), indent=1)
 
 
 if __name__ == "__main__":
