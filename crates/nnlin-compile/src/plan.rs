@@ -641,13 +641,21 @@ pub fn candidates(
     (cands, tree, best)
 }
 
-/// Bytes a plan must hold at its peak, estimated: every operator, the
+/// Bytes a plan must hold at its peak, estimated: every operator with
+/// what its products form and keep (f32 weights, Winograd kernels), the
 /// result W, and the two largest blocks alive at once (the block being
-/// formed and the one it is formed from).
+/// formed and the one it is formed from), plus, in reverse, the largest
+/// product's own scratch (a Winograd convolution's band outputs).
 pub fn peak_bytes(inst: &Instance, m: usize, choice: Choice) -> usize {
     let f = std::mem::size_of::<f64>();
-    let ops: usize =
-        inst.layers.iter().flat_map(|l| l.inputs.iter()).map(|(_, op)| op.bytes()).sum();
+    let all_ops = || inst.layers.iter().flat_map(|l| l.inputs.iter()).map(|(_, op)| op);
+    let ops: usize = all_ops().map(|op| op.bytes() + op.formed_bytes()).sum();
+    let scratch = match choice {
+        Choice::Reverse | Choice::Split(_) => {
+            m * all_ops().map(|op| op.reverse_scratch_per_row()).max().unwrap_or(0)
+        }
+        Choice::Forward | Choice::Dp => 0,
+    };
     let n = inst.input_len;
     let widest = |vals: &mut dyn Iterator<Item = usize>| vals.max().unwrap_or(0);
     let blocks = match choice {
@@ -664,7 +672,7 @@ pub fn peak_bytes(inst: &Instance, m: usize, choice: Choice) -> usize {
             before.max(after) * 2 + inst.value_lens[v] * n
         }
     };
-    ops + (blocks + m * n) * f
+    ops + (blocks + scratch + m * n) * f
 }
 
 /// A stable text description of the candidate plans and their predicted

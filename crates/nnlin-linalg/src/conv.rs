@@ -365,6 +365,25 @@ impl ConvOp {
         }
     }
 
+    /// Whether its reverse products take the Winograd path (a 3×3,
+    /// stride-1 kernel with enough channels and positions).
+    pub fn winograd(&self) -> bool {
+        crate::winograd::eligible(&self.geom)
+    }
+
+    /// Bytes its products form and keep: the f32 weights, and on the
+    /// Winograd path the transformed kernel in f64 and in f32.
+    pub fn formed_bytes(&self) -> usize {
+        let f32_weights = self.weight.len() * std::mem::size_of::<f32>();
+        let g = &self.geom;
+        let kernel = if self.winograd() {
+            16 * (g.c_out / g.groups) * (g.c_in / g.groups) * g.groups
+        } else {
+            0
+        };
+        f32_weights + kernel * (std::mem::size_of::<f64>() + std::mem::size_of::<f32>())
+    }
+
     /// The Winograd-transformed kernel in `T` (see `winograd::kernel`).
     fn winograd_kernel<T: Real>(&self) -> &[T] {
         T::formed(&self.wino, &self.wino32, || {

@@ -454,6 +454,50 @@ impl Operator {
         }
     }
 
+    /// Bytes the operator forms on its first products and keeps beside
+    /// its storage, counting both precisions: a dense layer's or a
+    /// convolution's f32 weights, and for a convolution taking the
+    /// Winograd path its transformed kernel in f64 and f32 (16 values per
+    /// channel pair and group).
+    pub fn formed_bytes(&self) -> usize {
+        match self {
+            Operator::Dense(m) => m.nrows() * m.ncols() * std::mem::size_of::<f32>(),
+            Operator::Conv(c) => c.formed_bytes(),
+            // its products run through the f64 forward products
+            Operator::Transposed(_)
+            | Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_) => 0,
+        }
+    }
+
+    /// Bytes a reverse product through this operator holds beyond its
+    /// input and output adjoints, per adjoint row: for a convolution
+    /// taking the Winograd path, its bands' outputs, held together until
+    /// they are copied into the result (one more result's worth); the
+    /// bands' transient buffers are bounded per thread by the band size.
+    pub fn reverse_scratch_per_row(&self) -> usize {
+        match self {
+            Operator::Conv(c) if c.winograd() => c.ncols(),
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Dense(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Conv(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => 0,
+        }
+    }
+
     /// Bytes held by the operator's storage.
     pub fn bytes(&self) -> usize {
         let f = std::mem::size_of::<f64>();

@@ -713,4 +713,21 @@ mod tests {
             }
         }
     }
+
+    /// The memory budget's view of a convolution: on the Winograd path its
+    /// kept kernel (16 values per channel pair and group, in f64 and f32)
+    /// and one result's worth of band outputs per adjoint row; off it,
+    /// neither. Both paths keep the f32 weights.
+    #[test]
+    fn the_budget_counts_the_winograd_kernel_and_band_outputs() {
+        let on = ConvOp::seeded(ConvGeometry::same_3x3(32, 48, 2, 8), 3).unwrap();
+        // 8 input channels: too few for the Winograd path
+        let off = ConvOp::seeded(ConvGeometry::same_3x3(8, 48, 1, 8), 3);
+        let weights = 48 * 16 * 9;
+        assert_eq!(on.formed_bytes(), weights * 4 + 16 * 24 * 16 * 2 * 12);
+        let (on, off) = (crate::Operator::Conv(on), crate::Operator::Conv(off.unwrap()));
+        assert_eq!(on.reverse_scratch_per_row(), on.ncols());
+        assert_eq!(off.formed_bytes(), 48 * 8 * 9 * 4);
+        assert_eq!(off.reverse_scratch_per_row(), 0);
+    }
 }
