@@ -645,14 +645,14 @@ pub fn candidates(
 /// what its products form and keep (f32 weights, Winograd kernels), the
 /// result W, and the two largest blocks alive at once (the block being
 /// formed and the one it is formed from), plus, in reverse, the largest
-/// product's own scratch (a Winograd convolution's band outputs).
+/// product's own scratch (a Winograd convolution's transformed blocks).
 pub fn peak_bytes(inst: &Instance, m: usize, choice: Choice) -> usize {
     let f = std::mem::size_of::<f64>();
     let all_ops = || inst.layers.iter().flat_map(|l| l.inputs.iter()).map(|(_, op)| op);
     let ops: usize = all_ops().map(|op| op.bytes() + op.formed_bytes()).sum();
     let scratch = match choice {
         Choice::Reverse | Choice::Split(_) => {
-            m * all_ops().map(|op| op.reverse_scratch_per_row()).max().unwrap_or(0)
+            all_ops().map(|op| op.reverse_scratch(m)).max().unwrap_or(0)
         }
         Choice::Forward | Choice::Dp => 0,
     };

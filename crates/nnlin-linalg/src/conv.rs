@@ -371,6 +371,17 @@ impl ConvOp {
         crate::winograd::eligible(&self.geom)
     }
 
+    /// Entries a reverse product with `k` adjoint rows holds beyond its
+    /// input and result (the Winograd bands' V and M; none on the direct
+    /// path's tiles, which are bounded by a constant).
+    pub fn reverse_scratch(&self, k: usize) -> usize {
+        if self.winograd() {
+            crate::winograd::scratch(&self.geom, k, rayon::current_num_threads())
+        } else {
+            0
+        }
+    }
+
     /// Bytes its products form and keep: the f32 weights, and on the
     /// Winograd path the transformed kernel in f64 and in f32.
     pub fn formed_bytes(&self) -> usize {

@@ -476,14 +476,13 @@ impl Operator {
         }
     }
 
-    /// Bytes a reverse product through this operator holds beyond its
-    /// input and output adjoints, per adjoint row: for a convolution
-    /// taking the Winograd path, its bands' outputs, held together until
-    /// they are copied into the result (one more result's worth); the
-    /// bands' transient buffers are bounded per thread by the band size.
-    pub fn reverse_scratch_per_row(&self) -> usize {
+    /// Entries a reverse product through this operator with `k` adjoint
+    /// rows holds beyond its input and output adjoints: for a convolution
+    /// taking the Winograd path, its bands' transformed blocks (V and M),
+    /// for as many bands as the current rayon pool runs at once.
+    pub fn reverse_scratch(&self, k: usize) -> usize {
         match self {
-            Operator::Conv(c) if c.winograd() => c.ncols(),
+            Operator::Conv(c) if c.winograd() => c.reverse_scratch(k),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)

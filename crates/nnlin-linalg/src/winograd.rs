@@ -29,7 +29,8 @@
 //!
 //! The blocks of the image are taken in bands of whole block rows, a band's
 //! transforms and GEMMs fitting in a core's L2; bands run in parallel,
-//! each into its own buffer, so the bits do not depend on the threads.
+//! each writing its own rows of the result, so the bits do not depend on
+//! the threads.
 
 use faer::{Accum, MatMut, MatRef, Par};
 
@@ -299,24 +300,26 @@ struct Band<'a, T> {
 }
 
 /// One band of block rows `t0..t1` (see [`band`]), as pulp's job.
-struct BandJob<'a, 'b, T> {
+struct BandJob<'a, 'b, 'c, T> {
     ctx: &'a Band<'b, T>,
     t0: usize,
     t1: usize,
+    dst: &'a mut [&'c mut [T]],
 }
 
-impl<T: Real> pulp::WithSimd for BandJob<'_, '_, T> {
-    type Output = Vec<T>;
+impl<T: Real> pulp::WithSimd for BandJob<'_, '_, '_, T> {
+    type Output = ();
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<T> {
-        band(self.ctx, self.t0, self.t1)
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        band(self.ctx, self.t0, self.t1, self.dst)
     }
 }
 
 /// The band of block rows `t0..t1`: its output rows `2·t0 .. 2·t1` (within
-/// `ih`), every channel of the group, as `[ci][y][x][r]`.
+/// `ih`) of every channel `ci` of the group, written into `dst[ci]` (those
+/// rows of the result's plane, `[y][x][r]`), every entry.
 #[inline(always)]
-fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
+fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize, dst: &mut [&mut [T]]) {
     let Band { geom, u, gg, zeros, qy, qx } = *ctx;
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
@@ -389,9 +392,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
             MatMut::from_column_major_slice_mut(&mut m[xi * rows * cig..][..rows * cig], rows, cig);
         faer::linalg::matmul::matmul(c, Accum::Replace, a, b, T::ONE, Par::Seq);
     }
-    let (y_lo, y_hi) = (2 * t0, (2 * t1).min(ih));
-    let span = (y_hi - y_lo) * iw * k;
-    let mut o = vec![T::ZERO; cig * span];
+    let y_lo = 2 * t0;
     {
         let mut mx: [&[T]; 16] = [&[]; 16];
         for (d, c) in mx.iter_mut().zip(m.chunks_exact(rows * cig)) {
@@ -404,7 +405,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
                 // past the image's edge)
                 let place = |tx: usize, r: usize, i: usize| {
                     let (oy, ox) = (2 * ty + i / 2, 2 * tx + i % 2);
-                    (oy < ih && ox < iw).then(|| ci * span + ((oy - y_lo) * iw + ox) * k + r)
+                    (oy < ih && ox < iw).then(|| ((oy - y_lo) * iw + ox) * k + r)
                 };
                 if k >= LANES {
                     for tx in 0..tw {
@@ -417,7 +418,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
                         for (i, t) in to.iter_mut().enumerate() {
                             *t = place(tx, 0, i);
                         }
-                        output_lanes(&src, &mut o, &to, k);
+                        output_lanes(&src, dst[ci], &to, k);
                     }
                 } else {
                     let mut src: [&[T]; 16] = mx;
@@ -433,7 +434,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
                                 let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
                                 for (i, e) in e.iter().enumerate() {
                                     if let Some(at) = place(tx, r, i) {
-                                        o[at] = e.0[l];
+                                        dst[ci][at] = e.0[l];
                                     }
                                 }
                             }
@@ -443,7 +444,6 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize) -> Vec<T> {
             }
         }
     }
-    o
 }
 
 /// The transformed kernel of a convolution [`eligible`] for the Winograd
@@ -502,6 +502,30 @@ impl<T: Real> pulp::WithSimd for KernelJob<'_, T> {
     }
 }
 
+/// The bands of block rows `(t0, t1)` a product with `k` adjoint rows
+/// takes: at least [`BAND_MIN_ROWS`] GEMM rows each, at most
+/// [`BAND_ENTRIES`] entries of V and M where that allows more than one
+/// block row.
+fn bands(geom: &ConvGeometry, k: usize) -> Vec<(usize, usize)> {
+    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+    let (th, tw) = (geom.ih.div_ceil(2), geom.iw.div_ceil(2));
+    let per_row = (tw * k).max(1);
+    let fit = BAND_ENTRIES / (16 * (cig + cog) * per_row).max(1);
+    let band = fit.max(BAND_MIN_ROWS.div_ceil(per_row)).clamp(1, th.max(1));
+    (0..th).step_by(band).map(|t0| (t0, (t0 + band).min(th))).collect()
+}
+
+/// Entries a product with `k` adjoint rows holds beyond its input and
+/// result: each band's V and M (16 matrices of its GEMM rows by the output
+/// and input channels), for as many bands as `threads` run at once.
+pub(crate) fn scratch(geom: &ConvGeometry, k: usize, threads: usize) -> usize {
+    let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
+    let tw = geom.iw.div_ceil(2);
+    let bands = bands(geom, k);
+    let widest = bands.iter().map(|&(t0, t1)| ((t1 - t0) * tw * k).max(2)).max().unwrap_or(0);
+    16 * widest * (cig + cog) * threads.clamp(1, bands.len().max(1))
+}
+
 /// `G·A` for a convolution [`eligible`] for the Winograd path: `g` holds a
 /// `k × (c_out·oh·ow)` block with element `(r, j)` at `j·k + r`, `u` the
 /// transformed kernel ([`kernel`]) in `T`; returns the `k × (c_in·ih·iw)`
@@ -515,46 +539,41 @@ pub(crate) fn backward<T: Real>(
 ) -> Vec<T> {
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
-    let (th, tw) = (ih.div_ceil(2), iw.div_ceil(2));
     assert_eq!(g.len(), geom.c_out * oh * ow * k, "conv backward: dimension mismatch");
     let mut out = vec![T::ZERO; geom.c_in * ih * iw * k];
     if k == 0 {
         return out;
     }
-    // block rows per band: at least BAND_MIN_ROWS GEMM rows, at most
-    // BAND_ENTRIES entries of V and M where that allows more than one
-    let per_row = tw * k;
-    let fit = BAND_ENTRIES / (16 * (cig + cog) * per_row).max(1);
-    let band = fit.max(BAND_MIN_ROWS.div_ceil(per_row)).clamp(1, th);
-    let bands: Vec<(usize, usize)> =
-        (0..th).step_by(band).map(|t0| (t0, (t0 + band).min(th))).collect();
+    let bands = bands(geom, k);
     // the kernel's 16 transformed matrices, each cog × cig column-major
     let (qy, qx) = (2 - geom.pad.0 as isize, 2 - geom.pad.1 as isize);
     for grp in 0..geom.groups {
         let u = &u[grp * 16 * cog * cig..(grp + 1) * 16 * cog * cig];
         let gg = &g[grp * cog * oh * ow * k..(grp + 1) * cog * oh * ow * k];
         let zeros = vec![T::ZERO; k];
-        // one band: its output rows 2·t0 .. 2·t1 (within ih), every
-        // channel of the group, as [ci][y][x][r]
         let ctx = Band { geom, u, gg, zeros: &zeros, qy, qx };
-        let run_band = |&(t0, t1): &(usize, usize)| -> Vec<T> {
-            // compiled for AVX2 too, where the CPU has it
-            pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1 })
-        };
-        let parts: Vec<Vec<T>> = if par.degree() > 1 && bands.len() > 1 {
-            use rayon::prelude::*;
-            bands.par_iter().map(run_band).collect()
-        } else {
-            bands.iter().map(run_band).collect()
-        };
-        // each band's rows into every channel's plane
+        // each band's rows of every channel's plane, as its own slices of
+        // the result: the bands write their outputs in place
         let og = &mut out[grp * cig * ih * iw * k..(grp + 1) * cig * ih * iw * k];
-        for (&(t0, t1), o) in bands.iter().zip(&parts) {
-            let (y_lo, y_hi) = (2 * t0, (2 * t1).min(ih));
-            let span = (y_hi - y_lo) * iw * k;
-            for (ci, dst) in og.chunks_exact_mut(ih * iw * k).enumerate() {
-                dst[y_lo * iw * k..y_hi * iw * k].copy_from_slice(&o[ci * span..(ci + 1) * span]);
+        let mut dsts: Vec<Vec<&mut [T]>> = bands.iter().map(|_| Vec::with_capacity(cig)).collect();
+        for plane in og.chunks_exact_mut(ih * iw * k) {
+            let mut rest = plane;
+            for (d, &(t0, t1)) in dsts.iter_mut().zip(&bands) {
+                let rows = (2 * t1).min(ih) - 2 * t0;
+                let (head, tail) = rest.split_at_mut(rows * iw * k);
+                d.push(head);
+                rest = tail;
             }
+        }
+        let run_band = |(&(t0, t1), dst): (&(usize, usize), &mut Vec<&mut [T]>)| {
+            // compiled for AVX2 too, where the CPU has it
+            pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1, dst })
+        };
+        if par.degree() > 1 && bands.len() > 1 {
+            use rayon::prelude::*;
+            bands.par_iter().zip(dsts.par_iter_mut()).for_each(run_band);
+        } else {
+            bands.iter().zip(dsts.iter_mut()).for_each(run_band);
         }
     }
     out
@@ -716,18 +735,32 @@ mod tests {
 
     /// The memory budget's view of a convolution: on the Winograd path its
     /// kept kernel (16 values per channel pair and group, in f64 and f32)
-    /// and one result's worth of band outputs per adjoint row; off it,
-    /// neither. Both paths keep the f32 weights.
+    /// and its bands' transformed blocks, at least one band's V and M;
+    /// off it, neither. Both paths keep the f32 weights.
     #[test]
-    fn the_budget_counts_the_winograd_kernel_and_band_outputs() {
+    fn the_budget_counts_the_winograd_kernel_and_bands() {
         let on = ConvOp::seeded(ConvGeometry::same_3x3(32, 48, 2, 8), 3).unwrap();
         // 8 input channels: too few for the Winograd path
-        let off = ConvOp::seeded(ConvGeometry::same_3x3(8, 48, 1, 8), 3);
+        let off = ConvOp::seeded(ConvGeometry::same_3x3(8, 48, 1, 8), 3).unwrap();
         let weights = 48 * 16 * 9;
         assert_eq!(on.formed_bytes(), weights * 4 + 16 * 24 * 16 * 2 * 12);
-        let (on, off) = (crate::Operator::Conv(on), crate::Operator::Conv(off.unwrap()));
-        assert_eq!(on.reverse_scratch_per_row(), on.ncols());
+        for k in [1, 3, 10, 64] {
+            let band = super::bands(on.geometry(), k)[0];
+            let rows = ((band.1 - band.0) * 4 * k).max(2);
+            assert!(on.reverse_scratch(k) >= 16 * rows * (16 + 24), "k = {k}");
+            assert_eq!(off.reverse_scratch(k), 0);
+        }
         assert_eq!(off.formed_bytes(), 48 * 8 * 9 * 4);
-        assert_eq!(off.reverse_scratch_per_row(), 0);
+    }
+
+    /// The bands cover every block row once, in order.
+    #[test]
+    fn bands_tile_the_block_rows() {
+        for (hw, k) in [(2, 1), (7, 1), (8, 10), (33, 3), (64, 1)] {
+            let b = super::bands(&ConvGeometry::same_3x3(16, 16, 1, hw), k);
+            assert_eq!(b.first().map(|x| x.0), Some(0));
+            assert_eq!(b.last().map(|x| x.1), Some(hw.div_ceil(2)));
+            assert!(b.windows(2).all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1));
+        }
     }
 }
