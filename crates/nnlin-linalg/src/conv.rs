@@ -386,12 +386,7 @@ impl ConvOp {
     /// Winograd path the transformed kernel in f64 and in f32.
     pub fn formed_bytes(&self) -> usize {
         let f32_weights = self.weight.len() * std::mem::size_of::<f32>();
-        let g = &self.geom;
-        let kernel = if self.winograd() {
-            16 * (g.c_out / g.groups) * (g.c_in / g.groups) * g.groups
-        } else {
-            0
-        };
+        let kernel = if self.winograd() { crate::winograd::kernel_len(&self.geom) } else { 0 };
         f32_weights + kernel * (std::mem::size_of::<f64>() + std::mem::size_of::<f32>())
     }
 

@@ -325,11 +325,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize, dst: &mut [&mut [T]]) 
     let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
     let tw = iw.div_ceil(2);
     let k = zeros.len();
-    // GEMM rows: (block, r); at least 2, a zero row added to a lone one,
-    // as faer takes a one-row product down another path (a matrix-vector
-    // product, with other sums), and a row's bits must not depend on how
-    // many adjoint rows there are
-    let rows = ((t1 - t0) * tw * k).max(2);
+    let rows = gemm_rows(tw, t0, t1, k);
     let mut v = vec![T::ZERO; 16 * rows * cog];
     // V_ξ: rows × cog column-major, row (block, r); each block's
     // 16 input vectors (over r, contiguous; zeros outside the
@@ -471,7 +467,7 @@ impl<T: Real> pulp::WithSimd for KernelJob<'_, T> {
     fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<T> {
         let (geom, weight) = (self.geom, self.weight);
         let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
-        let mut u = vec![T::ZERO; geom.groups * 16 * cog * cig];
+        let mut u = vec![T::ZERO; kernel_len(geom)];
         for (grp, ug) in u.chunks_exact_mut(16 * cog * cig).enumerate() {
             // two pieces of lanes per column and block: 16 entries, a
             // whole cache line of f32, written at once
@@ -502,6 +498,21 @@ impl<T: Real> pulp::WithSimd for KernelJob<'_, T> {
     }
 }
 
+/// The GEMM rows of the band of block rows `t0..t1` (`tw` blocks a row):
+/// one per (block, adjoint row), at least 2, a zero row added to a lone
+/// one, as faer takes a one-row product down another path (a
+/// matrix-vector product, with other sums), and a row's bits must not
+/// depend on how many adjoint rows there are.
+fn gemm_rows(tw: usize, t0: usize, t1: usize, k: usize) -> usize {
+    ((t1 - t0) * tw * k).max(2)
+}
+
+/// Entries of the transformed kernel: per group, 16 matrices of the
+/// output by the input channels.
+pub(crate) fn kernel_len(geom: &ConvGeometry) -> usize {
+    16 * (geom.c_out / geom.groups) * (geom.c_in / geom.groups) * geom.groups
+}
+
 /// The bands of block rows `(t0, t1)` a product with `k` adjoint rows
 /// takes: at least [`BAND_MIN_ROWS`] GEMM rows each, at most
 /// [`BAND_ENTRIES`] entries of V and M where that allows more than one
@@ -522,7 +533,7 @@ pub(crate) fn scratch(geom: &ConvGeometry, k: usize, threads: usize) -> usize {
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let tw = geom.iw.div_ceil(2);
     let bands = bands(geom, k);
-    let widest = bands.iter().map(|&(t0, t1)| ((t1 - t0) * tw * k).max(2)).max().unwrap_or(0);
+    let widest = bands.iter().map(|&(t0, t1)| gemm_rows(tw, t0, t1, k)).max().unwrap_or(0);
     16 * widest * (cig + cog) * threads.clamp(1, bands.len().max(1))
 }
 
@@ -746,7 +757,7 @@ mod tests {
         assert_eq!(on.formed_bytes(), weights * 4 + 16 * 24 * 16 * 2 * 12);
         for k in [1, 3, 10, 64] {
             let band = super::bands(on.geometry(), k)[0];
-            let rows = ((band.1 - band.0) * 4 * k).max(2);
+            let rows = super::gemm_rows(4, band.0, band.1, k);
             assert!(on.reverse_scratch(k) >= 16 * rows * (16 + 24), "k = {k}");
             assert_eq!(off.reverse_scratch(k), 0);
         }
