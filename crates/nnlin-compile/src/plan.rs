@@ -568,15 +568,35 @@ pub fn cut_values(inst: &Instance) -> Vec<usize> {
 
 /// Predicted cost of splitting at `cut`.
 pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
-    let n = inst.input_len;
-    let mut c = Cost::gemm(m, inst.value_lens[cut], n);
-    for l in &inst.layers {
-        let width = if l.output <= cut { n } else { m };
-        for (_, op) in &l.inputs {
-            c = c.add(op_cost(op, width));
-        }
+    OpCosts::new(inst, m).split(inst, m, cut)
+}
+
+/// Every operator's predicted cost at the two widths a plan applies it
+/// to (`n` columns before a cut, `m` rows after), priced once: pricing
+/// is O(nnz) for a selection, and the split program prices every cut.
+struct OpCosts {
+    /// Per operator, in layer order: the value its layer produces, its
+    /// cost at width `n` and at width `m`.
+    ops: Vec<(usize, Cost, Cost)>,
+}
+
+impl OpCosts {
+    fn new(inst: &Instance, m: usize) -> Self {
+        let n = inst.input_len;
+        let ops = inst
+            .layers
+            .iter()
+            .flat_map(|l| l.inputs.iter().map(move |(_, op)| (l.output, op)))
+            .map(|(out, op)| (out, op_cost(op, n), op_cost(op, m)))
+            .collect();
+        OpCosts { ops }
     }
-    c
+
+    /// [`split_cost`] at `cut`, the operators summed in layer order.
+    fn split(&self, inst: &Instance, m: usize, cut: usize) -> Cost {
+        let c = Cost::gemm(m, inst.value_lens[cut], inst.input_len);
+        self.ops.iter().fold(c, |c, &(out, at_n, at_m)| c.add(if out <= cut { at_n } else { at_m }))
+    }
 }
 
 /// The auto choice for `m` rows when it does not depend on the machine:
@@ -601,7 +621,8 @@ pub fn rate_independent(inst: &Instance, m: usize) -> Option<Choice> {
             bandwidth: t.bandwidth * f(2),
         });
     }
-    let mut choices = scenarios.iter().map(|r| candidates(inst, m, r).2);
+    let priced = Priced::new(inst, m);
+    let mut choices = scenarios.iter().map(|r| priced.candidates(r).2);
     let first = choices.next()?;
     (first != Choice::Dp && choices.all(|c| c == first)).then_some(first)
 }
@@ -614,31 +635,59 @@ pub fn candidates(
     m: usize,
     rates: &Rates,
 ) -> (Vec<(String, Cost, Choice)>, Option<Tree>, Choice) {
-    let rev = direction_cost(inst, m, Direction::Reverse);
-    let fwd = direction_cost(inst, m, Direction::Forward);
-    let mut cands = vec![
-        ("reverse".to_string(), rev, Choice::Reverse),
-        ("forward".to_string(), fwd, Choice::Forward),
-    ];
-    let mut tree = None;
-    if let Some(f) = dp_factors(inst, (0..m).collect()) {
-        let (t, cost) = chain_plan(&f, rates);
-        tree = Some(t);
-        cands.push(("dp".to_string(), cost, Choice::Dp));
-    } else if let Some((v, cost)) = cut_values(inst)
-        .into_iter()
-        .map(|v| (v, split_cost(inst, m, v)))
-        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
-    {
-        cands.push((format!("split@{v}"), cost, Choice::Split(v)));
+    Priced::new(inst, m).candidates(rates)
+}
+
+/// What [`candidates`] prices without the rates: the fixed orders, each
+/// cut's split and the chain's factors.
+struct Priced {
+    rev: Cost,
+    fwd: Cost,
+    /// The chain program's factors, on a chain.
+    chain: Option<Vec<Arc<Operator>>>,
+    /// Each cut value and its split's cost, on a DAG.
+    cuts: Vec<(usize, Cost)>,
+}
+
+impl Priced {
+    fn new(inst: &Instance, m: usize) -> Self {
+        let rev = direction_cost(inst, m, Direction::Reverse);
+        let fwd = direction_cost(inst, m, Direction::Forward);
+        let chain = dp_factors(inst, (0..m).collect());
+        let cuts = if chain.is_some() {
+            vec![]
+        } else {
+            let ops = OpCosts::new(inst, m);
+            cut_values(inst).into_iter().map(|v| (v, ops.split(inst, m, v))).collect()
+        };
+        Priced { rev, fwd, chain, cuts }
     }
-    let base = rev.seconds(rates);
-    let best = cands
-        .iter()
-        .filter(|c| c.1.seconds(rates) < 0.95 * base)
-        .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
-        .map_or(Choice::Reverse, |c| c.2);
-    (cands, tree, best)
+
+    /// [`candidates`] under `rates`.
+    fn candidates(&self, rates: &Rates) -> (Vec<(String, Cost, Choice)>, Option<Tree>, Choice) {
+        let (rev, fwd) = (self.rev, self.fwd);
+        let mut cands = vec![
+            ("reverse".to_string(), rev, Choice::Reverse),
+            ("forward".to_string(), fwd, Choice::Forward),
+        ];
+        let mut tree = None;
+        if let Some(f) = &self.chain {
+            let (t, cost) = chain_plan(f, rates);
+            tree = Some(t);
+            cands.push(("dp".to_string(), cost, Choice::Dp));
+        } else if let Some(&(v, cost)) =
+            self.cuts.iter().min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
+        {
+            cands.push((format!("split@{v}"), cost, Choice::Split(v)));
+        }
+        let base = rev.seconds(rates);
+        let best = cands
+            .iter()
+            .filter(|c| c.1.seconds(rates) < 0.95 * base)
+            .min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
+            .map_or(Choice::Reverse, |c| c.2);
+        (cands, tree, best)
+    }
 }
 
 /// Bytes a plan must hold at its peak, estimated: every operator with
