@@ -163,10 +163,42 @@ impl CompiledLayer {
     /// A dense layer's or a convolution's product runs in `T`
     /// ([`Operator::apply_in`]); in `f64`, everything does.
     fn eval<T: Real>(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
-        match self.eval_elementwise(values, with_offset, par) {
-            Some(y) => y,
+        match self.eval_elementwise(values, None, with_offset, par) {
+            Some((y, _)) => y,
             None => self.eval_general::<T>(values, with_offset, par),
         }
+    }
+
+    /// The layer's output with its offset at an instance's values, and
+    /// whether every element is finite. With `last_use` (the first
+    /// input's value is read by nothing after this layer) an elementwise
+    /// layer takes that value's buffer from `values` and writes its output
+    /// over it: no new buffer, no zeroing, no page faults. The finiteness
+    /// is found in the same pass. The same bits as [`CompiledLayer::eval`].
+    fn eval_checked<T: Real>(
+        &self,
+        values: &mut [Option<Vec<f64>>],
+        last_use: bool,
+        par: Par,
+    ) -> (Vec<f64>, bool) {
+        let first = self.inputs.first().map(|(v, _)| *v);
+        let own = match first {
+            Some(v) if last_use && self.elementwise() => values[v].take(),
+            _ => None,
+        };
+        match self.eval_elementwise(values, own, true, par) {
+            Some(checked) => checked,
+            None => {
+                let y = self.eval_general::<T>(values, true, par);
+                let finite = all_finite(&y, par);
+                (y, finite)
+            }
+        }
+    }
+
+    /// Whether every operator acts element by element.
+    fn elementwise(&self) -> bool {
+        self.inputs.iter().all(|(_, op)| Elementwise::of(op).is_some())
     }
 
     /// [`CompiledLayer::eval`] through each operator's own product.
@@ -199,40 +231,61 @@ impl CompiledLayer {
     /// batch-norm): one pass over the output, `((A_0·u_0 + c) + A_1·u_1) +
     /// …` element by element, the same operations in the same order as
     /// the general path, so the same bits; in chunks across threads when
-    /// `par` has them. `None` for any other layer.
+    /// `par` has them. With `own`, the first input's value itself (taken
+    /// from `values`), the output is written over it. Also whether every
+    /// output element is finite. `None` for any other layer.
     fn eval_elementwise(
         &self,
         values: &[Option<Vec<f64>>],
+        own: Option<Vec<f64>>,
         with_offset: bool,
         par: Par,
-    ) -> Option<Vec<f64>> {
+    ) -> Option<(Vec<f64>, bool)> {
         let ops: Vec<Elementwise<'_>> =
             self.inputs.iter().map(|(_, op)| Elementwise::of(op)).collect::<Option<_>>()?;
         let input = |v: usize| values[v].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
+        let in_place = own.is_some();
         let chunk = |k: usize, y: &mut [f64]| {
             let lo = k * ACTIVATION_CHUNK;
             let len = y.len();
             for (q, ((v, _), op)) in self.inputs.iter().zip(&ops).enumerate() {
-                let x = &input(*v)[lo..lo + len];
-                // y = A_0·u_0, then y += A_q·u_q
-                let put = |y: &mut [f64], x: &[f64], s: Option<&[f64]>| match (q, s) {
-                    (0, None) => y.copy_from_slice(x),
-                    (0, Some(s)) => y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y = s * x),
-                    (_, None) => y.iter_mut().zip(x).for_each(|(y, x)| *y += x),
-                    (_, Some(s)) => y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y += s * x),
+                // y = A_0·u_0 (u_0 already in y when in place), then y += A_q·u_q
+                let put = |y: &mut [f64], s: Option<&[f64]>| match (q, s, in_place) {
+                    (0, None, true) => {}
+                    (0, Some(s), true) => y.iter_mut().zip(s).for_each(|(y, s)| *y *= s),
+                    (0, None, false) => y.copy_from_slice(&input(*v)[lo..lo + len]),
+                    (0, Some(s), false) => {
+                        let x = &input(*v)[lo..lo + len];
+                        y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y = s * x);
+                    }
+                    (_, None, _) => {
+                        let x = &input(*v)[lo..lo + len];
+                        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+                    }
+                    (_, Some(s), _) => {
+                        let x = &input(*v)[lo..lo + len];
+                        y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y += s * x);
+                    }
                 };
                 match op {
-                    Elementwise::Identity => put(y, x, None),
-                    Elementwise::Diagonal(d) => put(y, x, Some(&d[lo..lo + len])),
+                    Elementwise::Identity => put(y, None),
+                    Elementwise::Diagonal(d) => put(y, Some(&d[lo..lo + len])),
                     Elementwise::ChannelScale(cs) => {
                         let vals = cs.values();
                         for_blocks(lo, len, cs.spatial(), |a, b, c| {
                             let s = vals[c];
-                            if q == 0 {
-                                y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y = s * x);
-                            } else {
-                                y[a..b].iter_mut().zip(&x[a..b]).for_each(|(y, x)| *y += s * x);
+                            let y = &mut y[a..b];
+                            match (q, in_place) {
+                                (0, true) => y.iter_mut().for_each(|y| *y *= s),
+                                (0, false) => {
+                                    let x = &input(*v)[lo + a..lo + b];
+                                    y.iter_mut().zip(x).for_each(|(y, x)| *y = s * x);
+                                }
+                                _ => {
+                                    let x = &input(*v)[lo + a..lo + b];
+                                    y.iter_mut().zip(x).for_each(|(y, x)| *y += s * x);
+                                }
                             }
                         });
                     }
@@ -246,15 +299,25 @@ impl CompiledLayer {
                     }
                 }
             }
+            y.iter().fold(true, |a, v| a & v.is_finite())
         };
-        let mut y = vec![0.0; n];
-        if par.degree() > 1 && n > 2 * ACTIVATION_CHUNK {
+        let mut y = match own {
+            Some(y) => {
+                debug_assert_eq!(y.len(), n, "an elementwise layer keeps its length");
+                y
+            }
+            None => vec![0.0; n],
+        };
+        let finite = if par.degree() > 1 && n > 2 * ACTIVATION_CHUNK {
             use rayon::prelude::*;
-            y.par_chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
+            y.par_chunks_mut(ACTIVATION_CHUNK)
+                .enumerate()
+                .map(|(k, c)| chunk(k, c))
+                .reduce(|| true, |a, b| a & b)
         } else {
-            y.chunks_mut(ACTIVATION_CHUNK).enumerate().for_each(|(k, c)| chunk(k, c));
-        }
-        Some(y)
+            y.chunks_mut(ACTIVATION_CHUNK).enumerate().fold(true, |a, (k, c)| a & chunk(k, c))
+        };
+        Some((y, finite))
     }
 }
 
@@ -905,7 +968,9 @@ impl Compiler {
         values[0] = Some(x.to_vec());
         let mut layers = Vec::with_capacity(self.net.nodes().len());
         for (node, fixed) in self.net.nodes().iter().zip(&self.fixed) {
-            let u = values[node.inputs[0].0].as_ref().expect("input value alive");
+            let v0 = node.inputs[0].0;
+            // the first input's value is read by nothing after this layer
+            let last_use = remaining[v0] == 1;
             let mut active = None;
             // the layer's output where forming its operator gave it already
             let mut formed = None;
@@ -913,6 +978,7 @@ impl Compiler {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
                 Fixed::PerInstance(d @ (Dynamic::Product | Dynamic::MatMul)) => {
                     // two factors that both depend on the input
+                    let u = values[v0].as_ref().expect("input value alive");
                     let g = values[node.inputs[1].0].as_ref().expect("input value alive");
                     let sa = self.net.shape(node.inputs[0]);
                     let sb = self.net.shape(node.inputs[1]);
@@ -924,7 +990,19 @@ impl Compiler {
                     (ops.into_iter().map(Arc::new).collect(), Arc::new(Offset::from(bias)))
                 }
                 Fixed::PerInstance(Dynamic::Unary(d)) => {
-                    let f = per_instance(d, u, self.net.shape(node.inputs[0]), mode, par);
+                    let src = match d {
+                        // an activation writes its output over a dead input
+                        Unary::Activation(_) if last_use => {
+                            Src::Over(values[v0].take().expect("input value alive"))
+                        }
+                        Unary::Activation(_)
+                        | Unary::MaxPool(_)
+                        | Unary::Lrn(_)
+                        | Unary::Softmax(_) => {
+                            Src::Read(values[v0].as_deref().expect("input value alive"))
+                        }
+                    };
+                    let f = per_instance(d, src, self.net.shape(node.inputs[0]), mode, par);
                     active = f.active;
                     formed = f.output;
                     (vec![Arc::new(f.op)], Arc::new(f.offset))
@@ -938,8 +1016,11 @@ impl Compiler {
                 output: node.output.0,
                 active,
             };
-            let y = formed.unwrap_or_else(|| layer.eval::<T>(&values, true, par));
-            if !all_finite(&y, par) {
+            let (y, finite) = match formed {
+                Some(y) => y,
+                None => layer.eval_checked::<T>(&mut values, last_use, par),
+            };
+            if !finite {
                 return Err(CompileError::NonFinite {
                     where_: format!("after layer `{}`", node.name),
                 });
@@ -1040,12 +1121,28 @@ const ACTIVATION_CHUNK: usize = 1 << 14;
 
 /// A per-instance operator as formed at `u`: the operator, its offset, the
 /// activation pattern (activations), and the layer's output where forming
-/// the operator computed it (activations).
+/// the operator computed it (activations), with whether it is all finite.
 struct Formed {
     op: Operator,
     offset: Offset,
     active: Option<Vec<bool>>,
-    output: Option<Vec<f64>>,
+    output: Option<(Vec<f64>, bool)>,
+}
+
+/// A per-instance layer's input value: read, or, where nothing after the
+/// layer reads it, handed over for the layer to write its output over.
+enum Src<'a> {
+    Read(&'a [f64]),
+    Over(Vec<f64>),
+}
+
+impl Src<'_> {
+    fn as_slice(&self) -> &[f64] {
+        match self {
+            Src::Read(u) => u,
+            Src::Over(u) => u,
+        }
+    }
 }
 
 /// An activation layer at `u`, in one pass over chunks of the units (the
@@ -1053,30 +1150,123 @@ struct Formed {
 /// it): the slope per unit (tangent σ'(z); secant σ(z)/z for a smooth
 /// function, σ'(0) at 0), the offset, the activation pattern, and the
 /// output `slope·z + offset` with the bits [`CompiledLayer::eval`] gives
-/// for the diagonal and offset.
+/// for the diagonal and offset, and whether that output is all finite.
+/// Given [`Src::Over`], the output is written over the input's buffer.
 ///
 /// A piecewise-linear function whose one kink is at 0 (ReLU, LeakyReLU,
 /// PReLU, Abs) is linear through the origin on each piece, so its offsets
 /// `σ(z) − σ'(z)·z` come out `+0.0`: they are checked chunk by chunk and
-/// not stored (ResNet-50: 10 M of them); should any differ, the pass runs
-/// again keeping them.
+/// not stored (ResNet-50: 10 M of them); a chunk where one differs forms
+/// its offsets apart, from its own copy of the inputs.
 fn activation_instance(
     a: &nnlin_ir::Activation,
-    u: &[f64],
+    u: Src<'_>,
     mode: Mode,
     par: Par,
 ) -> ActivationFormed {
+    use rayon::prelude::*;
     let kind = ActivationKind::of(a);
-    if kind.pwl
-        && kind.kink_at_zero
-        && let Some(formed) = activation_pass(a, kind, u, mode, par, false)
-    {
-        return formed;
+    let ActivationKind { pwl, kink_at_zero } = kind;
+    // offsets known to be +0.0 unless shown otherwise
+    let sparse = pwl && kink_at_zero;
+    let (n, read, mut y) = match u {
+        Src::Read(u) => (u.len(), Some(u), vec![0.0; u.len()]),
+        Src::Over(u) => (u.len(), None, u),
+    };
+    let (mut slope, mut active) = (vec![0.0; n], vec![false; n]);
+    let mut offset = if sparse { vec![] } else { vec![0.0; n] };
+    // one chunk, `z` a copy of its inputs where the output overwrites
+    // them: its offsets where some differ from +0.0 and were not stored,
+    // and whether its outputs are all finite
+    let chunk = |k: usize,
+                 s: &mut [f64],
+                 act: &mut [bool],
+                 y: &mut [f64],
+                 c: Option<&mut [f64]>,
+                 z: &mut Vec<f64>|
+     -> (Option<Vec<f64>>, bool) {
+        let base = k * ACTIVATION_CHUNK;
+        let z: &[f64] = match read {
+            Some(u) => &u[base..base + s.len()],
+            None => {
+                z.clear();
+                z.extend_from_slice(y);
+                z
+            }
+        };
+        a.expr.values_and_slopes_into(base, z, y, s);
+        let mut zero = true;
+        let stored = c.is_some();
+        let mut c = c.map(|c| c.iter_mut());
+        for (((s, act), y), &z) in s.iter_mut().zip(act).zip(y.iter_mut()).zip(z) {
+            let (sl, off) = slope_and_offset(mode, pwl, z, *y, *s);
+            *s = sl;
+            *act = if kink_at_zero { z > 0.0 } else { sl != 0.0 };
+            *y = sl * z + off;
+            zero &= off.to_bits() == 0;
+            if let Some(c) = c.as_mut() {
+                *c.next().expect("an offset per unit") = off;
+            }
+        }
+        let finite = y.iter().fold(true, |a, v| a & v.is_finite());
+        if zero || stored {
+            return (None, finite);
+        }
+        // the rare chunk of nonzero offsets: formed again from the inputs
+        let (mut v, mut d) = (vec![0.0; z.len()], vec![0.0; z.len()]);
+        a.expr.values_and_slopes_into(base, z, &mut v, &mut d);
+        let offs =
+            z.iter().zip(&v).zip(&d).map(|((&z, &v), &d)| slope_and_offset(mode, pwl, z, v, d).1);
+        (Some(offs.collect()), finite)
+    };
+    const C: usize = ACTIVATION_CHUNK;
+    let chunks = n.div_ceil(C);
+    let parallel = par.degree() > 1 && n > C;
+    let mut offsets: Vec<(Option<Vec<f64>>, bool)> = Vec::with_capacity(chunks);
+    let mut c_chunks: Vec<Option<&mut [f64]>> = if sparse {
+        (0..chunks).map(|_| None).collect()
+    } else {
+        offset.chunks_mut(C).map(Some).collect()
+    };
+    let units =
+        slope.chunks_mut(C).zip(active.chunks_mut(C)).zip(y.chunks_mut(C)).zip(c_chunks.drain(..));
+    if parallel {
+        let jobs: Vec<_> = units.collect();
+        jobs.into_par_iter()
+            .enumerate()
+            .map_init(Vec::new, |z, (k, (((s, act), y), c))| chunk(k, s, act, y, c, z))
+            .collect_into_vec(&mut offsets);
+    } else {
+        let mut z = Vec::new();
+        offsets.extend(
+            units.enumerate().map(|(k, (((s, act), y), c))| chunk(k, s, act, y, c, &mut z)),
+        );
     }
-    activation_pass(a, kind, u, mode, par, true).expect("a pass that keeps its offsets")
+    let finite = offsets.iter().all(|(_, f)| *f);
+    let offset = if !sparse {
+        Offset::from(offset)
+    } else if offsets.iter().all(|(o, _)| o.is_none()) {
+        Offset::Zero(n)
+    } else {
+        let mut full = vec![0.0; n];
+        for (k, (o, _)) in offsets.into_iter().enumerate() {
+            if let Some(o) = o {
+                full[k * C..k * C + o.len()].copy_from_slice(&o);
+            }
+        }
+        Offset::Full(full)
+    };
+    (slope, offset, active, y, finite)
 }
 
-/// What [`activation_pass`] needs to know of an activation's function,
+/// A unit's slope and offset from its input `z`, its value `v = σ(z)` and
+/// its derivative `d = σ'(z)`: tangent `(d, v − d·z)`; secant, for a
+/// smooth function away from 0, `(v / z, 0)`.
+fn slope_and_offset(mode: Mode, pwl: bool, z: f64, v: f64, d: f64) -> (f64, f64) {
+    if mode == Mode::Secant && !pwl && z != 0.0 { (v / z, 0.0) } else { (d, v - d * z) }
+}
+
+/// What [`activation_instance`] needs to know of an activation's function,
 /// found once per layer (`breakpoints` allocates).
 #[derive(Clone, Copy, Debug)]
 struct ActivationKind {
@@ -1099,94 +1289,22 @@ impl ActivationKind {
     }
 }
 
-/// An activation at one input: slopes, offset, pattern, outputs.
-type ActivationFormed = (Vec<f64>, Offset, Vec<bool>, Vec<f64>);
-
-/// [`activation_instance`]'s pass: with `keep`, every offset stored;
-/// without, `None` unless every offset is `+0.0`.
-fn activation_pass(
-    a: &nnlin_ir::Activation,
-    kind: ActivationKind,
-    u: &[f64],
-    mode: Mode,
-    par: Par,
-    keep: bool,
-) -> Option<ActivationFormed> {
-    use rayon::prelude::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let ActivationKind { pwl, kink_at_zero } = kind;
-    let n = u.len();
-    let (mut slope, mut active, mut y) = (vec![0.0; n], vec![false; n], vec![0.0; n]);
-    let mut offset = if keep { vec![0.0; n] } else { vec![] };
-    // one chunk: whether all its offsets are +0.0; the values go into the
-    // outputs' buffer, each replaced by its output once its slope and
-    // offset are formed (and the offset kept in `c` if given)
-    let chunk =
-        |k: usize, s: &mut [f64], act: &mut [bool], y: &mut [f64], c: Option<&mut [f64]>| {
-            let base = k * ACTIVATION_CHUNK;
-            let z = &u[base..base + s.len()];
-            a.expr.values_and_slopes_into(base, z, y, s);
-            let mut zero = true;
-            let mut c = c.map(|c| c.iter_mut());
-            for (((s, act), y), &z) in s.iter_mut().zip(act).zip(y).zip(z) {
-                let (v, d) = (*y, *s);
-                let (sl, off) = if mode == Mode::Secant && !pwl && z != 0.0 {
-                    (v / z, 0.0)
-                } else {
-                    (d, v - d * z)
-                };
-                *s = sl;
-                *act = if kink_at_zero { z > 0.0 } else { sl != 0.0 };
-                *y = sl * z + off;
-                zero &= off.to_bits() == 0;
-                if let Some(c) = c.as_mut() {
-                    *c.next().expect("an offset per unit") = off;
-                }
-            }
-            zero
-        };
-    const C: usize = ACTIVATION_CHUNK;
-    let parallel = par.degree() > 1 && n > C;
-    let all_zero = AtomicBool::new(true);
-    let units = |k: usize, ((s, act), y): ((&mut [f64], &mut [bool]), &mut [f64]), c| {
-        if !chunk(k, s, act, y, c) {
-            all_zero.store(false, Ordering::Relaxed);
-        }
-    };
-    match (keep, parallel) {
-        (true, true) => (slope.par_chunks_mut(C).zip(active.par_chunks_mut(C)))
-            .zip(y.par_chunks_mut(C))
-            .zip(offset.par_chunks_mut(C))
-            .enumerate()
-            .for_each(|(k, (p, c))| units(k, p, Some(c))),
-        (true, false) => (slope.chunks_mut(C).zip(active.chunks_mut(C)))
-            .zip(y.chunks_mut(C))
-            .zip(offset.chunks_mut(C))
-            .enumerate()
-            .for_each(|(k, (p, c))| units(k, p, Some(c))),
-        (false, true) => (slope.par_chunks_mut(C).zip(active.par_chunks_mut(C)))
-            .zip(y.par_chunks_mut(C))
-            .enumerate()
-            .for_each(|(k, p)| units(k, p, None)),
-        (false, false) => (slope.chunks_mut(C).zip(active.chunks_mut(C)))
-            .zip(y.chunks_mut(C))
-            .enumerate()
-            .for_each(|(k, p)| units(k, p, None)),
-    }
-    let offset = match (keep, all_zero.into_inner()) {
-        (true, _) => Offset::from(offset),
-        (false, true) => Offset::Zero(n),
-        (false, false) => return None,
-    };
-    Some((slope, offset, active, y))
-}
+/// An activation at one input: slopes, offset, pattern, outputs and
+/// whether they are all finite.
+type ActivationFormed = (Vec<f64>, Offset, Vec<bool>, Vec<f64>, bool);
 
 /// The operator of a one-input node that depends on its input `u`.
-fn per_instance(layer: &Unary, u: &[f64], in_shape: &[usize], mode: Mode, par: Par) -> Formed {
+fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par: Par) -> Formed {
+    let u = src.as_slice();
     match layer {
         Unary::Activation(a) => {
-            let (slope, offset, active, y) = activation_instance(a, u, mode, par);
-            Formed { op: Operator::Diagonal(slope), offset, active: Some(active), output: Some(y) }
+            let (slope, offset, active, y, finite) = activation_instance(a, src, mode, par);
+            Formed {
+                op: Operator::Diagonal(slope),
+                offset,
+                active: Some(active),
+                output: Some((y, finite)),
+            }
         }
         Unary::MaxPool(p) => {
             let w = &p.window;
@@ -1577,16 +1695,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The activation pass that checks its offsets instead of storing
-    /// them (functions with one kink at 0) gives the stored pass's slopes,
-    /// pattern and outputs bit for bit and a zero offset, signed zeros and
-    /// kinks included, sequential and across threads; a function with
-    /// offsets (Clip) keeps them.
+    /// The activation pass, reading its input or writing over it,
+    /// sequential and across threads, gives each unit's slope, offset and
+    /// output as the per-unit formula does, bit for bit, signed zeros and
+    /// kinks included: a function with one kink at 0 stores no offsets,
+    /// Clip keeps them, and a chunk whose offsets overflow to NaN (a huge
+    /// leak slope) has them formed apart and its outputs reported not
+    /// finite.
     #[test]
-    fn activations_with_a_kink_at_zero_form_no_offsets() {
+    fn activation_pass_matches_the_per_unit_formula() {
         use nnlin_ir::{Binary, Expr, ExprNode, Unary as U};
         let n = 3 * ACTIVATION_CHUNK + 17;
-        let u: Vec<f64> = (0..n)
+        let mut u: Vec<f64> = (0..n)
             .map(|i| match i % 7 {
                 0 => 0.0,
                 1 => -0.0,
@@ -1597,36 +1717,56 @@ mod tests {
         let slope = prelu.push_const((0..n).map(|i| (i % 5) as f64 / 10.0).collect());
         prelu.push(ExprNode::Binary(Binary::PRelu, 0, slope));
         let acts = [
-            Expr::unary(U::Relu),
-            Expr::unary(U::LeakyRelu { alpha: 0.01 }),
-            Expr::unary(U::Abs),
-            prelu,
+            (Expr::unary(U::Relu), false, false),
+            (Expr::unary(U::LeakyRelu { alpha: 0.01 }), false, false),
+            (Expr::unary(U::Abs), false, false),
+            (prelu, false, false),
+            (Expr::unary(U::Clip { min: -1.0, max: 1.0 }), true, false),
+            (Expr::unary(U::LeakyRelu { alpha: 1e300 }), false, true),
         ];
-        for expr in acts {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (expr, offsets, overflow) in acts {
+            if overflow {
+                // in the second chunk only: 1e300 · −1e10 overflows
+                u[ACTIVATION_CHUNK + 5] = -1e10;
+            }
             let a = nnlin_ir::Activation { expr };
             for mode in [Mode::Tangent, Mode::Secant] {
-                let kept =
-                    activation_pass(&a, ActivationKind::of(&a), &u, mode, Par::Seq, true).unwrap();
-                assert!(matches!(kept.1, Offset::Zero(_)), "{:?}", a.expr);
+                let (mut v, mut d) = (vec![0.0; n], vec![0.0; n]);
+                a.expr.values_and_slopes_into(0, &u, &mut v, &mut d);
+                let kind = ActivationKind::of(&a);
+                let want: Vec<(f64, f64)> =
+                    (0..n).map(|i| slope_and_offset(mode, kind.pwl, u[i], v[i], d[i])).collect();
+                let want_y: Vec<f64> = (0..n).map(|i| want[i].0 * u[i] + want[i].1).collect();
                 for par in [Par::Seq, Par::rayon(2)] {
-                    let got = activation_instance(&a, &u, mode, par);
-                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got.0), bits(&kept.0));
-                    assert_eq!(got.1, Offset::Zero(n));
-                    assert_eq!(got.2, kept.2);
-                    assert_eq!(bits(&got.3), bits(&kept.3));
+                    for over in [false, true] {
+                        let src = if over { Src::Over(u.clone()) } else { Src::Read(&u) };
+                        let got = activation_instance(&a, src, mode, par);
+                        let slopes: Vec<f64> = want.iter().map(|w| w.0).collect();
+                        assert_eq!(bits(&got.0), bits(&slopes), "{:?}", a.expr);
+                        let offs: Vec<f64> = want.iter().map(|w| w.1).collect();
+                        match (&got.1, offsets || overflow) {
+                            (Offset::Zero(len), false) => assert_eq!(*len, n),
+                            (Offset::Full(o), true) => {
+                                assert_eq!(o.len(), n);
+                                for (g, w) in o.iter().zip(&offs) {
+                                    assert!(g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan());
+                                }
+                            }
+                            (o, _) => panic!("{:?}: offset {o:?}", a.expr),
+                        }
+                        if kind.kink_at_zero {
+                            assert!(got.2.iter().zip(&u).all(|(&act, &z)| act == (z > 0.0)));
+                        }
+                        assert_eq!(got.4, want_y.iter().all(|y| y.is_finite()));
+                        assert_eq!(got.4, !overflow);
+                        for (g, w) in got.3.iter().zip(&want_y) {
+                            assert!(g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan());
+                        }
+                    }
                 }
             }
         }
-        let clip = nnlin_ir::Activation { expr: Expr::unary(U::Clip { min: -1.0, max: 1.0 }) };
-        assert!(
-            activation_pass(&clip, ActivationKind::of(&clip), &u, Mode::Tangent, Par::Seq, false)
-                .is_none()
-        );
-        assert!(matches!(
-            activation_instance(&clip, &u, Mode::Tangent, Par::Seq).1,
-            Offset::Full(_)
-        ));
     }
 
     proptest! {
@@ -1683,8 +1823,17 @@ mod tests {
             let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for par in [Par::Seq, Par::rayon(2)] {
-                let got = layer.eval_elementwise(&values, with_offset, par).expect("elementwise");
+                let (got, finite) =
+                    layer.eval_elementwise(&values, None, with_offset, par).expect("elementwise");
                 prop_assert_eq!(bits(&got), bits(&want));
+                prop_assert_eq!(finite, all_finite(&want, Par::Seq));
+                // over the first input's own buffer, that value taken away
+                let mut taken = values.clone();
+                let own = taken[1].take();
+                let (got, finite) =
+                    layer.eval_elementwise(&taken, own, with_offset, par).expect("elementwise");
+                prop_assert_eq!(bits(&got), bits(&want));
+                prop_assert_eq!(finite, all_finite(&want, Par::Seq));
             }
         }
 
