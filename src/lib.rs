@@ -792,6 +792,20 @@ impl Model {
         self.compile_instance_in(x, mode, par, Precision::F64)
     }
 
+    /// Forms what the products at `precision` read and keep (float32
+    /// weights, Winograd kernels; see [`Operator::formed_bytes`]) with
+    /// the operators side by side on the current rayon pool, once per
+    /// model: later calls find them formed. Otherwise the first instance
+    /// to reach an operator forms it while the others wait for it. The
+    /// batch entry points call it before a batch of several instances;
+    /// it changes no result.
+    pub fn prepare(&self, precision: Precision) {
+        match precision {
+            Precision::F64 => self.compiler.prepare::<f64>(),
+            Precision::F32 => self.compiler.prepare::<f32>(),
+        }
+    }
+
     /// [`Model::compile_instance_with`] with the dense layers' and
     /// convolutions' forward products in `precision` (see
     /// [`Precision::F32`]).
@@ -1377,7 +1391,14 @@ impl Ensemble {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
+        batch(self, xs, opts)
+    }
+
+    /// [`Model::prepare`] for every member.
+    pub fn prepare(&self, precision: Precision) {
+        for (m, _) in &self.members {
+            m.prepare(precision);
+        }
     }
 }
 
@@ -1412,9 +1433,15 @@ pub trait Linearize: Sync {
     fn forward_reference(&self, x: &[f64]) -> Vec<f64>;
     /// W, b and the pattern at `x`.
     fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization>;
+    /// Forms what the products at `precision` read and keep, on the
+    /// current pool (see [`Model::prepare`]); the batch entry points call
+    /// it before several instances. Nothing by default.
+    fn prepare(&self, precision: Precision) {
+        let _ = precision;
+    }
     /// Every row of `xs`, in parallel on the current rayon pool, all held.
     fn linearize_batch(&self, xs: ArrayView2<f64>, opts: &Options) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
+        batch(self, xs, opts)
     }
     /// Every row of `xs`, handing each linearization to `f(index, lin)` as
     /// it is formed (in parallel, in no fixed order) instead of holding them
@@ -1430,6 +1457,7 @@ pub trait Linearize: Sync {
             return Err(Error::InputLength { expected: self.input_len(), got: xs.ncols() });
         }
         let opts = batch_options(opts, xs.nrows());
+        prepare_batch(self, &opts, xs.nrows());
         (0..xs.nrows()).into_par_iter().try_for_each(|k| {
             let x = xs.row(k).to_vec();
             f(k, self.linearize(&x, &opts)?)
@@ -1450,6 +1478,9 @@ impl Linearize for Model {
     fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Model::linearize(self, x, opts)
     }
+    fn prepare(&self, precision: Precision) {
+        Model::prepare(self, precision)
+    }
 }
 
 impl Linearize for Ensemble {
@@ -1464,6 +1495,9 @@ impl Linearize for Ensemble {
     }
     fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Ensemble::linearize(self, x, opts)
+    }
+    fn prepare(&self, precision: Precision) {
+        Ensemble::prepare(self, precision)
     }
 }
 
@@ -1480,6 +1514,9 @@ impl Linearize for Pipeline {
     fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Pipeline::linearize(self, x, opts)
     }
+    fn prepare(&self, precision: Precision) {
+        Pipeline::prepare(self, precision)
+    }
 }
 
 /// `opts` for a batch of `count` instances: one instance spreads its
@@ -1495,19 +1532,33 @@ fn batch_options(opts: &Options, count: usize) -> Options {
     opts
 }
 
-/// Runs `f` on every row of `xs` in parallel on the current rayon pool.
-fn batch(
+/// Before a batch of `count` instances that run side by side, what their
+/// reverse products read formed on the whole pool ([`Model::prepare`]);
+/// not for one instance (its forward pass prepares on its own threads),
+/// nor for the forward and dense strategies, which read none of it.
+fn prepare_batch<L: Linearize + ?Sized>(f: &L, opts: &Options, count: usize) {
+    let reverse = match opts.strategy {
+        Strategy::Auto | Strategy::Reverse | Strategy::Dp => true,
+        Strategy::Forward | Strategy::Dense => false,
+    };
+    if count > 1 && reverse {
+        f.prepare(opts.precision);
+    }
+}
+
+/// Linearizes every row of `xs` in parallel on the current rayon pool.
+fn batch<L: Linearize + ?Sized>(
+    f: &L,
     xs: ArrayView2<f64>,
-    n: usize,
     opts: &Options,
-    f: impl Fn(&[f64], &Options) -> Result<Linearization> + Sync,
 ) -> Result<Vec<Linearization>> {
-    if xs.ncols() != n {
-        return Err(Error::InputLength { expected: n, got: xs.ncols() });
+    if xs.ncols() != f.input_len() {
+        return Err(Error::InputLength { expected: f.input_len(), got: xs.ncols() });
     }
     let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
     let opts = batch_options(opts, rows.len());
-    rows.par_iter().map(|x| f(x, &opts)).collect()
+    prepare_batch(f, &opts, rows.len());
+    rows.par_iter().map(|x| f.linearize(x, &opts)).collect()
 }
 
 /// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that
@@ -1616,7 +1667,17 @@ impl Pipeline {
         xs: ArrayView2<f64>,
         opts: &Options,
     ) -> Result<Vec<Linearization>> {
-        batch(xs, self.input_len(), opts, |x, o| self.linearize(x, o))
+        batch(self, xs, opts)
+    }
+
+    /// [`Model::prepare`] for every stage, at the precision each runs in:
+    /// with later stages, every stage runs in float64.
+    pub fn prepare(&self, precision: Precision) {
+        let first = if self.then.is_empty() { precision } else { Precision::F64 };
+        self.first.prepare(first);
+        for m in &self.then {
+            m.prepare(Precision::F64);
+        }
     }
 }
 
