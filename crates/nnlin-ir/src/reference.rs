@@ -437,92 +437,87 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
         && (w.oh, w.ow) == (w.ih, w.iw);
     let tiles = plane.div_ceil(tile);
     let chunks = cog.div_ceil(GEMM_CHANNELS);
-    let tasks: Vec<(usize, usize, usize)> = (0..c.groups)
-        .flat_map(|g| (0..tiles).flat_map(move |t| (0..chunks).map(move |k| (g, t, k))))
-        .collect();
-    let blocks: Vec<Vec<f64>> = tasks
-        .par_iter()
-        .map(|&(g, t, k)| {
-            let (p0, rows) = (t * tile, tile.min(plane - t * tile));
-            let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
-            let input = &u[g * cig * inplane..(g + 1) * cig * inplane];
-            let mut cols_buf = Vec::new();
-            let xt: MatRef<'_, f64> = if direct {
-                MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
-                    .subrows(p0, rows)
-            } else {
-                cols_buf.resize(rows * taps, 0.0);
-                for icg in 0..cig {
-                    for ky in 0..w.kh {
-                        for kx in 0..w.kw {
-                            let col =
-                                &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
-                            // the tile's positions, one output row segment
-                            // at a time (no division per element)
-                            let (mut oy, mut ox, mut r) = (p0 / w.ow, p0 % w.ow, 0);
-                            while r < rows {
-                                let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
-                                let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
-                                if iy < w.ih && w.sw == 1 {
-                                    // stride 1: the segment is one span of the
-                                    // padded row (zeros, a copy, zeros)
-                                    let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
-                                    let start = ox + kx * w.dw;
-                                    let n = seg.len();
-                                    let lo = w.pl.saturating_sub(start).min(n);
-                                    let hi = (w.pl + w.iw).saturating_sub(start).clamp(lo, n);
-                                    seg.fill(0.0);
-                                    if lo < hi {
-                                        seg[lo..hi].copy_from_slice(
-                                            &row[start + lo - w.pl..start + hi - w.pl],
-                                        );
-                                    }
-                                } else if iy < w.ih {
-                                    let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
-                                    for (j, v) in seg.iter_mut().enumerate() {
-                                        let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
-                                        *v = if ix < w.iw { row[ix] } else { 0.0 };
-                                    }
-                                } else {
-                                    seg.fill(0.0);
-                                }
-                                r += seg.len();
-                                (oy, ox) = (oy + 1, 0);
-                            }
-                        }
-                    }
-                }
-                MatRef::from_column_major_slice(&cols_buf, rows, taps)
-            };
-            let oc0 = g * cog + c0;
-            let wt = MatRef::from_column_major_slice(
-                &c.weight[oc0 * taps..(oc0 + cols) * taps],
-                taps,
-                cols,
-            );
-            let mut out = vec![0.0; rows * cols];
-            faer::linalg::matmul::matmul(
-                MatMut::from_column_major_slice_mut(&mut out, rows, cols),
-                Accum::Replace,
-                xt,
-                wt,
-                1.0,
-                Par::Seq,
-            );
-            out
-        })
-        .collect();
-    for (&(g, t, k), out) in tasks.iter().zip(&blocks) {
-        let (p0, rows) = (t * tile, tile.min(plane - t * tile));
-        let oc0 = g * cog + k * GEMM_CHANNELS;
-        for (j, src) in out.chunks(rows).enumerate() {
-            let b = c.bias.as_ref().map_or(0.0, |b| b[oc0 + j]);
-            let dst = &mut y[(oc0 + j) * plane + p0..][..rows];
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = b + v;
+    // each task's block of the output (positions p0.., channels oc0..),
+    // borrowed from y seen as positions × channels: disjoint views, each
+    // written by its task's GEMM in place
+    let mut tasks: Vec<((usize, usize, usize), MatMut<'_, f64>)> =
+        Vec::with_capacity(c.groups * tiles * chunks);
+    let mut rest = MatMut::from_column_major_slice_mut(&mut y, plane, c.c_out);
+    for g in 0..c.groups {
+        for k in 0..chunks {
+            let cols = GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS);
+            let (mut chunk, r) = rest.split_at_col_mut(cols);
+            rest = r;
+            for t in 0..tiles {
+                let rows = tile.min(plane - t * tile);
+                let (block, r) = chunk.split_at_row_mut(rows);
+                chunk = r;
+                tasks.push(((g, t, k), block));
             }
         }
     }
+    tasks.into_par_iter().for_each(|((g, t, k), mut block)| {
+        let (p0, rows) = (t * tile, tile.min(plane - t * tile));
+        let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
+        let input = &u[g * cig * inplane..(g + 1) * cig * inplane];
+        let mut cols_buf = Vec::new();
+        let xt: MatRef<'_, f64> = if direct {
+            MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
+                .subrows(p0, rows)
+        } else {
+            cols_buf.resize(rows * taps, 0.0);
+            for icg in 0..cig {
+                for ky in 0..w.kh {
+                    for kx in 0..w.kw {
+                        let col = &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
+                        // the tile's positions, one output row segment
+                        // at a time (no division per element)
+                        let (mut oy, mut ox, mut r) = (p0 / w.ow, p0 % w.ow, 0);
+                        while r < rows {
+                            let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
+                            let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
+                            if iy < w.ih && w.sw == 1 {
+                                // stride 1: the segment is one span of the
+                                // padded row (zeros, a copy, zeros)
+                                let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                                let start = ox + kx * w.dw;
+                                let n = seg.len();
+                                let lo = w.pl.saturating_sub(start).min(n);
+                                let hi = (w.pl + w.iw).saturating_sub(start).clamp(lo, n);
+                                seg.fill(0.0);
+                                if lo < hi {
+                                    seg[lo..hi].copy_from_slice(
+                                        &row[start + lo - w.pl..start + hi - w.pl],
+                                    );
+                                }
+                            } else if iy < w.ih {
+                                let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                                for (j, v) in seg.iter_mut().enumerate() {
+                                    let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
+                                    *v = if ix < w.iw { row[ix] } else { 0.0 };
+                                }
+                            } else {
+                                seg.fill(0.0);
+                            }
+                            r += seg.len();
+                            (oy, ox) = (oy + 1, 0);
+                        }
+                    }
+                }
+            }
+            MatRef::from_column_major_slice(&cols_buf, rows, taps)
+        };
+        let oc0 = g * cog + c0;
+        let wt =
+            MatRef::from_column_major_slice(&c.weight[oc0 * taps..(oc0 + cols) * taps], taps, cols);
+        faer::linalg::matmul::matmul(block.as_mut(), Accum::Replace, xt, wt, 1.0, Par::Seq);
+        for j in 0..cols {
+            let b = c.bias.as_ref().map_or(0.0, |b| b[oc0 + j]);
+            for d in block.as_mut().col_mut(j).iter_mut() {
+                *d += b;
+            }
+        }
+    });
     y
 }
 
