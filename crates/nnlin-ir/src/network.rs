@@ -495,8 +495,17 @@ impl Layer {
         let numel: usize = x.iter().product();
         let finite = |param: &str, v: &[f64]| {
             // a fold without early exit vectorizes (weights are finite but
-            // for hostile files, and every weight passes through here)
-            if v.chunks(4096).all(|c| c.iter().fold(true, |a, t| a & t.is_finite())) {
+            // for hostile files, and every weight passes through here);
+            // large tensors in pieces on the current rayon pool (ResNet-50:
+            // 25 M weights)
+            use rayon::prelude::*;
+            let piece = |c: &[f64]| c.iter().fold(true, |a, t| a & t.is_finite());
+            let ok = if v.len() >= 1 << 18 {
+                v.par_chunks(1 << 16).all(piece)
+            } else {
+                v.chunks(4096).all(piece)
+            };
+            if ok {
                 Ok(())
             } else {
                 Err(IrError::NonFinite { layer: name.to_string(), param: param.to_string() })
@@ -1060,5 +1069,30 @@ mod tests {
         let sum = Layer::Add(Add { coeffs: vec![1.0, 1.0] });
         two.push("s", "Add", sum, vec![ValueId(0), ValueId(0)]).unwrap();
         assert!(two.bypass(0).is_err(), "two inputs");
+    }
+
+    /// A large weight tensor (checked in pieces across threads) with one
+    /// non-finite value anywhere is refused, as a small one is.
+    #[test]
+    fn a_non_finite_weight_in_a_large_tensor_is_refused() {
+        let (inp, out) = (1024, 300);
+        for bad in [0, 77_777, inp * out - 1] {
+            for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let mut weight = vec![0.5; inp * out];
+                weight[bad] = v;
+                let dense =
+                    Layer::Dense(Dense { in_features: inp, out_features: out, weight, bias: None });
+                let mut net = Network::new(vec![1, inp]);
+                let err = net.push("d", "Gemm", dense, vec![ValueId(0)]).unwrap_err();
+                assert!(matches!(err, IrError::NonFinite { .. }), "{err:?}");
+            }
+        }
+        let dense = Layer::Dense(Dense {
+            in_features: inp,
+            out_features: out,
+            weight: vec![0.5; inp * out],
+            bias: None,
+        });
+        assert!(Network::new(vec![1, inp]).push("d", "Gemm", dense, vec![ValueId(0)]).is_ok());
     }
 }
