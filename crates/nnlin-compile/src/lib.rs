@@ -1452,31 +1452,11 @@ pub fn adjoints(
     if row >= out_len {
         return Err(CompileError::RowOutOfRange { row, len: out_len });
     }
-    let nvalues = inst.value_lens.len();
-    let mut adj: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
     let mut g0 = Block::zeros(1, out_len);
     g0[(0, row)] = 1.0;
-    adj[inst.output_value] = Some(g0);
-    for layer in inst.layers.iter().rev() {
-        let Some(g) = adj[layer.output].as_ref() else { continue };
-        let contribs: Vec<(usize, Block)> = layer
-            .inputs
-            .iter()
-            .map(|(v, op)| {
-                (
-                    *v,
-                    match &**op {
-                        Operator::Identity(_) => g.clone(),
-                        op => op.left_mul(g, par),
-                    },
-                )
-            })
-            .collect();
-        for (v, c) in contribs {
-            add_into(&mut adj[v], c);
-        }
-    }
-    Ok(adj.into_iter().map(|a| a.map(|m| m.as_slice().to_vec())).collect())
+    let mut adj: Vec<Option<Vec<f64>>> = vec![None; inst.value_lens.len()];
+    reverse_pass(inst, g0, 0, par, &mut |v, g: &Block| adj[v] = Some(g.as_slice().to_vec()));
+    Ok(adj)
 }
 
 /// Estimated multiply-adds of accumulating `m` rows in `dir` order (see
@@ -1502,7 +1482,7 @@ fn add_into<T: Real>(acc: &mut Option<Block<T>>, x: Block<T>) {
 }
 
 /// A forward tangent: the identity (the input itself) or a dense block.
-enum Tangent {
+pub(crate) enum Tangent {
     Identity,
     Dense(Block),
 }
@@ -1579,12 +1559,30 @@ pub(crate) fn reverse_from<T: Real>(
     stop: usize,
     par: Par,
 ) -> (Option<Block<T>>, Vec<T>) {
+    reverse_pass(inst, g0, stop, par, &mut |_, _| {})
+}
+
+/// The one reverse pass: over the nodes after value `stop`, from the
+/// output adjoint `g0` (`k × outputs`), each node's adjoint pushed to its
+/// inputs. `visit(v, adjoint)` sees each value's adjoint once it is
+/// complete (every reader of `v` has added its share), the output's
+/// first and `stop`'s last. Returns the adjoint at `stop` (`None` if the
+/// rows do not depend on it) and `g0`'s rows of the pushed-back offsets
+/// (`Σ` adjoint · c).
+fn reverse_pass<T: Real>(
+    inst: &Instance,
+    g0: Block<T>,
+    stop: usize,
+    par: Par,
+    visit: &mut dyn FnMut(usize, &Block<T>),
+) -> (Option<Block<T>>, Vec<T>) {
     let m = g0.nrows();
     let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value] = Some(g0);
     let mut b = vec![T::ZERO; m];
     for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
         let Some(g) = adj[layer.output].take() else { continue };
+        visit(layer.output, &g);
         layer.bias.add_adjoint_product(&g, &mut b);
         let single = layer.inputs.len() == 1;
         let mut g = Some(g);
@@ -1599,28 +1597,60 @@ pub(crate) fn reverse_from<T: Real>(
             add_into(&mut adj[*v], contrib);
         }
     }
+    if let Some(g) = &adj[stop] {
+        visit(stop, g);
+    }
     (adj[stop].take(), b)
 }
 
 /// Forward accumulation over the nodes up to value `stop`: its tangent
 /// (`numel(stop) × n`) and its offset (the offsets pushed forward from 0).
 fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
+    let (t, off) = forward_pass(inst, Tangent::Identity, stop, true, par, &mut |_, _| {});
+    (t.expect("tangent at stop"), off.expect("offset at stop"))
+}
+
+/// The one forward pass: over the nodes whose output is value `stop` or
+/// before, from the input's tangent `t0` (the identity, or a block of its
+/// columns), each node's tangent formed from its inputs'. `visit(k,
+/// tangents)` sees node `k`'s input tangents before it runs. With
+/// `offsets`, each value's offset too (the offsets pushed forward from
+/// the input's 0). Returns `stop`'s tangent and offset.
+pub(crate) fn forward_pass(
+    inst: &Instance,
+    t0: Tangent,
+    stop: usize,
+    offsets: bool,
+    par: Par,
+    visit: &mut dyn FnMut(usize, &[&Tangent]),
+) -> (Option<Tangent>, Option<Vec<f64>>) {
     let n = inst.input_len;
     let nvalues = inst.value_lens.len();
-    let layers: Vec<&CompiledLayer> = inst.layers.iter().filter(|l| l.output <= stop).collect();
+    let layers: Vec<(usize, &CompiledLayer)> =
+        inst.layers.iter().enumerate().filter(|(_, l)| l.output <= stop).collect();
     let mut remaining = vec![0usize; nvalues];
-    for l in &layers {
+    for (_, l) in &layers {
         for (v, _) in &l.inputs {
             remaining[*v] += 1;
         }
     }
     let mut tan: Vec<Option<Tangent>> = (0..nvalues).map(|_| None).collect();
     let mut off: Vec<Option<Vec<f64>>> = vec![None; nvalues];
-    tan[0] = Some(Tangent::Identity);
-    off[0] = Some(vec![0.0; n]);
-    for layer in layers {
+    tan[0] = Some(t0);
+    if offsets {
+        off[0] = Some(vec![0.0; n]);
+    }
+    for (k, layer) in layers {
+        {
+            let ins: Vec<&Tangent> = layer
+                .inputs
+                .iter()
+                .map(|(v, _)| tan[*v].as_ref().expect("tangent alive"))
+                .collect();
+            visit(k, &ins);
+        }
         let mut t: Option<Tangent> = None;
-        let mut c = layer.bias.to_vec();
+        let mut c = offsets.then(|| layer.bias.to_vec());
         for (v, op) in &layer.inputs {
             let tv = tan[*v].as_ref().expect("tangent alive");
             let contrib = match (tv, &**op) {
@@ -1640,8 +1670,10 @@ fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
                     Tangent::Dense(sum)
                 }
             });
-            for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
-                *ci += t;
+            if let Some(c) = c.as_mut() {
+                for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
+                    *ci += t;
+                }
             }
             remaining[*v] -= 1;
             if remaining[*v] == 0 && *v != stop {
@@ -1650,9 +1682,9 @@ fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
             }
         }
         tan[layer.output] = t;
-        off[layer.output] = Some(c);
+        off[layer.output] = c;
     }
-    (tan[stop].take().expect("tangent at stop"), off[stop].take().expect("offset at stop"))
+    (tan[stop].take(), off[stop].take())
 }
 
 /// `W` and `b` split at the cut value `cut` (every path from the input to the

@@ -28,7 +28,9 @@ use nnlin_ir::{Layer, Network, PoolKind};
 use nnlin_linalg::Block;
 use nnlin_linalg::Operator;
 
-use crate::Instance;
+use std::borrow::Cow;
+
+use crate::{Instance, Tangent};
 
 /// What a boundary belongs to.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,7 +156,8 @@ struct Pending {
 
 /// Forward accumulation over the input columns `cols`: calls `visit(k,
 /// tangents)` before node `k` with the tangent blocks (`numel × cols.len()`)
-/// of its inputs.
+/// of its inputs. The compiler's one forward pass ([`crate::forward_pass`]),
+/// started from those columns of the identity.
 pub fn forward_blocks(
     inst: &Instance,
     cols: Range<usize>,
@@ -162,46 +165,23 @@ pub fn forward_blocks(
     mut visit: impl FnMut(usize, &[&Block]),
 ) {
     let n = inst.input_len;
-    let b = cols.len();
-    let nvalues = inst.value_lens.len();
-    let mut remaining = vec![0usize; nvalues];
-    for l in &inst.layers {
-        for (v, _) in &l.inputs {
-            remaining[*v] += 1;
-        }
-    }
-    let mut tan: Vec<Option<Block>> = (0..nvalues).map(|_| None).collect();
-    tan[0] = Some(Block::from_fn(n, b, |i, j| f64::from(u8::from(i == cols.start + j))));
-    for (k, layer) in inst.layers.iter().enumerate() {
-        {
-            let ins: Vec<&Block> = layer
-                .inputs
-                .iter()
-                .map(|(v, _)| tan[*v].as_ref().expect("tangent alive"))
-                .collect();
-            visit(k, &ins);
-        }
-        let mut t: Option<Block> = None;
-        for (v, op) in &layer.inputs {
-            let tv = tan[*v].as_ref().expect("tangent alive");
-            let contrib = match &**op {
-                Operator::Identity(_) => tv.clone(),
-                op => op.right_mul(tv, par),
-            };
-            t = Some(match t {
-                None => contrib,
-                Some(mut a) => {
-                    a.add_assign(&contrib);
-                    a
-                }
-            });
-            remaining[*v] -= 1;
-            if remaining[*v] == 0 {
-                tan[*v] = None;
-            }
-        }
-        tan[layer.output] = t;
-    }
+    let t0 = Block::from_fn(n, cols.len(), |i, j| f64::from(u8::from(i == cols.start + j)));
+    let last = inst.value_lens.len().saturating_sub(1);
+    crate::forward_pass(inst, Tangent::Dense(t0), last, false, par, &mut |k, tans| {
+        // from a block, every tangent is a block; the identity (as a
+        // block of these columns) would read the same
+        let blocks: Vec<Cow<'_, Block>> = tans
+            .iter()
+            .map(|t| match t {
+                Tangent::Dense(b) => Cow::Borrowed(b),
+                Tangent::Identity => Cow::Owned(Block::from_fn(n, cols.len(), |i, j| {
+                    f64::from(u8::from(i == cols.start + j))
+                })),
+            })
+            .collect();
+        let refs: Vec<&Block> = blocks.iter().map(|b| &**b).collect();
+        visit(k, &refs);
+    });
 }
 
 /// Computes the region of `inst` (compiled in tangent mode at `x`) of the
