@@ -48,6 +48,20 @@ pub use nnlin_compile::{matfree, plan};
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
 pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};
+/// The plan that formed one model's W at one instance.
+///
+/// ```
+/// use nnlin::{Executed, Model, Options, Strategy};
+/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
+/// let lin = m.linearize(&[5.9, 3.0, 5.1, 1.8], &Options::new().with_strategy(Strategy::Forward))?;
+/// assert_eq!(lin.plans, vec![Executed::Forward]);
+/// assert_eq!(Executed::Split(7).to_string(), "split@7");
+/// # Ok::<(), nnlin::Error>(())
+/// ```
+pub use plan::Executed;
+/// How W and b are formed (see [`Strategy`]); [`plan::Plan::execute`] runs
+/// any plan on a compiled [`Instance`].
+pub use plan::Plan;
 
 /// Everything that can go wrong in the library.
 ///
@@ -876,47 +890,6 @@ impl Model {
         })
     }
 
-    /// Runs one plan; says which plan ran (a `Dp` on a DAG runs the
-    /// planner's cheapest of reverse, forward and a cut split).
-    fn run_plan(
-        &self,
-        inst: &Instance,
-        rows: &[usize],
-        choice: plan::Choice,
-        rates: &plan::Rates,
-        opts: &Options,
-        par: faer::Par,
-    ) -> Result<(WAndB, Executed), CompileError> {
-        Ok(match choice {
-            plan::Choice::Reverse => match opts.precision {
-                Precision::F64 => {
-                    (accumulate(inst, rows, Direction::Reverse, par)?, Executed::Reverse)
-                }
-                // every product in f32; W and b widened (exactly) for the
-                // caller
-                Precision::F32 => {
-                    let (w, b) = nnlin_compile::accumulate_reverse::<f32>(inst, rows, par)?;
-                    ((w.cast(), b.iter().map(|&v| f64::from(v)).collect()), Executed::Reverse)
-                }
-            },
-            plan::Choice::Forward => {
-                (accumulate(inst, rows, Direction::Forward, par)?, Executed::Forward)
-            }
-            plan::Choice::Split(v) => {
-                (nnlin_compile::accumulate_split(inst, rows, v, par)?, Executed::Split(v))
-            }
-            plan::Choice::Dp => match plan::chain_accumulate(inst, rows, rates, par)? {
-                Some(wb) => (wb, Executed::Dp),
-                None => match self.planned(inst, rows.len(), rates) {
-                    plan::Choice::Dp => {
-                        self.run_plan(inst, rows, plan::Choice::Reverse, rates, opts, par)?
-                    }
-                    other => self.run_plan(inst, rows, other, rates, opts, par)?,
-                },
-            },
-        })
-    }
-
     /// Linearizes this model alone at `x`.
     pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
         Ensemble::single(self.clone()).linearize(x, opts)
@@ -1036,61 +1009,11 @@ impl Model {
     }
 }
 
-/// The plan that formed one model's W at one instance.
-///
-/// ```
-/// use nnlin::{Executed, Model, Options, Strategy};
-/// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
-/// let lin = m.linearize(&[5.9, 3.0, 5.1, 1.8], &Options::new().with_strategy(Strategy::Forward))?;
-/// assert_eq!(lin.plans, vec![Executed::Forward]);
-/// assert_eq!(Executed::Split(7).to_string(), "split@7");
-/// # Ok::<(), nnlin::Error>(())
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Executed {
-    /// Reverse accumulation.
-    Reverse,
-    /// Forward accumulation.
-    Forward,
-    /// The matrix-chain program's bracketing (chains).
-    Dp,
-    /// Forward up to this cut value, reverse down to it (DAGs).
-    Split(usize),
-    /// The dense baseline.
-    Dense,
-}
-
-impl From<plan::Choice> for Executed {
-    fn from(c: plan::Choice) -> Self {
-        match c {
-            plan::Choice::Reverse => Executed::Reverse,
-            plan::Choice::Forward => Executed::Forward,
-            plan::Choice::Dp => Executed::Dp,
-            plan::Choice::Split(v) => Executed::Split(v),
-        }
-    }
-}
-
-impl std::fmt::Display for Executed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Executed::Reverse => f.write_str("reverse"),
-            Executed::Forward => f.write_str("forward"),
-            Executed::Dp => f.write_str("dp"),
-            Executed::Split(v) => write!(f, "split@{v}"),
-            Executed::Dense => f.write_str("dense"),
-        }
-    }
-}
-
 /// The auto plan's cache key: row count and the rates' bits.
 type PlanKey = (usize, [u64; 3]);
 
 /// A row count and the auto choice no rate can change, if there is one.
 type RateFree = (usize, Option<plan::Choice>);
-
-/// `W` and `b` of one instance, as the compiler forms them.
-type WAndB = (Block, Vec<f64>);
 
 /// Per-layer activation pattern of one instance.
 ///
@@ -1326,40 +1249,45 @@ impl Ensemble {
         // instances running at once share the budget
         let budget = opts.max_memory.unwrap_or(usize::MAX) / rayon::current_num_threads().max(1);
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
-            let compile_err = |source| Error::Compile { model: model.name.clone(), source };
-            let (wi, bi) = match opts.strategy {
-                Strategy::Dense => {
-                    plans.push(Executed::Dense);
-                    plan::dense_accumulate(inst, &rows, budget, par)
-                        .map_err(|source| Error::Dense { model: model.name.clone(), source })?
-                }
-                fixed @ (Strategy::Auto | Strategy::Reverse | Strategy::Forward | Strategy::Dp) => {
-                    let (choice, rates) = match fixed {
-                        Strategy::Reverse => (plan::Choice::Reverse, plan::Rates::TYPICAL),
-                        Strategy::Forward => (plan::Choice::Forward, plan::Rates::TYPICAL),
-                        Strategy::Dp => (plan::Choice::Dp, model.rates(opts)),
-                        Strategy::Auto | Strategy::Dense => model.auto(inst, m, opts),
-                    };
-                    let need = plan::peak_bytes(inst, m, choice);
-                    if need > budget {
-                        return Err(Error::MemoryBudget {
-                            model: model.name.clone(),
-                            plan: format!("{choice:?}").to_lowercase(),
-                            rows: m,
-                            need,
-                            budget,
-                        });
-                    }
-                    let (wb, ran) = model
-                        .run_plan(inst, &rows, choice, &rates, opts, par)
-                        .map_err(compile_err)?;
-                    if ran == Executed::Forward {
-                        direction = Direction::Forward;
-                    }
-                    plans.push(ran);
-                    wb
+            let plan = match opts.strategy {
+                Strategy::Dense => Plan::Dense { max_bytes: budget },
+                Strategy::Reverse => Plan::Reverse,
+                Strategy::Forward => Plan::Forward,
+                Strategy::Dp => Plan::Dp(model.rates(opts)),
+                Strategy::Auto => {
+                    let (choice, rates) = model.auto(inst, m, opts);
+                    Plan::of(choice, rates)
                 }
             };
+            // the dense baseline checks its own budget (its dense factors)
+            if let Some(choice) = plan.choice() {
+                let need = plan::peak_bytes(inst, m, choice);
+                if need > budget {
+                    return Err(Error::MemoryBudget {
+                        model: model.name.clone(),
+                        plan: format!("{choice:?}").to_lowercase(),
+                        rows: m,
+                        need,
+                        budget,
+                    });
+                }
+            }
+            let ran = match opts.precision {
+                Precision::F64 => plan.execute::<f64>(inst, &rows, par),
+                Precision::F32 => plan.execute::<f32>(inst, &rows, par),
+            };
+            let (wi, bi, ran) = ran.map_err(|e| match e {
+                plan::PlanError::Compile(source) => {
+                    Error::Compile { model: model.name.clone(), source }
+                }
+                plan::PlanError::Dense(source) => {
+                    Error::Dense { model: model.name.clone(), source }
+                }
+            })?;
+            if ran == Executed::Forward {
+                direction = Direction::Forward;
+            }
+            plans.push(ran);
             // W handed over without a copy: the block's column-major
             // entries become the array's
             let (r, c, data) = wi.into_col_major();

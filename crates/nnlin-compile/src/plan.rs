@@ -537,6 +537,152 @@ pub enum DenseError {
     Compile(CompileError),
 }
 
+/// How `W` and `b` are formed, with what running it needs: the one entry
+/// point to every composition strategy ([`Plan::execute`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Plan {
+    /// Reverse accumulation ([`crate::accumulate_reverse`]).
+    Reverse,
+    /// Forward accumulation.
+    Forward,
+    /// Forward up to this cut value, reverse down to it
+    /// ([`crate::accumulate_split`]).
+    Split(usize),
+    /// The matrix-chain program's bracketing under these rates
+    /// ([`chain_accumulate`]); on a network that is not a chain, or one too
+    /// long for the program, the cheapest of reverse, forward and a cut
+    /// split under them ([`candidates`]).
+    Dp(Rates),
+    /// The dense baseline ([`dense_accumulate`]), refused above this many
+    /// bytes.
+    Dense {
+        /// The limit.
+        max_bytes: usize,
+    },
+}
+
+/// Why a plan did not run.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum PlanError {
+    /// The instance refused it (a row out of range).
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// The dense baseline refused.
+    #[error(transparent)]
+    Dense(#[from] DenseError),
+}
+
+/// Which plan ran (a [`Plan::Dp`] on a network that is not a chain runs
+/// another).
+///
+/// ```
+/// use nnlin_compile::plan::Executed;
+/// assert_eq!(Executed::Split(7).to_string(), "split@7");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Executed {
+    /// Reverse accumulation.
+    Reverse,
+    /// Forward accumulation.
+    Forward,
+    /// The matrix-chain program's bracketing (chains).
+    Dp,
+    /// Forward up to this cut value, reverse down to it (DAGs).
+    Split(usize),
+    /// The dense baseline.
+    Dense,
+}
+
+impl From<Choice> for Executed {
+    fn from(c: Choice) -> Self {
+        match c {
+            Choice::Reverse => Executed::Reverse,
+            Choice::Forward => Executed::Forward,
+            Choice::Dp => Executed::Dp,
+            Choice::Split(v) => Executed::Split(v),
+        }
+    }
+}
+
+impl std::fmt::Display for Executed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executed::Reverse => f.write_str("reverse"),
+            Executed::Forward => f.write_str("forward"),
+            Executed::Dp => f.write_str("dp"),
+            Executed::Split(v) => write!(f, "split@{v}"),
+            Executed::Dense => f.write_str("dense"),
+        }
+    }
+}
+
+impl Plan {
+    /// The plan of a planner's choice, under the rates it was made with
+    /// (which a chain program brackets by).
+    pub fn of(choice: Choice, rates: Rates) -> Self {
+        match choice {
+            Choice::Reverse => Plan::Reverse,
+            Choice::Forward => Plan::Forward,
+            Choice::Dp => Plan::Dp(rates),
+            Choice::Split(v) => Plan::Split(v),
+        }
+    }
+
+    /// The planner's choice it carries out (`None` for the dense
+    /// baseline, which the planner never picks): what [`peak_bytes`]
+    /// prices.
+    pub fn choice(&self) -> Option<Choice> {
+        match *self {
+            Plan::Reverse => Some(Choice::Reverse),
+            Plan::Forward => Some(Choice::Forward),
+            Plan::Split(v) => Some(Choice::Split(v)),
+            Plan::Dp(_) => Some(Choice::Dp),
+            Plan::Dense { .. } => None,
+        }
+    }
+
+    /// `W` (`rows.len() × n`) and `b` of the selected output rows, and
+    /// which plan ran. Reverse accumulation runs every product in `T`
+    /// (`f32` or `f64`); the other plans run in `f64`. W and b come back
+    /// in `f64` (exactly, from `f32`).
+    pub fn execute<T: nnlin_linalg::Real>(
+        &self,
+        inst: &Instance,
+        rows: &[usize],
+        par: Par,
+    ) -> Result<(Block, Vec<f64>, Executed), PlanError> {
+        Ok(match *self {
+            Plan::Reverse => {
+                let (w, b) = crate::accumulate_reverse::<T>(inst, rows, par)?;
+                // widened without a copy in f64
+                let (r, c, data) = w.into_col_major();
+                (Block::from_col_major(r, c, T::widen(data)), T::widen(b), Executed::Reverse)
+            }
+            Plan::Forward => {
+                let (w, b) = accumulate(inst, rows, Direction::Forward, par)?;
+                (w, b, Executed::Forward)
+            }
+            Plan::Split(v) => {
+                let (w, b) = crate::accumulate_split(inst, rows, v, par)?;
+                (w, b, Executed::Split(v))
+            }
+            Plan::Dp(rates) => match chain_accumulate(inst, rows, &rates, par)? {
+                Some((w, b)) => (w, b, Executed::Dp),
+                // not a chain: no candidate is the program, so this
+                // recursion ends
+                None => match candidates(inst, rows.len(), &rates).2 {
+                    Choice::Dp => Plan::Reverse.execute::<T>(inst, rows, par)?,
+                    other => Plan::of(other, rates).execute::<T>(inst, rows, par)?,
+                },
+            },
+            Plan::Dense { max_bytes } => {
+                let (w, b) = dense_accumulate(inst, rows, max_bytes, par)?;
+                (w, b, Executed::Dense)
+            }
+        })
+    }
+}
+
 /// What a plan does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
