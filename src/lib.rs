@@ -807,7 +807,7 @@ impl Model {
     }
 
     /// Forms what the products at `precision` read and keep (float32
-    /// weights, Winograd kernels; see [`Operator::formed_bytes`]) with
+    /// weights, Winograd kernels; see [`linalg::Operator::formed_bytes`]) with
     /// the operators side by side on the current rayon pool, once per
     /// model: later calls find them formed. Otherwise the first instance
     /// to reach an operator forms it while the others wait for it. The

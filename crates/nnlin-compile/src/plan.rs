@@ -202,114 +202,6 @@ pub enum Tree {
     Product(Box<Tree>, Box<Tree>),
 }
 
-/// A factor cheap to fold into an explicit neighbour.
-enum Cheap<'a> {
-    /// `values[i / spatial]` at element `i`.
-    Diagonal(&'a [f64], usize),
-    Selection(&'a Selection),
-}
-
-/// The entries of an explicit (dense or CSR) factor, row-major, nonzeros
-/// only; `None` for the other kinds.
-fn explicit_entries(op: &Operator) -> Option<Vec<(usize, usize, f64)>> {
-    match op {
-        Operator::Dense(m) => Some(
-            (0..m.nrows())
-                .flat_map(|i| (0..m.ncols()).map(move |j| (i, j, m[(i, j)])))
-                .filter(|e| e.2 != 0.0)
-                .collect(),
-        ),
-        Operator::Csr(m) => {
-            let indptr = m.indptr().raw_storage().to_vec();
-            Some(
-                (0..m.rows())
-                    .flat_map(|i| (indptr[i]..indptr[i + 1]).map(move |p| (i, p)))
-                    .map(|(i, p)| (i, m.indices()[p], m.data()[p]))
-                    .collect(),
-            )
-        }
-        Operator::Identity(_)
-        | Operator::Diagonal(_)
-        | Operator::ChannelScale(_)
-        | Operator::Selection(_)
-        | Operator::Conv(_)
-        | Operator::Transposed(_)
-        | Operator::Kron(_)
-        | Operator::Softmax(_)
-        | Operator::MatMul(_) => None,
-    }
-}
-
-fn is_explicit(op: &Operator) -> bool {
-    matches!(op, Operator::Dense(_) | Operator::Csr(_))
-}
-
-fn cheap(op: &Operator) -> Option<Cheap<'_>> {
-    match op {
-        Operator::Diagonal(d) => Some(Cheap::Diagonal(d, 1)),
-        Operator::ChannelScale(d) => Some(Cheap::Diagonal(d.values(), d.spatial())),
-        Operator::Selection(s) => Some(Cheap::Selection(s)),
-        Operator::Identity(_)
-        | Operator::Dense(_)
-        | Operator::Csr(_)
-        | Operator::Conv(_)
-        | Operator::Transposed(_)
-        | Operator::Kron(_)
-        | Operator::Softmax(_)
-        | Operator::MatMul(_) => None,
-    }
-}
-
-/// Whether a diagonal or selection factor can be folded into an explicit
-/// neighbour (dense or CSR) into one explicit operator.
-fn foldable(outer: &Operator, inner: &Operator) -> bool {
-    (is_explicit(outer) && cheap(inner).is_some()) || (cheap(outer).is_some() && is_explicit(inner))
-}
-
-/// `outer · inner` as one CSR operator (explicit entries only), or `None`
-/// when the pair is not a diagonal or selection beside a dense or CSR factor.
-pub fn fold(outer: &Operator, inner: &Operator) -> Option<Operator> {
-    let (rows, cols) = (outer.nrows(), inner.ncols());
-    let mut tri: Vec<(usize, usize, f64)> = Vec::new();
-    if let (Some(c), Some(entries)) = (cheap(outer), explicit_entries(inner)) {
-        match c {
-            Cheap::Diagonal(d, s) => {
-                tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, d[i / s] * v)));
-            }
-            Cheap::Selection(sel) => {
-                // gather rows of the explicit factor
-                let mut by_row: Vec<Vec<(usize, f64)>> = vec![vec![]; inner.nrows()];
-                for (i, j, v) in entries {
-                    by_row[i].push((j, v));
-                }
-                for (r, &c) in sel.cols().iter().enumerate() {
-                    if c != Selection::ZERO {
-                        tri.extend(by_row[c].iter().map(|&(j, v)| (r, j, v)));
-                    }
-                }
-            }
-        }
-    } else if let (Some(entries), Some(c)) = (explicit_entries(outer), cheap(inner)) {
-        match c {
-            Cheap::Diagonal(d, s) => {
-                tri.extend(entries.into_iter().map(|(i, j, v)| (i, j, v * d[j / s])));
-            }
-            Cheap::Selection(sel) => {
-                // (a·S)[:, c] = Σ_{i: S picks c at row i} a[:, i]
-                for (i, j, v) in entries {
-                    let c = sel.cols()[j];
-                    if c != Selection::ZERO {
-                        tri.push((i, c, v));
-                    }
-                }
-            }
-        }
-    } else {
-        return None;
-    }
-    Some(Operator::csr_from_triplets(rows, cols, &tri))
-}
-
 /// The longest chain the matrix-chain program brackets. The program takes
 /// O(k³) time and O(k²) memory in the number of factors k: 256 factors plan
 /// in milliseconds, while a 3 000-layer chain would take minutes and
@@ -332,7 +224,7 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
     let op_nnz = |i: usize, j: usize| -> Option<usize> {
         if i == j {
             Some(factors[i].nnz())
-        } else if j == i + 1 && foldable(&factors[j], &factors[i]) {
+        } else if j == i + 1 && Operator::foldable(&factors[j], &factors[i]) {
             let explicit =
                 if matches!(*factors[i], Operator::Dense(_) | Operator::Csr(_)) { i } else { j };
             Some(factors[explicit].nnz())
@@ -360,7 +252,7 @@ pub fn chain_plan(factors: &[Arc<Operator>], rates: &Rates) -> (Tree, Cost) {
                     choice = Some((total, s));
                 }
             };
-            if len == 2 && foldable(&factors[j], &factors[i]) {
+            if len == 2 && Operator::foldable(&factors[j], &factors[i]) {
                 let nnz = op_nnz(i, j).expect("foldable pair");
                 consider(
                     Cost { gemm: 0.0, sparse: nnz as f64, bytes: 24.0 * nnz as f64 },
@@ -415,7 +307,7 @@ fn eval(t: &Tree, f: &[Arc<Operator>], par: Par) -> Formed {
     match t {
         Tree::Leaf(i) => Formed::Op(Arc::clone(&f[*i])),
         Tree::Fold(outer, inner) => Formed::Op(Arc::new(
-            fold(&f[*outer], &f[*inner]).expect("the program folds foldable pairs only"),
+            Operator::fold(&f[*outer], &f[*inner]).expect("the program folds foldable pairs only"),
         )),
         Tree::Product(l, r) => {
             let (l, r) = (eval(l, f, par), eval(r, f, par));
@@ -927,48 +819,5 @@ pub fn render(t: &Tree) -> String {
         Tree::Leaf(i) => i.to_string(),
         Tree::Fold(o, i) => format!("[{o}{i}]"),
         Tree::Product(l, r) => format!("({} {})", render(l), render(r)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use faer::Mat;
-
-    #[test]
-    fn folds_equal_the_products() {
-        let dense = Operator::Dense(Mat::from_fn(4, 5, |i, j| (i * 5 + j) as f64 - 7.0).into());
-        let csr = Operator::csr_from_triplets(
-            4,
-            5,
-            &[(0, 1, 2.0), (2, 4, -1.5), (3, 0, 0.5), (3, 3, 4.0)],
-        );
-        let diag_out = Operator::Diagonal(vec![1.0, -2.0, 0.0, 3.0]);
-        let diag_in = Operator::Diagonal(vec![0.5, 1.0, -1.0, 2.0, 0.0]);
-        let sel_out = Operator::Selection(
-            Selection::new(4, vec![3, Selection::ZERO, 0, 3]).expect("indices within the input"),
-        );
-        let sel_in = Operator::Selection(
-            Selection::new(6, vec![5, 0, 2, Selection::ZERO, 1]).expect("indices within the input"),
-        );
-        for a in [&dense, &csr] {
-            for (outer, inner) in [(&diag_out, a), (a, &diag_in), (&sel_out, a), (a, &sel_in)] {
-                assert!(foldable(outer, inner));
-                let f = fold(outer, inner).expect("foldable").to_dense();
-                let p = outer.right_mul(&inner.to_dense(), Par::Seq);
-                assert_eq!((f.nrows(), f.ncols()), (p.nrows(), p.ncols()));
-                for i in 0..p.nrows() {
-                    for j in 0..p.ncols() {
-                        assert!(
-                            (f[(i, j)] - p[(i, j)]).abs() < 1e-12,
-                            "{} {}",
-                            outer.kind(),
-                            inner.kind()
-                        );
-                    }
-                }
-            }
-        }
-        assert!(!foldable(&diag_out, &diag_out));
     }
 }

@@ -156,7 +156,7 @@ struct Pending {
 
 /// Forward accumulation over the input columns `cols`: calls `visit(k,
 /// tangents)` before node `k` with the tangent blocks (`numel × cols.len()`)
-/// of its inputs. The compiler's one forward pass ([`crate::forward_pass`]),
+/// of its inputs. The compiler's one forward pass (`forward_pass`),
 /// started from those columns of the identity.
 pub fn forward_blocks(
     inst: &Instance,
