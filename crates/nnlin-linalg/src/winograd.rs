@@ -305,33 +305,53 @@ struct BandJob<'a, 'b, 'c, T> {
     t0: usize,
     t1: usize,
     dst: &'a mut [&'c mut [T]],
+    scratch: &'a mut Vec<T>,
 }
 
 impl<T: Real> pulp::WithSimd for BandJob<'_, '_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        band(self.ctx, self.t0, self.t1, self.dst)
+        band(self.ctx, self.t0, self.t1, self.dst, self.scratch)
     }
 }
 
 /// The band of block rows `t0..t1`: its output rows `2·t0 .. 2·t1` (within
 /// `ih`) of every channel `ci` of the group, written into `dst[ci]` (those
-/// rows of the result's plane, `[y][x][r]`), every entry.
+/// rows of the result's plane, `[y][x][r]`), every entry. Its V and M live
+/// in `scratch`, which the bands a thread runs reuse (grown, never
+/// zeroed again: every entry a band reads it has written).
 #[inline(always)]
-fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize, dst: &mut [&mut [T]]) {
+fn band<T: Real>(
+    ctx: &Band<'_, T>,
+    t0: usize,
+    t1: usize,
+    dst: &mut [&mut [T]],
+    scratch: &mut Vec<T>,
+) {
     let Band { geom, u, gg, zeros, qy, qx } = *ctx;
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
     let tw = iw.div_ceil(2);
     let k = zeros.len();
     let rows = gemm_rows(tw, t0, t1, k);
-    let mut v = vec![T::ZERO; 16 * rows * cog];
+    let need = 16 * rows * (cog + cig);
+    if scratch.len() < need {
+        scratch.resize(need, T::ZERO);
+    }
+    let (v, m) = scratch[..need].split_at_mut(16 * rows * cog);
     // V_ξ: rows × cog column-major, row (block, r); each block's
     // 16 input vectors (over r, contiguous; zeros outside the
     // image) transformed lane by lane
     {
         let mut vx: Vec<&mut [T]> = v.chunks_exact_mut(rows * cog).collect();
+        // a lone GEMM row's zero partner (its row is read, never written)
+        let real = (t1 - t0) * tw * k;
+        for vxi in vx.iter_mut() {
+            for co in 0..cog {
+                vxi[co * rows + real..(co + 1) * rows].fill(T::ZERO);
+            }
+        }
         for co in 0..cog {
             let plane = &gg[co * oh * ow * k..(co + 1) * oh * ow * k];
             for ty in t0..t1 {
@@ -379,8 +399,7 @@ fn band<T: Real>(ctx: &Band<'_, T>, t0: usize, t1: usize, dst: &mut [&mut [T]]) 
             }
         }
     }
-    // M_ξ = V_ξ·U_ξ: rows × cig column-major
-    let mut m = vec![T::ZERO; 16 * rows * cig];
+    // M_ξ = V_ξ·U_ξ: rows × cig column-major (every entry written)
     for xi in 0..16 {
         let a = MatRef::from_column_major_slice(&v[xi * rows * cog..][..rows * cog], rows, cog);
         let b = MatRef::from_column_major_slice(&u[xi * cog * cig..][..cog * cig], cog, cig);
@@ -556,6 +575,8 @@ pub(crate) fn backward<T: Real>(
         return out;
     }
     let bands = bands(geom, k);
+    // the bands' V and M, one buffer reused by the bands run in sequence
+    let mut scratch = Vec::new();
     // the kernel's 16 transformed matrices, each cog × cig column-major
     let (qy, qx) = (2 - geom.pad.0 as isize, 2 - geom.pad.1 as isize);
     for grp in 0..geom.groups {
@@ -576,15 +597,16 @@ pub(crate) fn backward<T: Real>(
                 rest = tail;
             }
         }
-        let run_band = |(&(t0, t1), dst): (&(usize, usize), &mut Vec<&mut [T]>)| {
-            // compiled for AVX2 too, where the CPU has it
-            pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1, dst })
-        };
+        let run_band =
+            |scratch: &mut Vec<T>, (&(t0, t1), dst): (&(usize, usize), &mut Vec<&mut [T]>)| {
+                // compiled for AVX2 too, where the CPU has it
+                pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1, dst, scratch })
+            };
         if par.degree() > 1 && bands.len() > 1 {
             use rayon::prelude::*;
-            bands.par_iter().zip(dsts.par_iter_mut()).for_each(run_band);
+            bands.par_iter().zip(dsts.par_iter_mut()).for_each_init(Vec::new, run_band);
         } else {
-            bands.iter().zip(dsts.iter_mut()).for_each(run_band);
+            bands.iter().zip(dsts.iter_mut()).for_each(|b| run_band(&mut scratch, b));
         }
     }
     out
