@@ -589,12 +589,13 @@ fn explain(args: ExplainArgs) -> Result<()> {
     let start = Instant::now();
     pool.install(|| {
         pipeline.linearize_batch_with(xs.view(), &opts, &|k, lin| {
-            if lin.w.iter().chain(&lin.b).any(|v| !v.is_finite()) {
+            // (in memory order: W is formed column-major)
+            if lin.w.fold(false, |a, v| a | !v.is_finite()) || lin.b.iter().any(|v| !v.is_finite()) {
                 return Err(nnlin::Error::Caller(
                     format!("instance {k}: W or b holds a non-finite value (an overflow: check the ensemble weights and the model's scale); nothing was written").into(),
                 ));
             }
-            w_spool.write(k, lin.w.iter().copied()).map_err(|e| nnlin::Error::Caller(e.into()))?;
+            w_spool.write(k, lin.w.view()).map_err(|e| nnlin::Error::Caller(e.into()))?;
             let x = xs.row(k);
             let wx = lin.wx(x.as_slice().expect("contiguous"));
             let w_rows = heatmap_cell.then(|| lin.w.rows().into_iter().map(|r| r.to_vec()).collect());

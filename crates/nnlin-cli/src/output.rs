@@ -102,17 +102,27 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Writes piece `index` (its values in C order).
-    pub fn write(&self, index: usize, values: impl ExactSizeIterator<Item = f64>) -> Result<()> {
+    /// Writes piece `index`: the matrix `w` (its values in C order,
+    /// whatever its memory layout).
+    pub fn write(&self, index: usize, w: ndarray::ArrayView2<'_, f64>) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        anyhow::ensure!(values.len() == self.piece, "spool piece of {} values", values.len());
+        anyhow::ensure!(w.len() == self.piece, "spool piece of {} values", w.len());
         let size = if self.f32 { 4 } else { 8 };
-        let mut buf = Vec::with_capacity(self.piece * size);
-        for v in values {
-            if self.f32 {
-                buf.extend_from_slice(&(v as f32).to_le_bytes());
-            } else {
-                buf.extend_from_slice(&v.to_le_bytes());
+        let mut buf = vec![0u8; self.piece * size];
+        // row by row (a W formed column-major is read with a stride, not
+        // through ndarray's element iterator), one branch per piece
+        let cells = buf.chunks_exact_mut(size * w.ncols().max(1)).zip(w.rows());
+        if self.f32 {
+            for (out, row) in cells {
+                for (c, &v) in out.chunks_exact_mut(4).zip(row) {
+                    c.copy_from_slice(&(v as f32).to_le_bytes());
+                }
+            }
+        } else {
+            for (out, row) in cells {
+                for (c, &v) in out.chunks_exact_mut(8).zip(row) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
             }
         }
         let at = self.header + (index * self.piece * size) as u64;
