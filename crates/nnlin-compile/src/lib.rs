@@ -299,7 +299,7 @@ impl CompiledLayer {
                     }
                 }
             }
-            y.iter().fold(true, |a, v| a & v.is_finite())
+            all_finite(y, Par::Seq)
         };
         let mut y = match own {
             Some(y) => {
@@ -1208,7 +1208,7 @@ fn activation_instance(
                 *c.next().expect("an offset per unit") = off;
             }
         }
-        let finite = y.iter().fold(true, |a, v| a & v.is_finite());
+        let finite = all_finite(y, Par::Seq);
         if zero || stored {
             return (None, finite);
         }
