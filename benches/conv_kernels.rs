@@ -47,6 +47,23 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+    // the last two stages of ResNet-50 at 224²: one band of Winograd
+    // blocks, one f32 adjoint row (a top-1 explanation), 1 and 2 threads
+    let mut group = c.benchmark_group("winograd_threads");
+    group.sample_size(20);
+    for (name, op) in
+        [("3x3_256ch_14px", conv(256, 256, 14, 3, 1)), ("3x3_512ch_7px", conv(512, 512, 7, 3, 1))]
+    {
+        let o = Operator::Conv(op.clone());
+        let g = Block::from_fn(1, op.nrows(), |i, j| ((i + j) % 7) as f64 - 3.0).cast::<f32>();
+        for threads in [1usize, 2] {
+            let par = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
+            group.bench_with_input(BenchmarkId::new(name, threads), &g, |b, g| {
+                b.iter(|| o.left_mul(g, par))
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);

@@ -306,13 +306,14 @@ struct BandJob<'a, 'b, 'c, T> {
     t1: usize,
     dst: &'a mut [&'c mut [T]],
     scratch: &'a mut Vec<T>,
+    par: Par,
 }
 
 impl<T: Real> pulp::WithSimd for BandJob<'_, '_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        band(self.ctx, self.t0, self.t1, self.dst, self.scratch)
+        band(self.ctx, self.t0, self.t1, self.dst, self.scratch, self.par)
     }
 }
 
@@ -320,7 +321,8 @@ impl<T: Real> pulp::WithSimd for BandJob<'_, '_, '_, T> {
 /// `ih`) of every channel `ci` of the group, written into `dst[ci]` (those
 /// rows of the result's plane, `[y][x][r]`), every entry. Its V and M live
 /// in `scratch`, which the bands a thread runs reuse (grown, never
-/// zeroed again: every entry a band reads it has written).
+/// zeroed again: every entry a band reads it has written). A parallel
+/// `par` runs its 16 GEMMs as tasks, each sequential: the same bits.
 #[inline(always)]
 fn band<T: Real>(
     ctx: &Band<'_, T>,
@@ -328,6 +330,7 @@ fn band<T: Real>(
     t1: usize,
     dst: &mut [&mut [T]],
     scratch: &mut Vec<T>,
+    par: Par,
 ) {
     let Band { geom, u, gg, zeros, qy, qx } = *ctx;
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
@@ -400,12 +403,18 @@ fn band<T: Real>(
         }
     }
     // M_ξ = V_ξ·U_ξ: rows × cig column-major (every entry written)
-    for xi in 0..16 {
+    let v = &*v;
+    let gemm = |xi: usize, mx: &mut [T]| {
         let a = MatRef::from_column_major_slice(&v[xi * rows * cog..][..rows * cog], rows, cog);
         let b = MatRef::from_column_major_slice(&u[xi * cog * cig..][..cog * cig], cog, cig);
-        let c =
-            MatMut::from_column_major_slice_mut(&mut m[xi * rows * cig..][..rows * cig], rows, cig);
+        let c = MatMut::from_column_major_slice_mut(mx, rows, cig);
         faer::linalg::matmul::matmul(c, Accum::Replace, a, b, T::ONE, Par::Seq);
+    };
+    if par.degree() > 1 {
+        use rayon::prelude::*;
+        m.par_chunks_exact_mut(rows * cig).enumerate().for_each(|(xi, mx)| gemm(xi, mx));
+    } else {
+        m.chunks_exact_mut(rows * cig).enumerate().for_each(|(xi, mx)| gemm(xi, mx));
     }
     let y_lo = 2 * t0;
     {
@@ -597,12 +606,17 @@ pub(crate) fn backward<T: Real>(
                 rest = tail;
             }
         }
+        // bands as tasks, or one band's GEMMs as tasks (the last stages of
+        // a network: few blocks, many channels); each GEMM sequential
+        let across = par.degree() > 1 && bands.len() > 1;
+        let inner = if across { Par::Seq } else { par };
         let run_band =
             |scratch: &mut Vec<T>, (&(t0, t1), dst): (&(usize, usize), &mut Vec<&mut [T]>)| {
                 // compiled for AVX2 too, where the CPU has it
-                pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1, dst, scratch })
+                let par = inner;
+                pulp::Arch::new().dispatch(BandJob { ctx: &ctx, t0, t1, dst, scratch, par })
             };
-        if par.degree() > 1 && bands.len() > 1 {
+        if across {
             use rayon::prelude::*;
             bands.par_iter().zip(dsts.par_iter_mut()).for_each_init(Vec::new, run_band);
         } else {
