@@ -165,7 +165,7 @@ impl CompiledLayer {
     fn eval<T: Real>(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
         match self.eval_elementwise(values, None, with_offset, par) {
             Some((y, _)) => y,
-            None => self.eval_general::<T>(values, with_offset, par),
+            None => self.eval_general::<T>(values, with_offset, par).0,
         }
     }
 
@@ -188,11 +188,7 @@ impl CompiledLayer {
         };
         match self.eval_elementwise(values, own, true, par) {
             Some(checked) => checked,
-            None => {
-                let y = self.eval_general::<T>(values, true, par);
-                let finite = all_finite(&y, par);
-                (y, finite)
-            }
+            None => self.eval_general::<T>(values, true, par),
         }
     }
 
@@ -201,29 +197,38 @@ impl CompiledLayer {
         self.inputs.iter().all(|(_, op)| Elementwise::of(op).is_some())
     }
 
-    /// [`CompiledLayer::eval`] through each operator's own product.
+    /// [`CompiledLayer::eval`] through each operator's own product, and
+    /// whether every output element is finite. The first product is
+    /// widened (from `T`), offset, added to the others and checked chunk by
+    /// chunk while each chunk is in cache: one pass over the output.
     fn eval_general<T: Real>(
         &self,
         values: &[Option<Vec<f64>>],
         with_offset: bool,
         par: Par,
-    ) -> Vec<f64> {
-        let mut parts = self
-            .inputs
-            .iter()
-            .map(|(v, op)| op.apply_in::<T>(values[*v].as_ref().expect("input value alive"), par));
-        let mut y = parts.next().expect("a layer has an input");
-        if with_offset {
-            self.bias.add_to(0, &mut y);
-        } else {
-            y.iter_mut().for_each(|v| *v += 0.0);
-        }
-        for t in parts {
-            for (yi, ti) in y.iter_mut().zip(t) {
-                *yi += ti;
+    ) -> (Vec<f64>, bool) {
+        let input = |v: usize| values[v].as_deref().expect("input value alive");
+        let ((v0, op0), rest) = self.inputs.split_first().expect("a layer has an input");
+        let rest: Vec<Vec<f64>> =
+            rest.iter().map(|(v, op)| op.apply_in::<T>(input(*v), par)).collect();
+        let finish = |lo: usize, y: &mut [f64]| {
+            if with_offset {
+                self.bias.add_to(lo, y);
+            } else {
+                y.iter_mut().for_each(|v| *v += 0.0);
             }
+            for t in &rest {
+                for (yi, ti) in y.iter_mut().zip(&t[lo..]) {
+                    *yi += ti;
+                }
+            }
+            all_finite(y, Par::Seq)
+        };
+        let x0 = input(*v0);
+        match op0.apply_narrow::<T>(x0, par) {
+            Some(y) => T::widen_chunks(y, ACTIVATION_CHUNK, par, finish),
+            None => f64::widen_chunks(op0.apply_with(x0, par), ACTIVATION_CHUNK, par, finish),
         }
-        y
     }
 
     /// [`CompiledLayer::eval`] for a layer whose operators are all
@@ -1852,7 +1857,7 @@ mod tests {
                 output: kinds.len() + 1,
                 active: None,
             };
-            let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq);
+            let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq).0;
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for par in [Par::Seq, Par::rayon(2)] {
                 let (got, finite) =

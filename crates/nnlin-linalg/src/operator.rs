@@ -382,10 +382,23 @@ impl Operator {
     /// # Panics
     /// If `x.len() != self.ncols()` (a caller contract).
     pub fn apply_in<T: Real>(&self, x: &[f64], par: Par) -> Vec<f64> {
+        match self.apply_narrow::<T>(x, par) {
+            Some(y) => T::widen(y),
+            None => self.apply_with(x, par),
+        }
+    }
+
+    /// The product [`Operator::apply_in`] computes in `T`, before it is
+    /// widened: a dense layer's or a convolution's; `None` for every other
+    /// operator (those compute in `f64`).
+    ///
+    /// # Panics
+    /// If `x.len() != self.ncols()` (a caller contract).
+    pub fn apply_narrow<T: Real>(&self, x: &[f64], par: Par) -> Option<Vec<T>> {
         assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
         match self {
-            Operator::Dense(m) => T::widen(dense_forward(T::matrix(m), &T::slice(x))),
-            Operator::Conv(c) => T::widen(c.forward_gemm(&T::slice(x), 1, par)),
+            Operator::Dense(m) => Some(dense_forward(T::matrix(m), &T::slice(x))),
+            Operator::Conv(c) => Some(c.forward_gemm(&T::slice(x), 1, par)),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)
@@ -394,7 +407,7 @@ impl Operator {
             | Operator::Kron(_)
             | Operator::Softmax(_)
             | Operator::MatMul(_)
-            | Operator::Transposed(_) => self.apply_with(x, par),
+            | Operator::Transposed(_) => None,
         }
     }
 

@@ -47,6 +47,17 @@ pub trait Real:
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
     /// `v` as `f64` values (exact; the same vector for `f64`).
     fn widen(v: Vec<Self>) -> Vec<f64>;
+    /// [`Real::widen`] with `f(start, chunk)` run on each chunk of
+    /// `chunk` elements as soon as it is widened, while it is in cache (the
+    /// chunks as tasks when `par` has threads): the widened vector, and
+    /// whether `f` returned `true` on every chunk. For `f64`, `f` runs over
+    /// `v` itself.
+    fn widen_chunks(
+        v: Vec<Self>,
+        chunk: usize,
+        par: Par,
+        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+    ) -> (Vec<f64>, bool);
     /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
     /// on first use and borrowed from it after.
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self];
@@ -86,6 +97,15 @@ impl Real for f64 {
     }
     fn widen(v: Vec<Self>) -> Vec<f64> {
         v
+    }
+    fn widen_chunks(
+        mut v: Vec<Self>,
+        chunk: usize,
+        par: Par,
+        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+    ) -> (Vec<f64>, bool) {
+        let all = for_chunks(&mut v, chunk, par, |lo, c| f(lo, c));
+        (v, all)
     }
     fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         w
@@ -127,6 +147,32 @@ impl Real for f32 {
     fn widen(v: Vec<Self>) -> Vec<f64> {
         v.into_iter().map(f64::from).collect()
     }
+    fn widen_chunks(
+        v: Vec<Self>,
+        chunk: usize,
+        par: Par,
+        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+    ) -> (Vec<f64>, bool) {
+        let chunk = chunk.max(1);
+        if !(par.degree() > 1 && v.len() > 2 * chunk) {
+            // sequential: each chunk appended as it is widened (no zeroing)
+            let mut y = Vec::with_capacity(v.len());
+            let mut all = true;
+            for (k, c) in v.chunks(chunk).enumerate() {
+                y.extend(c.iter().map(|&s| f64::from(s)));
+                all &= f(k * chunk, &mut y[k * chunk..]);
+            }
+            return (y, all);
+        }
+        let mut y = vec![0.0; v.len()];
+        let all = for_chunks(&mut y, chunk, par, |lo, c| {
+            for (o, &s) in c.iter_mut().zip(&v[lo..]) {
+                *o = f64::from(s);
+            }
+            f(lo, c)
+        });
+        (y, all)
+    }
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         cache.get_or_init(|| w.iter().map(|&v| v as f32).collect())
     }
@@ -139,6 +185,27 @@ impl Real for f32 {
     }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(&g.cast::<f64>(), par).cast()
+    }
+}
+
+/// `f(start, chunk)` over `y` in chunks of `chunk` elements (as tasks when
+/// `par` has threads and there are more than two): whether it returned
+/// `true` on every chunk.
+fn for_chunks(
+    y: &mut [f64],
+    chunk: usize,
+    par: Par,
+    f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+) -> bool {
+    let chunk = chunk.max(1);
+    if par.degree() > 1 && y.len() > 2 * chunk {
+        use rayon::prelude::*;
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(k, c)| f(k * chunk, c))
+            .reduce(|| true, |a, b| a & b)
+    } else {
+        y.chunks_mut(chunk).enumerate().fold(true, |a, (k, c)| a & f(k * chunk, c))
     }
 }
 
