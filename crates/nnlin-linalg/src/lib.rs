@@ -59,11 +59,14 @@ pub(crate) const PAR_ELEMENTS: usize = 1 << 15;
 
 /// Per column of a column-major block with `k` rows (`g.len() / k`
 /// columns): whether it has a nonzero entry. One pass, vectorized for the
-/// row counts up to 16 (a classifier's W has 10).
+/// row counts up to 16 (a classifier's W has 10): each column's values
+/// are or-ed as sign-free bits, within the column (a float comparison
+/// per value vectorizes across columns instead, as strided gathers: twice
+/// the time for 10 rows of `f32`).
 pub fn nonzero_columns<T: Real>(g: &[T], k: usize) -> Vec<bool> {
     #[inline(always)]
     fn fixed<T: Real, const K: usize>(g: &[T]) -> Vec<bool> {
-        g.chunks_exact(K).map(|c| c.iter().fold(false, |a, &v| a | (v != T::ZERO))).collect()
+        g.chunks_exact(K).map(|c| c.iter().fold(0, |a, &v| a | v.magnitude_bits()) != 0).collect()
     }
     macro_rules! by_rows {
         ($($n:literal)*) => {
@@ -75,4 +78,33 @@ pub fn nonzero_columns<T: Real>(g: &[T], k: usize) -> Vec<bool> {
         };
     }
     by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Per column, any entry `!= 0.0` (so `-0.0` is zero, NaN and the
+        /// smallest subnormal are not), for every row count, in f64 and f32.
+        #[test]
+        fn nonzero_columns_tests_each_entry_against_zero(k in 0usize..20, cols in 0usize..40, seed in any::<u64>()) {
+            let pick = [0.0, -0.0, 1.0, -2.5, f64::NAN, f64::MIN_POSITIVE, 5e-324, f64::INFINITY];
+            let mut s = seed | 1;
+            let g: Vec<f64> = (0..k * cols)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    // mostly zeros, so that whole columns are zero
+                    if s % 4 == 0 { pick[(s / 4 % 8) as usize] } else { [0.0, -0.0][(s / 4 % 2) as usize] }
+                })
+                .collect();
+            let want: Vec<bool> = if k == 0 { vec![] } else { g.chunks_exact(k).map(|c| c.iter().any(|&v| v != 0.0)).collect() };
+            prop_assert_eq!(super::nonzero_columns(&g, k), want.clone());
+            let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+            let want32: Vec<bool> = if k == 0 { vec![] } else { g32.chunks_exact(k).map(|c| c.iter().any(|&v| v != 0.0)).collect() };
+            prop_assert_eq!(super::nonzero_columns(&g32, k), want32);
+        }
+    }
 }

@@ -37,6 +37,10 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// The value as `f64` (exact).
     fn to_f64(self) -> f64;
+    /// The bits of the value without its sign: zero exactly when the value
+    /// is `±0.0` (what `!= 0.0` tests, as integer operations that vectorize
+    /// within a short run of values).
+    fn magnitude_bits(self) -> u64;
     /// `self · a + b` with one rounding (the same bits on every CPU: an
     /// FMA instruction where the caller is compiled for one, else libm).
     fn fma(self, a: Self, b: Self) -> Self;
@@ -86,6 +90,10 @@ impl Real for f64 {
         self
     }
     #[inline(always)]
+    fn magnitude_bits(self) -> u64 {
+        self.to_bits() << 1
+    }
+    #[inline(always)]
     fn fma(self, a: Self, b: Self) -> Self {
         self.mul_add(a, b)
     }
@@ -132,6 +140,10 @@ impl Real for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
+    }
+    #[inline(always)]
+    fn magnitude_bits(self) -> u64 {
+        u64::from(self.to_bits() << 1)
     }
     #[inline(always)]
     fn fma(self, a: Self, b: Self) -> Self {
