@@ -41,7 +41,7 @@ use rayon::prelude::*;
 pub use faer::Par;
 pub use nnlin_compile::region::RegionError;
 pub use nnlin_compile::{
-    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, accumulate,
+    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, ValueId, accumulate,
     accumulate_split, adjoints, estimated_flops,
 };
 pub use nnlin_compile::{matfree, plan};
@@ -55,7 +55,7 @@ pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};
 /// let m = Model::from_onnx_file(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/iris/relu.onnx"))?;
 /// let lin = m.linearize(&[5.9, 3.0, 5.1, 1.8], &Options::new().with_strategy(Strategy::Forward))?;
 /// assert_eq!(lin.plans, vec![Executed::Forward]);
-/// assert_eq!(Executed::Split(7).to_string(), "split@7");
+/// assert_eq!(Executed::Split(nnlin::ValueId(7)).to_string(), "split@7");
 /// # Ok::<(), nnlin::Error>(())
 /// ```
 pub use plan::Executed;

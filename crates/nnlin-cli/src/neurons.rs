@@ -73,8 +73,8 @@ pub fn run(args: Args) -> Result<()> {
         let mut grid: Vec<(String, Vec<Pick>, Vec<Pick>)> = vec![];
         for (li, l) in inst.layers.iter().enumerate() {
             let Some(t) = &maps[li] else { continue };
-            let h = &values[l.output];
-            let Some(g) = &adj[l.output] else { continue };
+            let h = &values[l.output.0];
+            let Some(g) = &adj[l.output.0] else { continue };
             let mut order: Vec<(usize, f64)> =
                 h.iter().zip(g).map(|(hv, gv)| hv * gv).enumerate().collect();
             order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -154,9 +154,9 @@ fn splits_at_every_cut_value_agree() {
             let (w, b) = nnlin::accumulate_split(&inst, &rows, c, faer::Par::Seq).unwrap();
             for i in 0..10 {
                 for j in 0..784 {
-                    assert!((w[(i, j)] - w0[(i, j)]).abs() <= 1e-11 * scale, "{name} cut {c}");
+                    assert!((w[(i, j)] - w0[(i, j)]).abs() <= 1e-11 * scale, "{name} cut {c:?}");
                 }
-                assert!((b[i] - b0[i]).abs() <= 1e-11 * scale.max(b0[i].abs()), "{name} cut {c}");
+                assert!((b[i] - b0[i]).abs() <= 1e-11 * scale.max(b0[i].abs()), "{name} cut {c:?}");
             }
         }
     }

@@ -21,6 +21,7 @@ pub mod region;
 use std::sync::Arc;
 
 use faer::{Mat, Par};
+pub use nnlin_ir::ValueId;
 use nnlin_ir::{ExprClass, Layer, Network, PadMode, PoolKind};
 pub use nnlin_linalg::Block;
 use nnlin_linalg::{
@@ -143,13 +144,13 @@ pub struct CompiledLayer {
     pub name: String,
     /// The layer kind (`dense`, `conv`, `activation`, …).
     pub layer_kind: &'static str,
-    /// For each input: its value index and the operator applied to it.
-    pub inputs: Vec<(usize, Arc<Operator>)>,
+    /// For each input: its value and the operator applied to it.
+    pub inputs: Vec<(ValueId, Arc<Operator>)>,
     /// The offset `c` (shared with the compiler when it does not depend on
     /// the input).
     pub bias: Arc<Offset>,
     /// The value this node produces.
-    pub output: usize,
+    pub output: ValueId,
     /// For activation layers: which units have a nonzero slope.
     pub active: Option<Vec<bool>>,
 }
@@ -183,7 +184,7 @@ impl CompiledLayer {
     ) -> (Vec<f64>, bool) {
         let first = self.inputs.first().map(|(v, _)| *v);
         let own = match first {
-            Some(v) if last_use && self.elementwise() => values[v].take(),
+            Some(v) if last_use && self.elementwise() => values[v.0].take(),
             _ => None,
         };
         match self.eval_elementwise(values, own, true, par) {
@@ -207,7 +208,7 @@ impl CompiledLayer {
         with_offset: bool,
         par: Par,
     ) -> (Vec<f64>, bool) {
-        let input = |v: usize| values[v].as_deref().expect("input value alive");
+        let input = |v: ValueId| values[v.0].as_deref().expect("input value alive");
         let ((v0, op0), rest) = self.inputs.split_first().expect("a layer has an input");
         let rest: Vec<Vec<f64>> =
             rest.iter().map(|(v, op)| op.apply_in::<T>(input(*v), par)).collect();
@@ -248,7 +249,7 @@ impl CompiledLayer {
     ) -> Option<(Vec<f64>, bool)> {
         let ops: Vec<Elementwise<'_>> =
             self.inputs.iter().map(|(_, op)| Elementwise::of(op)).collect::<Option<_>>()?;
-        let input = |v: usize| values[v].as_deref().expect("input value alive");
+        let input = |v: ValueId| values[v.0].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
         let in_place = own.is_some();
         let chunk = |k: usize, y: &mut [f64]| {
@@ -517,9 +518,9 @@ pub struct Instance {
     pub output: Vec<f64>,
     /// Input length `n`.
     pub input_len: usize,
-    /// The output value's index.
-    pub output_value: usize,
-    /// Element count of every value.
+    /// The output value.
+    pub output_value: ValueId,
+    /// Element count of every value (indexed by [`ValueId`]'s `.0`).
     pub value_lens: Vec<usize>,
 }
 
@@ -530,7 +531,7 @@ impl Instance {
         let mut values: Vec<Option<Vec<f64>>> = vec![None; self.value_lens.len()];
         values[0] = Some(start.to_vec());
         for l in &self.layers {
-            values[l.output] = Some(l.eval::<f64>(&values, with_offsets, Par::Seq));
+            values[l.output.0] = Some(l.eval::<f64>(&values, with_offsets, Par::Seq));
         }
         values
     }
@@ -539,7 +540,7 @@ impl Instance {
     /// linear maps applied to `x` (no offsets), and [`Instance::offsets`].
     /// Two passes of matrix–vector products.
     pub fn wx_and_b(&self, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let wx = self.propagate(x, false).swap_remove(self.output_value).unwrap_or_default();
+        let wx = self.propagate(x, false).swap_remove(self.output_value.0).unwrap_or_default();
         (wx, self.offsets())
     }
 
@@ -547,7 +548,7 @@ impl Instance {
     /// zero, the Horner form of `Σ_i (∂out/∂node_i)·c_i`.
     pub fn offsets(&self) -> Vec<f64> {
         let zero = vec![0.0; self.input_len];
-        self.propagate(&zero, true).swap_remove(self.output_value).unwrap_or_default()
+        self.propagate(&zero, true).swap_remove(self.output_value.0).unwrap_or_default()
     }
 
     /// Every value at `x`, through the compiled operators.
@@ -1016,9 +1017,9 @@ impl Compiler {
             let layer = CompiledLayer {
                 name: node.name.clone(),
                 layer_kind: node.layer.kind(),
-                inputs: node.inputs.iter().map(|v| v.0).zip(ops).collect(),
+                inputs: node.inputs.iter().copied().zip(ops).collect(),
                 bias,
-                output: node.output.0,
+                output: node.output,
                 active,
             };
             let (y, finite) = match formed {
@@ -1039,9 +1040,9 @@ impl Compiler {
             values[node.output.0] = Some(y);
             layers.push(layer);
         }
-        let out = self.net.output().0;
-        let output = values[out].take().expect("output value");
-        let value_lens = (0..nvalues).map(|v| self.net.numel(nnlin_ir::ValueId(v))).collect();
+        let out = self.net.output();
+        let output = values[out.0].take().expect("output value");
+        let value_lens = (0..nvalues).map(|v| self.net.numel(ValueId(v))).collect();
         Ok(Instance { layers, output, input_len: n, output_value: out, value_lens })
     }
 }
@@ -1493,7 +1494,9 @@ pub fn adjoints(
     let mut g0 = Block::zeros(1, out_len);
     g0[(0, row)] = 1.0;
     let mut adj: Vec<Option<Vec<f64>>> = vec![None; inst.value_lens.len()];
-    reverse_pass(inst, g0, 0, par, &mut |v, g: &Block| adj[v] = Some(g.as_slice().to_vec()));
+    reverse_pass(inst, g0, ValueId(0), par, &mut |v, g: &Block| {
+        adj[v.0] = Some(g.as_slice().to_vec());
+    });
     Ok(adj)
 }
 
@@ -1544,7 +1547,7 @@ pub fn accumulate_reverse<T: Real>(
             .flat_map_iter(|l| l.inputs.iter())
             .for_each(|(_, op)| op.prepare::<T>());
     }
-    let (g, b) = reverse_to(inst, rows, 0, par);
+    let (g, b) = reverse_to(inst, rows, ValueId(0), par);
     Ok((g.unwrap_or_else(|| Block::zeros(rows.len(), inst.input_len)), b))
 }
 
@@ -1559,7 +1562,7 @@ pub fn accumulate(
     let (m, n) = (rows.len(), inst.input_len);
     Ok(match dir {
         Direction::Reverse => {
-            let (g, b) = reverse_to(inst, rows, 0, par);
+            let (g, b) = reverse_to(inst, rows, ValueId(0), par);
             (g.unwrap_or_else(|| Block::zeros(m, n)), b)
         }
         Direction::Forward => {
@@ -1579,7 +1582,7 @@ pub fn accumulate(
 pub(crate) fn reverse_to<T: Real>(
     inst: &Instance,
     rows: &[usize],
-    stop: usize,
+    stop: ValueId,
     par: Par,
 ) -> (Option<Block<T>>, Vec<T>) {
     let mut g0 = Block::zeros(rows.len(), inst.output.len());
@@ -1594,7 +1597,7 @@ pub(crate) fn reverse_to<T: Real>(
 pub(crate) fn reverse_from<T: Real>(
     inst: &Instance,
     g0: Block<T>,
-    stop: usize,
+    stop: ValueId,
     par: Par,
 ) -> (Option<Block<T>>, Vec<T>) {
     reverse_pass(inst, g0, stop, par, &mut |_, _| {})
@@ -1610,16 +1613,16 @@ pub(crate) fn reverse_from<T: Real>(
 fn reverse_pass<T: Real>(
     inst: &Instance,
     g0: Block<T>,
-    stop: usize,
+    stop: ValueId,
     par: Par,
-    visit: &mut dyn FnMut(usize, &Block<T>),
+    visit: &mut dyn FnMut(ValueId, &Block<T>),
 ) -> (Option<Block<T>>, Vec<T>) {
     let m = g0.nrows();
     let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
-    adj[inst.output_value] = Some(g0);
+    adj[inst.output_value.0] = Some(g0);
     let mut b = vec![T::ZERO; m];
     for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
-        let Some(g) = adj[layer.output].take() else { continue };
+        let Some(g) = adj[layer.output.0].take() else { continue };
         visit(layer.output, &g);
         layer.bias.add_adjoint_product(&g, &mut b);
         let single = layer.inputs.len() == 1;
@@ -1632,18 +1635,18 @@ fn reverse_pass<T: Real>(
             } else {
                 op.left_mul(g.as_ref().expect("adjoint"), par)
             };
-            add_into(&mut adj[*v], contrib);
+            add_into(&mut adj[v.0], contrib);
         }
     }
-    if let Some(g) = &adj[stop] {
+    if let Some(g) = &adj[stop.0] {
         visit(stop, g);
     }
-    (adj[stop].take(), b)
+    (adj[stop.0].take(), b)
 }
 
 /// Forward accumulation over the nodes up to value `stop`: its tangent
 /// (`numel(stop) × n`) and its offset (the offsets pushed forward from 0).
-fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
+fn forward_to(inst: &Instance, stop: ValueId, par: Par) -> (Tangent, Vec<f64>) {
     let (t, off) = forward_pass(inst, Tangent::Identity, stop, true, par, &mut |_, _| {});
     (t.expect("tangent at stop"), off.expect("offset at stop"))
 }
@@ -1657,7 +1660,7 @@ fn forward_to(inst: &Instance, stop: usize, par: Par) -> (Tangent, Vec<f64>) {
 pub(crate) fn forward_pass(
     inst: &Instance,
     t0: Tangent,
-    stop: usize,
+    stop: ValueId,
     offsets: bool,
     par: Par,
     visit: &mut dyn FnMut(usize, &[&Tangent]),
@@ -1669,7 +1672,7 @@ pub(crate) fn forward_pass(
     let mut remaining = vec![0usize; nvalues];
     for (_, l) in &layers {
         for (v, _) in &l.inputs {
-            remaining[*v] += 1;
+            remaining[v.0] += 1;
         }
     }
     let mut tan: Vec<Option<Tangent>> = (0..nvalues).map(|_| None).collect();
@@ -1683,14 +1686,14 @@ pub(crate) fn forward_pass(
             let ins: Vec<&Tangent> = layer
                 .inputs
                 .iter()
-                .map(|(v, _)| tan[*v].as_ref().expect("tangent alive"))
+                .map(|(v, _)| tan[v.0].as_ref().expect("tangent alive"))
                 .collect();
             visit(k, &ins);
         }
         let mut t: Option<Tangent> = None;
         let mut c = offsets.then(|| layer.bias.to_vec());
         for (v, op) in &layer.inputs {
-            let tv = tan[*v].as_ref().expect("tangent alive");
+            let tv = tan[v.0].as_ref().expect("tangent alive");
             let contrib = match (tv, &**op) {
                 (Tangent::Identity, Operator::Identity(_)) => Tangent::Identity,
                 (Tangent::Identity, op) => Tangent::Dense(op.to_dense()),
@@ -1709,20 +1712,21 @@ pub(crate) fn forward_pass(
                 }
             });
             if let Some(c) = c.as_mut() {
-                for (ci, t) in c.iter_mut().zip(op.apply(off[*v].as_ref().expect("offset alive"))) {
+                for (ci, t) in c.iter_mut().zip(op.apply(off[v.0].as_ref().expect("offset alive")))
+                {
                     *ci += t;
                 }
             }
-            remaining[*v] -= 1;
-            if remaining[*v] == 0 && *v != stop {
-                tan[*v] = None;
-                off[*v] = None;
+            remaining[v.0] -= 1;
+            if remaining[v.0] == 0 && *v != stop {
+                tan[v.0] = None;
+                off[v.0] = None;
             }
         }
-        tan[layer.output] = t;
-        off[layer.output] = c;
+        tan[layer.output.0] = t;
+        off[layer.output.0] = c;
     }
-    (tan[stop].take(), off[stop].take())
+    (tan[stop.0].take(), off[stop.0].take())
 }
 
 /// `W` and `b` split at the cut value `cut` (every path from the input to the
@@ -1731,7 +1735,7 @@ pub(crate) fn forward_pass(
 pub fn accumulate_split(
     inst: &Instance,
     rows: &[usize],
-    cut: usize,
+    cut: ValueId,
     par: Par,
 ) -> Result<(Block, Vec<f64>), CompileError> {
     check_rows(inst, rows)?;
@@ -1875,7 +1879,7 @@ mod tests {
                         ChannelScale::new((0..channels).map(|_| next()).collect(), spatial).unwrap(),
                     ),
                 };
-                inputs.push((i + 1, Arc::new(op)));
+                inputs.push((ValueId(i + 1), Arc::new(op)));
             }
             let bias = match offset {
                 0 => Offset::Zero(n),
@@ -1887,7 +1891,7 @@ mod tests {
                 layer_kind: "add",
                 inputs,
                 bias: Arc::new(bias),
-                output: kinds.len() + 1,
+                output: ValueId(kinds.len() + 1),
                 active: None,
             };
             let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq).0;

@@ -13,6 +13,7 @@ use faer::matrix_free::{BiLinOp, LinOp};
 use faer::{MatMut, MatRef};
 use nnlin_linalg::Block;
 
+use crate::ValueId;
 use crate::{CompileError, Instance, check_rows, reverse_from};
 
 /// The rows `rows` of one instance's `W`, applied without forming it.
@@ -58,7 +59,7 @@ impl LinearMap {
     /// If `v.len() != self.ncols()` (a caller contract).
     pub fn matvec(&self, v: &[f64]) -> Vec<f64> {
         assert_eq!(v.len(), self.ncols(), "matvec: dimension mismatch");
-        let all = self.inst.propagate(v, false).swap_remove(self.inst.output_value);
+        let all = self.inst.propagate(v, false).swap_remove(self.inst.output_value.0);
         let all = all.unwrap_or_else(|| vec![0.0; self.inst.output.len()]);
         self.rows.iter().map(|&r| all[r]).collect()
     }
@@ -74,7 +75,9 @@ impl LinearMap {
                 g0[(i, r)] += ut[(i, j)];
             }
         }
-        reverse_from(&self.inst, g0, 0, par).0.unwrap_or_else(|| Block::zeros(k, self.ncols()))
+        reverse_from(&self.inst, g0, ValueId(0), par)
+            .0
+            .unwrap_or_else(|| Block::zeros(k, self.ncols()))
     }
 
     /// `Wᵀ·u`.

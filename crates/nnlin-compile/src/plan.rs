@@ -18,7 +18,7 @@ use std::sync::Arc;
 use faer::Par;
 use nnlin_linalg::{Block, Operator, Selection};
 
-use crate::{CompileError, Direction, Instance, accumulate};
+use crate::{CompileError, Direction, Instance, ValueId, accumulate};
 
 /// Cost of one multiplication: multiply-adds by kernel kind and bytes moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -176,7 +176,7 @@ pub fn direction_cost(inst: &Instance, m: usize, dir: Direction) -> Cost {
 /// The factors of a chain network, input side first, identities dropped;
 /// `None` if the network is not a chain.
 pub fn chain_factors(inst: &Instance) -> Option<Vec<Arc<Operator>>> {
-    let mut v = 0;
+    let mut v = ValueId(0);
     let mut out = vec![];
     for l in &inst.layers {
         if l.inputs.len() != 1 || l.inputs[0].0 != v {
@@ -439,7 +439,7 @@ pub enum Plan {
     Forward,
     /// Forward up to this cut value, reverse down to it
     /// ([`crate::accumulate_split`]).
-    Split(usize),
+    Split(ValueId),
     /// The matrix-chain program's bracketing under these rates
     /// ([`chain_accumulate`]); on a network that is not a chain, or one too
     /// long for the program, the cheapest of reverse, forward and a cut
@@ -469,7 +469,7 @@ pub enum PlanError {
 ///
 /// ```
 /// use nnlin_compile::plan::Executed;
-/// assert_eq!(Executed::Split(7).to_string(), "split@7");
+/// assert_eq!(Executed::Split(nnlin_compile::ValueId(7)).to_string(), "split@7");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Executed {
@@ -480,7 +480,7 @@ pub enum Executed {
     /// The matrix-chain program's bracketing (chains).
     Dp,
     /// Forward up to this cut value, reverse down to it (DAGs).
-    Split(usize),
+    Split(ValueId),
     /// The dense baseline.
     Dense,
 }
@@ -502,7 +502,7 @@ impl std::fmt::Display for Executed {
             Executed::Reverse => f.write_str("reverse"),
             Executed::Forward => f.write_str("forward"),
             Executed::Dp => f.write_str("dp"),
-            Executed::Split(v) => write!(f, "split@{v}"),
+            Executed::Split(v) => write!(f, "split@{}", v.0),
             Executed::Dense => f.write_str("dense"),
         }
     }
@@ -585,27 +585,27 @@ pub enum Choice {
     /// The chain DP's bracketing (chains).
     Dp,
     /// Forward up to this cut value, reverse down to it, one GEMM (DAGs).
-    Split(usize),
+    Split(ValueId),
 }
 
 /// Values every input-to-output path passes through (no later node reads
 /// an earlier value), other than the input and the output.
-pub fn cut_values(inst: &Instance) -> Vec<usize> {
+pub fn cut_values(inst: &Instance) -> Vec<ValueId> {
     let nvalues = inst.value_lens.len();
     // min_after[v]: the smallest input index read by any node producing a value > v
     let mut min_after = vec![usize::MAX; nvalues + 1];
     for l in inst.layers.iter().rev() {
-        let lo = l.inputs.iter().map(|(v, _)| *v).min().unwrap_or(usize::MAX);
-        min_after[l.output - 1] = min_after[l.output].min(lo);
+        let lo = l.inputs.iter().map(|(v, _)| v.0).min().unwrap_or(usize::MAX);
+        min_after[l.output.0 - 1] = min_after[l.output.0].min(lo);
     }
     for v in (0..nvalues.saturating_sub(1)).rev() {
         min_after[v] = min_after[v].min(min_after[v + 1]);
     }
-    (1..inst.output_value).filter(|&v| min_after[v] >= v).collect()
+    (1..inst.output_value.0).filter(|&v| min_after[v] >= v).map(ValueId).collect()
 }
 
 /// Predicted cost of splitting at `cut`.
-pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
+pub fn split_cost(inst: &Instance, m: usize, cut: ValueId) -> Cost {
     OpCosts::new(inst, m).split(inst, m, cut)
 }
 
@@ -615,7 +615,7 @@ pub fn split_cost(inst: &Instance, m: usize, cut: usize) -> Cost {
 struct OpCosts {
     /// Per operator, in layer order: the value its layer produces, its
     /// cost at width `n` and at width `m`.
-    ops: Vec<(usize, Cost, Cost)>,
+    ops: Vec<(ValueId, Cost, Cost)>,
 }
 
 impl OpCosts {
@@ -631,8 +631,8 @@ impl OpCosts {
     }
 
     /// [`split_cost`] at `cut`, the operators summed in layer order.
-    fn split(&self, inst: &Instance, m: usize, cut: usize) -> Cost {
-        let c = Cost::gemm(m, inst.value_lens[cut], inst.input_len);
+    fn split(&self, inst: &Instance, m: usize, cut: ValueId) -> Cost {
+        let c = Cost::gemm(m, inst.value_lens[cut.0], inst.input_len);
         self.ops.iter().fold(c, |c, &(out, at_n, at_m)| c.add(if out <= cut { at_n } else { at_m }))
     }
 }
@@ -684,7 +684,7 @@ struct Priced {
     /// The chain program's factors, on a chain.
     chain: Option<Vec<Arc<Operator>>>,
     /// Each cut value and its split's cost, on a DAG.
-    cuts: Vec<(usize, Cost)>,
+    cuts: Vec<(ValueId, Cost)>,
 }
 
 impl Priced {
@@ -716,7 +716,7 @@ impl Priced {
         } else if let Some(&(v, cost)) =
             self.cuts.iter().min_by(|a, b| a.1.seconds(rates).total_cmp(&b.1.seconds(rates)))
         {
-            cands.push((format!("split@{v}"), cost, Choice::Split(v)));
+            cands.push((format!("split@{}", v.0), cost, Choice::Split(v)));
         }
         let base = rev.seconds(rates);
         let best = cands
@@ -754,9 +754,9 @@ pub fn peak_bytes(inst: &Instance, m: usize, choice: Choice) -> usize {
             w * n.max(m) * 2
         }
         Choice::Split(v) => {
-            let before = widest(&mut inst.value_lens[..=v].iter().copied()) * n;
-            let after = widest(&mut inst.value_lens[v..].iter().copied()) * m;
-            before.max(after) * 2 + inst.value_lens[v] * n
+            let before = widest(&mut inst.value_lens[..=v.0].iter().copied()) * n;
+            let after = widest(&mut inst.value_lens[v.0..].iter().copied()) * m;
+            before.max(after) * 2 + inst.value_lens[v.0] * n
         }
     };
     ops + (blocks + scratch + m * n) * f
@@ -771,12 +771,13 @@ pub fn describe(inst: &Instance, m: usize, rates: &Rates) -> (String, String) {
         for (v, op) in &l.inputs {
             let _ = writeln!(
                 s,
-                "  {k:>3} {:<10} {:<9} {:>7} x {:<7} nnz {:>10}  from value {v}",
+                "  {k:>3} {:<10} {:<9} {:>7} x {:<7} nnz {:>10}  from value {}",
                 l.layer_kind,
                 op.kind(),
                 op.nrows(),
                 op.ncols(),
-                op.nnz()
+                op.nnz(),
+                v.0
             );
         }
     }

@@ -166,7 +166,7 @@ pub fn forward_blocks(
 ) {
     let n = inst.input_len;
     let t0 = Block::from_fn(n, cols.len(), |i, j| f64::from(u8::from(i == cols.start + j)));
-    let last = inst.value_lens.len().saturating_sub(1);
+    let last = crate::ValueId(inst.value_lens.len().saturating_sub(1));
     crate::forward_pass(inst, Tangent::Dense(t0), last, false, par, &mut |k, tans| {
         // from a block, every tangent is a block; the identity (as a
         // block of these columns) would read the same
