@@ -198,6 +198,17 @@ impl CompiledLayer {
         self.inputs.iter().all(|(_, op)| Elementwise::of(op).is_some())
     }
 
+    /// Adds the offset to `y`, elements `lo..` of the first product: `c`
+    /// with `with_offset`, else `+0.0` (so that `-0.0` reads as `0 + t`
+    /// would).
+    fn add_offset(&self, lo: usize, y: &mut [f64], with_offset: bool) {
+        if with_offset {
+            self.bias.add_to(lo, y);
+        } else {
+            y.iter_mut().for_each(|v| *v += 0.0);
+        }
+    }
+
     /// [`CompiledLayer::eval`] through each operator's own product, and
     /// whether every output element is finite. The first product is
     /// widened (from `T`), offset, added to the others and checked chunk by
@@ -213,11 +224,7 @@ impl CompiledLayer {
         let rest: Vec<Vec<f64>> =
             rest.iter().map(|(v, op)| op.apply_in::<T>(input(*v), par)).collect();
         let finish = |lo: usize, y: &mut [f64]| {
-            if with_offset {
-                self.bias.add_to(lo, y);
-            } else {
-                y.iter_mut().for_each(|v| *v += 0.0);
-            }
+            self.add_offset(lo, y, with_offset);
             for t in &rest {
                 for (yi, ti) in y.iter_mut().zip(&t[lo..]) {
                     *yi += ti;
@@ -252,8 +259,7 @@ impl CompiledLayer {
         let input = |v: ValueId| values[v.0].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
         let in_place = own.is_some();
-        let chunk = |k: usize, y: &mut [f64]| {
-            let lo = k * ACTIVATION_CHUNK;
+        let chunk = |lo: usize, y: &mut [f64]| {
             let len = y.len();
             for (q, ((v, _), op)) in self.inputs.iter().zip(&ops).enumerate() {
                 // y = A_0·u_0 (u_0 already in y when in place), then y += A_q·u_q
@@ -298,11 +304,7 @@ impl CompiledLayer {
                 }
                 if q == 0 {
                     // the offset, added to the first product
-                    if with_offset {
-                        self.bias.add_to(lo, y);
-                    } else {
-                        y.iter_mut().for_each(|v| *v += 0.0);
-                    }
+                    self.add_offset(lo, y, with_offset);
                 }
             }
             all_finite(y, Par::Seq)
@@ -314,15 +316,7 @@ impl CompiledLayer {
             }
             None => vec![0.0; n],
         };
-        let finite = if par.degree() > 1 && n > 2 * ACTIVATION_CHUNK {
-            use rayon::prelude::*;
-            y.par_chunks_mut(ACTIVATION_CHUNK)
-                .enumerate()
-                .map(|(k, c)| chunk(k, c))
-                .reduce(|| true, |a, b| a & b)
-        } else {
-            y.chunks_mut(ACTIVATION_CHUNK).enumerate().fold(true, |a, (k, c)| a & chunk(k, c))
-        };
+        let finite = nnlin_linalg::for_chunks(&mut y, ACTIVATION_CHUNK, par, chunk);
         Some((y, finite))
     }
 }
@@ -1201,30 +1195,25 @@ fn activation_instance(
             }
         };
         a.expr.values_and_slopes_into(base, z, y, s);
-        let stored = c.is_some();
-        let zero = match (c, pwl, kink_at_zero) {
-            // the common case (ReLU): one branch-free loop the compiler
-            // vectorizes, with the same operations as the general one
-            (None, true, true) => pwl_units::<true>(z, y, s, act),
-            (None, true, false) => pwl_units::<false>(z, y, s, act),
-            (c, _, _) => {
-                let mut zero = true;
-                let mut c = c.map(|c| c.iter_mut());
-                for (((s, act), y), &z) in s.iter_mut().zip(act).zip(y.iter_mut()).zip(z) {
+        // with the offsets stored, none is left to form; without, the
+        // function is piecewise linear with its kink at 0 (`sparse`)
+        let done = match c {
+            None => pwl_units(z, y, s, act),
+            Some(c) => {
+                for ((((s, act), y), &z), c) in
+                    s.iter_mut().zip(act).zip(y.iter_mut()).zip(z).zip(c)
+                {
                     let (sl, off) = slope_and_offset(mode, pwl, z, *y, *s);
                     *s = sl;
                     *act = if kink_at_zero { z > 0.0 } else { sl != 0.0 };
                     *y = sl * z + off;
-                    zero &= off.to_bits() == 0;
-                    if let Some(c) = c.as_mut() {
-                        *c.next().expect("an offset per unit") = off;
-                    }
+                    *c = off;
                 }
-                zero
+                true
             }
         };
         let finite = all_finite(y, Par::Seq);
-        if zero || stored {
+        if done {
             return (None, finite);
         }
         // the rare chunk of nonzero offsets: formed again from the inputs
@@ -1274,24 +1263,21 @@ fn activation_instance(
     (slope, offset, active, y, finite)
 }
 
-/// [`activation_instance`]'s units of a piecewise-linear function whose
-/// offsets are not stored: given the inputs `z`, the values `y = σ(z)` and
-/// slopes `s = σ'(z)` (the tangent in either mode), writes the pattern and
-/// the outputs `s·z + (y − s·z)` (the bits of [`slope_and_offset`]'s
-/// general loop) and returns whether every offset is `+0.0`.
-fn pwl_units<const KINK_AT_ZERO: bool>(
-    z: &[f64],
-    y: &mut [f64],
-    s: &[f64],
-    act: &mut [bool],
-) -> bool {
+/// [`activation_instance`]'s units of a piecewise-linear function with
+/// its one kink at 0, whose offsets are not stored: given the inputs `z`,
+/// the values `y = σ(z)` and slopes `s = σ'(z)` (the tangent in either
+/// mode), writes the pattern (`z > 0`) and the outputs `s·z + (y − s·z)`
+/// (the bits of [`slope_and_offset`]'s general loop) in one branch-free
+/// loop the compiler vectorizes, and returns whether every offset is
+/// `+0.0`.
+fn pwl_units(z: &[f64], y: &mut [f64], s: &[f64], act: &mut [bool]) -> bool {
     let n = z.len();
     let (y, s, act) = (&mut y[..n], &s[..n], &mut act[..n]);
     let mut bits = 0u64;
     for i in 0..n {
         let (zi, di) = (z[i], s[i]);
         let off = y[i] - di * zi;
-        act[i] = if KINK_AT_ZERO { zi > 0.0 } else { di != 0.0 };
+        act[i] = zi > 0.0;
         y[i] = di * zi + off;
         bits |= off.to_bits();
     }

@@ -57,6 +57,28 @@ pub(crate) fn written_zeros_par<T: Real>(n: usize, par: Par) -> Vec<T> {
 /// adjoint): below this a task costs more to hand to a thread than to run.
 pub(crate) const PAR_ELEMENTS: usize = 1 << 15;
 
+/// `f(start, chunk)` over `y` in chunks of `chunk` elements (as tasks when
+/// `par` has threads and there are more than two; each chunk's work is the
+/// same whichever task runs it): whether it returned `true` on every
+/// chunk. A pass that works on a chunk while it is in cache.
+pub fn for_chunks(
+    y: &mut [f64],
+    chunk: usize,
+    par: Par,
+    f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+) -> bool {
+    let chunk = chunk.max(1);
+    if par.degree() > 1 && y.len() > 2 * chunk {
+        use rayon::prelude::*;
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(k, c)| f(k * chunk, c))
+            .reduce(|| true, |a, b| a & b)
+    } else {
+        y.chunks_mut(chunk).enumerate().fold(true, |a, (k, c)| a & f(k * chunk, c))
+    }
+}
+
 /// Per column of a column-major block with `k` rows (`g.len() / k`
 /// columns): whether it has a nonzero entry. One pass, vectorized for the
 /// row counts up to 16 (a classifier's W has 10): each column's values

@@ -112,7 +112,7 @@ impl Real for f64 {
         par: Par,
         f: impl Fn(usize, &mut [f64]) -> bool + Sync,
     ) -> (Vec<f64>, bool) {
-        let all = for_chunks(&mut v, chunk, par, |lo, c| f(lo, c));
+        let all = crate::for_chunks(&mut v, chunk, par, |lo, c| f(lo, c));
         (v, all)
     }
     fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
@@ -177,7 +177,7 @@ impl Real for f32 {
             return (y, all);
         }
         let mut y = vec![0.0; v.len()];
-        let all = for_chunks(&mut y, chunk, par, |lo, c| {
+        let all = crate::for_chunks(&mut y, chunk, par, |lo, c| {
             for (o, &s) in c.iter_mut().zip(&v[lo..]) {
                 *o = f64::from(s);
             }
@@ -197,27 +197,6 @@ impl Real for f32 {
     }
     fn transposed_left_mul(op: &Operator, g: &Block<Self>, par: Par) -> Block<Self> {
         op.transposed_left_mul(&g.cast::<f64>(), par).cast()
-    }
-}
-
-/// `f(start, chunk)` over `y` in chunks of `chunk` elements (as tasks when
-/// `par` has threads and there are more than two): whether it returned
-/// `true` on every chunk.
-fn for_chunks(
-    y: &mut [f64],
-    chunk: usize,
-    par: Par,
-    f: impl Fn(usize, &mut [f64]) -> bool + Sync,
-) -> bool {
-    let chunk = chunk.max(1);
-    if par.degree() > 1 && y.len() > 2 * chunk {
-        use rayon::prelude::*;
-        y.par_chunks_mut(chunk)
-            .enumerate()
-            .map(|(k, c)| f(k * chunk, c))
-            .reduce(|| true, |a, b| a & b)
-    } else {
-        y.chunks_mut(chunk).enumerate().fold(true, |a, (k, c)| a & f(k * chunk, c))
     }
 }
 
