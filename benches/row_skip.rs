@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("row_skip");
     group.sample_size(10);
     for (name, op) in [
+        ("lenet5_conv1", conv(1, 6, 28, 5, 2)),
         ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
         ("onet_conv1", conv(3, 32, 48, 3, 0)),
         ("onet_conv2", conv(32, 64, 23, 3, 0)),
@@ -62,6 +63,12 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}/sparse"), percent),
                 &(&g, &nz),
+                |b, (g, nz)| b.iter(|| op.backward_sparse(g, nz)),
+            );
+            let g32b = Block::from_col_major(ROWS, op.nrows(), g32.clone());
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/sparse_f32"), percent),
+                &(&g32b, &nz),
                 |b, (g, nz)| b.iter(|| op.backward_sparse(g, nz)),
             );
             group.bench_with_input(

@@ -10,13 +10,16 @@ use crate::{
 };
 
 /// A convolution's reverse product, where the active kernel is not
-/// eligible ([`ConvOp::prefers_active`]), scatters only the nonzero columns
-/// of the adjoint (`ConvOp::backward_sparse`) when they are fewer than this
+/// eligible ([`ConvOp::prefers_active`]: fewer than 64 im2col rows, a
+/// network's first layers), scatters only the nonzero columns of the
+/// adjoint (`ConvOp::backward_sparse`) when they are fewer than this
 /// fraction (numerator, denominator) of its output positions, and runs the
 /// im2col GEMM over all of them otherwise. `benches/row_skip.rs`, 10 rows,
-/// one thread: the scatter wins at 10 % nonzero (LeNet-5's second
-/// convolution 186 µs against 283 µs; a 3×3 64-channel 32×32 one 72 ms
-/// against 87 ms) and loses from 20 % on (375 µs / 273 µs, 125 ms / 91 ms).
+/// f32, one thread, scatter against GEMM: LeNet-5's first convolution
+/// (1→6, 5×5) wins at 5 % (31 µs / 116), 10 % (52 / 113) and 20 % (106 /
+/// 146) and loses at 33 % (163 / 136); ONet's first (3→32, 3×3, whose GEMM
+/// has 32 channels to sum) already loses at 10 % (0.92 ms / 0.75). The
+/// threshold sits between the two crossovers.
 pub const CONV_SPARSE_BELOW: (usize, usize) = (3, 20);
 
 /// A dense layer's reverse product multiplies only the rows of its weight
