@@ -1080,17 +1080,25 @@ impl Linearization {
 
     /// `W·x` for each selected row (summed in input order).
     pub fn wx(&self, x: &[f64]) -> Vec<f64> {
-        self.w
-            .rows()
-            .into_iter()
-            .map(|row| {
-                let mut s = 0.0;
-                for (w, xj) in row.iter().zip(x) {
-                    s += w * xj;
+        // a column at a time, every row's sum still in input order: W is
+        // column-major, so this reads it once, contiguously, with one
+        // independent sum per row
+        let mut s = vec![0.0; self.w.nrows()];
+        for (col, &xj) in self.w.columns().into_iter().zip(x) {
+            match col.as_slice() {
+                Some(col) => {
+                    for (si, &w) in s.iter_mut().zip(col) {
+                        *si += w * xj;
+                    }
                 }
-                s
-            })
-            .collect()
+                None => {
+                    for (si, &w) in s.iter_mut().zip(col.iter()) {
+                        *si += w * xj;
+                    }
+                }
+            }
+        }
+        s
     }
 
     /// `max |W·x + b − F(x)|` over the selected rows, from `wx` (see
