@@ -41,8 +41,8 @@ use rayon::prelude::*;
 pub use faer::Par;
 pub use nnlin_compile::region::RegionError;
 pub use nnlin_compile::{
-    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, ValueId, accumulate,
-    accumulate_split, adjoints, estimated_flops,
+    Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, NodeId, ValueId,
+    accumulate, accumulate_split, adjoints, estimated_flops,
 };
 pub use nnlin_compile::{matfree, plan};
 pub use nnlin_ir as ir;

@@ -60,6 +60,7 @@ pub fn run(args: Args) -> Result<()> {
         // output rows are its slopes times its input's tangent rows
         let mut maps: Vec<Option<faer::Mat<f64>>> = vec![None; inst.layers.len()];
         nnlin::region::forward_blocks(&inst, 0..n, faer::Par::Seq, |li, tans| {
+            let li = li.0;
             let l = &inst.layers[li];
             if l.active.is_some()
                 && let nnlin::linalg::Operator::Diagonal(slope) = &*l.inputs[0].1

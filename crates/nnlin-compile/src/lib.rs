@@ -21,8 +21,8 @@ pub mod region;
 use std::sync::Arc;
 
 use faer::{Mat, Par};
-pub use nnlin_ir::ValueId;
 use nnlin_ir::{ExprClass, Layer, Network, PadMode, PoolKind};
+pub use nnlin_ir::{NodeId, ValueId};
 pub use nnlin_linalg::Block;
 use nnlin_linalg::{
     ChannelScale, ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection,
@@ -1649,12 +1649,17 @@ pub(crate) fn forward_pass(
     stop: ValueId,
     offsets: bool,
     par: Par,
-    visit: &mut dyn FnMut(usize, &[&Tangent]),
+    visit: &mut dyn FnMut(NodeId, &[&Tangent]),
 ) -> (Option<Tangent>, Option<Vec<f64>>) {
     let n = inst.input_len;
     let nvalues = inst.value_lens.len();
-    let layers: Vec<(usize, &CompiledLayer)> =
-        inst.layers.iter().enumerate().filter(|(_, l)| l.output <= stop).collect();
+    let layers: Vec<(NodeId, &CompiledLayer)> = inst
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.output <= stop)
+        .map(|(k, l)| (NodeId(k), l))
+        .collect();
     let mut remaining = vec![0usize; nvalues];
     for (_, l) in &layers {
         for (v, _) in &l.inputs {

@@ -30,7 +30,7 @@ use nnlin_linalg::Operator;
 
 use std::borrow::Cow;
 
-use crate::{Instance, Tangent};
+use crate::{Instance, NodeId, Tangent};
 
 /// What a boundary belongs to.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,8 +88,8 @@ pub struct Region {
     pub binding_l2: Option<Binding>,
     /// The binding boundary in ℓ∞ (among the non-kink ones).
     pub binding_linf: Option<Binding>,
-    /// The boundaries through `x` (layer index and boundary).
-    pub kinks: Vec<(usize, BoundaryKind)>,
+    /// The boundaries through `x` (node and boundary).
+    pub kinks: Vec<(NodeId, BoundaryKind)>,
     /// Unit ℓ2 direction from `x` to the ℓ2-binding boundary.
     pub direction_l2: Vec<f64>,
     /// ℓ∞ direction (a vertex of the unit cube) to the ℓ∞-binding boundary.
@@ -145,7 +145,7 @@ impl<'a> Pattern<'a> {
 /// One boundary being measured: its signed offset `s = g·x + h` and the rows
 /// of the tangent whose difference is `g`.
 struct Pending {
-    layer: usize,
+    layer: NodeId,
     kind: BoundaryKind,
     plus: usize,
     minus: Option<usize>,
@@ -162,7 +162,7 @@ pub fn forward_blocks(
     inst: &Instance,
     cols: Range<usize>,
     par: Par,
-    mut visit: impl FnMut(usize, &[&Block]),
+    mut visit: impl FnMut(NodeId, &[&Block]),
 ) {
     let n = inst.input_len;
     let t0 = Block::from_fn(n, cols.len(), |i, j| f64::from(u8::from(i == cols.start + j)));
@@ -199,6 +199,7 @@ pub fn region(
     let mut pending: Vec<Pending> = vec![];
     let mut kinks = 0usize;
     for (k, (node, layer)) in net.nodes().iter().zip(&inst.layers).enumerate() {
+        let k = NodeId(k);
         let v = node.inputs[0].0;
         let u = &values[v];
         match &node.layer {
@@ -285,14 +286,14 @@ pub fn region(
     let block = block.max(1);
     let mut by_layer: Vec<Vec<usize>> = vec![vec![]; inst.layers.len()];
     for (q, p) in pending.iter().enumerate() {
-        by_layer[p.layer].push(q);
+        by_layer[p.layer.0].push(q);
     }
     let mut start = 0;
     while start < n {
         let cols = start..(start + block).min(n);
         forward_blocks(inst, cols, par, |k, tans| {
             let t = tans[0];
-            for &q in &by_layer[k] {
+            for &q in &by_layer[k.0] {
                 let p = &mut pending[q];
                 for c in 0..t.ncols() {
                     let g = t[(p.plus, c)] - p.minus.map_or(0.0, |m| t[(m, c)]);
@@ -327,7 +328,7 @@ pub fn region(
             best_l1 = Some((d1, q));
         }
     }
-    let name = |k: usize| inst.layers[k].name.clone();
+    let name = |k: NodeId| inst.layers[k.0].name.clone();
     let mut binding_l2 = best_l2.map(|(d, q)| Binding {
         layer: name(pending[q].layer),
         kind: pending[q].kind.clone(),
@@ -424,8 +425,9 @@ pub fn region(
 /// Whether two instances of the same network share their activation
 /// pattern (every activation slope and every max-pool selection), ignoring
 /// the units and windows listed in `ignore` (a region's kinks).
-pub fn same_pattern(a: &Instance, b: &Instance, ignore: &[(usize, BoundaryKind)]) -> bool {
+pub fn same_pattern(a: &Instance, b: &Instance, ignore: &[(NodeId, BoundaryKind)]) -> bool {
     for (k, (la, lb)) in a.layers.iter().zip(&b.layers).enumerate() {
+        let k = NodeId(k);
         let skip = |i: usize| {
             ignore.iter().any(|(l, kind)| {
                 *l == k

@@ -14,7 +14,7 @@ pub use expr::{Binary, Const, Expr, ExprClass, ExprNode, Unary};
 pub use geometry::Window;
 pub use network::{
     Activation, Add, Affine, Concat, Conv, ConvTranspose, Dense, Layer, Lrn, MatMul, Network, Node,
-    Pad, PadMode, Pool, PoolKind, Product, Reduce, Reshape, Select, Softmax, Transpose, ValueId,
-    broadcast_index, checked_numel,
+    NodeId, Pad, PadMode, Pool, PoolKind, Product, Reduce, Reshape, Select, Softmax, Transpose,
+    ValueId, broadcast_index, checked_numel,
 };
 pub use scalar::{Dual, Scalar};

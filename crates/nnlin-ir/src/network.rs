@@ -13,6 +13,11 @@ pub use crate::geometry::Window;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(pub usize);
 
+/// Index of a node (a layer) in a [`Network`]'s topological order, and of
+/// its compiled layer in an instance (the compiler keeps one per node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
 /// A fully connected layer over the last axis:
 /// `y[..., o] = Σ_k weight[o, k]·x[..., k] + bias[o]`.
 #[derive(Clone, Debug, PartialEq)]
