@@ -25,7 +25,7 @@ const MIN_TILE_ROWS: usize = 256;
 /// `None`) or reading consecutive input indices from `Some(idx)`. A
 /// stride-1 convolution's rows are single runs, so im2col copies and col2im
 /// adds contiguous slices.
-#[inline]
+#[inline(always)]
 fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
     let mut p = 0;
     while p < tt.len() {
@@ -614,7 +614,11 @@ impl ConvOp {
         if crate::winograd::eligible(&self.geom) {
             return crate::winograd::backward(&self.geom, self.winograd_kernel::<T>(), g, k, par);
         }
-        self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[], PAR_MIN_ADDS)
+        // (under the AVX2 dispatch for col2im's adds; faer dispatches its own)
+        crate::simd::dispatch(
+            #[inline(always)]
+            || self.backward_tiled(g, k, par, TILE, MIN_TILE_ROWS, Fill::Gemm, &[], PAR_MIN_ADDS),
+        )
     }
 
     /// `G·A` (layout as [`ConvOp::backward_gemm`]) through the nonzero
@@ -788,23 +792,32 @@ impl ConvOp {
                 // columns icg·ntaps.., each added in tap order; channels
                 // are disjoint, so threads split them with the same bits
                 let og = &mut out[grp * cig * plane * k..(grp + 1) * cig * plane * k];
-                let scatter = |icg: usize, dst_c: &mut [T]| {
-                    for tap in 0..ntaps {
-                        let t = icg * ntaps + tap;
-                        let col = &cols[t * ld..t * ld + pn * k];
-                        let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
-                        for_runs(tt, |p, run, len| {
-                            if let Some(idx) = run {
-                                for (o, &v) in dst_c[idx * k..(idx + len) * k]
-                                    .iter_mut()
-                                    .zip(&col[p * k..(p + len) * k])
-                                {
-                                    *o += v;
-                                }
-                            }
-                        });
-                    }
-                };
+                // (inlined, so that under `simd::dispatch` its adds are
+                // AVX2's too)
+                let scatter = std::convert::identity(
+                    #[inline(always)]
+                    |icg: usize, dst_c: &mut [T]| {
+                        for tap in 0..ntaps {
+                            let t = icg * ntaps + tap;
+                            let col = &cols[t * ld..t * ld + pn * k];
+                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                            for_runs(
+                                tt,
+                                #[inline(always)]
+                                |p, run, len| {
+                                    if let Some(idx) = run {
+                                        for (o, &v) in dst_c[idx * k..(idx + len) * k]
+                                            .iter_mut()
+                                            .zip(&col[p * k..(p + len) * k])
+                                        {
+                                            *o += v;
+                                        }
+                                    }
+                                },
+                            );
+                        }
+                    },
+                );
                 let per_channel = ntaps * pn * k;
                 if par.degree() > 1 && cig > 1 && per_channel * cig >= 2 * par_min {
                     use rayon::prelude::*;
