@@ -46,6 +46,76 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
     }
 }
 
+/// The maximal runs of a tap table ([`for_runs`]), per tap: `(first
+/// position, first input index or usize::MAX in the padding, length)`, in
+/// position order. A stride-1 convolution has a few per output row where
+/// its tap table has one entry per position, so im2col and col2im step
+/// from run to run instead of testing every position.
+#[derive(Debug)]
+struct Runs {
+    /// Tap `t`'s runs are `runs[start[t]..start[t + 1]]`.
+    start: Vec<usize>,
+    runs: Vec<(usize, usize, usize)>,
+}
+
+impl Runs {
+    /// The runs of `taps` (`ntaps` rows of `p_len` positions); `None` when
+    /// they would be more than a quarter of its entries (strided
+    /// convolutions, whose runs are mostly single positions).
+    fn of(taps: &[usize], p_len: usize) -> Option<Self> {
+        let mut start = vec![0];
+        let mut runs = vec![];
+        for tt in taps.chunks_exact(p_len.max(1)) {
+            for_runs(tt, |p, run, len| runs.push((p, run.unwrap_or(usize::MAX), len)));
+            if runs.len() * 4 > taps.len() {
+                return None;
+            }
+            start.push(runs.len());
+        }
+        Some(Self { start, runs })
+    }
+
+    /// [`for_runs`] over positions `p0..p0 + pn` of tap `tap`'s row: the
+    /// same calls (positions relative to `p0`), found by a binary search
+    /// and clipped to the range.
+    #[inline(always)]
+    fn for_each(
+        &self,
+        tap: usize,
+        p0: usize,
+        pn: usize,
+        mut f: impl FnMut(usize, Option<usize>, usize),
+    ) {
+        let rs = &self.runs[self.start[tap]..self.start[tap + 1]];
+        let end = p0 + pn;
+        let first = rs.partition_point(|&(p, _, len)| p + len <= p0);
+        for &(p, src, len) in &rs[first..] {
+            if p >= end {
+                break;
+            }
+            let (a, b) = (p.max(p0), (p + len).min(end));
+            f(a - p0, (src != usize::MAX).then(|| src + (a - p)), b - a);
+        }
+    }
+}
+
+/// `f` over the runs of tap `tap`'s positions `p0..p0 + pn`: from the run
+/// table where the convolution has one, else by testing the tap table's
+/// entries.
+#[inline(always)]
+fn tile_runs(
+    runs: Option<&Runs>,
+    taps: &[usize],
+    p_len: usize,
+    (tap, p0, pn): (usize, usize, usize),
+    f: impl FnMut(usize, Option<usize>, usize),
+) {
+    match runs {
+        Some(r) => r.for_each(tap, p0, pn, f),
+        None => for_runs(&taps[tap * p_len + p0..tap * p_len + p0 + pn], f),
+    }
+}
+
 /// Additions per parallel col2im task: below this a task costs more to
 /// hand to a thread than to run (a few microseconds).
 const PAR_MIN_ADDS: usize = 1 << 14;
@@ -283,6 +353,8 @@ pub struct ConvOp {
     weight32: OnceLock<Vec<f32>>,
     /// The tap table, on first use (see `tap_table`).
     taps: OnceLock<Arc<Vec<usize>>>,
+    /// The tap table's runs, on first use (see `run_table`).
+    runs: OnceLock<Option<Arc<Runs>>>,
     /// The Winograd-transformed kernel, on the first reverse product that
     /// takes that path (see `winograd`), in each precision used.
     wino: OnceLock<Vec<f64>>,
@@ -348,6 +420,7 @@ impl ConvOp {
             weight,
             weight32: OnceLock::new(),
             taps: OnceLock::new(),
+            runs: OnceLock::new(),
             wino: OnceLock::new(),
             wino32: OnceLock::new(),
         })
@@ -484,6 +557,16 @@ impl ConvOp {
         Arc::clone(self.taps.get_or_init(|| Arc::new(self.build_tap_table())))
     }
 
+    /// The tap table's runs ([`Runs`]), where they are few.
+    fn run_table(&self) -> Option<Arc<Runs>> {
+        self.runs
+            .get_or_init(|| {
+                let p_len = self.geom.oh * self.geom.ow;
+                Runs::of(&self.tap_table(), p_len).map(Arc::new)
+            })
+            .clone()
+    }
+
     fn build_tap_table(&self) -> Vec<usize> {
         let p_len = self.geom.oh * self.geom.ow;
         let mut t = vec![usize::MAX; self.geom.kh * self.geom.kw * p_len];
@@ -538,6 +621,7 @@ impl ConvOp {
         assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
         let g = &self.geom;
         let Sizes { p_len, cig, cog, ntaps, kk, plane, pointwise, taps } = self.sizes();
+        let runs = if pointwise { None } else { self.run_table() };
         let weight = self.weight_as::<T>();
         let mut out = vec![T::ZERO; nrows * k];
         if p_len == 0 || cog == 0 {
@@ -567,11 +651,12 @@ impl ConvOp {
                     let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
                     for tap in 0..ntaps {
                         let row = icg * ntaps + tap;
-                        let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
                         let dst = &mut cols[row * pn..(row + 1) * pn];
-                        for_runs(tt, |p, run, len| match run {
-                            Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
-                            None => dst[p..p + len].fill(T::ZERO),
+                        tile_runs(runs.as_deref(), &taps, p_len, (tap, p0, pn), |p, run, len| {
+                            match run {
+                                Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
+                                None => dst[p..p + len].fill(T::ZERO),
+                            }
                         });
                     }
                 }
@@ -711,6 +796,7 @@ impl ConvOp {
             Fill::Active if pointwise => (false, self.tap_table()),
             Fill::Gemm | Fill::Active => (pointwise, taps),
         };
+        let runs = if pointwise { None } else { self.run_table() };
         // the im2col tile, column-major with columns `pc·k` apart
         // (the active fill writes whole register tiles: rows past a
         // column's end and whole tap tiles past `kk`, never read)
@@ -800,9 +886,11 @@ impl ConvOp {
                         for tap in 0..ntaps {
                             let t = icg * ntaps + tap;
                             let col = &cols[t * ld..t * ld + pn * k];
-                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
-                            for_runs(
-                                tt,
+                            tile_runs(
+                                runs.as_deref(),
+                                &taps,
+                                p_len,
+                                (tap, p0, pn),
                                 #[inline(always)]
                                 |p, run, len| {
                                     if let Some(idx) = run {
@@ -1093,6 +1181,23 @@ mod tests {
             let all = op.backward_tiled(&gz, k, Par::Seq, tile, 1, Fill::Active, &crate::nonzero_columns(&gz, k), 1);
             for j in 0..n {
                 prop_assert_eq!(one[j].to_bits(), all[j * k].to_bits(), "row 0 alone differs at {}", j);
+            }
+        }
+
+        /// The run table gives, for every tap and every range of
+        /// positions, the calls `for_runs` makes on that slice of the tap
+        /// table.
+        #[test]
+        fn run_table_clips_to_for_runs_of_the_slice(op in conv(), p0 in 0usize..100, pn in 0usize..100) {
+            let taps = op.tap_table();
+            let p_len = op.geometry().oh * op.geometry().ow;
+            let (p0, pn) = (p0.min(p_len), pn.min(p_len - p0.min(p_len)));
+            let Some(runs) = Runs::of(&taps, p_len) else { return Ok(()) };
+            for tap in 0..op.geometry().kh * op.geometry().kw {
+                let (mut want, mut got) = (vec![], vec![]);
+                for_runs(&taps[tap * p_len + p0..tap * p_len + p0 + pn], |p, r, l| want.push((p, r, l)));
+                runs.for_each(tap, p0, pn, |p, r, l| got.push((p, r, l)));
+                prop_assert_eq!(got, want);
             }
         }
 
