@@ -409,12 +409,16 @@ fn conv_loops<S: Scalar>(c: &crate::network::Conv, u: &[S]) -> Vec<S> {
 const GEMM_TILE: usize = 1 << 18;
 /// Output channels per task of [`conv_gemm`].
 const GEMM_CHANNELS: usize = 64;
+/// im2col entries [`conv_gemm`] holds at once (8 MB of `f64`): the tiles
+/// of a batch, each formed once for all its channel chunks.
+const GEMM_SHARED: usize = 4 * GEMM_TILE;
 
 /// The convolution in `f64` as an im2col and a GEMM per group: for a tile
 /// of output positions, `Xᵀ` (positions × taps, taps in the padding 0)
 /// times `Wᵀ` (taps × output channels), then the bias. Tasks are fixed
 /// tiles of positions and channels (sized by the shape alone), each a
-/// sequential GEMM, so the bits do not depend on the thread count. The sums
+/// sequential GEMM, so the bits do not depend on the thread count; a
+/// tile's `Xᵀ` is formed once and read by all its channels' tasks. The sums
 /// are the definition's in another order: within `(taps + 1)·ε·Σ|w·u|` of
 /// it (tested). The oracle owns this im2col; the compiled path's kernels
 /// live in `nnlin-linalg`.
@@ -439,9 +443,9 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
     let chunks = cog.div_ceil(GEMM_CHANNELS);
     // each task's block of the output (positions p0.., channels oc0..),
     // borrowed from y seen as positions × channels: disjoint views, each
-    // written by its task's GEMM in place
-    let mut tasks: Vec<((usize, usize, usize), MatMut<'_, f64>)> =
-        Vec::with_capacity(c.groups * tiles * chunks);
+    // written by its task's GEMM in place; listed per tile `(g, t)`
+    type Task<'a> = (usize, MatMut<'a, f64>);
+    let mut per_tile: Vec<Vec<Task<'_>>> = (0..c.groups * tiles).map(|_| Vec::new()).collect();
     let mut rest = MatMut::from_column_major_slice_mut(&mut y, plane, c.c_out);
     for g in 0..c.groups {
         for k in 0..chunks {
@@ -452,72 +456,101 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
                 let rows = tile.min(plane - t * tile);
                 let (block, r) = chunk.split_at_row_mut(rows);
                 chunk = r;
-                tasks.push(((g, t, k), block));
+                per_tile[g * tiles + t].push((k, block));
             }
         }
     }
-    tasks.into_par_iter().for_each(|((g, t, k), mut block)| {
+    // the im2col of tile `(g, t)`: positions × taps, column-major
+    let im2col = |g: usize, t: usize| -> Vec<f64> {
         let (p0, rows) = (t * tile, tile.min(plane - t * tile));
-        let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
         let input = &u[g * cig * inplane..(g + 1) * cig * inplane];
-        let mut cols_buf = Vec::new();
-        let xt: MatRef<'_, f64> = if direct {
-            MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
-                .subrows(p0, rows)
-        } else {
-            cols_buf.resize(rows * taps, 0.0);
-            for icg in 0..cig {
-                for ky in 0..w.kh {
-                    for kx in 0..w.kw {
-                        let col = &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
-                        // the tile's positions, one output row segment
-                        // at a time (no division per element)
-                        let (mut oy, mut ox, mut r) = (p0 / w.ow, p0 % w.ow, 0);
-                        while r < rows {
-                            let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
-                            let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
-                            if iy < w.ih && w.sw == 1 {
-                                // stride 1: the segment is one span of the
-                                // padded row (zeros, a copy, zeros)
-                                let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
-                                let start = ox + kx * w.dw;
-                                let n = seg.len();
-                                let lo = w.pl.saturating_sub(start).min(n);
-                                let hi = (w.pl + w.iw).saturating_sub(start).clamp(lo, n);
-                                seg.fill(0.0);
-                                if lo < hi {
-                                    seg[lo..hi].copy_from_slice(
-                                        &row[start + lo - w.pl..start + hi - w.pl],
-                                    );
-                                }
-                            } else if iy < w.ih {
-                                let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
-                                for (j, v) in seg.iter_mut().enumerate() {
-                                    let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
-                                    *v = if ix < w.iw { row[ix] } else { 0.0 };
-                                }
-                            } else {
-                                seg.fill(0.0);
+        let mut cols_buf = vec![0.0; rows * taps];
+        for icg in 0..cig {
+            for ky in 0..w.kh {
+                for kx in 0..w.kw {
+                    let col = &mut cols_buf[((icg * w.kh + ky) * w.kw + kx) * rows..][..rows];
+                    // the tile's positions, one output row segment
+                    // at a time (no division per element)
+                    let (mut oy, mut ox, mut r) = (p0 / w.ow, p0 % w.ow, 0);
+                    while r < rows {
+                        let seg = &mut col[r..r + (w.ow - ox).min(rows - r)];
+                        let iy = (oy * w.sh + ky * w.dh).wrapping_sub(w.pt);
+                        if iy < w.ih && w.sw == 1 {
+                            // stride 1: the segment is one span of the
+                            // padded row (zeros, a copy, zeros)
+                            let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                            let start = ox + kx * w.dw;
+                            let n = seg.len();
+                            let lo = w.pl.saturating_sub(start).min(n);
+                            let hi = (w.pl + w.iw).saturating_sub(start).clamp(lo, n);
+                            seg.fill(0.0);
+                            if lo < hi {
+                                seg[lo..hi]
+                                    .copy_from_slice(&row[start + lo - w.pl..start + hi - w.pl]);
                             }
-                            r += seg.len();
-                            (oy, ox) = (oy + 1, 0);
+                        } else if iy < w.ih {
+                            let row = &input[(icg * w.ih + iy) * w.iw..][..w.iw];
+                            for (j, v) in seg.iter_mut().enumerate() {
+                                let ix = ((ox + j) * w.sw + kx * w.dw).wrapping_sub(w.pl);
+                                *v = if ix < w.iw { row[ix] } else { 0.0 };
+                            }
+                        } else {
+                            seg.fill(0.0);
                         }
+                        r += seg.len();
+                        (oy, ox) = (oy + 1, 0);
                     }
                 }
             }
-            MatRef::from_column_major_slice(&cols_buf, rows, taps)
-        };
-        let oc0 = g * cog + c0;
-        let wt =
-            MatRef::from_column_major_slice(&c.weight[oc0 * taps..(oc0 + cols) * taps], taps, cols);
-        faer::linalg::matmul::matmul(block.as_mut(), Accum::Replace, xt, wt, 1.0, Par::Seq);
-        for j in 0..cols {
-            let b = c.bias.as_ref().map_or(0.0, |b| b[oc0 + j]);
-            for d in block.as_mut().col_mut(j).iter_mut() {
-                *d += b;
-            }
         }
-    });
+        cols_buf
+    };
+    // tiles in batches of at most GEMM_SHARED im2col entries: a batch's
+    // im2col tiles are formed in parallel, then every chunk's GEMM of
+    // them reads its tile's (formed once, not once per chunk)
+    let batch = if direct { per_tile.len() } else { (GEMM_SHARED / (tile * taps).max(1)).max(1) };
+    let mut units = per_tile.into_iter().enumerate();
+    loop {
+        let now: Vec<(usize, Vec<Task<'_>>)> = units.by_ref().take(batch).collect();
+        if now.is_empty() {
+            break;
+        }
+        let formed: Vec<Vec<f64>> = if direct {
+            vec![]
+        } else {
+            now.par_iter().map(|(i, _)| im2col(i / tiles, i % tiles)).collect()
+        };
+        let tasks: Vec<(usize, usize, Task<'_>)> = now
+            .into_iter()
+            .enumerate()
+            .flat_map(|(j, (i, ts))| ts.into_iter().map(move |task| (j, i, task)))
+            .collect();
+        tasks.into_par_iter().for_each(|(j, i, (k, mut block))| {
+            let (g, t) = (i / tiles, i % tiles);
+            let (p0, rows) = (t * tile, tile.min(plane - t * tile));
+            let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
+            let xt: MatRef<'_, f64> = if direct {
+                let input = &u[g * cig * inplane..(g + 1) * cig * inplane];
+                MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
+                    .subrows(p0, rows)
+            } else {
+                MatRef::from_column_major_slice(&formed[j], rows, taps)
+            };
+            let oc0 = g * cog + c0;
+            let wt = MatRef::from_column_major_slice(
+                &c.weight[oc0 * taps..(oc0 + cols) * taps],
+                taps,
+                cols,
+            );
+            faer::linalg::matmul::matmul(block.as_mut(), Accum::Replace, xt, wt, 1.0, Par::Seq);
+            for j in 0..cols {
+                let b = c.bias.as_ref().map_or(0.0, |b| b[oc0 + j]);
+                for d in block.as_mut().col_mut(j).iter_mut() {
+                    *d += b;
+                }
+            }
+        });
+    }
     y
 }
 
