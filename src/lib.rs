@@ -1085,17 +1085,9 @@ impl Linearization {
         // independent sum per row
         let mut s = vec![0.0; self.w.nrows()];
         for (col, &xj) in self.w.columns().into_iter().zip(x) {
-            match col.as_slice() {
-                Some(col) => {
-                    for (si, &w) in s.iter_mut().zip(col) {
-                        *si += w * xj;
-                    }
-                }
-                None => {
-                    for (si, &w) in s.iter_mut().zip(col.iter()) {
-                        *si += w * xj;
-                    }
-                }
+            // (ndarray iterates a contiguous column as a slice)
+            for (si, &w) in s.iter_mut().zip(&col) {
+                *si += w * xj;
             }
         }
         s
