@@ -47,7 +47,7 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
 }
 
 /// The maximal runs of a tap table ([`for_runs`]), per tap: `(first
-/// position, first input index or usize::MAX in the padding, length)`, in
+/// position, first input index or `None` in the padding, length)`, in
 /// position order. A stride-1 convolution has a few per output row where
 /// its tap table has one entry per position, so im2col and col2im step
 /// from run to run instead of testing every position.
@@ -55,7 +55,7 @@ fn for_runs(tt: &[usize], mut f: impl FnMut(usize, Option<usize>, usize)) {
 struct Runs {
     /// Tap `t`'s runs are `runs[start[t]..start[t + 1]]`.
     start: Vec<usize>,
-    runs: Vec<(usize, usize, usize)>,
+    runs: Vec<(usize, Option<usize>, usize)>,
 }
 
 impl Runs {
@@ -66,7 +66,7 @@ impl Runs {
         let mut start = vec![0];
         let mut runs = vec![];
         for tt in taps.chunks_exact(p_len.max(1)) {
-            for_runs(tt, |p, run, len| runs.push((p, run.unwrap_or(usize::MAX), len)));
+            for_runs(tt, |p, run, len| runs.push((p, run, len)));
             if runs.len() * 4 > taps.len() {
                 return None;
             }
@@ -94,7 +94,7 @@ impl Runs {
                 break;
             }
             let (a, b) = (p.max(p0), (p + len).min(end));
-            f(a - p0, (src != usize::MAX).then(|| src + (a - p)), b - a);
+            f(a - p0, src.map(|s| s + (a - p)), b - a);
         }
     }
 }
