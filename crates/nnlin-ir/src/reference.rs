@@ -523,9 +523,9 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
         let tasks: Vec<(usize, usize, Task<'_>)> = now
             .into_iter()
             .enumerate()
-            .flat_map(|(j, (i, ts))| ts.into_iter().map(move |task| (j, i, task)))
+            .flat_map(|(slot, (i, ts))| ts.into_iter().map(move |task| (slot, i, task)))
             .collect();
-        tasks.into_par_iter().for_each(|(j, i, (k, mut block))| {
+        tasks.into_par_iter().for_each(|(slot, i, (k, mut block))| {
             let (g, t) = (i / tiles, i % tiles);
             let (p0, rows) = (t * tile, tile.min(plane - t * tile));
             let (c0, cols) = (k * GEMM_CHANNELS, GEMM_CHANNELS.min(cog - k * GEMM_CHANNELS));
@@ -534,7 +534,7 @@ pub fn conv_gemm(c: &crate::network::Conv, u: &[f64]) -> Vec<f64> {
                 MatRef::from_column_major_slice_with_stride(input, inplane, cig, inplane)
                     .subrows(p0, rows)
             } else {
-                MatRef::from_column_major_slice(&formed[j], rows, taps)
+                MatRef::from_column_major_slice(&formed[slot], rows, taps)
             };
             let oc0 = g * cog + c0;
             let wt = MatRef::from_column_major_slice(
