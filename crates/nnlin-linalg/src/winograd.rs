@@ -680,15 +680,8 @@ mod tests {
             prop_assert!(super::eligible(&geom));
             let a = op.to_csr();
             let (m, n) = (op.nrows(), op.ncols());
-            let mut s = seed | 1;
-            let g: Vec<f64> = (0..m * k)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s % 2001) as f64 / 1000.0 - 1.0
-                })
-                .collect();
+            let mut next = crate::xorshift(seed);
+            let g: Vec<f64> = (0..m * k).map(|_| (next() % 2001) as f64 / 1000.0 - 1.0).collect();
             let (mut want, mut mag) = (vec![0.0; n * k], vec![0.0; n * k]);
             for (i, row) in a.outer_iterator().enumerate() {
                 for (j, &v) in row.iter() {
