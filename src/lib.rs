@@ -44,7 +44,7 @@ pub use nnlin_compile::{
     Block, CompileError, Compiler, ConvKernel, Direction, Instance, Mode, NodeId, ValueId,
     accumulate, accumulate_split, adjoints, estimated_flops,
 };
-pub use nnlin_compile::{matfree, plan};
+pub use nnlin_compile::{batch, matfree, plan};
 pub use nnlin_ir as ir;
 pub use nnlin_linalg as linalg;
 pub use nnlin_onnx::{ExternalRef, ImportOptions, Imported, OnnxError};

@@ -207,3 +207,70 @@ proptest! {
         }
     }
 }
+
+/// The largest `|a − b|` over two instances' `W` and `b`, and the largest
+/// `|W|`, `|b|` of `a`.
+fn gap(a: &(nnlin::Block, Vec<f64>), b: &(nnlin::Block, Vec<f64>)) -> (f64, f64) {
+    let (wa, wb) = (a.0.as_slice(), b.0.as_slice());
+    let diff = wa.iter().zip(wb).chain(a.1.iter().zip(&b.1)).map(|(x, y)| (x - y).abs());
+    let scale = wa.iter().chain(&a.1).fold(1e-300f64, |s, v| s.max(v.abs()));
+    (diff.fold(0.0, f64::max), scale)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A batch of instances through one stacked reverse pass gives each
+    /// instance's W and b as its own reverse pass does, within rounding
+    /// (`8·depth·ε` of the largest entry), in f64 and f32, both modes and
+    /// both conv representations; each instance selects its own rows.
+    #[test]
+    fn batched_reverse_matches_one_at_a_time(
+        seed in any::<u64>(),
+        smooth in any::<bool>(),
+        width in 2usize..6,
+    ) {
+        use nnlin::batch::accumulate_reverse_batch;
+        use nnlin::plan::Plan;
+        let (net, x) = build(seed, smooth);
+        let mut rng = Rng(seed ^ 0x9e37_79b9);
+        let xs: Vec<Vec<f64>> = (0..width)
+            .map(|b| if b == 0 { x.clone() } else { x.iter().map(|_| rng.next()).collect() })
+            .collect();
+        let outs = net.output_len();
+        let m = 1 + rng.below(outs);
+        let rows: Vec<Vec<usize>> = (0..width)
+            .map(|_| (0..m).map(|_| rng.below(outs)).collect())
+            .collect();
+        let rowrefs: Vec<&[usize]> = rows.iter().map(Vec::as_slice).collect();
+        let depth = net.nodes().len() as f64;
+        for kernel in [ConvKernel::Csr, ConvKernel::Structured] {
+            let compiler = Compiler::with_conv_kernel(&net, kernel);
+            for mode in [Mode::Tangent, Mode::Secant] {
+                let insts: Vec<_> = xs.iter().map(|x| compiler.instance(x, mode).unwrap()).collect();
+                let refs: Vec<&nnlin::Instance> = insts.iter().collect();
+                let alone = |prec32: bool| -> Vec<(nnlin::Block, Vec<f64>)> {
+                    insts.iter().zip(&rows).map(|(inst, r)| {
+                        let (w, b, _) = if prec32 {
+                            Plan::Reverse.execute::<f32>(inst, r, faer::Par::Seq)
+                        } else {
+                            Plan::Reverse.execute::<f64>(inst, r, faer::Par::Seq)
+                        }.unwrap();
+                        (w, b)
+                    }).collect()
+                };
+                let b64 = accumulate_reverse_batch::<f64>(&refs, &rowrefs, faer::Par::Seq).unwrap();
+                for (one, got) in alone(false).iter().zip(&b64) {
+                    let (d, s) = gap(one, got);
+                    prop_assert!(d <= 8.0 * depth * f64::EPSILON * s, "f64: {d} against {s}");
+                }
+                let b32 = accumulate_reverse_batch::<f32>(&refs, &rowrefs, faer::Par::Seq).unwrap();
+                for (one, (w, b)) in alone(true).iter().zip(b32) {
+                    let got = (w.cast::<f64>(), b.iter().map(|&v| f64::from(v)).collect());
+                    let (d, s) = gap(one, &got);
+                    prop_assert!(d <= 8.0 * depth * f64::from(f32::EPSILON) * s, "f32: {d} against {s}");
+                }
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //!
 //! The compiled path never calls the reference interpreter.
 
+pub mod batch;
 pub mod matfree;
 pub mod plan;
 pub mod region;
@@ -127,6 +128,12 @@ pub enum CompileError {
         /// Where it appeared.
         where_: String,
     },
+    /// Instances that cannot share one batched reverse pass.
+    #[error("cannot batch these instances: {reason}")]
+    Batch {
+        /// Why.
+        reason: &'static str,
+    },
     /// A row index out of range.
     #[error("row {row} out of range: the output has {len} elements")]
     RowOutOfRange {
@@ -153,6 +160,10 @@ pub struct CompiledLayer {
     pub output: ValueId,
     /// For activation layers: which units have a nonzero slope.
     pub active: Option<Vec<bool>>,
+    /// Whether its operators were lowered at this instance (activations,
+    /// max-pooling, products of two branches) rather than shared with the
+    /// compiler and every other instance.
+    pub per_instance: bool,
 }
 
 impl CompiledLayer {
@@ -1015,6 +1026,7 @@ impl Compiler {
                 bias,
                 output: node.output,
                 active,
+                per_instance: matches!(fixed, Fixed::PerInstance(_)),
             };
             let (y, finite) = match formed {
                 Some(y) => y,
@@ -1884,6 +1896,7 @@ mod tests {
                 bias: Arc::new(bias),
                 output: ValueId(kinds.len() + 1),
                 active: None,
+                per_instance: false,
             };
             let want = layer.eval_general::<f64>(&values, with_offset, Par::Seq).0;
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

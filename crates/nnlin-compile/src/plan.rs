@@ -173,6 +173,147 @@ pub fn direction_cost(inst: &Instance, m: usize, dir: Direction) -> Cost {
         .fold(Cost::default(), |c, (_, op)| c.add(op_cost(op, width)))
 }
 
+/// The cache a batch's stacked adjoints should fit: half the development
+/// machine's 2 MiB L2 per core. A product whose input and output adjoints
+/// (`width·m` rows) outgrow it while one instance's (`m` rows) fit pays
+/// their traffic from memory ([`batch_seconds`]).
+pub const CACHE_BYTES: usize = 1 << 20;
+
+/// The widest batch [`batch_width`] considers.
+pub const MAX_BATCH: usize = 64;
+
+/// A GEMM call passes over its weights once (packing them for the
+/// microkernel) whatever its row count, which costs about what multiplying
+/// this many more rows does: a 784-2048-2048-10 perceptron's reverse pass
+/// of 10 rows, 256 instances, 2 threads, ran 2.1× (f32) and 1.7× (f64)
+/// faster with 80 rows per call (8 instances stacked) than with 10, as
+/// `(10 + 16) / (10 + 16/8)` predicts.
+pub const GEMM_CALL_ROWS: usize = 16;
+
+/// An upper bound on each value's adjoint nonzero columns in reverse
+/// accumulation at this instance: the output's are all nonzero; an
+/// instance's own diagonal passes at most its nonzero entries' columns
+/// and a selection at most the columns it selects; any other factor may
+/// fill every column; fan-out adds.
+fn adjoint_nonzeros(inst: &Instance) -> Vec<usize> {
+    let mut nz = vec![0usize; inst.value_lens.len()];
+    nz[inst.output_value.0] = inst.value_lens[inst.output_value.0];
+    for l in inst.layers.iter().rev() {
+        let out = nz[l.output.0];
+        if out == 0 {
+            continue;
+        }
+        for (v, op) in &l.inputs {
+            let through = match &**op {
+                Operator::Identity(_) => out,
+                Operator::Diagonal(d) if l.per_instance => {
+                    out.min(d.iter().filter(|&&x| x != 0.0).count())
+                }
+                Operator::Selection(s) if l.per_instance => {
+                    let mut hit = vec![false; s.ncols()];
+                    for &c in s.cols().iter().filter(|&&c| c != Selection::ZERO) {
+                        hit[c] = true;
+                    }
+                    out.min(hit.into_iter().filter(|&h| h).count())
+                }
+                _ => op.ncols(),
+            };
+            nz[v.0] = (nz[v.0] + through).min(inst.value_lens[v.0]);
+        }
+    }
+    nz
+}
+
+/// Predicted seconds per instance of reverse accumulation of `m` rows
+/// with `width` instances sharing one pass ([`crate::batch`]): one
+/// instance's products ([`direction_cost`]) plus each GEMM-kind product's
+/// pass over its weights ([`GEMM_CALL_ROWS`] rows' worth), where a shared
+/// product that runs on the whole stack reads its storage and makes that
+/// pass once per batch (`1/width` per instance). A shared product whose
+/// adjoint is sparse at this instance ([`Operator::skips_zero_columns`] of
+/// an upper bound on its nonzero columns) runs instance by instance
+/// instead, and it and the instance's own factors other than diagonals and
+/// selections copy their rows out of the stack and back; a product whose
+/// stacked adjoints outgrow [`CACHE_BYTES`] while one instance's fit moves
+/// them through memory once more.
+pub fn batch_seconds(inst: &Instance, m: usize, width: usize, rates: &Rates) -> f64 {
+    let f = std::mem::size_of::<f64>();
+    let width = width.max(1);
+    let nz = adjoint_nonzeros(inst);
+    let share = 1.0 / width as f64;
+    let mut cost = direction_cost(inst, m, Direction::Reverse);
+    let (mut calls, mut extra) = (0.0, 0.0);
+    for l in &inst.layers {
+        for (_, op) in &l.inputs {
+            let stacked = !l.per_instance && !op.skips_zero_columns(nz[l.output.0]);
+            let gemm_kind = match **op {
+                Operator::Dense(_)
+                | Operator::Conv(_)
+                | Operator::Kron(_)
+                | Operator::MatMul(_) => true,
+                Operator::Transposed(_)
+                | Operator::Identity(_)
+                | Operator::Diagonal(_)
+                | Operator::ChannelScale(_)
+                | Operator::Csr(_)
+                | Operator::Selection(_)
+                | Operator::Softmax(_) => false,
+            };
+            let storage = op.bytes() as f64;
+            let pass = if gemm_kind { GEMM_CALL_ROWS as f64 * storage / f as f64 } else { 0.0 };
+            if stacked {
+                cost.bytes -= storage * (1.0 - share);
+                calls += pass * share;
+            } else {
+                calls += pass;
+            }
+            if width == 1 {
+                continue;
+            }
+            let rows = (f * m * (op.nrows() + op.ncols())) as f64;
+            match (stacked, &**op) {
+                (true, _) => {}
+                (false, Operator::Diagonal(_) | Operator::Selection(_)) if l.per_instance => {}
+                (false, _) => extra += 2.0 * rows,
+            }
+            if rows <= CACHE_BYTES as f64 && rows * width as f64 > CACHE_BYTES as f64 {
+                extra += rows;
+            }
+        }
+    }
+    cost.seconds(rates) + calls / rates.gemm + extra / rates.bandwidth
+}
+
+/// The batch width for `count` instances of reverse accumulation of `m`
+/// rows on `threads` threads: the narrowest power of two up to
+/// [`MAX_BATCH`] whose predicted seconds per instance ([`batch_seconds`]) are
+/// within 10 % of the best width's, if at least 5 % below one at a time,
+/// else 1 (a wider stack holds more memory for little gain). Never so wide
+/// that fewer batches than threads remain, nor that `width` instances'
+/// peak ([`peak_bytes`]) exceeds `budget`.
+pub fn batch_width(
+    inst: &Instance,
+    m: usize,
+    count: usize,
+    threads: usize,
+    rates: &Rates,
+    budget: usize,
+) -> usize {
+    let peak = peak_bytes(inst, m, Choice::Reverse);
+    let most = count.div_ceil(threads.max(1)).min(MAX_BATCH);
+    let mut priced = vec![(1, batch_seconds(inst, m, 1, rates))];
+    let mut width = 2;
+    while width <= most && peak.saturating_mul(width) <= budget {
+        priced.push((width, batch_seconds(inst, m, width, rates)));
+        width *= 2;
+    }
+    let best = priced.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    if best >= 0.95 * priced[0].1 {
+        return 1;
+    }
+    priced.iter().find(|p| p.1 <= 1.1 * best).map_or(1, |p| p.0)
+}
+
 /// The factors of a chain network, input side first, identities dropped;
 /// `None` if the network is not a chain.
 pub fn chain_factors(inst: &Instance) -> Option<Vec<Arc<Operator>>> {

@@ -516,6 +516,29 @@ impl Operator {
         }
     }
 
+    /// Whether [`Operator::left_mul`] of an adjoint with `nonzero` nonzero
+    /// columns takes a kernel that skips the zero ones (a convolution's
+    /// active or sparse kernel): stacking adjoints with different zero
+    /// columns would then cost more than their products one by one.
+    pub fn skips_zero_columns(&self, nonzero: usize) -> bool {
+        match self {
+            Operator::Conv(c) => {
+                let (num, den) = CONV_SPARSE_BELOW;
+                c.prefers_active(nonzero) || nonzero * den < c.nrows() * num
+            }
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Dense(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => false,
+        }
+    }
+
     /// `G·A` for a dense `G` of `k × nrows`; returns `k × ncols`.
     ///
     /// # Panics
