@@ -10,7 +10,10 @@ nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in f
 1. LeNet-5 (fixtures/cnn/lenet5.onnx, its weights loaded into the PyTorch
    module of fixtures/generate_cnn.py) on the first N MNIST test digits:
    PyTorch `jacrev` one instance at a time and `vmap(jacrev)` over the batch;
-   nnlin `explain` (all 10 rows, W is 10 x 784) over the same batch.
+   nnlin `explain` (all 10 rows, W is 10 x 784) over the same batch. The same
+   for the perceptron LeNet-300-100 (fixtures/cnn/lenet300.onnx), where nnlin
+   stacks instances into one reverse pass (`--batch auto`; the table says the
+   width the planner chose).
 2. A CIFAR-shaped ResNet-18 (3x32x32, 10 classes, BasicBlocks [2,2,2,2],
    batch-norm, random weights, seed 0) exported here to ONNX (unfused),
    on N random inputs: PyTorch `jacrev` per instance and nnlin `explain`.
@@ -43,7 +46,7 @@ from onnx import numpy_helper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
-from generate_cnn import LeNet5  # noqa: E402
+from generate_cnn import LeNet5, LeNet300  # noqa: E402
 
 NNLIN = os.path.join(ROOT, "target", "release", "nnlin")
 
@@ -66,7 +69,12 @@ def nnlin_time(model, x, threads, tmp, precision="f64", extra=()):
                         "--precision", precision, *extra], check=True, capture_output=True)
         s = json.load(open(os.path.join(out, "summary.json")))
         best = min(best, s["timing"]["linearize_seconds"] / len(x))
+    global LAST_BATCH
+    LAST_BATCH = max(i.get("batch", 1) for i in s["instances"])
     return best, max(i["residual"] for i in s["instances"])
+
+
+LAST_BATCH = 1  # the widest batch the last nnlin_time run used
 
 
 def whole_process(model, x, threads, tmp, precision, extra=()):
@@ -172,7 +180,17 @@ def main():
     t_single, t_batch = torch_times(lenet, x, True)
     t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
     t32, _ = nnlin_time(path, x, a.threads, tmp, "f32")
-    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res))
+    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, LAST_BATCH))
+    # LeNet-300-100 with the fixture's weights: a perceptron, batched by nnlin
+    path = os.path.join(ROOT, "fixtures/cnn/lenet300.onnx")
+    mlp = LeNet300()
+    inits = {t.name: torch.tensor(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer}
+    mlp.load_state_dict({k: inits[k] for k in mlp.state_dict()})
+    mlp.eval()
+    t_single, t_batch = torch_times(mlp, x, True)
+    t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
+    t32, _ = nnlin_time(path, x, a.threads, tmp, "f32")
+    rows.append(("LeNet-300-100 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, LAST_BATCH))
     # CIFAR ResNet-18, random weights
     torch.manual_seed(0)
     net = ResNet18().eval()
@@ -189,7 +207,7 @@ def main():
     t_single, _ = torch_times(net, xr, False)
     t_nnlin, res = nnlin_time(rpath, xr, a.threads, tmp)
     t32, _ = nnlin_time(rpath, xr, a.threads, tmp, "f32")
-    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res))
+    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res, LAST_BATCH))
     # MTCNN ONet, real weights (facenet-pytorch==2.6.0), the 10 landmark outputs
     try:
         from facenet_pytorch.models.mtcnn import ONet
@@ -200,21 +218,22 @@ def main():
         extra = ("--output", "landmarks")
         t_nnlin, res = nnlin_time(opath, xo, a.threads, tmp, "f64", extra)
         t32, _ = nnlin_time(opath, xo, a.threads, tmp, "f32", extra)
-        rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res))
+        rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res,
+                     LAST_BATCH))
     except ImportError:
         print("facenet-pytorch not installed: ONet skipped")
     print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32; "
           f"best of {REPEAT}\n")
-    print("| model | instances | torch jacrev | torch vmap(jacrev) | nnlin f64 | nnlin f32 | f32 vs jacrev | f32 vs vmap | f64 / f32 | max residual (f64) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | instances | torch jacrev | torch vmap(jacrev) | nnlin f64 | nnlin f32 | f32 vs jacrev | f32 vs vmap | f64 / f32 | max residual (f64) | nnlin batch (f32) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     out = []
-    for name, n, s, b, t, t32, r in rows:
+    for name, n, s, b, t, t32, r, width in rows:
         bs = f"{b * 1e3:.3f} ms" if b else "—"
         vb = f"{b / t32:.2f}x" if b else "—"
         print(f"| {name} | {n} | {s * 1e3:.3f} ms | {bs} | {t * 1e3:.3f} ms | {t32 * 1e3:.3f} ms | "
-              f"{s / t32:.2f}x | {vb} | {t / t32:.2f} | {r:.1e} |")
+              f"{s / t32:.2f}x | {vb} | {t / t32:.2f} | {r:.1e} | {width} |")
         out.append({"model": name, "instances": n, "torch_jacrev_s": s, "torch_vmap_s": b, "nnlin_s": t,
-                    "nnlin_f32_s": t32, "residual": r})
+                    "nnlin_f32_s": t32, "residual": r, "batch": width})
     if a.resnet50:
         import torchvision
         torch.manual_seed(0)

@@ -357,6 +357,53 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// How many instances of a batch share one reverse pass
+/// ([`nnlin_compile::batch`]): their adjoint rows stacked, every shared
+/// operator applied to all of them at once (its weights read once), each
+/// instance's own factors to its own rows. Batches apply to a one-model
+/// ensemble (no `--then` stages) whose plan is reverse accumulation; other
+/// plans run one instance at a time. W and b agree with one-at-a-time
+/// results within rounding (see [`nnlin_compile::batch`]).
+///
+/// ```
+/// use nnlin::Batch;
+/// assert_eq!("auto".parse::<Batch>(), Ok(Batch::Auto));
+/// assert_eq!("8".parse::<Batch>(), Ok(Batch::Width(8)));
+/// assert!("0".parse::<Batch>().is_err());
+/// assert_eq!(Batch::Width(4).to_string(), "4");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Batch {
+    /// The planner's width ([`plan::batch_width`]).
+    #[default]
+    Auto,
+    /// This many instances per pass (1: one at a time).
+    Width(usize),
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Batch::Auto => f.write_str("auto"),
+            Batch::Width(w) => write!(f, "{w}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Batch {
+    type Err = String;
+    /// `auto` or a width of at least 1.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Batch::Auto),
+            w => match w.parse::<usize>() {
+                Ok(w) if w >= 1 => Ok(Batch::Width(w)),
+                _ => Err(format!("batch: auto or a width of at least 1, got {w:?}")),
+            },
+        }
+    }
+}
+
 /// Files at least this large are read in pieces across the current rayon
 /// pool (see [`read_file`]).
 const PAR_READ_MIN: u64 = 1 << 24;
@@ -565,6 +612,8 @@ pub struct Options {
     /// [`Model::linearize`] alone is sequential. The result is the same bits
     /// either way (faer keeps each element's reduction order; tested).
     pub par: Option<Par>,
+    /// How many instances of a batch share one reverse pass.
+    pub batch: Batch,
 }
 
 impl Options {
@@ -596,6 +645,11 @@ impl Options {
     /// With `precision`.
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
+        self
+    }
+    /// With `batch` instances per reverse pass.
+    pub fn with_batch(mut self, batch: Batch) -> Self {
+        self.batch = batch;
         self
     }
     /// With the products inside one instance run on `par`.
@@ -1069,6 +1123,9 @@ pub struct Linearization {
     pub plans: Vec<Executed>,
     /// Activation pattern of every activation layer of every member.
     pub pattern: Vec<LayerPattern>,
+    /// How many instances shared the reverse pass that formed it (1: alone;
+    /// see [`Batch`]).
+    pub batch: usize,
 }
 
 impl Linearization {
@@ -1148,6 +1205,24 @@ impl Rows {
     }
 }
 
+/// Every member of an ensemble compiled at one input.
+struct Compiled {
+    insts: Vec<Instance>,
+    output: Vec<f64>,
+    pattern: Vec<LayerPattern>,
+}
+
+/// A member's `W` as an array, times its weight `a`: the block's
+/// column-major entries handed over without a copy.
+fn scaled_array(w: Block, a: f64) -> Array2<f64> {
+    let (r, c, data) = w.into_col_major();
+    let mut w = Array2::from_shape_vec((r, c).f(), data).expect("block shape");
+    if a != 1.0 {
+        w.mapv_inplace(|v| a * v);
+    }
+    w
+}
+
 fn select_rows(rows: &Rows, output: &[f64]) -> Result<Vec<usize>> {
     rows.count(output.len())?;
     Ok(match rows {
@@ -1216,8 +1291,9 @@ impl Ensemble {
         out
     }
 
-    /// `W` and `b` at one input `x` (flattened, length `n`).
-    pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+    /// Every member compiled at `x`: the instances, the ensemble's output
+    /// and its activation pattern.
+    fn compile_members(&self, x: &[f64], opts: &Options) -> Result<Compiled> {
         let par = opts.par.unwrap_or(Par::Seq);
         let mut insts = Vec::with_capacity(self.members.len());
         let mut output = vec![0.0; self.output_len()];
@@ -1240,38 +1316,64 @@ impl Ensemble {
             }
             insts.push(inst);
         }
+        Ok(Compiled { insts, output, pattern })
+    }
+
+    /// The plan member `model` runs for `m` rows of `inst` under `opts`,
+    /// checked against the memory `budget` of `count` instances held at
+    /// once.
+    fn plan_for(
+        model: &Model,
+        inst: &Instance,
+        m: usize,
+        opts: &Options,
+        budget: usize,
+        count: usize,
+    ) -> Result<Plan> {
+        let plan = match opts.strategy {
+            Strategy::Dense => Plan::Dense { max_bytes: budget },
+            Strategy::Reverse => Plan::Reverse,
+            Strategy::Forward => Plan::Forward,
+            Strategy::Dp => Plan::Dp(model.rates(opts)),
+            Strategy::Auto => {
+                let (choice, rates) = model.auto(inst, m, opts);
+                Plan::of(choice, rates)
+            }
+        };
+        // the dense baseline checks its own budget (its dense factors)
+        if let Some(choice) = plan.choice() {
+            let need = plan::peak_bytes(inst, m, choice).saturating_mul(count);
+            if need > budget {
+                return Err(Error::MemoryBudget {
+                    model: model.name.clone(),
+                    plan: format!("{choice:?}").to_lowercase(),
+                    rows: m,
+                    need,
+                    budget,
+                });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Instances running at once share the memory budget.
+    fn budget(opts: &Options) -> usize {
+        opts.max_memory.unwrap_or(usize::MAX) / rayon::current_num_threads().max(1)
+    }
+
+    /// `W` and `b` at one input `x` (flattened, length `n`).
+    pub fn linearize(&self, x: &[f64], opts: &Options) -> Result<Linearization> {
+        let par = opts.par.unwrap_or(Par::Seq);
+        let Compiled { insts, output, pattern } = self.compile_members(x, opts)?;
         let rows = select_rows(&opts.rows, &output)?;
         let (m, n) = (rows.len(), self.input_len());
         let mut w: Option<Array2<f64>> = None;
         let mut b = vec![0.0; m];
         let mut direction = Direction::Reverse;
         let mut plans = Vec::with_capacity(self.members.len());
-        // instances running at once share the budget
-        let budget = opts.max_memory.unwrap_or(usize::MAX) / rayon::current_num_threads().max(1);
+        let budget = Self::budget(opts);
         for (inst, (model, a)) in insts.iter().zip(&self.members) {
-            let plan = match opts.strategy {
-                Strategy::Dense => Plan::Dense { max_bytes: budget },
-                Strategy::Reverse => Plan::Reverse,
-                Strategy::Forward => Plan::Forward,
-                Strategy::Dp => Plan::Dp(model.rates(opts)),
-                Strategy::Auto => {
-                    let (choice, rates) = model.auto(inst, m, opts);
-                    Plan::of(choice, rates)
-                }
-            };
-            // the dense baseline checks its own budget (its dense factors)
-            if let Some(choice) = plan.choice() {
-                let need = plan::peak_bytes(inst, m, choice);
-                if need > budget {
-                    return Err(Error::MemoryBudget {
-                        model: model.name.clone(),
-                        plan: format!("{choice:?}").to_lowercase(),
-                        rows: m,
-                        need,
-                        budget,
-                    });
-                }
-            }
+            let plan = Self::plan_for(model, inst, m, opts, budget, 1)?;
             let ran = match opts.precision {
                 Precision::F64 => plan.execute::<f64>(inst, &rows, par),
                 Precision::F32 => plan.execute::<f32>(inst, &rows, par),
@@ -1288,13 +1390,7 @@ impl Ensemble {
                 direction = Direction::Forward;
             }
             plans.push(ran);
-            // W handed over without a copy: the block's column-major
-            // entries become the array's
-            let (r, c, data) = wi.into_col_major();
-            let mut wi = Array2::from_shape_vec((r, c).f(), data).expect("block shape");
-            if *a != 1.0 {
-                wi.mapv_inplace(|v| a * v);
-            }
+            let wi = scaled_array(wi, *a);
             match &mut w {
                 None => w = Some(wi),
                 Some(w) => *w += &wi,
@@ -1304,12 +1400,111 @@ impl Ensemble {
             }
         }
         let w = w.unwrap_or_else(|| Array2::zeros((m, n).f()));
-        let mut lin =
-            Linearization { w, b: Array1::from(b), rows, output, direction, plans, pattern };
+        let mut lin = Linearization {
+            w,
+            b: Array1::from(b),
+            rows,
+            output,
+            direction,
+            plans,
+            pattern,
+            batch: 1,
+        };
         if opts.precision == Precision::F32 {
             lin.round_to_f32();
         }
         Ok(lin)
+    }
+
+    /// The batch width a batch of `count` instances runs with under `opts`
+    /// (priced at `x0`, one of them): 1 unless the ensemble is one model
+    /// whose plan is reverse accumulation, then `opts.batch`'s width or, for
+    /// [`Batch::Auto`], [`plan::batch_width`]'s under `opts.rates` (else
+    /// the typical rates; `measure_rates` does not apply to it).
+    fn batch_width(&self, x0: &[f64], opts: &Options, count: usize) -> Result<usize> {
+        let [(model, _)] = self.members.as_slice() else { return Ok(1) };
+        if count < 2 || matches!(opts.strategy, Strategy::Forward | Strategy::Dense | Strategy::Dp)
+        {
+            return Ok(1);
+        }
+        if let Batch::Width(w) = opts.batch {
+            return Ok(w.clamp(1, count));
+        }
+        let inst = model.compile_instance_in(x0, opts.mode, Par::Seq, opts.precision)?;
+        let m = select_rows(&opts.rows, &inst.output)?.len();
+        if Self::plan_for(model, &inst, m, opts, usize::MAX, 1)? != Plan::Reverse {
+            return Ok(1);
+        }
+        // priced under the caller's rates, else the typical ones: never
+        // measured here (0.1 s, more than a whole batch of small models)
+        let rates = opts.rates.unwrap_or(plan::Rates::TYPICAL);
+        let threads = rayon::current_num_threads().max(1);
+        Ok(plan::batch_width(&inst, m, count, threads, &rates, Self::budget(opts)))
+    }
+
+    /// Linearizes the inputs `xs` as one batch: for a one-model ensemble
+    /// whose plan is reverse accumulation, one batched reverse pass
+    /// ([`nnlin_compile::batch`]), else one instance at a time.
+    fn linearize_group(&self, xs: &[&[f64]], opts: &Options) -> Result<Vec<Linearization>> {
+        let one_at_a_time = || xs.iter().map(|x| self.linearize(x, opts)).collect();
+        let [(model, a)] = self.members.as_slice() else { return one_at_a_time() };
+        if xs.len() < 2 {
+            return one_at_a_time();
+        }
+        let par = opts.par.unwrap_or(Par::Seq);
+        let compiled: Vec<Compiled> =
+            xs.iter().map(|x| self.compile_members(x, opts)).collect::<Result<_>>()?;
+        let rows: Vec<Vec<usize>> =
+            compiled.iter().map(|c| select_rows(&opts.rows, &c.output)).collect::<Result<_>>()?;
+        let m = rows[0].len();
+        let insts: Vec<&Instance> = compiled.iter().map(|c| &c.insts[0]).collect();
+        let plan = Self::plan_for(model, insts[0], m, opts, Self::budget(opts), xs.len())?;
+        if plan != Plan::Reverse || rows.iter().any(|r| r.len() != m) {
+            return one_at_a_time();
+        }
+        let rowrefs: Vec<&[usize]> = rows.iter().map(Vec::as_slice).collect();
+        let wb: Vec<(Block, Vec<f64>)> = match opts.precision {
+            Precision::F64 => {
+                nnlin_compile::batch::accumulate_reverse_batch::<f64>(&insts, &rowrefs, par)
+            }
+            Precision::F32 => nnlin_compile::batch::accumulate_reverse_batch::<f32>(
+                &insts, &rowrefs, par,
+            )
+            .map(|v| {
+                v.into_iter()
+                    .map(|(w, b)| {
+                        let (r, c, data) = w.into_col_major();
+                        (
+                            Block::from_col_major(r, c, <f32 as linalg::Real>::widen(data)),
+                            <f32 as linalg::Real>::widen(b),
+                        )
+                    })
+                    .collect()
+            }),
+        }
+        .map_err(|source| Error::Compile { model: model.name.clone(), source })?;
+        Ok(compiled
+            .into_iter()
+            .zip(rows)
+            .zip(wb)
+            .map(|((c, rows), (wi, bi))| {
+                let b = bi.iter().map(|v| a * v).collect::<Vec<f64>>();
+                let mut lin = Linearization {
+                    w: scaled_array(wi, *a),
+                    b: Array1::from(b),
+                    rows,
+                    output: c.output,
+                    direction: Direction::Reverse,
+                    plans: vec![Executed::Reverse],
+                    pattern: c.pattern,
+                    batch: xs.len(),
+                };
+                if opts.precision == Precision::F32 {
+                    lin.round_to_f32();
+                }
+                lin
+            })
+            .collect())
     }
 
     /// Linearizes every row of `xs` (`N × n`), in parallel over instances on
@@ -1371,6 +1566,17 @@ pub trait Linearize: Sync {
     fn linearize_batch(&self, xs: ArrayView2<f64>, opts: &Options) -> Result<Vec<Linearization>> {
         batch(self, xs, opts)
     }
+    /// How many of `count` instances, of which `x0` is one, share one
+    /// reverse pass under `opts` ([`Batch`]); 1 by default.
+    fn batch_width(&self, x0: &[f64], opts: &Options, count: usize) -> Result<usize> {
+        let _ = (x0, opts, count);
+        Ok(1)
+    }
+    /// The inputs `xs` as one batch of [`Linearize::batch_width`]'s width;
+    /// by default one at a time.
+    fn linearize_group(&self, xs: &[&[f64]], opts: &Options) -> Result<Vec<Linearization>> {
+        xs.iter().map(|x| self.linearize(x, opts)).collect()
+    }
     /// Every row of `xs`, handing each linearization to `f(index, lin)` as
     /// it is formed (in parallel, in no fixed order) instead of holding them
     /// all: memory stays at what the pool's threads hold at once. The
@@ -1386,9 +1592,25 @@ pub trait Linearize: Sync {
         }
         let opts = batch_options(opts, xs.nrows());
         prepare_batch(self, &opts, xs.nrows());
-        (0..xs.nrows()).into_par_iter().try_for_each(|k| {
-            let x = xs.row(k).to_vec();
-            f(k, self.linearize(&x, &opts)?)
+        let width = match xs.nrows() {
+            0 | 1 => 1,
+            n => self.batch_width(&xs.row(0).to_vec(), &opts, n)?,
+        };
+        if width <= 1 {
+            return (0..xs.nrows()).into_par_iter().try_for_each(|k| {
+                let x = xs.row(k).to_vec();
+                f(k, self.linearize(&x, &opts)?)
+            });
+        }
+        let starts: Vec<usize> = (0..xs.nrows()).step_by(width).collect();
+        starts.into_par_iter().try_for_each(|k0| {
+            let rows: Vec<Vec<f64>> =
+                (k0..(k0 + width).min(xs.nrows())).map(|k| xs.row(k).to_vec()).collect();
+            let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+            for (k, lin) in (k0..).zip(self.linearize_group(&refs, &opts)?) {
+                f(k, lin)?;
+            }
+            Ok(())
         })
     }
 }
@@ -1409,6 +1631,12 @@ impl Linearize for Model {
     fn prepare(&self, precision: Precision) {
         Model::prepare(self, precision)
     }
+    fn batch_width(&self, x0: &[f64], opts: &Options, count: usize) -> Result<usize> {
+        Ensemble::single(self.clone()).batch_width(x0, opts, count)
+    }
+    fn linearize_group(&self, xs: &[&[f64]], opts: &Options) -> Result<Vec<Linearization>> {
+        Ensemble::single(self.clone()).linearize_group(xs, opts)
+    }
 }
 
 impl Linearize for Ensemble {
@@ -1427,6 +1655,12 @@ impl Linearize for Ensemble {
     fn prepare(&self, precision: Precision) {
         Ensemble::prepare(self, precision)
     }
+    fn batch_width(&self, x0: &[f64], opts: &Options, count: usize) -> Result<usize> {
+        Ensemble::batch_width(self, x0, opts, count)
+    }
+    fn linearize_group(&self, xs: &[&[f64]], opts: &Options) -> Result<Vec<Linearization>> {
+        Ensemble::linearize_group(self, xs, opts)
+    }
 }
 
 impl Linearize for Pipeline {
@@ -1444,6 +1678,16 @@ impl Linearize for Pipeline {
     }
     fn prepare(&self, precision: Precision) {
         Pipeline::prepare(self, precision)
+    }
+    fn batch_width(&self, x0: &[f64], opts: &Options, count: usize) -> Result<usize> {
+        if self.then.is_empty() { self.first.batch_width(x0, opts, count) } else { Ok(1) }
+    }
+    fn linearize_group(&self, xs: &[&[f64]], opts: &Options) -> Result<Vec<Linearization>> {
+        if self.then.is_empty() {
+            self.first.linearize_group(xs, opts)
+        } else {
+            xs.iter().map(|x| self.linearize(x, opts)).collect()
+        }
     }
 }
 
@@ -1486,7 +1730,21 @@ fn batch<L: Linearize + ?Sized>(
     let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
     let opts = batch_options(opts, rows.len());
     prepare_batch(f, &opts, rows.len());
-    rows.par_iter().map(|x| f.linearize(x, &opts)).collect()
+    let width = match rows.len() {
+        0 | 1 => 1,
+        n => f.batch_width(&rows[0], &opts, n)?,
+    };
+    if width <= 1 {
+        return rows.par_iter().map(|x| f.linearize(x, &opts)).collect();
+    }
+    let groups: Vec<Vec<Linearization>> = rows
+        .par_chunks(width)
+        .map(|g| {
+            let refs: Vec<&[f64]> = g.iter().map(Vec::as_slice).collect();
+            f.linearize_group(&refs, &opts)
+        })
+        .collect::<Result<_>>()?;
+    Ok(groups.into_iter().flatten().collect())
 }
 
 /// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that
@@ -1581,6 +1839,7 @@ impl Pipeline {
                 direction: next.direction,
                 plans,
                 pattern,
+                batch: 1,
             };
         }
         if opts.precision == Precision::F32 {

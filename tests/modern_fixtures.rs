@@ -87,3 +87,31 @@ fn modern_blocks_match_jacrev_with_both_exporters() {
     }
     eprintln!("largest relative error of W against jacrev: {worst:.1e}");
 }
+
+/// Each block's fixture inputs through one batched reverse pass (gates,
+/// attention and norms give per-instance factors that are neither diagonals
+/// nor selections: they multiply copies of their rows) give what one at a
+/// time does, in both modes, within rounding of W's scale.
+#[test]
+fn modern_blocks_batch_like_one_at_a_time() {
+    use nnlin::{Batch, Linearize};
+    for name in MODELS {
+        let xs: ArrayD<f64> = read_npy(dir().join(format!("{name}.inputs.npy"))).unwrap();
+        let m = Model::from_onnx_file(dir().join(format!("{name}.onnx"))).unwrap();
+        let n = m.input_len();
+        let flat = xs.view().into_shape_with_order((xs.shape()[0], n)).unwrap();
+        for mode in [Mode::Tangent, Mode::Secant] {
+            let opts = Options::new().with_mode(mode);
+            let one = m.linearize_batch(flat, &opts.clone().with_batch(Batch::Width(1))).unwrap();
+            let all =
+                m.linearize_batch(flat, &opts.with_batch(Batch::Width(flat.nrows()))).unwrap();
+            for (k, (a, b)) in one.iter().zip(&all).enumerate() {
+                assert_eq!(b.batch, flat.nrows(), "{name}");
+                let scale = a.w.iter().chain(&a.b).fold(1.0f64, |s, v| s.max(v.abs()));
+                let dw =
+                    (&a.w - &b.w).iter().chain(&(&a.b - &b.b)).fold(0.0f64, |s, v| s.max(v.abs()));
+                assert!(dw <= 1e-12 * scale, "{name} {mode} #{k}: {dw} against {scale}");
+            }
+        }
+    }
+}

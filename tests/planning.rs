@@ -97,3 +97,108 @@ fn every_plan_executes_to_the_same_w_and_says_what_ran() {
         ));
     }
 }
+
+fn fixture(name: &str) -> Model {
+    Model::from_onnx_file(format!("{}/fixtures/cnn/{name}.onnx", env!("CARGO_MANIFEST_DIR")))
+        .unwrap()
+}
+
+/// `count` seeded inputs of length `n` in [0, 1).
+fn inputs(count: usize, n: usize) -> ndarray::Array2<f64> {
+    let mut rng = common::Rng(7);
+    ndarray::Array2::from_shape_fn((count, n), |_| (rng.next() + 1.0) / 2.0)
+}
+
+#[test]
+fn the_planner_batches_a_perceptron_and_not_a_sparse_cnn() {
+    // LeNet-300-100's reverse products are 10-row GEMMs against its weights:
+    // stacking instances amortizes each call's pass over them. LeNet-5's
+    // time is in its convolutions' sparse kernels, which a stack would lose.
+    let rates = plan::Rates::TYPICAL;
+    let mlp = fixture("lenet300");
+    let x = inputs(1, 784).row(0).to_vec();
+    let inst = mlp.compile_instance(&x, Mode::Tangent).unwrap();
+    let w = plan::batch_width(&inst, 10, 1000, 2, &rates, usize::MAX);
+    assert!(w > 1, "width {w}");
+    assert!(plan::batch_seconds(&inst, 10, w, &rates) < plan::batch_seconds(&inst, 10, 1, &rates));
+    // never more batches than instances allow per thread, nor past the budget
+    assert_eq!(plan::batch_width(&inst, 10, 3, 2, &rates, usize::MAX), 2);
+    assert_eq!(plan::batch_width(&inst, 10, 1000, 2, &rates, 0), 1);
+    let (cnn, x) = lenet();
+    let inst = cnn.compile_instance(&x, Mode::Tangent).unwrap();
+    assert_eq!(plan::batch_width(&inst, 10, 1000, 2, &rates, usize::MAX), 1);
+}
+
+#[test]
+fn batched_instances_agree_with_one_at_a_time_and_say_so() {
+    use nnlin::{Batch, Linearize, Precision, Rows};
+    let xs = inputs(7, 784);
+    for (name, precision, tol) in [
+        ("lenet300", Precision::F64, 1e-12),
+        ("lenet5", Precision::F64, 1e-12),
+        ("lenet5", Precision::F32, 1e-5),
+    ] {
+        let m = fixture(name);
+        for rows in [Rows::All, Rows::Top(1)] {
+            let opts = Options::new().with_precision(precision).with_rows(rows.clone());
+            let one =
+                m.linearize_batch(xs.view(), &opts.clone().with_batch(Batch::Width(1))).unwrap();
+            let three = m.linearize_batch(xs.view(), &opts.with_batch(Batch::Width(3))).unwrap();
+            for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+                assert_eq!(a.batch, 1);
+                // 7 instances in batches of 3: the last one alone
+                assert_eq!(b.batch, if k < 6 { 3 } else { 1 }, "{name} instance {k}");
+                assert_eq!(a.rows, b.rows);
+                assert_eq!(a.output, b.output);
+                assert_eq!(b.plans, vec![Executed::Reverse]);
+                let scale = a.w.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+                let dw = (&a.w - &b.w).iter().fold(0.0f64, |s, v| s.max(v.abs()));
+                let db = (&a.b - &b.b).iter().fold(0.0f64, |s, v| s.max(v.abs()));
+                assert!(dw <= tol * scale && db <= tol * scale, "{name} {precision}: {dw} {db}");
+                if precision == Precision::F32 {
+                    assert!(b.w.iter().all(|&v| f64::from(v as f32) == v));
+                }
+            }
+            // streaming hands over the same instances, each once
+            let seen = std::sync::Mutex::new(vec![0usize; xs.nrows()]);
+            m.linearize_batch_with(xs.view(), &opts_for(precision, &rows), &|k, lin| {
+                assert_eq!(lin.w, three[k].w);
+                seen.lock().unwrap()[k] += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1));
+        }
+    }
+    // other plans and ensembles run one at a time
+    let m = fixture("lenet300");
+    let fwd = Options::new().with_strategy(nnlin::Strategy::Forward).with_batch(Batch::Width(4));
+    assert!(m.linearize_batch(xs.view(), &fwd).unwrap().iter().all(|l| l.batch == 1));
+    let pair = nnlin::Ensemble::new(vec![(m.clone(), 0.5), (m, 0.5)]).unwrap();
+    let opts = Options::new().with_batch(Batch::Width(4));
+    assert!(pair.linearize_batch(xs.view(), &opts).unwrap().iter().all(|l| l.batch == 1));
+}
+
+fn opts_for(precision: nnlin::Precision, rows: &nnlin::Rows) -> Options {
+    Options::new()
+        .with_precision(precision)
+        .with_rows(rows.clone())
+        .with_batch(nnlin::Batch::Width(3))
+}
+
+#[test]
+fn a_batch_refuses_instances_it_cannot_stack() {
+    use nnlin::batch::accumulate_reverse_batch;
+    let (a, x) = lenet();
+    let b = fixture("lenet300");
+    let ia = a.compile_instance(&x, Mode::Tangent).unwrap();
+    let ib = b.compile_instance(&x, Mode::Tangent).unwrap();
+    let err = accumulate_reverse_batch::<f64>(&[&ia, &ib], &[&[0], &[0]], faer::Par::Seq);
+    assert!(matches!(err, Err(nnlin::CompileError::Batch { .. })), "{err:?}");
+    let ia2 = a.compile_instance(&x, Mode::Tangent).unwrap();
+    let err = accumulate_reverse_batch::<f64>(&[&ia, &ia2], &[&[0, 1], &[0]], faer::Par::Seq);
+    assert!(matches!(err, Err(nnlin::CompileError::Batch { .. })), "{err:?}");
+    let err = accumulate_reverse_batch::<f64>(&[&ia, &ia2], &[&[0], &[10]], faer::Par::Seq);
+    assert!(matches!(err, Err(nnlin::CompileError::RowOutOfRange { row: 10, .. })), "{err:?}");
+    assert!(accumulate_reverse_batch::<f64>(&[], &[], faer::Par::Seq).unwrap().is_empty());
+}

@@ -3,7 +3,7 @@
 //! ```text
 //! nnlin explain MODEL.onnx [MORE.onnx ... --weights a1,a2,...] --input X.npy [--out DIR]
 //!               [--mode tangent|secant] [--precision f32|f64] [--rows all|top1|topK|i,j,...]
-//!               [--strategy auto|reverse|forward] [--threads N]
+//!               [--strategy auto|reverse|forward] [--batch auto|N] [--threads N]
 //! nnlin inspect MODEL.onnx [--input X.npy]
 //! ```
 
@@ -34,7 +34,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use ndarray::Array2;
 use nnlin::region::Norm;
-use nnlin::{ConvKernel, Ensemble, Linearize, Mode, Options, Precision, Rows, Strategy};
+use nnlin::{Batch, ConvKernel, Ensemble, Linearize, Mode, Options, Precision, Rows, Strategy};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -100,6 +100,11 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Instances per reverse pass: their adjoint rows stacked, each shared
+        /// operator applied to all at once; `auto` lets the planner pick
+        /// (see `nnlin plan`).
+        #[arg(long, default_value_t = Batch::Auto, value_parser = |s: &str| s.parse::<Batch>())]
+        batch: Batch,
         /// Convolutions as explicit CSR Toeplitz matrices or structured
         /// (im2col + GEMM) operators; `auto` picks the measured faster.
         #[arg(long, default_value_t = ConvKernel::Auto, value_parser = named::<ConvKernel>(&["auto", "csr", "structured"]))]
@@ -214,6 +219,10 @@ enum Command {
         /// measured now.
         #[arg(long)]
         rates: Option<String>,
+        /// Threads `explain` would run the input's instances on, for the
+        /// batch width (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Measure this machine's kernel throughputs for the cost model and store
     /// them (NNLIN_CALIBRATION or ~/.config/nnlin/calibration.json).
@@ -338,6 +347,7 @@ fn demo() -> Result<()> {
         rows: "top3".into(),
         strategy: Strategy::Auto,
         threads: None,
+        batch: Batch::Auto,
         conv_kernel: ConvKernel::Auto,
         heatmap: true,
         then: vec![],
@@ -378,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             strategy,
             threads,
+            batch,
             conv_kernel,
             heatmap,
             then,
@@ -393,6 +404,7 @@ fn run(cli: Cli) -> Result<()> {
             rows,
             strategy,
             threads,
+            batch,
             conv_kernel,
             heatmap,
             then,
@@ -427,9 +439,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Neurons { model, input, top, out, limit } => {
             neurons::run(neurons::Args { model, input, top, out, limit })
         }
-        Command::Plan { model, input, rows, rates } => {
+        Command::Plan { model, input, rows, rates, threads } => {
             let rates = rates.map(|r| io::parse_numbers(&r, "--rates")).transpose()?;
-            plan_cmd(&model, &input, &rows, rates)
+            let threads = match threads {
+                Some(0) => bail!("--threads must be at least 1"),
+                Some(t) => t,
+                None => rayon::current_num_threads().max(1),
+            };
+            plan_cmd(&model, &input, &rows, rates, threads)
         }
         Command::Calibrate { out } => {
             let r = nnlin::plan::Rates::measure();
@@ -485,6 +502,7 @@ struct ExplainArgs {
     rows: String,
     strategy: Strategy,
     threads: Option<usize>,
+    batch: Batch,
     conv_kernel: ConvKernel,
     heatmap: bool,
     then: Vec<PathBuf>,
@@ -531,6 +549,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         .with_strategy(strategy)
         .with_rows(rows)
         .with_precision(args.precision)
+        .with_batch(args.batch)
         .with_max_memory(io::budget());
     if matches!(strategy, Strategy::Auto | Strategy::Dp) {
         // the rates `nnlin calibrate` stored, or this machine's, measured
@@ -581,6 +600,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         b: Vec<f64>,
         direction: nnlin::Direction,
         plans: Vec<String>,
+        batch: usize,
         pattern: Vec<serde_json::Value>,
         w_rows: Option<Vec<Vec<f64>>>,
     }
@@ -607,6 +627,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
                 b: lin.b.to_vec(),
                 direction: lin.direction,
                 plans,
+                batch: lin.batch,
                 pattern,
                 w_rows,
             };
@@ -644,6 +665,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
             "residual": residual,
             "direction": format!("{:?}", fm.direction).to_lowercase(),
             "plan": fm.plans,
+            "batch": fm.batch,
             "active_units": fm.pattern,
         }));
         if let Some(w_rows) = &fm.w_rows {
@@ -686,6 +708,7 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "mode": args.mode.to_string(),
         "precision": args.precision.to_string(),
         "strategy": args.strategy.to_string(),
+        "batch": args.batch.to_string(),
         "rows": args.rows,
         "threads": threads,
         "timing": { "linearize_seconds": seconds },
@@ -713,6 +736,7 @@ fn plan_cmd(
     input: &std::path::Path,
     rows: &str,
     rates: Option<Vec<f64>>,
+    threads: usize,
 ) -> Result<()> {
     io::set_input_file(Some(input));
     let m = io::load_model(model, ConvKernel::Auto)?;
@@ -735,6 +759,25 @@ fn plan_cmd(
     outln!("W: {count} x {}", m.input_len());
     out!("{text}");
     outln!("chosen: {best}");
+    // the batch width `explain --batch auto` takes for this input's instances
+    let n = xs.nrows();
+    if best == "reverse" {
+        let most = n.div_ceil(threads).min(nnlin::plan::MAX_BATCH);
+        let priced: Vec<String> = std::iter::successors(Some(1usize), |w| Some(w * 2))
+            .take_while(|&w| w == 1 || w <= most)
+            .map(|w| {
+                let s = nnlin::plan::batch_seconds(&inst, count, w, &rates);
+                format!("{w}: {s:.3e} s")
+            })
+            .collect();
+        let w = nnlin::plan::batch_width(&inst, count, n, threads, &rates, io::budget());
+        outln!(
+            "batch width for {n} instance(s) on {threads} thread(s): {w} (per instance: {})",
+            priced.join(", ")
+        );
+    } else {
+        outln!("batch width: 1 (batches run reverse accumulation only)");
+    }
     Ok(())
 }
 

@@ -187,9 +187,11 @@ fn plan_output_is_stable() {
             "plan",
             root().join("cnn/lenet5.onnx").to_str().unwrap(),
             "--input",
-            root().join("data/mnist/t10k-images-idx3-ubyte.gz[0]").to_str().unwrap(),
+            root().join("data/mnist/t10k-images-idx3-ubyte.gz[0..8]").to_str().unwrap(),
             "--rates",
             "1e10,1e9,1e10",
+            "--threads",
+            "2",
         ])
         .output()
         .unwrap();
