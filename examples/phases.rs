@@ -26,7 +26,7 @@ fn main() {
     let rows: Vec<usize> = (0..rows).collect();
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     // PHASE=reference|compile|compile32|f32|f64 runs one phase only (for a
-    // profiler)
+    // profiler); PHASE=prepare times `Model::prepare` alone
     let phase = std::env::var("PHASE").unwrap_or_default();
     let on = |p: &str| phase.is_empty() || phase == p;
     // PAR=t: one instance's products spread over t threads
@@ -34,6 +34,14 @@ fn main() {
         Some(t) if t > 1 => faer::Par::rayon(t),
         _ => faer::Par::Seq,
     };
+    if phase == "prepare" {
+        // what a batch forms once before its instances (f32 weights,
+        // Winograd kernels), on the whole pool: the first call only
+        let t = Instant::now();
+        m.prepare(nnlin::Precision::F32);
+        println!("prepare f32 {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        return;
+    }
     let (mut tc, mut tc32, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for i in 0..n {
         let xi = &xs[i * per..(i + 1) * per];

@@ -1430,14 +1430,22 @@ impl Ensemble {
         if let Batch::Width(w) = opts.batch {
             return Ok(w.clamp(1, count));
         }
+        // priced under the caller's rates, else the typical ones: never
+        // measured here (0.1 s, more than a whole batch of small models)
+        let rates = opts.rates.unwrap_or(plan::Rates::TYPICAL);
+        let m = match &opts.rows {
+            Rows::All => model.output_len(),
+            Rows::Top(k) => (*k).min(model.output_len()),
+            Rows::Indices(r) => r.len(),
+        };
+        if !plan::batching_may_pay(&model.compiler, m, &rates) {
+            return Ok(1);
+        }
         let inst = model.compile_instance_in(x0, opts.mode, Par::Seq, opts.precision)?;
         let m = select_rows(&opts.rows, &inst.output)?.len();
         if Self::plan_for(model, &inst, m, opts, usize::MAX, 1)? != Plan::Reverse {
             return Ok(1);
         }
-        // priced under the caller's rates, else the typical ones: never
-        // measured here (0.1 s, more than a whole batch of small models)
-        let rates = opts.rates.unwrap_or(plan::Rates::TYPICAL);
         let threads = rayon::current_num_threads().max(1);
         Ok(plan::batch_width(&inst, m, count, threads, &rates, Self::budget(opts)))
     }

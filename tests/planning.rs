@@ -127,6 +127,23 @@ fn the_planner_batches_a_perceptron_and_not_a_sparse_cnn() {
     let (cnn, x) = lenet();
     let inst = cnn.compile_instance(&x, Mode::Tangent).unwrap();
     assert_eq!(plan::batch_width(&inst, 10, 1000, 2, &rates, usize::MAX), 1);
+    // before compiling an instance: worth pricing for the perceptron, not
+    // for a wide convolution whose products dwarf its weights
+    assert!(plan::batching_may_pay(&nnlin::Compiler::new(mlp.network()), 10, &rates));
+    use nnlin::ir::{Conv, Layer, Network, ValueId, Window};
+    let mut net = Network::new(vec![1, 64, 32, 32]);
+    let window = Window::new((32, 32), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), false).unwrap();
+    let conv = Conv {
+        window,
+        c_in: 64,
+        c_out: 64,
+        groups: 1,
+        weight: std::sync::Arc::new(vec![0.01; 64 * 64 * 9]),
+        bias: None,
+        one_d: false,
+    };
+    net.push("conv", "Conv", Layer::Conv(conv), vec![ValueId(0)]).unwrap();
+    assert!(!plan::batching_may_pay(&nnlin::Compiler::new(&net), 10, &rates));
 }
 
 #[test]

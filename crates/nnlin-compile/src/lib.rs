@@ -903,6 +903,19 @@ impl Compiler {
     pub fn network(&self) -> &Network {
         &self.net
     }
+    /// The operators every instance shares (those that do not depend on
+    /// the input).
+    pub fn shared_operators(&self) -> impl Iterator<Item = &Operator> {
+        self.fixed
+            .iter()
+            .filter_map(|f| match f {
+                Fixed::Ops(ops, _) => Some(ops),
+                Fixed::PerInstance(_) => None,
+            })
+            .flatten()
+            .map(|op| &**op)
+    }
+
     /// Whether convolutions are compiled as explicit CSR matrices.
     pub fn csr_convolutions(&self) -> bool {
         match self.kernel {

@@ -284,6 +284,27 @@ pub fn batch_seconds(inst: &Instance, m: usize, width: usize, rates: &Rates) -> 
     cost.seconds(rates) + calls / rates.gemm + extra / rates.bandwidth
 }
 
+/// Whether batching `m` rows could save 5 % of an instance's reverse
+/// pass, judged from the compiler's shared operators alone (no instance
+/// compiled): the most a batch saves, every shared GEMM-kind product's
+/// pass over its weights ([`GEMM_CALL_ROWS`]) and its storage traffic,
+/// against those products' own multiply-adds, a lower bound on the pass.
+/// CIFAR ResNet-18 with 10 rows: 3 %, so no instance is compiled to price
+/// a width; a perceptron's or LeNet-5's is priced.
+pub fn batching_may_pay(compiler: &crate::Compiler, m: usize, rates: &Rates) -> bool {
+    let f = std::mem::size_of::<f64>() as f64;
+    let (mut most, mut least) = (0.0, 0.0);
+    for op in compiler.shared_operators() {
+        if let Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) = op
+        {
+            let storage = op.bytes() as f64;
+            most += GEMM_CALL_ROWS as f64 * storage / f / rates.gemm + storage / rates.bandwidth;
+            least += (m * op.nnz()) as f64 / rates.gemm;
+        }
+    }
+    most >= 0.05 * least
+}
+
 /// The batch width for `count` instances of reverse accumulation of `m`
 /// rows on `threads` threads: the narrowest power of two up to
 /// [`MAX_BATCH`] whose predicted seconds per instance ([`batch_seconds`]) are
