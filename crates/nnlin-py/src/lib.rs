@@ -159,6 +159,18 @@ fn parse_rows(rows: Option<&Bound<'_, PyAny>>) -> PyResult<nnlin::Rows> {
     Ok(nnlin::Rows::Indices(v))
 }
 
+/// `None` or `"auto"`: the planner's width; an integer of at least 1.
+fn parse_batch(batch: Option<&Bound<'_, PyAny>>) -> PyResult<nnlin::Batch> {
+    let Some(b) = batch else { return Ok(nnlin::Batch::Auto) };
+    if let Ok(s) = b.extract::<String>() {
+        return s.parse().map_err(err);
+    }
+    match b.extract::<i64>() {
+        Ok(w) if w >= 1 => Ok(nnlin::Batch::Width(w as usize)),
+        _ => Err(err("batch: None, \"auto\" or an integer of at least 1")),
+    }
+}
+
 fn options(
     rows: Option<&Bound<'_, PyAny>>,
     mode: &str,
@@ -218,7 +230,7 @@ impl Model {
     }
 
     /// W, b and F at every instance of `x`; see the package docstring.
-    #[pyo3(signature = (x, rows=None, mode="tangent", precision="f64", strategy="auto", threads=None))]
+    #[pyo3(signature = (x, rows=None, mode="tangent", precision="f64", strategy="auto", threads=None, batch=None))]
     #[allow(clippy::too_many_arguments)]
     fn explain<'py>(
         &self,
@@ -229,9 +241,12 @@ impl Model {
         precision: &str,
         strategy: &str,
         threads: Option<usize>,
+        batch: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Explanation> {
         let precision: nnlin::Precision = precision.parse().map_err(err)?;
-        let opts = options(rows, mode, strategy)?.with_precision(precision);
+        let opts = options(rows, mode, strategy)?
+            .with_precision(precision)
+            .with_batch(parse_batch(batch)?);
         let xs = instances(&self.inner, &x)?;
         let pool = pool(threads)?;
         let model = &self.inner;

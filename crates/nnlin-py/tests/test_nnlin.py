@@ -50,6 +50,23 @@ def test_explain_equals_the_cli_bit_for_bit(precision):
     assert np.array_equal(e.W, w) and np.array_equal(e.b, b)
 
 
+def test_batched_instances_agree_with_one_at_a_time():
+    path, xs = cnn("lenet300")
+    m = nnlin.Model(path)
+    for precision, tol in [("f64", 1e-12), ("f32", 1e-5)]:
+        one = m.explain(xs, precision=precision, batch=1)
+        for batch in [None, "auto", 3]:
+            e = m.explain(xs, precision=precision, batch=batch)
+            scale = np.abs(one.W).max()
+            assert np.abs(e.W - one.W).max() <= tol * scale
+            assert np.abs(e.b - one.b).max() <= tol * scale
+            assert np.array_equal(e.rows, one.rows)
+    with pytest.raises(ValueError, match="batch"):
+        m.explain(xs, batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        m.explain(xs, batch="wide")
+
+
 def test_bytes_float32_one_instance_and_row_lists():
     path, xs = cnn("lenet5")
     m = nnlin.Model(path.read_bytes())

@@ -47,7 +47,7 @@ class Model:
         return self._m.output_len
 
     def explain(self, x, rows=None, mode="tangent", precision="f64", strategy="auto",
-                threads=None):
+                threads=None, batch=None):
         """W, b and F at every instance of ``x`` (float32 or float64; the input shape, with or
         without its batch axis, or a batch ``(N, ...)``).
 
@@ -55,9 +55,12 @@ class Model:
         instance) or a list of output indices. Returns an :class:`Explanation` whose ``W``
         ``(N, m, n)``, ``b`` ``(N, m)``, ``output`` ``(N, outputs)``, ``rows`` ``(N, m)``,
         ``residual`` ``(N,)`` (max |W·x + b − F(x)|) and ``predicted`` ``(N,)`` are numpy
-        arrays; with ``precision="f32"`` W and b are float32.
+        arrays; with ``precision="f32"`` W and b are float32. ``batch``: how many instances
+        share one reverse pass (their rows stacked through every shared layer, as ``vmap``
+        does); None or ``"auto"`` lets the planner choose (wide for perceptrons, 1 where
+        sparse convolutions carry the work), an integer forces it.
         """
-        return self._m.explain(_f64(x), rows, mode, precision, strategy, threads)
+        return self._m.explain(_f64(x), rows, mode, precision, strategy, threads, batch)
 
     def operator(self, x, rows=None, mode="tangent"):
         """W at one instance as a matrix-free :class:`Operator` (``matvec``, ``rmatvec``,

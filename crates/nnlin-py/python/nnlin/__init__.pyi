@@ -41,6 +41,7 @@ class Model:
         precision: str = "f64",
         strategy: str = "auto",
         threads: Optional[int] = None,
+        batch: Union[str, int, None] = None,
     ) -> Explanation: ...
     def operator(self, x: npt.ArrayLike, rows: Rows = None, mode: str = "tangent") -> Operator: ...
     def region(
