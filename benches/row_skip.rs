@@ -10,7 +10,7 @@
 //!
 //! `cargo bench -p nnlin --bench row_skip`; the crossovers are in
 //! docs/PERFORMANCE.md and set `nnlin_linalg::{CONV_ACTIVE_BELOW,
-//! ACTIVE_MIN_TAPS, CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
+//! ACTIVE_MIN_TAPS, ACTIVE_MIN_CHANNELS, CONV_SPARSE_BELOW, DENSE_SKIP_BELOW}`.
 
 mod common;
 

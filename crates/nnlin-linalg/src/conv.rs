@@ -158,9 +158,21 @@ pub const CONV_ACTIVE_BELOW: (usize, usize) = (1, 3);
 /// [`ConvOp::backward_active`] is chosen: below, the per-position work
 /// (lists, register tiles, col2im) outweighs the skipped products. ONet's
 /// first convolution (3→32, 27 rows) lost at 20 % (1.2 ms against 1.0,
-/// f32); LeNet-5's second (6→16, 5×5, 150 rows) won at 10 % (78 µs against
-/// 115) and tied at 20–33 %.
+/// f32).
 pub const ACTIVE_MIN_TAPS: usize = 64;
+
+/// The fewest nonzero adjoint columns per output position and group (the
+/// output channels a position's register tiles sum, on average) for which
+/// [`ConvOp::backward_active`] is chosen: each position's tiles are
+/// stored and scattered whatever that count, so with few channels to sum
+/// the sparse scatter or the GEMM costs less. `benches/row_skip.rs`, 10
+/// rows, f32, one thread, active / GEMM / scatter: LeNet-5's second
+/// convolution (6→16, 5×5, 10²) at 10 % (1.6 channels) 128 / 98 / 87 µs,
+/// at 20 % (3.2) 149 / 107 / 117 µs; ONet's second (32→64, 3×3, 21²) at
+/// 10 % (6.4) 1.44 / 2.00 / 2.48 ms, and its third (64→64, 3×3, 8²) at
+/// 10 % 0.37 / 0.54 / 0.99 ms. LeNet-5's reverse sees 14 % there (2.3
+/// channels; ONet's second and third 16 % and 25 %, 10 and 16).
+pub const ACTIVE_MIN_CHANNELS: usize = 4;
 
 /// How [`ConvOp::backward_tiled`] forms a tile's im2col block.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -723,7 +735,8 @@ impl ConvOp {
 
     /// Whether [`ConvOp::backward_active`] is the cheaper reverse product
     /// when `nonzero` of `G`'s columns are nonzero: fewer than
-    /// [`CONV_ACTIVE_BELOW`] of them, and at least [`ACTIVE_MIN_TAPS`]
+    /// [`CONV_ACTIVE_BELOW`] of them, yet at least [`ACTIVE_MIN_CHANNELS`]
+    /// per output position and group, and at least [`ACTIVE_MIN_TAPS`]
     /// im2col rows. Neither the thread count nor the number of adjoint rows
     /// plays a part, so an instance's bits do not depend on the threads, on
     /// how many instances share them, or on which other rows of W are
@@ -734,7 +747,10 @@ impl ConvOp {
         let g = &self.geom;
         // im2col rows, without forming the tap table `sizes` carries
         let kk = g.c_in / g.groups * g.kh * g.kw;
-        nonzero * den < self.nrows() * num && kk >= ACTIVE_MIN_TAPS
+        let positions = g.oh * g.ow * g.groups;
+        nonzero * den < self.nrows() * num
+            && nonzero >= ACTIVE_MIN_CHANNELS * positions
+            && kk >= ACTIVE_MIN_TAPS
     }
 
     /// [`ConvOp::backward_active`] with `G`'s nonzero columns given

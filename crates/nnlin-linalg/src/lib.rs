@@ -19,7 +19,7 @@ mod simd;
 mod structured;
 mod winograd;
 pub use block::Block;
-pub use conv::{ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
+pub use conv::{ACTIVE_MIN_CHANNELS, ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
 pub use conv::{ConvGeometry, ConvOp};
 pub use operator::{
     AffineOp, CONV_SPARSE_BELOW, ChannelScale, DENSE_SKIP_BELOW, Operator, Selection,

@@ -11,7 +11,7 @@ use crate::{
 
 /// A convolution's reverse product, where the active kernel is not
 /// eligible ([`ConvOp::prefers_active`]: fewer than 64 im2col rows, a
-/// network's first layers), scatters only the nonzero columns of the
+/// network's first layers, or few channels a position), scatters only the nonzero columns of the
 /// adjoint (`ConvOp::backward_sparse`) when they are fewer than this
 /// fraction (numerator, denominator) of its output positions, and runs the
 /// im2col GEMM over all of them otherwise. `benches/row_skip.rs`, 10 rows,
@@ -934,7 +934,8 @@ mod tests {
 
     /// The three reverse products of a convolution, as `left_mul` chooses
     /// them by the density of `G`'s nonzero columns: with 72 im2col rows
-    /// the active kernel below a third, with 36 (too few for it) the
+    /// and 48 output channels the active kernel below a third (at least 4
+    /// channels a position), with 36 im2col rows (too few for it) the
     /// scatter below 15 %, the GEMM above; each against the dense Toeplitz
     /// product, in f64 and f32, for 1 to 10 adjoint rows.
     #[test]
@@ -942,7 +943,7 @@ mod tests {
         for c_in in [8, 4] {
             let geom = ConvGeometry {
                 c_in,
-                c_out: 6,
+                c_out: 48,
                 groups: 1,
                 ih: 7,
                 iw: 7,
@@ -955,7 +956,7 @@ mod tests {
                 ow: 7,
             };
             let weight: Vec<f64> =
-                (0..6 * c_in * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
+                (0..48 * c_in * 9).map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0).collect();
             let conv = ConvOp::new(geom, std::sync::Arc::new(weight)).unwrap();
             let dense = Operator::Csr(conv.to_csr()).to_dense();
             // no rows: an empty product, whatever the path
@@ -963,9 +964,16 @@ mod tests {
                 .left_mul(&Block::<f64>::zeros(0, conv.nrows()), Par::Seq);
             assert_eq!((empty.nrows(), empty.ncols()), (0, conv.ncols()));
             assert!(conv.backward_active::<f64>(&[], 0).is_empty());
-            for (rows, percent, active) in
-                [(10, 10, true), (10, 25, true), (10, 60, false), (3, 10, true), (1, 20, true)]
-                    .map(|(r, p, a)| (r, p, a && c_in == 8))
+            // (5 %: 2.4 channels a position, too few for the active kernel)
+            for (rows, percent, active) in [
+                (10, 10, true),
+                (10, 25, true),
+                (10, 60, false),
+                (3, 10, true),
+                (1, 20, true),
+                (10, 5, false),
+            ]
+            .map(|(r, p, a)| (r, p, a && c_in == 8))
             {
                 let on = |j: usize| ((j * 2_654_435_761) >> 5) % 100 < percent;
                 let g = Block::from_fn(rows, conv.nrows(), |i, j| {
