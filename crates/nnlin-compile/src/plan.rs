@@ -138,19 +138,36 @@ impl Rates {
     }
 }
 
-fn op_cost(op: &Operator, width: usize) -> Cost {
-    let apply = |gemm| Cost::apply(op.bytes(), op.nnz(), width, (op.nrows(), op.ncols()), gemm);
+/// Whether an operator's products run as GEMMs (dense weights read in
+/// panels) rather than as sparse or structured loops.
+fn gemm_kind(op: &Operator) -> bool {
     match op {
-        Operator::Identity(_) => Cost::default(),
-        Operator::Transposed(a) => op_cost(a, width),
-        Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) => {
-            apply(true)
-        }
-        Operator::Diagonal(_)
+        Operator::Transposed(a) => gemm_kind(a),
+        Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) => true,
+        Operator::Identity(_)
+        | Operator::Diagonal(_)
         | Operator::ChannelScale(_)
         | Operator::Csr(_)
         | Operator::Selection(_)
-        | Operator::Softmax(_) => apply(false),
+        | Operator::Softmax(_) => false,
+    }
+}
+
+fn op_cost(op: &Operator, width: usize) -> Cost {
+    match op {
+        Operator::Identity(_) => Cost::default(),
+        Operator::Transposed(a) => op_cost(a, width),
+        Operator::Diagonal(_)
+        | Operator::ChannelScale(_)
+        | Operator::Dense(_)
+        | Operator::Csr(_)
+        | Operator::Selection(_)
+        | Operator::Conv(_)
+        | Operator::Kron(_)
+        | Operator::Softmax(_)
+        | Operator::MatMul(_) => {
+            Cost::apply(op.bytes(), op.nnz(), width, (op.nrows(), op.ncols()), gemm_kind(op))
+        }
     }
 }
 
@@ -246,21 +263,8 @@ pub fn batch_seconds(inst: &Instance, m: usize, width: usize, rates: &Rates) -> 
     for l in &inst.layers {
         for (_, op) in &l.inputs {
             let stacked = !l.per_instance && !op.skips_zero_columns(nz[l.output.0]);
-            let gemm_kind = match **op {
-                Operator::Dense(_)
-                | Operator::Conv(_)
-                | Operator::Kron(_)
-                | Operator::MatMul(_) => true,
-                Operator::Transposed(_)
-                | Operator::Identity(_)
-                | Operator::Diagonal(_)
-                | Operator::ChannelScale(_)
-                | Operator::Csr(_)
-                | Operator::Selection(_)
-                | Operator::Softmax(_) => false,
-            };
             let storage = op.bytes() as f64;
-            let pass = if gemm_kind { GEMM_CALL_ROWS as f64 * storage / f as f64 } else { 0.0 };
+            let pass = if gemm_kind(op) { GEMM_CALL_ROWS as f64 * storage / f as f64 } else { 0.0 };
             if stacked {
                 cost.bytes -= storage * (1.0 - share);
                 calls += pass * share;
@@ -295,8 +299,7 @@ pub fn batching_may_pay(compiler: &crate::Compiler, m: usize, rates: &Rates) -> 
     let f = std::mem::size_of::<f64>() as f64;
     let (mut most, mut least) = (0.0, 0.0);
     for op in compiler.shared_operators() {
-        if let Operator::Dense(_) | Operator::Conv(_) | Operator::Kron(_) | Operator::MatMul(_) = op
-        {
+        if gemm_kind(op) {
             let storage = op.bytes() as f64;
             most += GEMM_CALL_ROWS as f64 * storage / f / rates.gemm + storage / rates.bandwidth;
             least += (m * op.nnz()) as f64 / rates.gemm;
