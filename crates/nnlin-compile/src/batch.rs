@@ -5,7 +5,8 @@
 //! convolution, batch-norm, pooling, reshapes) multiplies the whole stack
 //! at once, reading its weights once for the batch, and each instance's
 //! own factors (activation slopes, max-pool selections, LRN, products of
-//! two branches) act on its own row block.
+//! two branches) act on its own row block. It is the crate's one reverse
+//! pass (`reverse_walk`), pushing adjoints back through `Stacked`.
 //!
 //! A row's adjoint never mixes with another instance's: every product acts
 //! row by row, so the batch computes each instance's `W` and `b` with the
@@ -27,7 +28,9 @@ use std::sync::Arc;
 use faer::Par;
 use nnlin_linalg::{Block, Operator, Real, Selection};
 
-use crate::{CompileError, Instance, Offset, add_into, check_rows};
+use crate::{
+    Adjoint, CompileError, Instance, NodeId, Offset, Pushback, ValueId, check_rows, reverse_walk,
+};
 
 /// One instance's `W` (`m × n`) and `b` (`m`).
 pub type Formed<T> = (Block<T>, Vec<T>);
@@ -104,15 +107,7 @@ pub fn accumulate_reverse_batch<T: Real>(
     if insts.len() == 1 {
         return Ok(vec![crate::accumulate_reverse(first, rows[0], par)?]);
     }
-    if par.degree() > 1 {
-        // as `accumulate_reverse`: the f32 weights formed side by side
-        use rayon::prelude::*;
-        first
-            .layers
-            .par_iter()
-            .flat_map_iter(|l| l.inputs.iter())
-            .for_each(|(_, op)| op.prepare::<T>());
-    }
+    crate::prepare_products::<T>(first, par);
     let count = insts.len();
     let bm = count * m;
     let mut g0 = Block::zeros(bm, first.output.len());
@@ -121,39 +116,52 @@ pub fn accumulate_reverse_batch<T: Real>(
             g0[(b * m + i, row)] = T::ONE;
         }
     }
-    let mut adj: Vec<Option<Block<T>>> = (0..first.value_lens.len()).map(|_| None).collect();
-    adj[first.output_value.0] = Some(g0);
-    let mut bias = vec![T::ZERO; bm];
-    for (li, layer) in first.layers.iter().enumerate().rev() {
-        let Some(g) = adj[layer.output.0].take() else { continue };
-        let shared_bias = insts.iter().all(|i| Arc::ptr_eq(&i.layers[li].bias, &layer.bias));
-        if shared_bias {
-            layer.bias.add_adjoint_product(&g, &mut bias);
-        } else {
-            for (b, inst) in insts.iter().enumerate() {
-                let c = &inst.layers[li].bias;
-                if !matches!(**c, Offset::Zero(_)) {
-                    c.add_adjoint_product(&rows_of(&g, b, m), &mut bias[b * m..(b + 1) * m]);
-                }
+    let stacked = Stacked { insts, m, par };
+    let (w, bias) = reverse_walk(first, g0, ValueId(0), &stacked, &mut |_, _| {});
+    let w = w.unwrap_or_else(|| Block::zeros(bm, first.input_len));
+    Ok((0..count).map(|b| (rows_of(&w, b, m), bias[b * m..(b + 1) * m].to_vec())).collect())
+}
+
+/// The push-back of instances whose adjoint rows are stacked, `m` each.
+struct Stacked<'a, 'b> {
+    insts: &'a [&'b Instance],
+    m: usize,
+    par: Par,
+}
+
+impl<T: Real> Pushback<T> for Stacked<'_, '_> {
+    /// A shared offset once for the stack, else each instance's on its rows.
+    fn offset(&self, k: NodeId, g: &Block<T>, b: &mut [T]) {
+        let (first, m) = (&self.insts[0].layers[k.0].bias, self.m);
+        if self.insts.iter().all(|i| Arc::ptr_eq(&i.layers[k.0].bias, first)) {
+            first.add_adjoint_product(g, b);
+            return;
+        }
+        for (i, inst) in self.insts.iter().enumerate() {
+            let c = &inst.layers[k.0].bias;
+            if !matches!(**c, Offset::Zero(_)) {
+                c.add_adjoint_product(&rows_of(g, i, m), &mut b[i * m..(i + 1) * m]);
             }
         }
-        let single = layer.inputs.len() == 1;
-        let mut g = Some(g);
-        for (j, (v, op)) in layer.inputs.iter().enumerate() {
-            let ops: Vec<&Operator> = insts.iter().map(|i| &*i.layers[li].inputs[j].1).collect();
-            let shared = insts.iter().all(|i| Arc::ptr_eq(&i.layers[li].inputs[j].1, op));
-            let stacked = shared && !sparse_rows(op, g.as_ref().expect("adjoint"), m);
-            let contrib = match (stacked, single) {
-                (true, true) => op.left_mul_owned(g.take().expect("adjoint"), par),
-                (true, false) => op.left_mul(g.as_ref().expect("adjoint"), par),
-                (false, true) => own_factors(&ops, g.take().expect("adjoint"), m, par),
-                (false, false) => own_factors(&ops, g.clone().expect("adjoint"), m, par),
-            };
-            add_into(&mut adj[v.0], contrib);
-        }
     }
-    let w = adj[0].take().unwrap_or_else(|| Block::zeros(bm, first.input_len));
-    Ok((0..count).map(|b| (rows_of(&w, b, m), bias[b * m..(b + 1) * m].to_vec())).collect())
+
+    /// A shared operator on the whole stack, unless some instance's rows
+    /// are sparse enough for it to skip their zero columns
+    /// ([`sparse_rows`]); else each instance's own operator on its rows.
+    fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T> {
+        let ops: Vec<&Arc<Operator>> =
+            self.insts.iter().map(|i| &i.layers[k.0].inputs[j].1).collect();
+        let shared = ops.iter().all(|op| Arc::ptr_eq(op, ops[0]));
+        if shared && !sparse_rows(ops[0], g.block(), self.m) {
+            return g.left_mul(ops[0], self.par);
+        }
+        let ops: Vec<&Operator> = ops.into_iter().map(|op| &**op).collect();
+        let g = match g {
+            Adjoint::Owned(g) => g,
+            Adjoint::Shared(g) => g.clone(),
+        };
+        own_factors(&ops, g, self.m, self.par)
+    }
 }
 
 /// Whether some instance's rows of `g` are sparse enough that `op` would
@@ -172,6 +180,24 @@ fn sparse_rows<T: Real>(op: &Operator, g: &Block<T>, m: usize) -> bool {
         }
     }
     count.into_iter().any(|c| op.skips_zero_columns(c))
+}
+
+/// Whether [`own_factors`] applies this kind of an instance's own factor
+/// on the stack itself (diagonals in place, selections gathered) rather
+/// than on a copy of the instance's rows.
+pub(crate) fn in_stack(op: &Operator) -> bool {
+    match op {
+        Operator::Diagonal(_) | Operator::Selection(_) => true,
+        Operator::Identity(_)
+        | Operator::ChannelScale(_)
+        | Operator::Dense(_)
+        | Operator::Csr(_)
+        | Operator::Conv(_)
+        | Operator::Kron(_)
+        | Operator::Softmax(_)
+        | Operator::MatMul(_)
+        | Operator::Transposed(_) => false,
+    }
 }
 
 /// `ops[b]` applied to row block `b` of the stacked `g` (`m` rows each):

@@ -1533,6 +1533,19 @@ fn add_into<T: Real>(acc: &mut Option<Block<T>>, x: Block<T>) {
     }
 }
 
+/// With a parallel `par`, what `inst`'s reverse products read in `T` (f32
+/// weights, Winograd kernels) formed side by side, not one at a time on
+/// one thread as the products first reach them (ResNet-50: 25 M weights).
+pub(crate) fn prepare_products<T: Real>(inst: &Instance, par: Par) {
+    if par.degree() > 1 {
+        use rayon::prelude::*;
+        inst.layers
+            .par_iter()
+            .flat_map_iter(|l| l.inputs.iter())
+            .for_each(|(_, op)| op.prepare::<T>());
+    }
+}
+
 /// A forward tangent: the identity (the input itself) or a dense block.
 pub(crate) enum Tangent {
     Identity,
@@ -1548,16 +1561,7 @@ pub fn accumulate_reverse<T: Real>(
     par: Par,
 ) -> Result<(Block<T>, Vec<T>), CompileError> {
     check_rows(inst, rows)?;
-    if par.degree() > 1 {
-        // the operators' f32 weights formed side by side, not one at a
-        // time on one thread as the products first reach them (ResNet-50:
-        // 25 M weights)
-        use rayon::prelude::*;
-        inst.layers
-            .par_iter()
-            .flat_map_iter(|l| l.inputs.iter())
-            .for_each(|(_, op)| op.prepare::<T>());
-    }
+    prepare_products::<T>(inst, par);
     let (g, b) = reverse_to(inst, rows, ValueId(0), par);
     Ok((g.unwrap_or_else(|| Block::zeros(rows.len(), inst.input_len)), b))
 }
@@ -1614,13 +1618,57 @@ pub(crate) fn reverse_from<T: Real>(
     reverse_pass(inst, g0, stop, par, &mut |_, _| {})
 }
 
-/// The one reverse pass: over the nodes after value `stop`, from the
-/// output adjoint `g0` (`k × outputs`), each node's adjoint pushed to its
-/// inputs. `visit(v, adjoint)` sees each value's adjoint once it is
-/// complete (every reader of `v` has added its share), the output's
-/// first and `stop`'s last. Returns the adjoint at `stop` (`None` if the
-/// rows do not depend on it) and `g0`'s rows of the pushed-back offsets
-/// (`Σ` adjoint · c).
+/// A layer's adjoint as a product receives it: owned where the layer has
+/// one input (identity and diagonal factors then scale it in its own
+/// buffer), else borrowed (every input reads it).
+pub(crate) enum Adjoint<'a, T: Real> {
+    Owned(Block<T>),
+    Shared(&'a Block<T>),
+}
+
+impl<T: Real> Adjoint<'_, T> {
+    /// The block.
+    pub(crate) fn block(&self) -> &Block<T> {
+        match self {
+            Adjoint::Owned(g) => g,
+            Adjoint::Shared(g) => g,
+        }
+    }
+    /// `G·A`, in `G`'s buffer where it is owned.
+    pub(crate) fn left_mul(self, op: &Operator, par: Par) -> Block<T> {
+        match self {
+            Adjoint::Owned(g) => op.left_mul_owned(g, par),
+            Adjoint::Shared(g) => op.left_mul(g, par),
+        }
+    }
+}
+
+/// How [`reverse_pass`] pushes a layer's adjoint back: what one instance
+/// does ([`OneInstance`]), or a batch of instances whose rows are stacked
+/// (`batch::Stacked`).
+pub(crate) trait Pushback<T: Real> {
+    /// `b += G·c` for node `k`'s offset `c`.
+    fn offset(&self, k: NodeId, g: &Block<T>, b: &mut [T]);
+    /// `G·A` for node `k`'s operator on its input `j`.
+    fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T>;
+}
+
+/// One instance's push-back: its own offsets and operators.
+struct OneInstance<'a> {
+    inst: &'a Instance,
+    par: Par,
+}
+
+impl<T: Real> Pushback<T> for OneInstance<'_> {
+    fn offset(&self, k: NodeId, g: &Block<T>, b: &mut [T]) {
+        self.inst.layers[k.0].bias.add_adjoint_product(g, b);
+    }
+    fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T> {
+        g.left_mul(&self.inst.layers[k.0].inputs[j].1, self.par)
+    }
+}
+
+/// [`reverse_walk`] through one instance's own offsets and operators.
 fn reverse_pass<T: Real>(
     inst: &Instance,
     g0: Block<T>,
@@ -1628,25 +1676,42 @@ fn reverse_pass<T: Real>(
     par: Par,
     visit: &mut dyn FnMut(ValueId, &Block<T>),
 ) -> (Option<Block<T>>, Vec<T>) {
+    reverse_walk(inst, g0, stop, &OneInstance { inst, par }, visit)
+}
+
+/// The one reverse pass: over the nodes of `inst` after value `stop`, from
+/// the output adjoint `g0` (`k × outputs`), each node's adjoint pushed to
+/// its inputs by `push`. `visit(v, adjoint)` sees each value's adjoint once
+/// it is complete (every reader of `v` has added its share), the output's
+/// first and `stop`'s last. Returns the adjoint at `stop` (`None` if the
+/// rows do not depend on it) and `g0`'s rows of the pushed-back offsets
+/// (`Σ` adjoint · c).
+pub(crate) fn reverse_walk<T: Real>(
+    inst: &Instance,
+    g0: Block<T>,
+    stop: ValueId,
+    push: &dyn Pushback<T>,
+    visit: &mut dyn FnMut(ValueId, &Block<T>),
+) -> (Option<Block<T>>, Vec<T>) {
     let m = g0.nrows();
     let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value.0] = Some(g0);
     let mut b = vec![T::ZERO; m];
-    for layer in inst.layers.iter().rev().filter(|l| l.output > stop) {
+    for (k, layer) in inst.layers.iter().enumerate().rev().filter(|(_, l)| l.output > stop) {
         let Some(g) = adj[layer.output.0].take() else { continue };
         visit(layer.output, &g);
-        layer.bias.add_adjoint_product(&g, &mut b);
+        push.offset(NodeId(k), &g, &mut b);
         let single = layer.inputs.len() == 1;
         let mut g = Some(g);
-        for (v, op) in &layer.inputs {
+        for (j, (v, _)) in layer.inputs.iter().enumerate() {
             // a layer's only input takes the adjoint over: identity and
             // diagonal factors (activations) scale it in place
-            let contrib = if single {
-                op.left_mul_owned(g.take().expect("adjoint"), par)
+            let a = if single {
+                Adjoint::Owned(g.take().expect("adjoint"))
             } else {
-                op.left_mul(g.as_ref().expect("adjoint"), par)
+                Adjoint::Shared(g.as_ref().expect("adjoint"))
             };
-            add_into(&mut adj[v.0], contrib);
+            add_into(&mut adj[v.0], push.product(NodeId(k), j, a));
         }
     }
     if let Some(g) = &adj[stop.0] {

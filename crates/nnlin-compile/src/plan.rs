@@ -233,7 +233,18 @@ fn adjoint_nonzeros(inst: &Instance) -> Vec<usize> {
                     }
                     out.min(hit.into_iter().filter(|&h| h).count())
                 }
-                _ => op.ncols(),
+                // fixed diagonals and selections are bounded only by
+                // their shape, as any other factor
+                Operator::Diagonal(_)
+                | Operator::Selection(_)
+                | Operator::ChannelScale(_)
+                | Operator::Dense(_)
+                | Operator::Csr(_)
+                | Operator::Conv(_)
+                | Operator::Kron(_)
+                | Operator::Softmax(_)
+                | Operator::MatMul(_)
+                | Operator::Transposed(_) => op.ncols(),
             };
             nz[v.0] = (nz[v.0] + through).min(inst.value_lens[v.0]);
         }
@@ -275,10 +286,10 @@ pub fn batch_seconds(inst: &Instance, m: usize, width: usize, rates: &Rates) -> 
                 continue;
             }
             let rows = (f * m * (op.nrows() + op.ncols())) as f64;
-            match (stacked, &**op) {
-                (true, _) => {}
-                (false, Operator::Diagonal(_) | Operator::Selection(_)) if l.per_instance => {}
-                (false, _) => extra += 2.0 * rows,
+            // what runs instance by instance copies its rows out and back,
+            // but an instance's own diagonals and selections act in the stack
+            if !(stacked || l.per_instance && crate::batch::in_stack(op)) {
+                extra += 2.0 * rows;
             }
             if rows <= CACHE_BYTES as f64 && rows * width as f64 > CACHE_BYTES as f64 {
                 extra += rows;
