@@ -1433,11 +1433,7 @@ impl Ensemble {
         // priced under the caller's rates, else the typical ones: never
         // measured here (0.1 s, more than a whole batch of small models)
         let rates = opts.rates.unwrap_or(plan::Rates::TYPICAL);
-        let m = match &opts.rows {
-            Rows::All => model.output_len(),
-            Rows::Top(k) => (*k).min(model.output_len()),
-            Rows::Indices(r) => r.len(),
-        };
+        let m = opts.rows.count(model.output_len())?;
         if !plan::batching_may_pay(&model.compiler, m, &rates) {
             return Ok(1);
         }
@@ -1602,14 +1598,9 @@ pub trait Linearize: Sync {
         prepare_batch(self, &opts, xs.nrows());
         let width = match xs.nrows() {
             0 | 1 => 1,
-            n => self.batch_width(&xs.row(0).to_vec(), &opts, n)?,
+            n => self.batch_width(&xs.row(0).to_vec(), &opts, n)?.max(1),
         };
-        if width <= 1 {
-            return (0..xs.nrows()).into_par_iter().try_for_each(|k| {
-                let x = xs.row(k).to_vec();
-                f(k, self.linearize(&x, &opts)?)
-            });
-        }
+        // groups of `width` instances in parallel (of one: one at a time)
         let starts: Vec<usize> = (0..xs.nrows()).step_by(width).collect();
         starts.into_par_iter().try_for_each(|k0| {
             let rows: Vec<Vec<f64>> =
@@ -1726,33 +1717,23 @@ fn prepare_batch<L: Linearize + ?Sized>(f: &L, opts: &Options, count: usize) {
     }
 }
 
-/// Linearizes every row of `xs` in parallel on the current rayon pool.
+/// Linearizes every row of `xs` in parallel on the current rayon pool
+/// ([`Linearize::linearize_batch_with`]), holding every result in order.
 fn batch<L: Linearize + ?Sized>(
     f: &L,
     xs: ArrayView2<f64>,
     opts: &Options,
 ) -> Result<Vec<Linearization>> {
-    if xs.ncols() != f.input_len() {
-        return Err(Error::InputLength { expected: f.input_len(), got: xs.ncols() });
-    }
-    let rows: Vec<Vec<f64>> = xs.rows().into_iter().map(|r| r.to_vec()).collect();
-    let opts = batch_options(opts, rows.len());
-    prepare_batch(f, &opts, rows.len());
-    let width = match rows.len() {
-        0 | 1 => 1,
-        n => f.batch_width(&rows[0], &opts, n)?,
-    };
-    if width <= 1 {
-        return rows.par_iter().map(|x| f.linearize(x, &opts)).collect();
-    }
-    let groups: Vec<Vec<Linearization>> = rows
-        .par_chunks(width)
-        .map(|g| {
-            let refs: Vec<&[f64]> = g.iter().map(Vec::as_slice).collect();
-            f.linearize_group(&refs, &opts)
-        })
-        .collect::<Result<_>>()?;
-    Ok(groups.into_iter().flatten().collect())
+    let slots: Vec<std::sync::Mutex<Option<Linearization>>> =
+        (0..xs.nrows()).map(|_| std::sync::Mutex::new(None)).collect();
+    f.linearize_batch_with(xs, opts, &|k, lin| {
+        *slots[k].lock().expect("one writer per slot") = Some(lin);
+        Ok(())
+    })?;
+    Ok(slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("no poisoned slot").expect("every instance formed"))
+        .collect())
 }
 
 /// A pipeline `F = B_k ∘ … ∘ B_1 ∘ A`: an ensemble followed by models that
