@@ -86,6 +86,10 @@ impl Runs {
         pn: usize,
         mut f: impl FnMut(usize, Option<usize>, usize),
     ) {
+        if pn == 0 {
+            // (an empty range has no runs, as `for_runs` of an empty slice)
+            return;
+        }
         let rs = &self.runs[self.start[tap]..self.start[tap + 1]];
         let end = p0 + pn;
         let first = rs.partition_point(|&(p, _, len)| p + len <= p0);
