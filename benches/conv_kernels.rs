@@ -4,11 +4,14 @@
 //! dense block from the left (reverse accumulation: 1 and 10 rows) and from
 //! the right (forward accumulation: 784 columns for LeNet-5). Reports the
 //! time per product; `ConvKernel::Auto` is set from these figures
-//! (docs/PERFORMANCE.md).
+//! (docs/PERFORMANCE.md). The group `strided` times ResNet-50's stem
+//! (7×7, stride 2, 224²) in f32, one thread: the forward product, and one
+//! adjoint row back through it, dense and with 16 % of its columns
+//! nonzero (after the max-pool and ReLU of a top-1 explanation).
 
 mod common;
 
-use common::conv;
+use common::{conv, strided_conv};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use faer::Par;
 use nnlin::Block;
@@ -62,6 +65,21 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| o.left_mul(g, par))
             });
         }
+    }
+    group.finish();
+    let mut group = c.benchmark_group("strided");
+    group.sample_size(20);
+    let stem = Operator::Conv(strided_conv(3, 64, 224, 7, 2, 3));
+    let x: Vec<f64> = (0..stem.ncols()).map(|i| ((i * 31) % 17) as f64 / 17.0 - 0.5).collect();
+    group.bench_function("stem_7x7_s2/forward", |b| b.iter(|| stem.apply_in::<f32>(&x, Par::Seq)));
+    for (kind, percent) in [("dense", 100usize), ("active16", 16)] {
+        let on = |j: usize| (j.wrapping_mul(2_654_435_761) >> 7) % 100 < percent;
+        let g =
+            Block::from_fn(1, stem.nrows(), |_, j| if on(j) { (j % 7) as f64 - 3.0 } else { 0.0 })
+                .cast::<f32>();
+        group.bench_with_input(BenchmarkId::new("stem_7x7_s2/left_mul1", kind), &g, |b, g| {
+            b.iter(|| stem.left_mul(g, Par::Seq))
+        });
     }
     group.finish();
 }

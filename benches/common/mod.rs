@@ -7,7 +7,19 @@ use nnlin::linalg::{ConvGeometry, ConvOp};
 /// A stride-1 `k × k` convolution over `c_in × hw × hw` with padding `pad`
 /// and fixed pseudo-random weights.
 pub fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
-    let o = hw + 2 * pad - k + 1;
+    strided_conv(c_in, c_out, hw, k, 1, pad)
+}
+
+/// [`conv`] with stride `s` in both directions.
+pub fn strided_conv(
+    c_in: usize,
+    c_out: usize,
+    hw: usize,
+    k: usize,
+    s: usize,
+    pad: usize,
+) -> ConvOp {
+    let o = (hw + 2 * pad - k) / s + 1;
     let n = c_out * c_in * k * k;
     let weight: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 / 1000.0 - 0.5).collect();
     ConvOp::new(
@@ -19,7 +31,7 @@ pub fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvO
             iw: hw,
             kh: k,
             kw: k,
-            stride: (1, 1),
+            stride: (s, s),
             dilation: (1, 1),
             pad: (pad, pad),
             oh: o,

@@ -103,23 +103,6 @@ impl Runs {
     }
 }
 
-/// `f` over the runs of tap `tap`'s positions `p0..p0 + pn`: from the run
-/// table where the convolution has one, else by testing the tap table's
-/// entries.
-#[inline(always)]
-fn tile_runs(
-    runs: Option<&Runs>,
-    taps: &[usize],
-    p_len: usize,
-    (tap, p0, pn): (usize, usize, usize),
-    f: impl FnMut(usize, Option<usize>, usize),
-) {
-    match runs {
-        Some(r) => r.for_each(tap, p0, pn, f),
-        None => for_runs(&taps[tap * p_len + p0..tap * p_len + p0 + pn], f),
-    }
-}
-
 /// Additions per parallel col2im task: below this a task costs more to
 /// hand to a thread than to run (a few microseconds).
 const PAR_MIN_ADDS: usize = 1 << 14;
@@ -266,6 +249,36 @@ fn active_fill<T: Real, const RL: usize>(
                 t0 += ACTIVE_TAPS;
             }
             r0 += rb;
+        }
+    }
+}
+
+/// [`active_fill`] for one adjoint row (`k = 1`; `acc` holds `kk`
+/// entries in place of the adjoint-row vectors): a position's im2col row
+/// is `Σ_{oc active at p} G[oc, p] · W[oc, :]`, summed in one accumulator
+/// over all `kk` taps, each active channel's weight row one contiguous run
+/// of multiply-adds (vectors across the taps, where the register tiles of
+/// one row would be one lane wide). Each tap's sum is the same fused
+/// multiply-adds in the same channel order from zero as in
+/// [`active_fill`], so the same bits.
+#[inline(always)]
+fn active_fill_one<T: Real>(
+    (cols, ld, acc, g, wp, kp, kk): FillBuffers<'_, T>,
+    (lists, start, p0, pn, k, width): FillAt<'_>,
+) {
+    debug_assert_eq!(k, 1, "one adjoint row");
+    let acc = &mut acc[..kk];
+    for pp in 0..pn {
+        let p = p0 + pp;
+        acc.fill(T::ZERO);
+        for &oc in &lists[start[p]..start[p + 1]] {
+            let gv = g[oc * width + p];
+            for (a, &w) in acc.iter_mut().zip(&wp[oc * kp..oc * kp + kk]) {
+                *a = w.fma(gv, *a);
+            }
+        }
+        for (t, &a) in acc.iter().enumerate() {
+            cols[t * ld + pp] = a;
         }
     }
 }
@@ -668,11 +681,18 @@ impl ConvOp {
                     for tap in 0..ntaps {
                         let row = icg * ntaps + tap;
                         let dst = &mut cols[row * pn..(row + 1) * pn];
-                        tile_runs(runs.as_deref(), &taps, p_len, (tap, p0, pn), |p, run, len| {
-                            match run {
-                                Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
-                                None => dst[p..p + len].fill(T::ZERO),
+                        let Some(runs) = runs.as_deref() else {
+                            // no run table (a strided convolution: its runs
+                            // are single positions): entry by entry
+                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                            for (d, &idx) in dst.iter_mut().zip(tt) {
+                                *d = if idx == usize::MAX { T::ZERO } else { src[idx] };
                             }
+                            continue;
+                        };
+                        runs.for_each(tap, p0, pn, |p, run, len| match run {
+                            Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
+                            None => dst[p..p + len].fill(T::ZERO),
                         });
                     }
                 }
@@ -828,7 +848,12 @@ impl ConvOp {
             (false, false) => vec![T::ZERO; ld * kk],
             (false, true) => vec![T::ZERO; ld * kp],
         };
-        let mut gbuf = if active { vec![T::ZERO; cog * active_rows::<T>()] } else { vec![] };
+        // (one adjoint row: an accumulator over the taps instead)
+        let mut gbuf = match (active, k) {
+            (false, _) => vec![],
+            (true, 1) => vec![T::ZERO; kk],
+            (true, _) => vec![T::ZERO; cog * active_rows::<T>()],
+        };
         // Fill::Active: the group's weight rows padded to whole lanes, and
         // per position the channels whose column is nonzero
         let mut wp = if active { vec![T::ZERO; cog * kp] } else { vec![] };
@@ -890,7 +915,8 @@ impl ConvOp {
                             (16, 9..) => active_fill::<T, 16>(f, at),
                             (_, 5..) => active_fill::<T, 8>(f, at),
                             (_, 2..) => active_fill::<T, 4>(f, at),
-                            _ => active_fill::<T, 1>(f, at),
+                            // one row (none returned above)
+                            _ => active_fill_one::<T>(f, at),
                         }
                     }
                 }
@@ -906,11 +932,33 @@ impl ConvOp {
                         for tap in 0..ntaps {
                             let t = icg * ntaps + tap;
                             let col = &cols[t * ld..t * ld + pn * k];
-                            tile_runs(
-                                runs.as_deref(),
-                                &taps,
-                                p_len,
-                                (tap, p0, pn),
+                            let Some(runs) = runs.as_deref() else {
+                                // no run table (a strided convolution: its
+                                // runs are single positions): the tap
+                                // table's entries in turn, the same adds
+                                let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                                if k == 1 {
+                                    for (&idx, &v) in tt.iter().zip(col) {
+                                        if idx != usize::MAX {
+                                            dst_c[idx] += v;
+                                        }
+                                    }
+                                    continue;
+                                }
+                                for (&idx, v) in tt.iter().zip(col.chunks_exact(k)) {
+                                    if idx != usize::MAX {
+                                        let o = &mut dst_c[idx * k..(idx + 1) * k];
+                                        for (o, &v) in o.iter_mut().zip(v) {
+                                            *o += v;
+                                        }
+                                    }
+                                }
+                                continue;
+                            };
+                            runs.for_each(
+                                tap,
+                                p0,
+                                pn,
                                 #[inline(always)]
                                 |p, run, len| {
                                     if let Some(idx) = run {
