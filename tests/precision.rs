@@ -95,7 +95,9 @@ fn float32_reverse_agrees_with_float64_within_the_stated_bound() {
 /// `Model::prepare` (which the batch entry points call before several
 /// instances) forms the f32 weights and Winograd kernels ahead of the
 /// products; it changes no bit of W or b, in either precision, on any
-/// fixture, and a batch of two equals its instances one at a time.
+/// fixture, and a batch of two equals its instances one at a time. So does
+/// one instance on two threads, whose Winograd kernels are formed beside
+/// its forward pass (on an unprepared model).
 #[test]
 fn preparing_a_model_changes_no_bit() {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -124,6 +126,23 @@ fn preparing_a_model_changes_no_bit() {
                 );
                 assert_eq!(
                     bits(got.b.as_slice().unwrap()),
+                    bits(want.b.as_slice().unwrap()),
+                    "{name}"
+                );
+                // one instance, two threads, a model prepared by nothing
+                let fresh = Model::from_onnx_file(&model).unwrap();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+                let two_threads = opts.clone().with_par(faer::Par::rayon(2));
+                let one = pool
+                    .install(|| fresh.linearize(two.row(k).as_slice().unwrap(), &two_threads))
+                    .unwrap();
+                assert_eq!(
+                    bits(one.w.as_slice_memory_order().unwrap()),
+                    bits(want.w.as_slice_memory_order().unwrap()),
+                    "{name}, one instance on two threads"
+                );
+                assert_eq!(
+                    bits(one.b.as_slice().unwrap()),
                     bits(want.b.as_slice().unwrap()),
                     "{name}"
                 );

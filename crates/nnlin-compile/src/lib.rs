@@ -27,7 +27,7 @@ pub use nnlin_ir::{NodeId, ValueId};
 pub use nnlin_linalg::Block;
 use nnlin_linalg::{
     ChannelScale, ConvGeometry, ConvOp, FixedFactor, KronOp, MatMulOp, Operator, Real, Selection,
-    SoftmaxJac,
+    SoftmaxJac, Stage,
 };
 
 /// How smooth activations are linearized (piecewise-linear ones always use
@@ -955,6 +955,14 @@ impl Compiler {
     /// would otherwise round them one operator at a time as it reaches
     /// them (ResNet-50: 25 M weights).
     pub fn prepare<T: Real>(&self) {
+        self.prepare_for::<T>(Stage::Reverse);
+    }
+
+    /// [`Compiler::prepare`] of what the products of `stage` read (see
+    /// [`Operator::prepare_for`]): [`Stage::Forward`] forms what an
+    /// instance's forward pass reads, and leaves the Winograd kernels to a
+    /// later `Stage::Reverse` call, which may run beside that pass.
+    pub fn prepare_for<T: Real>(&self, stage: Stage) {
         use rayon::prelude::*;
         self.fixed
             .par_iter()
@@ -963,7 +971,7 @@ impl Compiler {
                 Fixed::PerInstance(_) => None,
             })
             .flatten()
-            .for_each(|op| op.prepare::<T>());
+            .for_each(|op| op.prepare_for::<T>(stage));
     }
 
     /// [`Compiler::instance_with`] with the dense layers' and convolutions'

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use faer::{Accum, MatMut, MatRef, Par};
 use sprs::CsMat;
 
-use crate::{Block, Real, ShapeError};
+use crate::{Block, Real, ShapeError, Stage};
 
 /// Entries of the per-tile im2col / col2im buffer: a tile of output
 /// positions is formed, multiplied and scattered while it is in cache
@@ -470,13 +470,20 @@ impl ConvOp {
         T::cached(&self.weight, &self.weight32)
     }
 
-    /// Forms what the reverse products read in `T`: the weights, and for
-    /// a convolution the Winograd path takes, its transformed kernel
-    /// (formed once, and rounded once for `f32`).
-    pub(crate) fn prepare<T: Real>(&self) {
-        self.weight_as::<T>();
-        if crate::winograd::eligible(&self.geom) {
-            self.winograd_kernel::<T>();
+    /// Forms what the products of `stage` read in `T`, once: the weights
+    /// (rounded once for `f32`) for both; for [`Stage::Reverse`] also the
+    /// transformed kernel of a convolution the Winograd path takes.
+    pub(crate) fn prepare<T: Real>(&self, stage: Stage) {
+        match stage {
+            Stage::Forward => {
+                self.weight_as::<T>();
+            }
+            Stage::Reverse => {
+                self.weight_as::<T>();
+                if crate::winograd::eligible(&self.geom) {
+                    self.winograd_kernel::<T>();
+                }
+            }
         }
     }
 

@@ -130,6 +130,17 @@ impl ChannelScale {
     }
 }
 
+/// Which products' one-time data [`Operator::prepare_for`] forms: those of
+/// a forward pass, or those of the reverse products (which read the
+/// forward's too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The forward products (an instance's compilation).
+    Forward,
+    /// The reverse products (and the forward's).
+    Reverse,
+}
+
 /// The closed set of linear operators.
 #[derive(Clone, Debug)]
 pub enum Operator {
@@ -419,11 +430,19 @@ impl Operator {
     /// first product would otherwise form. Nothing for `f64` or for
     /// operators that keep nothing.
     pub fn prepare<T: Real>(&self) {
+        self.prepare_for::<T>(Stage::Reverse);
+    }
+
+    /// [`Operator::prepare`] of what the products of `stage` read:
+    /// [`Stage::Forward`] leaves out what only the reverse products read
+    /// (a convolution's Winograd kernel), so that a forward pass can start
+    /// while that is formed beside it.
+    pub fn prepare_for<T: Real>(&self, stage: Stage) {
         match self {
             Operator::Dense(w) => {
                 T::matrix(w);
             }
-            Operator::Conv(c) => c.prepare::<T>(),
+            Operator::Conv(c) => c.prepare::<T>(stage),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)
