@@ -1446,12 +1446,16 @@ impl Ensemble {
         if !plan::batching_may_pay(&model.compiler, m, &rates) {
             return Ok(1);
         }
-        let inst = model.compile_instance_in(x0, opts.mode, Par::Seq, opts.precision)?;
+        // on every thread of the pool, idle before the batch starts (its
+        // bits do not matter: only its costs are read); an instance on
+        // several threads also forms the weights the batch will read
+        let threads = rayon::current_num_threads().max(1);
+        let par = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
+        let inst = model.compile_instance_in(x0, opts.mode, par, opts.precision)?;
         let m = select_rows(&opts.rows, &inst.output)?.len();
         if Self::plan_for(model, &inst, m, opts, usize::MAX, 1)? != Plan::Reverse {
             return Ok(1);
         }
-        let threads = rayon::current_num_threads().max(1);
         Ok(plan::batch_width(&inst, m, count, threads, &rates, Self::budget(opts)))
     }
 
