@@ -865,7 +865,11 @@ impl ConvOp {
         // per position the channels whose column is nonzero
         let mut wp = if active { vec![T::ZERO; cog * kp] } else { vec![] };
         let mut start = if active { vec![0usize; p_len + 1] } else { vec![] };
-        let mut lists = if active { vec![0usize; cog * p_len] } else { vec![] };
+        // (as long as the most nonzero columns a group has, not one entry
+        // per column: after a max-pool and a ReLU a sixth of them)
+        let most =
+            nonzero.chunks((cog * p_len).max(1)).map(|f| f.iter().filter(|&&f| f).count()).max();
+        let mut lists = if active { vec![0usize; most.unwrap_or(0)] } else { vec![] };
         for grp in 0..geom.groups {
             let gg = &g[grp * cog * width..(grp + 1) * cog * width];
             let w = MatRef::from_row_major_slice(
