@@ -101,6 +101,11 @@ fn float32_reverse_agrees_with_float64_within_the_stated_bound() {
 #[test]
 fn preparing_a_model_changes_no_bit() {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let same = |got: &nnlin::Linearization, want: &nnlin::Linearization, name: &str| {
+        let w = |l: &nnlin::Linearization| bits(l.w.as_slice_memory_order().unwrap());
+        assert_eq!(w(got), w(want), "{name}: W");
+        assert_eq!(bits(got.b.as_slice().unwrap()), bits(want.b.as_slice().unwrap()), "{name}: b");
+    };
     let mut checked = 0;
     for (model, inputs) in fixtures() {
         let Ok(cold) = Model::from_onnx_file(&model) else { continue };
@@ -119,16 +124,7 @@ fn preparing_a_model_changes_no_bit() {
             for (k, got) in batch.iter().enumerate() {
                 let want = warm.linearize(two.row(k).as_slice().unwrap(), &opts).unwrap();
                 let name = format!("{} {precision:?} row {k}", model.display());
-                assert_eq!(
-                    bits(got.w.as_slice_memory_order().unwrap()),
-                    bits(want.w.as_slice_memory_order().unwrap()),
-                    "{name}"
-                );
-                assert_eq!(
-                    bits(got.b.as_slice().unwrap()),
-                    bits(want.b.as_slice().unwrap()),
-                    "{name}"
-                );
+                same(got, &want, &name);
                 // one instance, two threads, a model prepared by nothing
                 let fresh = Model::from_onnx_file(&model).unwrap();
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -136,16 +132,7 @@ fn preparing_a_model_changes_no_bit() {
                 let one = pool
                     .install(|| fresh.linearize(two.row(k).as_slice().unwrap(), &two_threads))
                     .unwrap();
-                assert_eq!(
-                    bits(one.w.as_slice_memory_order().unwrap()),
-                    bits(want.w.as_slice_memory_order().unwrap()),
-                    "{name}, one instance on two threads"
-                );
-                assert_eq!(
-                    bits(one.b.as_slice().unwrap()),
-                    bits(want.b.as_slice().unwrap()),
-                    "{name}"
-                );
+                same(&one, &want, &format!("{name}, one instance on two threads"));
             }
         }
         checked += 1;
