@@ -172,8 +172,10 @@ enum Fill {
 
 /// Per position `p` of a group's adjoint columns (`cog` channels of `p_len`
 /// positions; `nonzero[oc·p_len + p]`), the channels whose column is
-/// nonzero: `lists[start[p]..start[p + 1]]`, in order.
-fn active_lists(nonzero: &[bool], p_len: usize, start: &mut [usize], lists: &mut [usize]) {
+/// nonzero: `lists[start[p]..start[p + 1]]`, in order. `lists` grows to
+/// the group's nonzero count where it is shorter (one entry per nonzero
+/// column, not per column: after a max-pool and a ReLU a sixth of them).
+fn active_lists(nonzero: &[bool], p_len: usize, start: &mut [usize], lists: &mut Vec<usize>) {
     start.fill(0);
     for flags in nonzero.chunks_exact(p_len) {
         for (s, &f) in start[1..].iter_mut().zip(flags) {
@@ -182,6 +184,9 @@ fn active_lists(nonzero: &[bool], p_len: usize, start: &mut [usize], lists: &mut
     }
     for p in 0..p_len {
         start[p + 1] += start[p];
+    }
+    if lists.len() < start[p_len] {
+        lists.resize(start[p_len], 0);
     }
     let mut fill = start[..p_len].to_vec();
     for (oc, flags) in nonzero.chunks_exact(p_len).enumerate() {
@@ -474,16 +479,9 @@ impl ConvOp {
     /// (rounded once for `f32`) for both; for [`Stage::Reverse`] also the
     /// transformed kernel of a convolution the Winograd path takes.
     pub(crate) fn prepare<T: Real>(&self, stage: Stage) {
-        match stage {
-            Stage::Forward => {
-                self.weight_as::<T>();
-            }
-            Stage::Reverse => {
-                self.weight_as::<T>();
-                if crate::winograd::eligible(&self.geom) {
-                    self.winograd_kernel::<T>();
-                }
-            }
+        self.weight_as::<T>();
+        if stage == Stage::Reverse && crate::winograd::eligible(&self.geom) {
+            self.winograd_kernel::<T>();
         }
     }
 
@@ -865,11 +863,7 @@ impl ConvOp {
         // per position the channels whose column is nonzero
         let mut wp = if active { vec![T::ZERO; cog * kp] } else { vec![] };
         let mut start = if active { vec![0usize; p_len + 1] } else { vec![] };
-        // (as long as the most nonzero columns a group has, not one entry
-        // per column: after a max-pool and a ReLU a sixth of them)
-        let most =
-            nonzero.chunks((cog * p_len).max(1)).map(|f| f.iter().filter(|&&f| f).count()).max();
-        let mut lists = if active { vec![0usize; most.unwrap_or(0)] } else { vec![] };
+        let mut lists = Vec::new();
         for grp in 0..geom.groups {
             let gg = &g[grp * cog * width..(grp + 1) * cog * width];
             let w = MatRef::from_row_major_slice(
