@@ -174,7 +174,7 @@ impl CompiledLayer {
     /// commutes), and a zero offset still adds `+0.0` (as `0 + t` did).
     /// A dense layer's or a convolution's product runs in `T`
     /// ([`Operator::apply_in`]); in `f64`, everything does.
-    fn eval<T: Real>(&self, values: &[Option<Vec<f64>>], with_offset: bool, par: Par) -> Vec<f64> {
+    fn eval<T: Real>(&self, values: &[Option<Vec<T>>], with_offset: bool, par: Par) -> Vec<T> {
         match self.eval_elementwise(values, None, with_offset, par) {
             Some((y, _)) => y,
             None => self.eval_general::<T>(values, with_offset, par).0,
@@ -189,10 +189,10 @@ impl CompiledLayer {
     /// is found in the same pass. The same bits as [`CompiledLayer::eval`].
     fn eval_checked<T: Real>(
         &self,
-        values: &mut [Option<Vec<f64>>],
+        values: &mut [Option<Vec<T>>],
         last_use: bool,
         par: Par,
-    ) -> (Vec<f64>, bool) {
+    ) -> (Vec<T>, bool) {
         let first = self.inputs.first().map(|(v, _)| *v);
         let own = match first {
             Some(v) if last_use && self.elementwise() => values[v.0].take(),
@@ -212,42 +212,40 @@ impl CompiledLayer {
     /// Adds the offset to `y`, elements `lo..` of the first product: `c`
     /// with `with_offset`, else `+0.0` (so that `-0.0` reads as `0 + t`
     /// would).
-    fn add_offset(&self, lo: usize, y: &mut [f64], with_offset: bool) {
+    fn add_offset<T: Real>(&self, lo: usize, y: &mut [T], with_offset: bool) {
         if with_offset {
             self.bias.add_to(lo, y);
         } else {
-            y.iter_mut().for_each(|v| *v += 0.0);
+            y.iter_mut().for_each(|v| *v += T::ZERO);
         }
     }
 
-    /// [`CompiledLayer::eval`] through each operator's own product, and
-    /// whether every output element is finite. The first product is
-    /// widened (from `T`), offset, added to the others and checked chunk by
-    /// chunk while each chunk is in cache: one pass over the output.
+    /// [`CompiledLayer::eval`] through each operator's own product in `T`
+    /// ([`Operator::apply_t`]), and whether every output element is
+    /// finite. The first product is offset, added to the others and
+    /// checked chunk by chunk while each chunk is in cache: one pass over
+    /// the output.
     fn eval_general<T: Real>(
         &self,
-        values: &[Option<Vec<f64>>],
+        values: &[Option<Vec<T>>],
         with_offset: bool,
         par: Par,
-    ) -> (Vec<f64>, bool) {
+    ) -> (Vec<T>, bool) {
         let input = |v: ValueId| values[v.0].as_deref().expect("input value alive");
         let ((v0, op0), rest) = self.inputs.split_first().expect("a layer has an input");
-        let rest: Vec<Vec<f64>> =
-            rest.iter().map(|(v, op)| op.apply_in::<T>(input(*v), par)).collect();
-        let finish = |lo: usize, y: &mut [f64]| {
+        let rest: Vec<Vec<T>> =
+            rest.iter().map(|(v, op)| op.apply_t::<T>(input(*v), par)).collect();
+        let mut y = op0.apply_t::<T>(input(*v0), par);
+        let finite = nnlin_linalg::for_chunks(&mut y, ACTIVATION_CHUNK, par, |lo, y| {
             self.add_offset(lo, y, with_offset);
             for t in &rest {
-                for (yi, ti) in y.iter_mut().zip(&t[lo..]) {
+                for (yi, &ti) in y.iter_mut().zip(&t[lo..]) {
                     *yi += ti;
                 }
             }
             all_finite(y, Par::Seq)
-        };
-        let x0 = input(*v0);
-        match op0.apply_narrow::<T>(x0, par) {
-            Some(y) => T::widen_chunks(y, ACTIVATION_CHUNK, par, finish),
-            None => f64::widen_chunks(op0.apply_with(x0, par), ACTIVATION_CHUNK, par, finish),
-        }
+        });
+        (y, finite)
     }
 
     /// [`CompiledLayer::eval`] for a layer whose operators are all
@@ -258,37 +256,37 @@ impl CompiledLayer {
     /// `par` has them. With `own`, the first input's value itself (taken
     /// from `values`), the output is written over it. Also whether every
     /// output element is finite. `None` for any other layer.
-    fn eval_elementwise(
+    fn eval_elementwise<T: Real>(
         &self,
-        values: &[Option<Vec<f64>>],
-        own: Option<Vec<f64>>,
+        values: &[Option<Vec<T>>],
+        own: Option<Vec<T>>,
         with_offset: bool,
         par: Par,
-    ) -> Option<(Vec<f64>, bool)> {
+    ) -> Option<(Vec<T>, bool)> {
         let ops: Vec<Elementwise<'_>> =
             self.inputs.iter().map(|(_, op)| Elementwise::of(op)).collect::<Option<_>>()?;
         let input = |v: ValueId| values[v.0].as_deref().expect("input value alive");
         let n = self.inputs.first().map(|(_, op)| op.nrows())?;
         let in_place = own.is_some();
-        let chunk = |lo: usize, y: &mut [f64]| {
+        let chunk = |lo: usize, y: &mut [T]| {
             let len = y.len();
             for (q, ((v, _), op)) in self.inputs.iter().zip(&ops).enumerate() {
                 // y = A_0·u_0 (u_0 already in y when in place), then y += A_q·u_q
-                let put = |y: &mut [f64], s: Option<&[f64]>| match (q, s, in_place) {
+                let put = |y: &mut [T], s: Option<&[f64]>| match (q, s, in_place) {
                     (0, None, true) => {}
-                    (0, Some(s), true) => y.iter_mut().zip(s).for_each(|(y, s)| *y *= s),
+                    (0, Some(s), true) => y.iter_mut().zip(s).for_each(|(y, &s)| *y *= T::of(s)),
                     (0, None, false) => y.copy_from_slice(&input(*v)[lo..lo + len]),
                     (0, Some(s), false) => {
                         let x = &input(*v)[lo..lo + len];
-                        y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y = s * x);
+                        y.iter_mut().zip(x).zip(s).for_each(|((y, &x), &s)| *y = T::of(s) * x);
                     }
                     (_, None, _) => {
                         let x = &input(*v)[lo..lo + len];
-                        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+                        y.iter_mut().zip(x).for_each(|(y, &x)| *y += x);
                     }
                     (_, Some(s), _) => {
                         let x = &input(*v)[lo..lo + len];
-                        y.iter_mut().zip(x).zip(s).for_each(|((y, x), s)| *y += s * x);
+                        y.iter_mut().zip(x).zip(s).for_each(|((y, &x), &s)| *y += T::of(s) * x);
                     }
                 };
                 match op {
@@ -297,17 +295,17 @@ impl CompiledLayer {
                     Elementwise::ChannelScale(cs) => {
                         let vals = cs.values();
                         for_blocks(lo, len, cs.spatial(), |a, b, c| {
-                            let s = vals[c];
+                            let s = T::of(vals[c]);
                             let y = &mut y[a..b];
                             match (q, in_place) {
                                 (0, true) => y.iter_mut().for_each(|y| *y *= s),
                                 (0, false) => {
                                     let x = &input(*v)[lo + a..lo + b];
-                                    y.iter_mut().zip(x).for_each(|(y, x)| *y = s * x);
+                                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = s * x);
                                 }
                                 _ => {
                                     let x = &input(*v)[lo + a..lo + b];
-                                    y.iter_mut().zip(x).for_each(|(y, x)| *y += s * x);
+                                    y.iter_mut().zip(x).for_each(|(y, &x)| *y += s * x);
                                 }
                             }
                         });
@@ -325,7 +323,7 @@ impl CompiledLayer {
                 debug_assert_eq!(y.len(), n, "an elementwise layer keeps its length");
                 y
             }
-            None => vec![0.0; n],
+            None => vec![T::ZERO; n],
         };
         let finite = nnlin_linalg::for_chunks(&mut y, ACTIVATION_CHUNK, par, chunk);
         Some((y, finite))
@@ -375,8 +373,8 @@ fn for_blocks(lo: usize, len: usize, spatial: usize, mut f: impl FnMut(usize, us
 
 /// Whether every element of `y` is finite; in chunks across threads when
 /// `par` has them.
-fn all_finite(y: &[f64], par: Par) -> bool {
-    let finite = |c: &[f64]| c.iter().fold(true, |a, v| a & v.is_finite());
+fn all_finite<T: Real>(y: &[T], par: Par) -> bool {
+    let finite = |c: &[T]| c.iter().fold(true, |a, v| a & v.is_finite());
     if par.degree() > 1 && y.len() > 2 * ACTIVATION_CHUNK {
         use rayon::prelude::*;
         y.par_chunks(ACTIVATION_CHUNK).all(finite)
@@ -443,17 +441,18 @@ impl Offset {
             Offset::Full(v) => v.clone(),
         }
     }
-    /// `y += c[lo..lo + y.len()]`, without expanding `c`.
-    fn add_to(&self, lo: usize, y: &mut [f64]) {
+    /// `y += c[lo..lo + y.len()]`, without expanding `c`; in `T`, `c`
+    /// rounded to `T`.
+    fn add_to<T: Real>(&self, lo: usize, y: &mut [T]) {
         match self {
-            Offset::Zero(_) => y.iter_mut().for_each(|v| *v += 0.0),
+            Offset::Zero(_) => y.iter_mut().for_each(|v| *v += T::ZERO),
             Offset::PerChannel { values, spatial } => {
                 for_blocks(lo, y.len(), *spatial, |a, b, c| {
-                    let v = values[c];
+                    let v = T::of(values[c]);
                     y[a..b].iter_mut().for_each(|t| *t += v);
                 });
             }
-            Offset::Full(c) => y.iter_mut().zip(&c[lo..]).for_each(|(t, &v)| *t += v),
+            Offset::Full(c) => y.iter_mut().zip(&c[lo..]).for_each(|(t, &v)| *t += T::of(v)),
         }
     }
     /// `b += G·c` for an adjoint block `G` (`m × len`), skipping zero
@@ -995,9 +994,9 @@ impl Compiler {
             return Err(CompileError::NonFinite { where_: "in the input".into() });
         }
         let nvalues = self.net.nodes().len() + 1;
-        let mut values: Vec<Option<Vec<f64>>> = vec![None; nvalues];
+        let mut values: Vec<Option<Vec<T>>> = vec![None; nvalues];
         let mut remaining = self.uses.clone();
-        values[0] = Some(x.to_vec());
+        values[0] = Some(T::narrow(x.to_vec()));
         let mut layers = Vec::with_capacity(self.net.nodes().len());
         for (node, fixed) in self.net.nodes().iter().zip(&self.fixed) {
             let v0 = node.inputs[0].0;
@@ -1010,14 +1009,16 @@ impl Compiler {
                 Fixed::Ops(ops, bias) => (ops.clone(), bias.clone()),
                 Fixed::PerInstance(d @ (Dynamic::Product | Dynamic::MatMul)) => {
                     // two factors that both depend on the input
-                    let u = values[v0].as_ref().expect("input value alive");
-                    let g = values[node.inputs[1].0].as_ref().expect("input value alive");
+                    let u = T::widen_slice(values[v0].as_ref().expect("input value alive"));
+                    let g = T::widen_slice(
+                        values[node.inputs[1].0].as_ref().expect("input value alive"),
+                    );
                     let sa = self.net.shape(node.inputs[0]);
                     let sb = self.net.shape(node.inputs[1]);
                     let (ops, bias) = if matches!(d, Dynamic::MatMul) {
-                        matmul_operators(u, g, sa, sb, mode)
+                        matmul_operators(&u, &g, sa, sb, mode)
                     } else {
-                        product_operators(u, g, sa, sb, mode)
+                        product_operators(&u, &g, sa, sb, mode)
                     };
                     (ops.into_iter().map(Arc::new).collect(), Arc::new(Offset::from(bias)))
                 }
@@ -1068,7 +1069,7 @@ impl Compiler {
             layers.push(layer);
         }
         let out = self.net.output();
-        let output = values[out.0].take().expect("output value");
+        let output = T::widen(values[out.0].take().expect("output value"));
         let value_lens = (0..nvalues).map(|v| self.net.numel(ValueId(v))).collect();
         Ok(Instance { layers, output, input_len: n, output_value: out, value_lens })
     }
@@ -1155,22 +1156,22 @@ const ACTIVATION_CHUNK: usize = 1 << 14;
 /// A per-instance operator as formed at `u`: the operator, its offset, the
 /// activation pattern (activations), and the layer's output where forming
 /// the operator computed it (activations), with whether it is all finite.
-struct Formed {
+struct Formed<T> {
     op: Operator,
     offset: Offset,
     active: Option<Vec<bool>>,
-    output: Option<(Vec<f64>, bool)>,
+    output: Option<(Vec<T>, bool)>,
 }
 
 /// A per-instance layer's input value: read, or, where nothing after the
 /// layer reads it, handed over for the layer to write its output over.
-enum Src<'a> {
-    Read(&'a [f64]),
-    Over(Vec<f64>),
+enum Src<'a, T> {
+    Read(&'a [T]),
+    Over(Vec<T>),
 }
 
-impl Src<'_> {
-    fn as_slice(&self) -> &[f64] {
+impl<T> Src<'_, T> {
+    fn as_slice(&self) -> &[T] {
         match self {
             Src::Read(u) => u,
             Src::Over(u) => u,
@@ -1185,56 +1186,75 @@ impl Src<'_> {
 /// output `slope·z + offset` with the bits [`CompiledLayer::eval`] gives
 /// for the diagonal and offset, and whether that output is all finite.
 /// Given [`Src::Over`], the output is written over the input's buffer.
+/// Slopes and offsets are formed in `f64` from the values in `T` (exact
+/// when widened); the output is rounded to `T`.
 ///
 /// A piecewise-linear function whose one kink is at 0 (ReLU, LeakyReLU,
 /// PReLU, Abs) is linear through the origin on each piece, so its offsets
 /// `σ(z) − σ'(z)·z` come out `+0.0`: they are checked chunk by chunk and
 /// not stored (ResNet-50: 10 M of them); a chunk where one differs forms
 /// its offsets apart, from its own copy of the inputs.
-fn activation_instance(
+fn activation_instance<T: Real>(
     a: &nnlin_ir::Activation,
-    u: Src<'_>,
+    u: Src<'_, T>,
     mode: Mode,
     par: Par,
-) -> ActivationFormed {
+) -> ActivationFormed<T> {
     use rayon::prelude::*;
     let kind = ActivationKind::of(a);
     let ActivationKind { pwl, kink_at_zero } = kind;
     // offsets known to be +0.0 unless shown otherwise
     let sparse = pwl && kink_at_zero;
     let (n, read, mut y) = match u {
-        Src::Read(u) => (u.len(), Some(u), vec![0.0; u.len()]),
+        Src::Read(u) => (u.len(), Some(u), vec![T::ZERO; u.len()]),
         Src::Over(u) => (u.len(), None, u),
     };
     let (mut slope, mut active) = (vec![0.0; n], vec![false; n]);
     let mut offset = if sparse { vec![] } else { vec![0.0; n] };
-    // one chunk, `z` a copy of its inputs where the output overwrites
-    // them: its offsets where some differ from +0.0 and were not stored,
-    // and whether its outputs are all finite
+    // one chunk, with two scratch buffers for its inputs and outputs in
+    // `f64` (the forms without a direct branch): its offsets where some
+    // differ from +0.0 and were not stored, and whether its outputs are
+    // all finite
     let chunk = |k: usize,
                  s: &mut [f64],
                  act: &mut [bool],
-                 y: &mut [f64],
+                 y: &mut [T],
                  c: Option<&mut [f64]>,
-                 z: &mut Vec<f64>|
+                 (z, yf): &mut (Vec<f64>, Vec<f64>)|
      -> (Option<Vec<f64>>, bool) {
         let base = k * ACTIVATION_CHUNK;
-        let z: &[f64] = match read {
-            Some(u) => &u[base..base + s.len()],
-            None => {
-                z.clear();
-                z.extend_from_slice(y);
-                z
+        if let Some(u) = read {
+            y.copy_from_slice(&u[base..base + y.len()]);
+        }
+        if c.is_none() {
+            // ReLU, LeakyReLU, PReLU: one pass over the chunk, in place
+            let mut units = KinkedUnits { y: &mut *y, s: &mut *s, act: &mut *act, bits: 0 };
+            if a.expr.kinked_at_zero_runs(base, units.y.len(), &mut units) {
+                let bits = units.bits;
+                let finite = all_finite(y, Par::Seq);
+                if bits == 0 {
+                    return (None, finite);
+                }
+                // an offset `v − d·z` is not +0.0 only where `v = d·z`
+                // (below 0: `α·z` twice; above: `z − z`) is not finite,
+                // and the output `d·z + off` is then NaN: the layer fails
+                debug_assert!(!finite, "a nonzero offset of a finite output");
+                return (None, false);
             }
-        };
-        a.expr.values_and_slopes_into(base, z, y, s);
+        }
+        z.clear();
+        z.extend(y.iter().map(|v| v.to_f64()));
+        yf.clear();
+        yf.resize(z.len(), 0.0);
+        let (z, yo) = (&z[..], &mut yf[..]);
+        a.expr.values_and_slopes_into(base, z, yo, s);
         // with the offsets stored, none is left to form; without, the
         // function is piecewise linear with its kink at 0 (`sparse`)
         let done = match c {
-            None => pwl_units(z, y, s, act),
+            None => pwl_units(z, yo, s, act),
             Some(c) => {
                 for ((((s, act), y), &z), c) in
-                    s.iter_mut().zip(act).zip(y.iter_mut()).zip(z).zip(c)
+                    s.iter_mut().zip(act).zip(yo.iter_mut()).zip(z).zip(c)
                 {
                     let (sl, off) = slope_and_offset(mode, pwl, z, *y, *s);
                     *s = sl;
@@ -1245,6 +1265,9 @@ fn activation_instance(
                 true
             }
         };
+        for (y, &v) in y.iter_mut().zip(yo.iter()) {
+            *y = T::of(v);
+        }
         let finite = all_finite(y, Par::Seq);
         if done {
             return (None, finite);
@@ -1267,14 +1290,15 @@ fn activation_instance(
     };
     let units =
         slope.chunks_mut(C).zip(active.chunks_mut(C)).zip(y.chunks_mut(C)).zip(c_chunks.drain(..));
+    let scratch = || (Vec::new(), Vec::new());
     if parallel {
         let jobs: Vec<_> = units.collect();
         jobs.into_par_iter()
             .enumerate()
-            .map_init(Vec::new, |z, (k, (((s, act), y), c))| chunk(k, s, act, y, c, z))
+            .map_init(scratch, |z, (k, (((s, act), y), c))| chunk(k, s, act, y, c, z))
             .collect_into_vec(&mut offsets);
     } else {
-        let mut z = Vec::new();
+        let mut z = scratch();
         offsets.extend(
             units.enumerate().map(|(k, (((s, act), y), c))| chunk(k, s, act, y, c, &mut z)),
         );
@@ -1294,6 +1318,35 @@ fn activation_instance(
         Offset::Full(full)
     };
     (slope, offset, active, y, finite)
+}
+
+/// [`pwl_units`] in place, run by run, for the activations with one kink
+/// at 0 and a direct form ([`nnlin_ir::Expr::kinked_at_zero_runs`]): the
+/// inputs in `y`, each unit's slope `s`, pattern `act` and output
+/// `s·z + (σ(z) − s·z)` (rounded to `T`) in one pass, the offsets' bits
+/// or-ed into `bits`.
+struct KinkedUnits<'a, T> {
+    y: &'a mut [T],
+    s: &'a mut [f64],
+    act: &'a mut [bool],
+    bits: u64,
+}
+
+impl<T: Real> nnlin_ir::KinkedRuns for KinkedUnits<'_, T> {
+    fn run(&mut self, lo: usize, hi: usize, form: impl Fn(f64) -> (f64, f64)) {
+        let mut bits = 0u64;
+        let units = self.y[lo..hi].iter_mut().zip(&mut self.s[lo..hi]).zip(&mut self.act[lo..hi]);
+        for ((y, s), act) in units {
+            let z = y.to_f64();
+            let (v, d) = form(z);
+            let off = v - d * z;
+            *act = z > 0.0;
+            *s = d;
+            bits |= off.to_bits();
+            *y = T::of(d * z + off);
+        }
+        self.bits |= bits;
+    }
 }
 
 /// [`activation_instance`]'s units of a piecewise-linear function with
@@ -1349,11 +1402,16 @@ impl ActivationKind {
 
 /// An activation at one input: slopes, offset, pattern, outputs and
 /// whether they are all finite.
-type ActivationFormed = (Vec<f64>, Offset, Vec<bool>, Vec<f64>, bool);
+type ActivationFormed<T> = (Vec<f64>, Offset, Vec<bool>, Vec<T>, bool);
 
 /// The operator of a one-input node that depends on its input `u`.
-fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par: Par) -> Formed {
-    let u = src.as_slice();
+fn per_instance<T: Real>(
+    layer: &Unary,
+    src: Src<'_, T>,
+    in_shape: &[usize],
+    mode: Mode,
+    par: Par,
+) -> Formed<T> {
     match layer {
         Unary::Activation(a) => {
             let (slope, offset, active, y, finite) = activation_instance(a, src, mode, par);
@@ -1365,6 +1423,8 @@ fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par
             }
         }
         Unary::MaxPool(p) => {
+            // the same choices in `T` as in `f64` (widening keeps the order)
+            let u = src.as_slice();
             let w = &p.window;
             // the input rows and columns each output row and column reads,
             // in window order (taps in the padding left out)
@@ -1379,7 +1439,7 @@ fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par
                     for xs in &cols_in {
                         // the first tap in window order that no later one
                         // exceeds (ties to the first, as PyTorch)
-                        let mut best: Option<(usize, f64)> = None;
+                        let mut best: Option<(usize, T)> = None;
                         for &iy in ys {
                             let row = &plane[iy * w.iw..(iy + 1) * w.iw];
                             for &ix in xs {
@@ -1404,6 +1464,8 @@ fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par
             }
         }
         Unary::Softmax(sm) => {
+            let u = T::widen_slice(src.as_slice());
+            let u = &u[..];
             // values of each slice, shifted by its largest element
             let mut y = vec![0.0; u.len()];
             let mut s = vec![0.0; u.len()];
@@ -1456,6 +1518,8 @@ fn per_instance(layer: &Unary, src: Src<'_>, in_shape: &[usize], mode: Mode, par
             }
         }
         Unary::Lrn(l) => {
+            let u = T::widen_slice(src.as_slice());
+            let u = &u[..];
             let channels = in_shape[1];
             let spatial: usize = in_shape[2..].iter().product();
             let k = l.alpha / l.size as f64;
@@ -1863,8 +1927,8 @@ mod tests {
     /// output as the per-unit formula does, bit for bit, signed zeros and
     /// kinks included: a function with one kink at 0 stores no offsets,
     /// Clip keeps them, and a chunk whose offsets overflow to NaN (a huge
-    /// leak slope) has them formed apart and its outputs reported not
-    /// finite.
+    /// leak slope) has its outputs reported not finite. In `f32`, the
+    /// formula at the widened values, each output rounded once.
     #[test]
     fn activation_pass_matches_the_per_unit_formula() {
         use nnlin_ir::{Binary, Expr, ExprNode, Unary as U};
@@ -1909,6 +1973,10 @@ mod tests {
                         assert_eq!(bits(&got.0), bits(&slopes), "{:?}", a.expr);
                         let offs: Vec<f64> = want.iter().map(|w| w.1).collect();
                         match (&got.1, offsets || overflow) {
+                            // a layer whose output is not finite fails: its
+                            // offsets are not read (the one-pass forms leave
+                            // them unformed)
+                            (_, true) if overflow && !got.4 => {}
                             (Offset::Zero(len), false) => assert_eq!(*len, n),
                             (Offset::Full(o), true) => {
                                 assert_eq!(o.len(), n);
@@ -1925,6 +1993,33 @@ mod tests {
                         assert_eq!(got.4, !overflow);
                         for (g, w) in got.3.iter().zip(&want_y) {
                             assert!(g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan());
+                        }
+                    }
+                }
+                // in f32: the formula at the widened f32 values, the
+                // outputs rounded to f32 (finite only if they stay so)
+                let u32: Vec<f32> = u.iter().map(|&z| z as f32).collect();
+                let w: Vec<f64> = u32.iter().map(|&z| f64::from(z)).collect();
+                a.expr.values_and_slopes_into(0, &w, &mut v, &mut d);
+                let want: Vec<(f64, f64)> =
+                    (0..n).map(|i| slope_and_offset(mode, kind.pwl, w[i], v[i], d[i])).collect();
+                let want_y: Vec<f32> =
+                    (0..n).map(|i| (want[i].0 * w[i] + want[i].1) as f32).collect();
+                for par in [Par::Seq, Par::rayon(2)] {
+                    for over in [false, true] {
+                        let src = if over { Src::Over(u32.clone()) } else { Src::Read(&u32) };
+                        let got = activation_instance::<f32>(&a, src, mode, par);
+                        let slopes: Vec<f64> = want.iter().map(|w| w.0).collect();
+                        assert_eq!(bits(&got.0), bits(&slopes), "f32 {:?}", a.expr);
+                        if kind.kink_at_zero {
+                            assert!(got.2.iter().zip(&w).all(|(&act, &z)| act == (z > 0.0)));
+                        }
+                        assert_eq!(got.4, want_y.iter().all(|y| y.is_finite()));
+                        for (g, w) in got.3.iter().zip(&want_y) {
+                            assert!(g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan());
+                        }
+                        if got.4 && !offsets {
+                            assert_eq!(got.1, Offset::Zero(n), "f32 {:?}", a.expr);
                         }
                     }
                 }

@@ -659,36 +659,28 @@ impl Expr {
         assert!(v.len() == u.len() && d.len() == u.len(), "values_and_slopes: lengths differ");
         // the forms with a direct branch: one tight loop per form instead of
         // matching the nodes at every element
+        /// Writes `v` and `d` over each run.
+        struct Into<'a> {
+            u: &'a [f64],
+            v: &'a mut [f64],
+            d: &'a mut [f64],
+        }
+        impl KinkedRuns for Into<'_> {
+            fn run(&mut self, lo: usize, hi: usize, form: impl Fn(f64) -> (f64, f64)) {
+                let (v, d, u) = (&mut self.v[lo..hi], &mut self.d[lo..hi], &self.u[lo..hi]);
+                for ((vi, di), &z) in v.iter_mut().zip(d.iter_mut()).zip(u) {
+                    (*vi, *di) = form(z);
+                }
+            }
+        }
+        if self.kinked_at_zero_runs(offset, u.len(), &mut Into { u, v, d }) {
+            return;
+        }
         match self.nodes.as_slice() {
-            [ExprNode::Var, ExprNode::Unary(Unary::Relu, 0)] => {
-                for ((vi, di), &z) in v.iter_mut().zip(d.iter_mut()).zip(u) {
-                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) };
-                }
-            }
-            [ExprNode::Var, ExprNode::Unary(Unary::LeakyRelu { alpha }, 0)] => {
-                let alpha = *alpha;
-                for ((vi, di), &z) in v.iter_mut().zip(d.iter_mut()).zip(u) {
-                    (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
-                }
-            }
             [ExprNode::Var, ExprNode::Unary(Unary::Clip { .. }, 0)] => {
                 let mut scratch = Vec::new();
                 for (i, ((vi, di), &z)) in v.iter_mut().zip(d.iter_mut()).zip(u).enumerate() {
                     (*vi, *di) = self.value_and_slope(offset + i, z, &mut scratch);
-                }
-            }
-            [ExprNode::Var, ExprNode::Const(c), ExprNode::Binary(Binary::PRelu, 0, 1)]
-            | [ExprNode::Const(c), ExprNode::Var, ExprNode::Binary(Binary::PRelu, 1, 0)] => {
-                let a = &self.consts[*c];
-                // one slope per run of elements (a channel's positions)
-                let mut i = 0;
-                while i < u.len() {
-                    let (alpha, run) = a.run(offset + i);
-                    let end = i + run.min(u.len() - i);
-                    for ((vi, di), &z) in v[i..end].iter_mut().zip(&mut d[i..end]).zip(&u[i..end]) {
-                        (*vi, *di) = if z > 0.0 { (z, 1.0) } else { (alpha * z, alpha) };
-                    }
-                    i = end;
                 }
             }
             _ => {
@@ -697,6 +689,69 @@ impl Expr {
                 self.eval_slice_at(offset, &vars, &mut out);
                 for ((vi, di), y) in v.iter_mut().zip(d.iter_mut()).zip(&out) {
                     (*vi, *di) = (y.v, y.d);
+                }
+            }
+        }
+    }
+
+    /// For ReLU, LeakyReLU and PReLU (the forms with a direct branch and
+    /// one kink, at 0): hands `runs` the elements `0..len` (elements
+    /// `offset..` of a tensor) as consecutive runs, each with its form
+    /// `z ↦ (σ(z), σ'(z))` (one slope below 0 per run), the values and
+    /// slopes of [`Expr::values_and_slopes_into`]; each run's loop is
+    /// compiled for its form. `false`, and no run, for any other
+    /// expression.
+    pub fn kinked_at_zero_runs(
+        &self,
+        offset: usize,
+        len: usize,
+        runs: &mut impl KinkedRuns,
+    ) -> bool {
+        let Some(below) = self.below_zero() else { return false };
+        self.below_runs(&below, offset, len, |lo, hi, alpha| match alpha {
+            None => runs.run(lo, hi, |z| if z > 0.0 { (z, 1.0) } else { (0.0, 0.0) }),
+            Some(a) => runs.run(lo, hi, |z| if z > 0.0 { (z, 1.0) } else { (a * z, a) }),
+        });
+        true
+    }
+
+    /// The slope below 0 of ReLU (`Zero`), LeakyReLU (`Scalar`) and PReLU
+    /// (`PerElement`); `None` for any other expression.
+    fn below_zero(&self) -> Option<BelowZero<'_>> {
+        match self.nodes.as_slice() {
+            [ExprNode::Var, ExprNode::Unary(Unary::Relu, 0)] => Some(BelowZero::Zero),
+            [ExprNode::Var, ExprNode::Unary(Unary::LeakyRelu { alpha }, 0)] => {
+                Some(BelowZero::Scalar(*alpha))
+            }
+            [ExprNode::Var, ExprNode::Const(c), ExprNode::Binary(Binary::PRelu, 0, 1)]
+            | [ExprNode::Const(c), ExprNode::Var, ExprNode::Binary(Binary::PRelu, 1, 0)] => {
+                Some(BelowZero::PerElement(&self.consts[*c]))
+            }
+            _ => None,
+        }
+    }
+
+    /// Calls `run(lo, hi, alpha)` for consecutive pieces `lo..hi` of
+    /// `0..len` (elements `offset + lo..` of the tensor) over which the
+    /// slope below 0 is one value: `None` for ReLU's `(0, 0)`, else `Some`.
+    fn below_runs(
+        &self,
+        below: &BelowZero<'_>,
+        offset: usize,
+        len: usize,
+        mut run: impl FnMut(usize, usize, Option<f64>),
+    ) {
+        match below {
+            BelowZero::Zero => run(0, len, None),
+            BelowZero::Scalar(a) => run(0, len, Some(*a)),
+            BelowZero::PerElement(a) => {
+                // one slope per run of elements (a channel's positions)
+                let mut i = 0;
+                while i < len {
+                    let (alpha, r) = a.run(offset + i);
+                    let end = i + r.min(len - i);
+                    run(i, end, Some(alpha));
+                    i = end;
                 }
             }
         }
@@ -879,6 +934,23 @@ impl fmt::Display for Expr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.render())
     }
+}
+
+/// What [`Expr::kinked_at_zero_runs`] hands its runs to.
+pub trait KinkedRuns {
+    /// Elements `lo..hi`, whose value and slope at `z` are `form(z)`.
+    fn run(&mut self, lo: usize, hi: usize, form: impl Fn(f64) -> (f64, f64));
+}
+
+/// The slope below 0 of an activation with one kink, at 0, and a direct
+/// branch ([`Expr::kinked_at_zero_runs`]).
+enum BelowZero<'a> {
+    /// ReLU: value and slope 0.
+    Zero,
+    /// LeakyReLU: one slope.
+    Scalar(f64),
+    /// PReLU: a slope per element (runs of one per channel).
+    PerElement(&'a Const),
 }
 
 #[cfg(test)]

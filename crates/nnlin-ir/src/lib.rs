@@ -10,7 +10,7 @@ pub mod reference;
 pub mod scalar;
 
 pub use error::IrError;
-pub use expr::{Binary, Const, Expr, ExprClass, ExprNode, Unary};
+pub use expr::{Binary, Const, Expr, ExprClass, ExprNode, KinkedRuns, Unary};
 pub use geometry::Window;
 pub use network::{
     Activation, Add, Affine, Concat, Conv, ConvTranspose, Dense, Layer, Lrn, MatMul, Network, Node,

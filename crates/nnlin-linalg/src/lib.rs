@@ -61,11 +61,11 @@ pub(crate) const PAR_ELEMENTS: usize = 1 << 15;
 /// `par` has threads and there are more than two; each chunk's work is the
 /// same whichever task runs it): whether it returned `true` on every
 /// chunk. A pass that works on a chunk while it is in cache.
-pub fn for_chunks(
-    y: &mut [f64],
+pub fn for_chunks<T: Send>(
+    y: &mut [T],
     chunk: usize,
     par: Par,
-    f: impl Fn(usize, &mut [f64]) -> bool + Sync,
+    f: impl Fn(usize, &mut [T]) -> bool + Sync,
 ) -> bool {
     let chunk = chunk.max(1);
     if par.degree() > 1 && y.len() > 2 * chunk {

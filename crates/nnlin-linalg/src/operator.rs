@@ -396,23 +396,10 @@ impl Operator {
     /// # Panics
     /// If `x.len() != self.ncols()` (a caller contract).
     pub fn apply_in<T: Real>(&self, x: &[f64], par: Par) -> Vec<f64> {
-        match self.apply_narrow::<T>(x, par) {
-            Some(y) => T::widen(y),
-            None => self.apply_with(x, par),
-        }
-    }
-
-    /// The product [`Operator::apply_in`] computes in `T`, before it is
-    /// widened: a dense layer's or a convolution's; `None` for every other
-    /// operator (those compute in `f64`).
-    ///
-    /// # Panics
-    /// If `x.len() != self.ncols()` (a caller contract).
-    pub fn apply_narrow<T: Real>(&self, x: &[f64], par: Par) -> Option<Vec<T>> {
-        assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
         match self {
-            Operator::Dense(m) => Some(dense_forward(T::matrix(m), &T::slice(x))),
-            Operator::Conv(c) => Some(c.forward_gemm(&T::slice(x), 1, par)),
+            Operator::Dense(_) | Operator::Conv(_) => {
+                T::widen(self.apply_t::<T>(&T::slice(x), par))
+            }
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)
@@ -421,7 +408,34 @@ impl Operator {
             | Operator::Kron(_)
             | Operator::Softmax(_)
             | Operator::MatMul(_)
-            | Operator::Transposed(_) => None,
+            | Operator::Transposed(_) => self.apply_with(x, par),
+        }
+    }
+
+    /// `A·x` for `x` in `T`, in `T`: a dense layer's or a convolution's
+    /// product reads its weights rounded to `T` once per model (as the
+    /// reverse products read them) and sums in `T`; every other operator
+    /// computes in `f64` from the widened `x` and its result is rounded to
+    /// `T`. In `f64` this is [`Operator::apply_with`], the same bits. The
+    /// forward pass of an instance compiled for `--precision f32` runs
+    /// through it.
+    ///
+    /// # Panics
+    /// If `x.len() != self.ncols()` (a caller contract).
+    pub fn apply_t<T: Real>(&self, x: &[T], par: Par) -> Vec<T> {
+        assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
+        match self {
+            Operator::Dense(m) => dense_forward(T::matrix(m), x),
+            Operator::Conv(c) => c.forward_gemm(x, 1, par),
+            Operator::Identity(_)
+            | Operator::Diagonal(_)
+            | Operator::ChannelScale(_)
+            | Operator::Csr(_)
+            | Operator::Selection(_)
+            | Operator::Kron(_)
+            | Operator::Softmax(_)
+            | Operator::MatMul(_)
+            | Operator::Transposed(_) => T::narrow(self.apply_with(&T::widen_slice(x), par)),
         }
     }
 

@@ -51,17 +51,12 @@ pub trait Real:
     fn slice(w: &[f64]) -> Cow<'_, [Self]>;
     /// `v` as `f64` values (exact; the same vector for `f64`).
     fn widen(v: Vec<Self>) -> Vec<f64>;
-    /// [`Real::widen`] with `f(start, chunk)` run on each chunk of
-    /// `chunk` elements as soon as it is widened, while it is in cache (the
-    /// chunks as tasks when `par` has threads): the widened vector, and
-    /// whether `f` returned `true` on every chunk. For `f64`, `f` runs over
-    /// `v` itself.
-    fn widen_chunks(
-        v: Vec<Self>,
-        chunk: usize,
-        par: Par,
-        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
-    ) -> (Vec<f64>, bool);
+    /// `v` as `f64` values (exact; borrowed for `f64`).
+    fn widen_slice(v: &[Self]) -> Cow<'_, [f64]>;
+    /// `v` rounded to this type (the same vector for `f64`).
+    fn narrow(v: Vec<f64>) -> Vec<Self>;
+    /// Whether the value is neither infinite nor NaN.
+    fn is_finite(self) -> bool;
     /// `w` in this type: borrowed for `f64`; for `f32` rounded into `cache`
     /// on first use and borrowed from it after.
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self];
@@ -106,14 +101,15 @@ impl Real for f64 {
     fn widen(v: Vec<Self>) -> Vec<f64> {
         v
     }
-    fn widen_chunks(
-        mut v: Vec<Self>,
-        chunk: usize,
-        par: Par,
-        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
-    ) -> (Vec<f64>, bool) {
-        let all = crate::for_chunks(&mut v, chunk, par, |lo, c| f(lo, c));
-        (v, all)
+    fn widen_slice(v: &[Self]) -> Cow<'_, [f64]> {
+        Cow::Borrowed(v)
+    }
+    fn narrow(v: Vec<f64>) -> Vec<Self> {
+        v
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
     fn cached<'a>(w: &'a [f64], _: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         w
@@ -159,31 +155,15 @@ impl Real for f32 {
     fn widen(v: Vec<Self>) -> Vec<f64> {
         v.into_iter().map(f64::from).collect()
     }
-    fn widen_chunks(
-        v: Vec<Self>,
-        chunk: usize,
-        par: Par,
-        f: impl Fn(usize, &mut [f64]) -> bool + Sync,
-    ) -> (Vec<f64>, bool) {
-        let chunk = chunk.max(1);
-        if !(par.degree() > 1 && v.len() > 2 * chunk) {
-            // sequential: each chunk appended as it is widened (no zeroing)
-            let mut y = Vec::with_capacity(v.len());
-            let mut all = true;
-            for (k, c) in v.chunks(chunk).enumerate() {
-                y.extend(c.iter().map(|&s| f64::from(s)));
-                all &= f(k * chunk, &mut y[k * chunk..]);
-            }
-            return (y, all);
-        }
-        let mut y = vec![0.0; v.len()];
-        let all = crate::for_chunks(&mut y, chunk, par, |lo, c| {
-            for (o, &s) in c.iter_mut().zip(&v[lo..]) {
-                *o = f64::from(s);
-            }
-            f(lo, c)
-        });
-        (y, all)
+    fn widen_slice(v: &[Self]) -> Cow<'_, [f64]> {
+        Cow::Owned(v.iter().map(|&x| f64::from(x)).collect())
+    }
+    fn narrow(v: Vec<f64>) -> Vec<Self> {
+        v.into_iter().map(|x| x as f32).collect()
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
     }
     fn cached<'a>(w: &'a [f64], cache: &'a OnceLock<Vec<f32>>) -> &'a [Self] {
         cache.get_or_init(|| w.iter().map(|&v| v as f32).collect())
