@@ -21,21 +21,41 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
     let mut remaining = net.use_counts();
     let mut values: Vec<Vec<S>> = vec![x.to_vec()];
     for node in net.nodes() {
-        let u = &values[node.inputs[0].0];
+        // an elementwise layer whose first input nothing later reads
+        // writes its output over that input's buffer (no fresh buffer to
+        // fault in), each element from its own old value as below
+        let v0 = node.inputs[0].0;
+        let elementwise =
+            matches!(node.layer, Layer::Affine(_) | Layer::Activation(_) | Layer::Add(_));
+        let own =
+            (free && elementwise && remaining[v0] == 1).then(|| std::mem::take(&mut values[v0]));
+        let u = &values[v0];
         let in_shape = net.shape(node.inputs[0]);
         let y = match &node.layer {
             Layer::Dense(d) => dense(d, u),
-            Layer::Affine(a) => par_map(u, a.spatial, |at, uc, yc| {
-                let blocks = uc.chunks(a.spatial).zip(yc.chunks_mut(a.spatial));
-                for (j, (ub, yb)) in blocks.enumerate() {
-                    let k = at / a.spatial + j;
-                    let (sc, sh) = (S::from_f64(a.scale[k]), S::from_f64(a.shift[k]));
-                    for (y, &t) in yb.iter_mut().zip(ub) {
-                        *y = sc * t + sh;
+            Layer::Affine(a) => {
+                let affine = |at: usize, uc: &[S], yc: &mut [S]| {
+                    let blocks = uc.chunks(a.spatial).zip(yc.chunks_mut(a.spatial));
+                    for (j, (ub, yb)) in blocks.enumerate() {
+                        let k = at / a.spatial + j;
+                        let (sc, sh) = (S::from_f64(a.scale[k]), S::from_f64(a.shift[k]));
+                        for (y, &t) in yb.iter_mut().zip(ub) {
+                            *y = sc * t + sh;
+                        }
                     }
+                };
+                match own {
+                    Some(y) => par_over(y, a.spatial, affine),
+                    None => par_map(u, a.spatial, affine),
                 }
-            }),
-            Layer::Activation(a) => par_map(u, 1, |at, uc, yc| a.expr.eval_slice_at(at, uc, yc)),
+            }
+            Layer::Activation(a) => {
+                let act = |at: usize, uc: &[S], yc: &mut [S]| a.expr.eval_slice_at(at, uc, yc);
+                match own {
+                    Some(y) => par_over(y, 1, act),
+                    None => par_map(u, 1, act),
+                }
+            }
             Layer::Reshape(_) => u.clone(),
             Layer::Conv(c) => match S::conv_fast(c, u) {
                 Some(y) => y,
@@ -130,13 +150,23 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                 });
                 y
             }
-            Layer::Add(a) => par_map(u, 1, |at, _, yc| {
-                for (k, v) in node.inputs.iter().enumerate() {
-                    for (yi, &ui) in yc.iter_mut().zip(&values[v.0][at..]) {
-                        *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
+            Layer::Add(a) => {
+                // y = 0 + c_0·u_0, then y += c_k·u_k in input order
+                let add = |at: usize, u0: &[S], yc: &mut [S]| {
+                    for (yi, &ui) in yc.iter_mut().zip(u0) {
+                        *yi = S::from_f64(0.0) + S::from_f64(a.coeffs[0]) * ui;
                     }
+                    for (k, v) in node.inputs.iter().enumerate().skip(1) {
+                        for (yi, &ui) in yc.iter_mut().zip(&values[v.0][at..]) {
+                            *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
+                        }
+                    }
+                };
+                match own {
+                    Some(y) => par_over(y, 1, add),
+                    None => par_map(u, 1, add),
                 }
-            }),
+            }
             Layer::Concat(c) => {
                 let outer: usize = in_shape[..c.axis].iter().product();
                 let mut y = Vec::new();
@@ -589,6 +619,24 @@ fn par_map<S: Scalar>(u: &[S], align: usize, f: impl Fn(usize, &[S], &mut [S]) +
     let mut y = vec![S::from_f64(0.0); u.len()];
     y.par_chunks_mut(chunk).zip(u.par_chunks(chunk)).enumerate().for_each(|(k, (yc, uc))| {
         f(k * chunk, uc, yc);
+    });
+    y
+}
+
+/// [`par_map`] written over `y` itself: `f(start, old, new)` gets each
+/// chunk's old values (a copy) and writes its new ones; the same values as
+/// `par_map(&y, …)`.
+fn par_over<S: Scalar>(
+    mut y: Vec<S>,
+    align: usize,
+    f: impl Fn(usize, &[S], &mut [S]) + Sync,
+) -> Vec<S> {
+    let align = align.max(1);
+    let chunk = align * (PAR_CHUNK / align).max(1);
+    y.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |old, (k, yc)| {
+        old.clear();
+        old.extend_from_slice(yc);
+        f(k * chunk, old, yc);
     });
     y
 }
