@@ -71,7 +71,8 @@ fn bench(c: &mut Criterion) {
     group.sample_size(20);
     let stem = Operator::Conv(strided_conv(3, 64, 224, 7, 2, 3));
     let x: Vec<f64> = (0..stem.ncols()).map(|i| ((i * 31) % 17) as f64 / 17.0 - 0.5).collect();
-    group.bench_function("stem_7x7_s2/forward", |b| b.iter(|| stem.apply_in::<f32>(&x, Par::Seq)));
+    let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    group.bench_function("stem_7x7_s2/forward", |b| b.iter(|| stem.apply_t::<f32>(&x32, Par::Seq)));
     for (kind, percent) in [("dense", 100usize), ("active16", 16)] {
         let on = |j: usize| (j.wrapping_mul(2_654_435_761) >> 7) % 100 < percent;
         let g =

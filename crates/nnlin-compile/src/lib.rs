@@ -172,8 +172,9 @@ impl CompiledLayer {
     /// The first product's buffer becomes `y` and the offset is added to it
     /// in place: `A_0·u_0 + c` has the bits of `c + A_0·u_0` (addition
     /// commutes), and a zero offset still adds `+0.0` (as `0 + t` did).
-    /// A dense layer's or a convolution's product runs in `T`
-    /// ([`Operator::apply_in`]); in `f64`, everything does.
+    /// Every value and product is in `T` ([`Operator::apply_t`]: a dense
+    /// layer's or a convolution's sums in `T`, the others' in `f64`,
+    /// rounded); in `f64` the same bits as ever.
     fn eval<T: Real>(&self, values: &[Option<Vec<T>>], with_offset: bool, par: Par) -> Vec<T> {
         match self.eval_elementwise(values, None, with_offset, par) {
             Some((y, _)) => y,
@@ -992,9 +993,10 @@ impl Compiler {
             .for_each(|op| op.prepare_for::<T>(stage));
     }
 
-    /// [`Compiler::instance_with`] with the dense layers' and convolutions'
-    /// forward products computed in `T` ([`Operator::apply_in`]): for
-    /// `f32`, the forward pass of `--precision f32`. The activation
+    /// [`Compiler::instance_with`] with the forward pass's values in `T`
+    /// (the products through [`Operator::apply_t`], activations' slopes
+    /// and offsets formed in `f64` from the widened values): for `f32`,
+    /// the forward pass of `--precision f32`. The activation
     /// pattern, slopes and selections are then those of the values this
     /// pass computes: a unit whose pre-activation lies within `f32`
     /// rounding of a kink may fall on the other side than in `f64` (as in

@@ -385,33 +385,6 @@ impl Operator {
         }
     }
 
-    /// `A·x` with a dense layer's or a convolution's product computed in
-    /// `T`: `x` rounded to `T`, the weights rounded once per model (as the
-    /// reverse products read them), the sums in `T`, the result widened.
-    /// Every other operator (elementwise, selections, the structured
-    /// products of attention) computes in `f64` as [`Operator::apply_with`]
-    /// does; in `f64` this is `apply_with`, the same bits. The forward pass
-    /// of an instance compiled for `--precision f32` runs through it.
-    ///
-    /// # Panics
-    /// If `x.len() != self.ncols()` (a caller contract).
-    pub fn apply_in<T: Real>(&self, x: &[f64], par: Par) -> Vec<f64> {
-        match self {
-            Operator::Dense(_) | Operator::Conv(_) => {
-                T::widen(self.apply_t::<T>(&T::slice(x), par))
-            }
-            Operator::Identity(_)
-            | Operator::Diagonal(_)
-            | Operator::ChannelScale(_)
-            | Operator::Csr(_)
-            | Operator::Selection(_)
-            | Operator::Kron(_)
-            | Operator::Softmax(_)
-            | Operator::MatMul(_)
-            | Operator::Transposed(_) => self.apply_with(x, par),
-        }
-    }
-
     /// `A·x` for `x` in `T`, in `T`: a dense layer's or a convolution's
     /// product reads its weights rounded to `T` once per model (as the
     /// reverse products read them) and sums in `T`; every other operator
@@ -934,15 +907,17 @@ mod tests {
             prop_assert_eq!(op.left_mul_owned(g.clone(), Par::Seq), op.left_mul(&g, Par::Seq));
             // the forward product in f64 is `apply`'s; in f32 within
             // (inner + 2)·ε32 of |A|·|x| (x and the weights rounded, then
-            // sums in f32 for a dense layer; in f64 for the others)
+            // sums in f32 for a dense layer; in f64 for the others, the
+            // result rounded)
             let x: Vec<f64> = (0..op.ncols()).map(|j| (j * 5 + 3) as f64 * 0.2 - 0.7).collect();
             let want = op.apply(&x);
-            prop_assert_eq!(op.apply_in::<f64>(&x, Par::Seq), want.clone());
-            let got = op.apply_in::<f32>(&x, Par::Seq);
+            prop_assert_eq!(op.apply_t::<f64>(&x, Par::Seq), want.clone());
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            let got = f32::widen(op.apply_t::<f32>(&x32, Par::Seq));
             let gamma = (op.ncols() as f64 + 2.0) * f64::from(f32::EPSILON);
             for i in 0..op.nrows() {
                 let mag: f64 = (0..op.ncols()).map(|j| (a[(i, j)] * x[j]).abs()).sum();
-                prop_assert!((got[i] - want[i]).abs() <= gamma * mag + 1e-30, "apply_in::<f32> row {i}");
+                prop_assert!((got[i] - want[i]).abs() <= gamma * mag + 1e-30, "apply_t::<f32> row {i}");
             }
             // what `prepare` forms is what the first f32 product forms
             let prepared = op.clone();
