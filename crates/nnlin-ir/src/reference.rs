@@ -33,28 +33,18 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
         let in_shape = net.shape(node.inputs[0]);
         let y = match &node.layer {
             Layer::Dense(d) => dense(d, u),
-            Layer::Affine(a) => {
-                let affine = |at: usize, uc: &[S], yc: &mut [S]| {
-                    let blocks = uc.chunks(a.spatial).zip(yc.chunks_mut(a.spatial));
-                    for (j, (ub, yb)) in blocks.enumerate() {
-                        let k = at / a.spatial + j;
-                        let (sc, sh) = (S::from_f64(a.scale[k]), S::from_f64(a.shift[k]));
-                        for (y, &t) in yb.iter_mut().zip(ub) {
-                            *y = sc * t + sh;
-                        }
+            Layer::Affine(a) => par_map(u, own, a.spatial, |at, uc, yc| {
+                let blocks = uc.chunks(a.spatial).zip(yc.chunks_mut(a.spatial));
+                for (j, (ub, yb)) in blocks.enumerate() {
+                    let k = at / a.spatial + j;
+                    let (sc, sh) = (S::from_f64(a.scale[k]), S::from_f64(a.shift[k]));
+                    for (y, &t) in yb.iter_mut().zip(ub) {
+                        *y = sc * t + sh;
                     }
-                };
-                match own {
-                    Some(y) => par_over(y, a.spatial, affine),
-                    None => par_map(u, a.spatial, affine),
                 }
-            }
+            }),
             Layer::Activation(a) => {
-                let act = |at: usize, uc: &[S], yc: &mut [S]| a.expr.eval_slice_at(at, uc, yc);
-                match own {
-                    Some(y) => par_over(y, 1, act),
-                    None => par_map(u, 1, act),
-                }
+                par_map(u, own, 1, |at, uc, yc| a.expr.eval_slice_at(at, uc, yc))
             }
             Layer::Reshape(_) => u.clone(),
             Layer::Conv(c) => match S::conv_fast(c, u) {
@@ -150,23 +140,17 @@ fn run<S: Scalar>(net: &Network, x: &[S], free: bool) -> Vec<Vec<S>> {
                 });
                 y
             }
-            Layer::Add(a) => {
-                // y = 0 + c_0·u_0, then y += c_k·u_k in input order
-                let add = |at: usize, u0: &[S], yc: &mut [S]| {
-                    for (yi, &ui) in yc.iter_mut().zip(u0) {
-                        *yi = S::from_f64(0.0) + S::from_f64(a.coeffs[0]) * ui;
-                    }
-                    for (k, v) in node.inputs.iter().enumerate().skip(1) {
-                        for (yi, &ui) in yc.iter_mut().zip(&values[v.0][at..]) {
-                            *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
-                        }
-                    }
-                };
-                match own {
-                    Some(y) => par_over(y, 1, add),
-                    None => par_map(u, 1, add),
+            // y = 0 + c_0·u_0, then y += c_k·u_k in input order
+            Layer::Add(a) => par_map(u, own, 1, |at, u0, yc| {
+                for (yi, &ui) in yc.iter_mut().zip(u0) {
+                    *yi = S::from_f64(0.0) + S::from_f64(a.coeffs[0]) * ui;
                 }
-            }
+                for (k, v) in node.inputs.iter().enumerate().skip(1) {
+                    for (yi, &ui) in yc.iter_mut().zip(&values[v.0][at..]) {
+                        *yi = *yi + S::from_f64(a.coeffs[k]) * ui;
+                    }
+                }
+            }),
             Layer::Concat(c) => {
                 let outer: usize = in_shape[..c.axis].iter().product();
                 let mut y = Vec::new();
@@ -612,33 +596,37 @@ const PAR_CHUNK: usize = 1 << 14;
 
 /// A layer's elementwise output: `f(at, u[at..], y[at..])` over chunks of
 /// whole blocks of `align` elements, in parallel (each element's
-/// operations are the same whichever task runs them; `y` starts at 0).
-fn par_map<S: Scalar>(u: &[S], align: usize, f: impl Fn(usize, &[S], &mut [S]) + Sync) -> Vec<S> {
-    let align = align.max(1);
-    let chunk = align * (PAR_CHUNK / align).max(1);
-    let mut y = vec![S::from_f64(0.0); u.len()];
-    y.par_chunks_mut(chunk).zip(u.par_chunks(chunk)).enumerate().for_each(|(k, (yc, uc))| {
-        f(k * chunk, uc, yc);
-    });
-    y
-}
-
-/// [`par_map`] written over `y` itself: `f(start, old, new)` gets each
-/// chunk's old values (a copy) and writes its new ones; the same values as
-/// `par_map(&y, …)`.
-fn par_over<S: Scalar>(
-    mut y: Vec<S>,
+/// operations are the same whichever task runs them; `f` writes every
+/// element of its chunk). With `own`, the input's own buffer (nothing
+/// later reads it), the output is written over it, each chunk's `u` a copy
+/// of its old values: the same values, no fresh buffer.
+fn par_map<S: Scalar>(
+    u: &[S],
+    own: Option<Vec<S>>,
     align: usize,
     f: impl Fn(usize, &[S], &mut [S]) + Sync,
 ) -> Vec<S> {
     let align = align.max(1);
     let chunk = align * (PAR_CHUNK / align).max(1);
-    y.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |old, (k, yc)| {
-        old.clear();
-        old.extend_from_slice(yc);
-        f(k * chunk, old, yc);
-    });
-    y
+    match own {
+        Some(mut y) => {
+            y.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |old, (k, yc)| {
+                old.clear();
+                old.extend_from_slice(yc);
+                f(k * chunk, old, yc);
+            });
+            y
+        }
+        None => {
+            let mut y = vec![S::from_f64(0.0); u.len()];
+            y.par_chunks_mut(chunk).zip(u.par_chunks(chunk)).enumerate().for_each(
+                |(k, (yc, uc))| {
+                    f(k * chunk, uc, yc);
+                },
+            );
+            y
+        }
+    }
 }
 
 /// Evaluates the network's output at `x`.
