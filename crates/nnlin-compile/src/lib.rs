@@ -1223,7 +1223,7 @@ fn activation_instance<T: Real>(
 ) -> ActivationFormed<T> {
     use rayon::prelude::*;
     let kind = ActivationKind::of(a);
-    let ActivationKind { pwl, kink_at_zero } = kind;
+    let ActivationKind { pwl, kink_at_zero, direct } = kind;
     // offsets known to be +0.0 unless shown otherwise
     let sparse = pwl && kink_at_zero;
     let (n, read, mut y) = match u {
@@ -1244,27 +1244,31 @@ fn activation_instance<T: Real>(
                  (z, yf): &mut (Vec<f64>, Vec<f64>)|
      -> (Option<Vec<f64>>, bool) {
         let base = k * ACTIVATION_CHUNK;
-        if let Some(u) = read {
-            y.copy_from_slice(&u[base..base + y.len()]);
-        }
-        if c.is_none() {
+        if c.is_none() && direct {
             // ReLU, LeakyReLU, PReLU: one pass over the chunk, in place
-            let mut units = KinkedUnits { y: &mut *y, s: &mut *s, act: &mut *act, bits: 0 };
-            if a.expr.kinked_at_zero_runs(base, units.y.len(), &mut units) {
-                let bits = units.bits;
-                let finite = all_finite(y, Par::Seq);
-                if bits == 0 {
-                    return (None, finite);
-                }
-                // an offset `v − d·z` is not +0.0 only where `v = d·z`
-                // (below 0: `α·z` twice; above: `z − z`) is not finite,
-                // and the output `d·z + off` is then NaN: the layer fails
-                debug_assert!(!finite, "a nonzero offset of a finite output");
-                return (None, false);
+            if let Some(u) = read {
+                y.copy_from_slice(&u[base..base + y.len()]);
             }
+            let mut units = KinkedUnits { y: &mut *y, s: &mut *s, act: &mut *act, bits: 0 };
+            let ran = a.expr.kinked_at_zero_runs(base, units.y.len(), &mut units);
+            debug_assert!(ran, "a direct form has runs");
+            let bits = units.bits;
+            let finite = all_finite(y, Par::Seq);
+            if bits == 0 {
+                return (None, finite);
+            }
+            // an offset `v − d·z` is not +0.0 only where `v = d·z`
+            // (below 0: `α·z` twice; above: `z − z`) is not finite, and
+            // the output `d·z + off` is then NaN: the layer fails
+            debug_assert!(!finite, "a nonzero offset of a finite output");
+            return (None, false);
         }
         z.clear();
-        z.extend(y.iter().map(|v| v.to_f64()));
+        let src: &[T] = match read {
+            Some(u) => &u[base..base + y.len()],
+            None => y,
+        };
+        z.extend(src.iter().map(|v| v.to_f64()));
         yf.clear();
         yf.resize(z.len(), 0.0);
         let (z, yo) = (&z[..], &mut yf[..]);
@@ -1360,11 +1364,10 @@ impl<T: Real> nnlin_ir::KinkedRuns for KinkedUnits<'_, T> {
         for ((y, s), act) in units {
             let z = y.to_f64();
             let (v, d) = form(z);
-            let off = v - d * z;
-            *act = z > 0.0;
-            *s = d;
-            bits |= off.to_bits();
-            *y = T::of(d * z + off);
+            let (out, on, off) = kinked_unit(z, v, d);
+            (*act, *s) = (on, d);
+            bits |= off;
+            *y = T::of(out);
         }
         self.bits |= bits;
     }
@@ -1382,13 +1385,22 @@ fn pwl_units(z: &[f64], y: &mut [f64], s: &[f64], act: &mut [bool]) -> bool {
     let (y, s, act) = (&mut y[..n], &s[..n], &mut act[..n]);
     let mut bits = 0u64;
     for i in 0..n {
-        let (zi, di) = (z[i], s[i]);
-        let off = y[i] - di * zi;
-        act[i] = zi > 0.0;
-        y[i] = di * zi + off;
-        bits |= off.to_bits();
+        let (out, on, off) = kinked_unit(z[i], y[i], s[i]);
+        (y[i], act[i]) = (out, on);
+        bits |= off;
     }
     bits == 0
+}
+
+/// One unit of a piecewise-linear activation with its kink at 0, whose
+/// offset is not stored, from its input `z`, value `v = σ(z)` and slope
+/// `d`: its output `d·z + (v − d·z)` (the bits of [`slope_and_offset`]'s
+/// general loop), its pattern (`z > 0`) and its offset's bits (0 for
+/// `+0.0`).
+#[inline(always)]
+fn kinked_unit(z: f64, v: f64, d: f64) -> (f64, bool, u64) {
+    let off = v - d * z;
+    (d * z + off, z > 0.0, off.to_bits())
 }
 
 /// A unit's slope and offset from its input `z`, its value `v = σ(z)` and
@@ -1410,6 +1422,9 @@ struct ActivationKind {
     /// 0 still has a nonzero slope); for the others (Clip, HardSigmoid,
     /// smooth ones) it is a nonzero slope.
     kink_at_zero: bool,
+    /// ReLU, LeakyReLU or PReLU: formed unit by unit in one pass
+    /// ([`nnlin_ir::Expr::kinked_at_zero_runs`]).
+    direct: bool,
 }
 
 impl ActivationKind {
@@ -1417,6 +1432,7 @@ impl ActivationKind {
         ActivationKind {
             pwl: a.expr.class() <= ExprClass::PiecewiseLinear,
             kink_at_zero: a.expr.breakpoints(0).is_some_and(|b| b == [0.0]),
+            direct: a.expr.has_kinked_at_zero_runs(),
         }
     }
 }

@@ -715,6 +715,12 @@ impl Expr {
         true
     }
 
+    /// Whether [`Expr::kinked_at_zero_runs`] has runs for this expression
+    /// (ReLU, LeakyReLU, PReLU).
+    pub fn has_kinked_at_zero_runs(&self) -> bool {
+        self.below_zero().is_some()
+    }
+
     /// The slope below 0 of ReLU (`Zero`), LeakyReLU (`Scalar`) and PReLU
     /// (`PerElement`); `None` for any other expression.
     fn below_zero(&self) -> Option<BelowZero<'_>> {
