@@ -776,15 +776,19 @@ pub(crate) fn kernel_len(geom: &ConvGeometry) -> usize {
 }
 
 /// The bands of block rows `(t0, t1)` a product with `k` adjoint rows
-/// takes with `tile`: at least [`BAND_MIN_ROWS`] GEMM rows each, at most
-/// [`BAND_ENTRIES`] entries of V and M where that allows more than one
-/// block row.
+/// takes with `tile`: at least [`BAND_MIN_ROWS`] GEMM rows each, and at
+/// least `cig·cog / (cig + cog)`, so that a band's V and M hold as many
+/// entries as the kernel it streams (every band reads all of `U`: with
+/// many channels and few blocks, CIFAR ResNet-18's 8×8 stage, two bands
+/// read its 4 MB twice); at most [`BAND_ENTRIES`] entries of V and M
+/// where that allows more than one block row.
 fn bands(geom: &ConvGeometry, k: usize, tile: Tile) -> Vec<(usize, usize)> {
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let (th, tw) = (geom.ih.div_ceil(tile.m()), geom.iw.div_ceil(tile.m()));
     let per_row = (tw * k).max(1);
     let fit = BAND_ENTRIES / (tile.xi() * (cig + cog) * per_row).max(1);
-    let band = fit.max(BAND_MIN_ROWS.div_ceil(per_row)).clamp(1, th.max(1));
+    let kernel_rows = (cig * cog).div_ceil((cig + cog).max(1));
+    let band = fit.max(BAND_MIN_ROWS.max(kernel_rows).div_ceil(per_row)).clamp(1, th.max(1));
     (0..th).step_by(band).map(|t0| (t0, (t0 + band).min(th))).collect()
 }
 
