@@ -23,7 +23,9 @@ nnlin runs in float64 and in float32 (--precision f32: reverse accumulation in f
    on random batches) at 224x224, the top-1 row: PyTorch's forward pass and one vjp against
    nnlin's linearize time and its whole process.
 Both sides use the same thread count; with --repeat R every time on both sides is the best of R
-runs (this machine's run-to-run noise is about +-30 %). PyTorch computes in float32 (its
+runs, taken in rounds: each round measures every side of a workload once, in turn (PyTorch,
+nnlin f64, nnlin f32), so that a change in the machine's speed during the run (this machine's
+run-to-run noise is about +-30 %) touches every side of a ratio alike. PyTorch computes in float32 (its
 default and fastest); nnlin in float64 (the exactness mode) and float32. Times are per instance; nnlin's is `timing.linearize_seconds`
 (compile + accumulate, no loading or writing). Prints a markdown table and
 writes bench_torch.json.
@@ -56,77 +58,105 @@ def mnist(n):
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].astype(np.float64) / 255.0
 
 
-REPEAT = 1  # --repeat: every time is the best of this many runs
+REPEAT = 1  # --repeat: every time is the best of this many rounds
 
 
-def nnlin_time(model, x, threads, tmp, precision="f64", extra=()):
+def rounds(*measures):
+    """Each measure (a function taking no argument, returning a tuple whose first entry is
+    seconds) called REPEAT times, in rounds: one call of every measure per round, in turn.
+    Returns, per measure, the tuple of its fastest call."""
+    best = [None] * len(measures)
+    for _ in range(REPEAT):
+        for i, m in enumerate(measures):
+            v = m()
+            if best[i] is None or v[0] < best[i][0]:
+                best[i] = v
+    return best
+
+
+def nnlin_run(model, x, threads, tmp, precision="f64", extra=()):
+    """A measure: one `nnlin explain` over the batch `x`; (seconds per instance of
+    `timing.linearize_seconds`, the largest residual, the widest batch used)."""
     xp = os.path.join(tmp, "x.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
-    best = float("inf")
-    for _ in range(REPEAT):
+
+    def run():
         subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
                         "--precision", precision, *extra], check=True, capture_output=True)
         s = json.load(open(os.path.join(out, "summary.json")))
-        best = min(best, s["timing"]["linearize_seconds"] / len(x))
-    global LAST_BATCH
-    LAST_BATCH = max(i.get("batch", 1) for i in s["instances"])
-    return best, max(i["residual"] for i in s["instances"])
-
-
-LAST_BATCH = 1  # the widest batch the last nnlin_time run used
+        return (s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"]),
+                max(i.get("batch", 1) for i in s["instances"]))
+    return run
 
 
 def whole_process(model, x, threads, tmp, precision, extra=()):
-    """Seconds of a whole `nnlin explain` process, and its linearize_seconds."""
-    xp = os.path.join(tmp, "x.npy")
+    """A measure: one whole `nnlin explain` process; (its seconds, its linearize_seconds)."""
+    xp = os.path.join(tmp, f"x_{precision}.npy")
     np.save(xp, x)
     out = os.path.join(tmp, "out")
-    whole, lin = float("inf"), float("inf")
-    for _ in range(REPEAT):
+
+    def run():
         t = time.perf_counter()
         subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
                         "--precision", precision, *extra], check=True, capture_output=True)
-        whole = min(whole, time.perf_counter() - t)
-        lin = min(lin, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"])
-    return whole, lin
+        whole = time.perf_counter() - t
+        return (whole, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"])
+    return run
 
 
 def torch_top1_vjp(model, x):
-    """Seconds of PyTorch's forward pass and one vjp (the top-1 row of W)."""
+    """A measure: PyTorch's forward pass and one vjp (the top-1 row of W); (seconds,)."""
     xt = torch.tensor(x, dtype=torch.float32)
     model(xt[:1])  # warm up
-    best = float("inf")
-    for _ in range(max(3, REPEAT)):
+
+    def run():
         t = time.perf_counter()
         v = xt[:1].clone().requires_grad_(True)
         y = model(v)[0]
         y[y.argmax()].backward()
-        best = min(best, time.perf_counter() - t)
-    return best
+        return (time.perf_counter() - t,)
+    return run
 
 
-def torch_times(model, x, batch_too, head=None):
+def torch_jacrev(model, x, batched, head=None):
+    """A measure: PyTorch's `jacrev` one instance at a time or, with `batched`,
+    `vmap(jacrev)` over the batch; (seconds per instance,)."""
     xt = torch.tensor(x, dtype=torch.float32)
     f = (lambda v: model(v[None])[0]) if head is None else (lambda v: model(v[None])[head][0])
     jac = torch.func.jacrev(f)
+    if batched:
+        vj = torch.func.vmap(jac)
+        vj(xt[:2])  # warm up
+
+        def run():
+            t = time.perf_counter()
+            vj(xt)
+            return ((time.perf_counter() - t) / len(xt),)
+        return run
     jac(xt[0])  # warm up
-    single = float("inf")
-    for _ in range(REPEAT):
+
+    def run():
         t = time.perf_counter()
         for i in range(len(xt)):
             jac(xt[i])
-        single = min(single, (time.perf_counter() - t) / len(xt))
-    batched = None
-    if batch_too:
-        vj = torch.func.vmap(jac)
-        vj(xt[:2])
-        batched = float("inf")
-        for _ in range(REPEAT):
-            t = time.perf_counter()
-            vj(xt)
-            batched = min(batched, (time.perf_counter() - t) / len(xt))
-    return single, batched
+        return ((time.perf_counter() - t) / len(xt),)
+    return run
+
+
+def workload(model, x, threads, tmp, torch_model, batched, head=None, extra=()):
+    """PyTorch's jacrev (and vmap(jacrev) where `batched`), nnlin f64 and nnlin f32 on one
+    workload, in rounds: (jacrev s, vmap s or None, nnlin f64 s, nnlin f32 s, f64 residual,
+    f32 batch width)."""
+    measures = [torch_jacrev(torch_model, x, False, head)]
+    if batched:
+        measures.append(torch_jacrev(torch_model, x, True, head))
+    measures += [nnlin_run(model, x, threads, tmp, "f64", extra), nnlin_run(model, x, threads, tmp, "f32", extra)]
+    got = rounds(*measures)
+    single, rest = got[0][0], got[1:]
+    vmapped = rest.pop(0)[0] if batched else None
+    (t64, res, _), (t32, _, width) = rest
+    return single, vmapped, t64, t32, res, width
 
 
 class Basic(nn.Module):
@@ -177,20 +207,16 @@ def main():
     lenet.load_state_dict({k: inits[k] for k in lenet.state_dict()})
     lenet.eval()
     x = mnist(a.lenet_n)
-    t_single, t_batch = torch_times(lenet, x, True)
-    t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
-    t32, _ = nnlin_time(path, x, a.threads, tmp, "f32")
-    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, LAST_BATCH))
+    t_single, t_batch, t_nnlin, t32, res, width = workload(path, x, a.threads, tmp, lenet, True)
+    rows.append(("LeNet-5 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, width))
     # LeNet-300-100 with the fixture's weights: a perceptron, batched by nnlin
     path = os.path.join(ROOT, "fixtures/cnn/lenet300.onnx")
     mlp = LeNet300()
     inits = {t.name: torch.tensor(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer}
     mlp.load_state_dict({k: inits[k] for k in mlp.state_dict()})
     mlp.eval()
-    t_single, t_batch = torch_times(mlp, x, True)
-    t_nnlin, res = nnlin_time(path, x, a.threads, tmp)
-    t32, _ = nnlin_time(path, x, a.threads, tmp, "f32")
-    rows.append(("LeNet-300-100 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, LAST_BATCH))
+    t_single, t_batch, t_nnlin, t32, res, width = workload(path, x, a.threads, tmp, mlp, True)
+    rows.append(("LeNet-300-100 (MNIST, W 10x784)", len(x), t_single, t_batch, t_nnlin, t32, res, width))
     # CIFAR ResNet-18, random weights
     torch.manual_seed(0)
     net = ResNet18().eval()
@@ -204,22 +230,18 @@ def main():
                       opset_version=17, input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
     xr = np.random.default_rng(0).random((a.resnet_n, 3, 32, 32))
-    t_single, _ = torch_times(net, xr, False)
-    t_nnlin, res = nnlin_time(rpath, xr, a.threads, tmp)
-    t32, _ = nnlin_time(rpath, xr, a.threads, tmp, "f32")
-    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res, LAST_BATCH))
+    t_single, _, t_nnlin, t32, res, width = workload(rpath, xr, a.threads, tmp, net, False)
+    rows.append(("ResNet-18 (CIFAR-shaped, W 10x3072)", len(xr), t_single, None, t_nnlin, t32, res, width))
     # MTCNN ONet, real weights (facenet-pytorch==2.6.0), the 10 landmark outputs
     try:
         from facenet_pytorch.models.mtcnn import ONet
         onet = ONet(pretrained=True).eval()
         opath = os.path.join(ROOT, "fixtures/mtcnn/onet.onnx")
         xo = np.random.default_rng(1).random((a.onet_n, 3, 48, 48)) * 2 - 1
-        t_single, t_batch = torch_times(onet, xo, False, head=1)  # vmap fails on ONet
         extra = ("--output", "landmarks")
-        t_nnlin, res = nnlin_time(opath, xo, a.threads, tmp, "f64", extra)
-        t32, _ = nnlin_time(opath, xo, a.threads, tmp, "f32", extra)
-        rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res,
-                     LAST_BATCH))
+        # (vmap fails on ONet)
+        t_single, t_batch, t_nnlin, t32, res, width = workload(opath, xo, a.threads, tmp, onet, False, 1, extra)
+        rows.append(("MTCNN ONet landmarks (W 10x6912)", len(xo), t_single, t_batch, t_nnlin, t32, res, width))
     except ImportError:
         print("facenet-pytorch not installed: ONet skipped")
     print(f"threads: {a.threads}; torch {torch.__version__} (float32); nnlin float64 and float32; "
@@ -247,12 +269,13 @@ def main():
         torch.onnx.export(r50, (torch.zeros(1, 3, 224, 224),), p50, dynamo=False,
                           do_constant_folding=False, opset_version=17)
         x50 = np.random.default_rng(2).standard_normal((1, 3, 224, 224))
-        tv = torch_top1_vjp(r50, x50)
+        extra = ("--rows", "top1")
+        (tv,), w64, w32 = rounds(torch_top1_vjp(r50, x50), whole_process(p50, x50, a.threads, tmp, "f64", extra),
+                                 whole_process(p50, x50, a.threads, tmp, "f32", extra))
         print("\nResNet-50 at 224x224, top-1 row:\n")
         print("| precision | torch forward + vjp | nnlin linearize | whole nnlin process | linearize vs torch | whole / linearize |")
         print("|---|---|---|---|---|---|")
-        for prec in ["f64", "f32"]:
-            whole, lin = whole_process(p50, x50, a.threads, tmp, prec, ("--rows", "top1"))
+        for prec, (whole, lin) in [("f64", w64), ("f32", w32)]:
             print(f"| {prec} | {tv:.3f} s | {lin:.3f} s | {whole:.2f} s | {tv / lin:.2f}x | {whole / lin:.1f} |")
             out.append({"model": "resnet50", "precision": prec, "torch_vjp_s": tv, "nnlin_s": lin,
                         "whole_s": whole})
