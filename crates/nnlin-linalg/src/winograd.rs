@@ -149,9 +149,9 @@ trait Wino: 'static {
     /// Output block side.
     const M: usize;
     /// Input block side, `M + 2`.
-    const A: usize;
+    const A: usize = Self::M + 2;
     /// Transformed positions, `A²`.
-    const XI: usize;
+    const XI: usize = Self::A * Self::A;
     /// `XI` values of one block.
     type Block<E: Copy>: Arr<E>;
     /// `M²` values of one output block.
@@ -183,8 +183,6 @@ struct F2;
 impl Wino for F2 {
     const TILE: Tile = Tile::F2;
     const M: usize = 2;
-    const A: usize = 4;
-    const XI: usize = 16;
     type Block<E: Copy> = [E; 16];
     type Out<E: Copy> = [E; 4];
 
@@ -294,13 +292,37 @@ impl F4 {
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
         [m0 + s12 + s34, d12 + d34.scale(2.0), s12 + s34.scale(4.0), d12 + d34.scale(8.0) + m5]
     }
+
+    /// `Fᵀ x F` of a 6×6 block `x` (row-major), where `f` is the 1-D step
+    /// `v ↦ Fᵀ v` from a column of 6 values to `N`: the columns first, then
+    /// the rows; `store(i, e)` takes entry `i` of the `N × N` result
+    /// (row-major). The data (`F = B`) and output (`F = A`) transforms.
+    #[inline(always)]
+    fn separable<E: Ops, const N: usize>(
+        x: [E; 36],
+        f: impl Fn([E; 6]) -> [E; N],
+        mut store: impl FnMut(usize, E),
+    ) {
+        // Fᵀ x: column by column, N × 6
+        let mut t = [[E::default(); 6]; N];
+        for c in 0..6 {
+            let col = f([x[c], x[6 + c], x[12 + c], x[18 + c], x[24 + c], x[30 + c]]);
+            for (r, v) in col.into_iter().enumerate() {
+                t[r][c] = v;
+            }
+        }
+        // (Fᵀ x) F: row by row
+        for (r, row) in t.into_iter().enumerate() {
+            for (c, v) in f(row).into_iter().enumerate() {
+                store(N * r + c, v);
+            }
+        }
+    }
 }
 
 impl Wino for F4 {
     const TILE: Tile = Tile::F4;
     const M: usize = 4;
-    const A: usize = 6;
-    const XI: usize = 36;
     type Block<E: Copy> = [E; 36];
     type Out<E: Copy> = [E; 16];
 
@@ -323,53 +345,15 @@ impl Wino for F4 {
 
     #[inline(always)]
     fn data<E: Ops>(d: [E; 36]) -> [E; 36] {
-        // Bᵀ d: column by column
-        let mut t = [E::default(); 36];
-        for c in 0..6 {
-            let col = F4::b([d[c], d[6 + c], d[12 + c], d[18 + c], d[24 + c], d[30 + c]]);
-            for (r, v) in col.into_iter().enumerate() {
-                t[6 * r + c] = v;
-            }
-        }
-        // (Bᵀ d) B: row by row
         let mut v = [E::default(); 36];
-        for r in 0..6 {
-            let row = F4::b([
-                t[6 * r],
-                t[6 * r + 1],
-                t[6 * r + 2],
-                t[6 * r + 3],
-                t[6 * r + 4],
-                t[6 * r + 5],
-            ]);
-            v[6 * r..6 * r + 6].copy_from_slice(&row);
-        }
+        F4::separable(d, F4::b, |i, e| v[i] = e);
         v
     }
 
     #[inline(always)]
     fn output<E: Ops>(m: [E; 36]) -> [E; 16] {
-        // Aᵀ m: 4×6, column by column
-        let mut t = [E::default(); 24];
-        for c in 0..6 {
-            let col = F4::a([m[c], m[6 + c], m[12 + c], m[18 + c], m[24 + c], m[30 + c]]);
-            for (r, v) in col.into_iter().enumerate() {
-                t[6 * r + c] = v;
-            }
-        }
-        // (Aᵀ m) A: 4×4, row by row
         let mut y = [E::default(); 16];
-        for r in 0..4 {
-            let row = F4::a([
-                t[6 * r],
-                t[6 * r + 1],
-                t[6 * r + 2],
-                t[6 * r + 3],
-                t[6 * r + 4],
-                t[6 * r + 5],
-            ]);
-            y[4 * r..4 * r + 4].copy_from_slice(&row);
-        }
+        F4::separable(m, F4::a, |i, e| y[i] = e);
         y
     }
 }
