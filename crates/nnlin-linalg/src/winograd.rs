@@ -713,7 +713,7 @@ impl<W: Wino, T: Real> pulp::WithSimd for KernelJob<'_, W, T> {
     fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<T> {
         let (geom, weight) = (self.geom, self.weight);
         let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
-        let mut u = vec![T::ZERO; W::XI * cog * cig * geom.groups];
+        let mut u = vec![T::ZERO; kernel_len_in(geom, W::TILE)];
         for (grp, ug) in u.chunks_exact_mut(W::XI * cog * cig).enumerate() {
             // two pieces of lanes per column and block: 16 entries, a
             // whole cache line of f32, written at once
@@ -756,7 +756,12 @@ fn gemm_rows(tw: usize, t0: usize, t1: usize, k: usize) -> usize {
 /// Entries of the transformed kernel: per group, one matrix of the output
 /// by the input channels per transformed position.
 pub(crate) fn kernel_len(geom: &ConvGeometry) -> usize {
-    Tile::of(geom).xi() * (geom.c_out / geom.groups) * (geom.c_in / geom.groups) * geom.groups
+    kernel_len_in(geom, Tile::of(geom))
+}
+
+/// [`kernel_len`] with `tile`.
+fn kernel_len_in(geom: &ConvGeometry, tile: Tile) -> usize {
+    tile.xi() * (geom.c_out / geom.groups) * (geom.c_in / geom.groups) * geom.groups
 }
 
 /// The bands of block rows `(t0, t1)` a product with `k` adjoint rows
@@ -817,7 +822,7 @@ fn backward_in<W: Wino, T: Real>(
     let (cig, cog) = (geom.c_in / geom.groups, geom.c_out / geom.groups);
     let (ih, iw, oh, ow) = (geom.ih, geom.iw, geom.oh, geom.ow);
     assert_eq!(g.len(), geom.c_out * oh * ow * k, "conv backward: dimension mismatch");
-    assert_eq!(u.len(), W::XI * cog * cig * geom.groups, "conv backward: kernel of another tile");
+    assert_eq!(u.len(), kernel_len_in(geom, W::TILE), "conv backward: kernel of another tile");
     let mut out = vec![T::ZERO; geom.c_in * ih * iw * k];
     if k == 0 {
         return out;
@@ -968,7 +973,7 @@ mod tests {
         /// path's order (its transforms add at most 4 terms of the same
         /// scale per stage); F(4×4)'s is 16 times wider: its data transform
         /// scales by up to 5 and sums 3 terms per stage, its output
-        /// transform by up to 8, and its kernel carries thirds.
+        /// transform by up to 8, and its kernel carries sixths.
         #[test]
         fn winograd_matches_the_toeplitz_matrix(op in eligible_conv(), k in 1usize..12, seed in any::<u64>()) {
             let geom = *op.geometry();
