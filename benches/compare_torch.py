@@ -74,34 +74,33 @@ def rounds(*measures):
     return best
 
 
-def nnlin_run(model, x, threads, tmp, precision="f64", extra=()):
-    """A measure: one `nnlin explain` over the batch `x`; (seconds per instance of
-    `timing.linearize_seconds`, the largest residual, the widest batch used)."""
-    xp = os.path.join(tmp, "x.npy")
-    np.save(xp, x)
+def explain(model, xp, threads, tmp, precision, extra):
+    """One `nnlin explain` process over the inputs saved at `xp`: its wall seconds and its
+    summary.json."""
     out = os.path.join(tmp, "out")
+    t = time.perf_counter()
+    subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
+                    "--precision", precision, *extra], check=True, capture_output=True)
+    whole = time.perf_counter() - t
+    return whole, json.load(open(os.path.join(out, "summary.json")))
 
+
+def nnlin_run(model, xp, n, threads, tmp, precision, extra=()):
+    """A measure: one `nnlin explain` over the `n` inputs saved at `xp`; (seconds per instance
+    of `timing.linearize_seconds`, the largest residual, the widest batch used)."""
     def run():
-        subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
-                        "--precision", precision, *extra], check=True, capture_output=True)
-        s = json.load(open(os.path.join(out, "summary.json")))
-        return (s["timing"]["linearize_seconds"] / len(x), max(i["residual"] for i in s["instances"]),
+        _, s = explain(model, xp, threads, tmp, precision, extra)
+        return (s["timing"]["linearize_seconds"] / n, max(i["residual"] for i in s["instances"]),
                 max(i.get("batch", 1) for i in s["instances"]))
     return run
 
 
-def whole_process(model, x, threads, tmp, precision, extra=()):
-    """A measure: one whole `nnlin explain` process; (its seconds, its linearize_seconds)."""
-    xp = os.path.join(tmp, f"x_{precision}.npy")
-    np.save(xp, x)
-    out = os.path.join(tmp, "out")
-
+def whole_process(model, xp, threads, tmp, precision, extra=()):
+    """A measure: one whole `nnlin explain` process over the inputs saved at `xp`; (its
+    seconds, its linearize_seconds)."""
     def run():
-        t = time.perf_counter()
-        subprocess.run([NNLIN, "explain", model, "--input", xp, "--threads", str(threads), "--out", out,
-                        "--precision", precision, *extra], check=True, capture_output=True)
-        whole = time.perf_counter() - t
-        return (whole, json.load(open(os.path.join(out, "summary.json")))["timing"]["linearize_seconds"])
+        whole, s = explain(model, xp, threads, tmp, precision, extra)
+        return (whole, s["timing"]["linearize_seconds"])
     return run
 
 
@@ -151,7 +150,9 @@ def workload(model, x, threads, tmp, torch_model, batched, head=None, extra=()):
     measures = [torch_jacrev(torch_model, x, False, head)]
     if batched:
         measures.append(torch_jacrev(torch_model, x, True, head))
-    measures += [nnlin_run(model, x, threads, tmp, "f64", extra), nnlin_run(model, x, threads, tmp, "f32", extra)]
+    xp = os.path.join(tmp, "x.npy")
+    np.save(xp, x)
+    measures += [nnlin_run(model, xp, len(x), threads, tmp, prec, extra) for prec in ("f64", "f32")]
     got = rounds(*measures)
     single, rest = got[0][0], got[1:]
     vmapped = rest.pop(0)[0] if batched else None
@@ -270,8 +271,10 @@ def main():
                           do_constant_folding=False, opset_version=17)
         x50 = np.random.default_rng(2).standard_normal((1, 3, 224, 224))
         extra = ("--rows", "top1")
-        (tv,), w64, w32 = rounds(torch_top1_vjp(r50, x50), whole_process(p50, x50, a.threads, tmp, "f64", extra),
-                                 whole_process(p50, x50, a.threads, tmp, "f32", extra))
+        xp = os.path.join(tmp, "x50.npy")
+        np.save(xp, x50)
+        (tv,), w64, w32 = rounds(torch_top1_vjp(r50, x50), whole_process(p50, xp, a.threads, tmp, "f64", extra),
+                                 whole_process(p50, xp, a.threads, tmp, "f32", extra))
         print("\nResNet-50 at 224x224, top-1 row:\n")
         print("| precision | torch forward + vjp | nnlin linearize | whole nnlin process | linearize vs torch | whole / linearize |")
         print("|---|---|---|---|---|---|")
