@@ -158,10 +158,27 @@ trait Wino: 'static {
     type Out<E: Copy>: Arr<E>;
     /// `U = G g Gᵀ` of one 3×3 kernel `g` (row-major), already flipped.
     fn kernel<E: Ops>(g: [E; 9]) -> Self::Block<E>;
-    /// `Bᵀ d B` of one block `d` (row-major).
-    fn data<E: Ops>(d: Self::Block<E>) -> Self::Block<E>;
-    /// `Aᵀ m A` of one transformed block: the output block (row-major).
-    fn output<E: Ops>(m: Self::Block<E>) -> Self::Out<E>;
+    /// `Bᵀ d B` of one block `d` (row-major), entry `ξ` handed to
+    /// `store(ξ, e)` as it is formed: no block is returned, which for
+    /// F(4×4)'s 36 vectors was a copy through memory.
+    fn data_into<E: Ops>(d: Self::Block<E>, store: impl FnMut(usize, E));
+    /// `Aᵀ m A` of one transformed block, output `i` (row-major) handed to
+    /// `store(i, e)` as it is formed.
+    fn output_into<E: Ops>(m: Self::Block<E>, store: impl FnMut(usize, E));
+    /// [`Wino::data_into`] as a block.
+    #[inline(always)]
+    fn data<E: Ops>(d: Self::Block<E>) -> Self::Block<E> {
+        let mut v = Self::Block::<E>::filled(E::default());
+        Self::data_into(d, |i, e| v.as_mut()[i] = e);
+        v
+    }
+    /// [`Wino::output_into`] as a block.
+    #[inline(always)]
+    fn output<E: Ops>(m: Self::Block<E>) -> Self::Out<E> {
+        let mut y = Self::Out::<E>::filled(E::default());
+        Self::output_into(m, |i, e| y.as_mut()[i] = e);
+        y
+    }
 }
 
 /// What the transforms compute on: a scalar, or [`Lanes`] of adjoint rows.
@@ -210,7 +227,7 @@ impl Wino for F2 {
     }
 
     #[inline(always)]
-    fn data<E: Ops>(d: [E; 16]) -> [E; 16] {
+    fn data_into<E: Ops>(d: [E; 16], mut store: impl FnMut(usize, E)) {
         // Bᵀ d: rows
         let mut t = [E::default(); 16];
         for c in 0..4 {
@@ -221,19 +238,17 @@ impl Wino for F2 {
             t[12 + c] = d1 - d3;
         }
         // (Bᵀ d) B: columns
-        let mut v = [E::default(); 16];
         for r in 0..4 {
             let (a, b, c, e) = (t[4 * r], t[4 * r + 1], t[4 * r + 2], t[4 * r + 3]);
-            v[4 * r] = a - c;
-            v[4 * r + 1] = b + c;
-            v[4 * r + 2] = c - b;
-            v[4 * r + 3] = b - e;
+            store(4 * r, a - c);
+            store(4 * r + 1, b + c);
+            store(4 * r + 2, c - b);
+            store(4 * r + 3, b - e);
         }
-        v
     }
 
     #[inline(always)]
-    fn output<E: Ops>(m: [E; 16]) -> [E; 4] {
+    fn output_into<E: Ops>(m: [E; 16], mut store: impl FnMut(usize, E)) {
         // Aᵀ m: 2×4
         let mut t = [E::default(); 8];
         for c in 0..4 {
@@ -241,13 +256,11 @@ impl Wino for F2 {
             t[c] = m0 + m1 + m2;
             t[4 + c] = m1 - m2 - m3;
         }
-        let mut y = [E::default(); 4];
         for r in 0..2 {
             let (a, b, c, e) = (t[4 * r], t[4 * r + 1], t[4 * r + 2], t[4 * r + 3]);
-            y[2 * r] = a + b + c;
-            y[2 * r + 1] = b - c - e;
+            store(2 * r, a + b + c);
+            store(2 * r + 1, b - c - e);
         }
-        y
     }
 }
 
@@ -344,17 +357,13 @@ impl Wino for F4 {
     }
 
     #[inline(always)]
-    fn data<E: Ops>(d: [E; 36]) -> [E; 36] {
-        let mut v = [E::default(); 36];
-        F4::separable(d, F4::b, |i, e| v[i] = e);
-        v
+    fn data_into<E: Ops>(d: [E; 36], store: impl FnMut(usize, E)) {
+        F4::separable(d, F4::b, store);
     }
 
     #[inline(always)]
-    fn output<E: Ops>(m: [E; 36]) -> [E; 16] {
-        let mut y = [E::default(); 16];
-        F4::separable(m, F4::a, |i, e| y[i] = e);
-        y
+    fn output_into<E: Ops>(m: [E; 36], store: impl FnMut(usize, E)) {
+        F4::separable(m, F4::a, store);
     }
 }
 
@@ -460,10 +469,12 @@ fn data_lanes<W: Wino, T: Real>(src: &[&[T]], dst: &mut [&mut [T]], at: usize, k
         k,
         #[inline(always)]
         |r0, len| {
-            let e = W::data(load_lanes::<T, W::Block<Lanes<T>>>(src, r0, len));
-            for (d, e) in dst.iter_mut().zip(e.as_ref()) {
-                store_lanes(d, at + r0, len, e);
-            }
+            let d = load_lanes::<T, W::Block<Lanes<T>>>(src, r0, len);
+            W::data_into(
+                d,
+                #[inline(always)]
+                |xi, e| store_lanes(dst[xi], at + r0, len, &e),
+            );
         },
     );
 }
@@ -476,12 +487,16 @@ fn output_lanes<W: Wino, T: Real>(src: &[&[T]], o: &mut [T], to: &[Option<usize>
         k,
         #[inline(always)]
         |r0, len| {
-            let e = W::output(load_lanes::<T, W::Block<Lanes<T>>>(src, r0, len));
-            for (t, e) in to.iter().zip(e.as_ref()) {
-                if let Some(at) = t {
-                    store_lanes(o, at + r0, len, e);
-                }
-            }
+            let m = load_lanes::<T, W::Block<Lanes<T>>>(src, r0, len);
+            W::output_into(
+                m,
+                #[inline(always)]
+                |i, e| {
+                    if let Some(at) = to[i] {
+                        store_lanes(o, at + r0, len, &e);
+                    }
+                },
+            );
         },
     );
 }
