@@ -165,8 +165,8 @@ trait Wino: 'static {
     /// `Aᵀ m A` of one transformed block, output `i` (row-major) handed to
     /// `store(i, e)` as it is formed.
     fn output_into<E: Ops>(m: Self::Block<E>, store: impl FnMut(usize, E));
-    /// [`Wino::data_into`] as a block.
-    #[inline(always)]
+    /// [`Wino::data_into`] as a block (for the tests).
+    #[cfg(test)]
     fn data<E: Ops>(d: Self::Block<E>) -> Self::Block<E> {
         let mut v = Self::Block::<E>::filled(E::default());
         Self::data_into(d, |i, e| v.as_mut()[i] = e);
@@ -579,22 +579,27 @@ fn band<W: Wino, T: Real>(
             let plane = &gg[co * oh * ow * k..(co + 1) * oh * ow * k];
             for ty in t0..t1 {
                 let y0 = (bm * ty) as isize - qy;
-                // where tap `i` of block `tx` starts in the plane (its `k`
-                // rows follow); none outside the image, which reads zeros
-                let tap_at = |tx: usize, i: usize| {
-                    let (y, x) =
-                        (y0 + (i / ba) as isize, (bm * tx) as isize - qx + (i % ba) as isize);
-                    (y >= 0 && x >= 0 && (y as usize) < oh && (x as usize) < ow)
-                        .then(|| (y as usize * ow + x as usize) * k)
-                };
+                // where each row of the block row's taps starts in the
+                // plane (none outside the image, which reads zeros; a
+                // block has at most 6)
+                let rows_in: [Option<usize>; 6] = std::array::from_fn(|a| {
+                    let y = y0 + a as isize;
+                    (a < ba && y >= 0 && (y as usize) < oh).then(|| y as usize * ow)
+                });
                 let row0 = co * rows + (ty - t0) * tw * k;
                 if k >= LANES {
                     // lanes over the adjoint rows of one block
                     for tx in 0..tw {
+                        let x0 = (bm * tx) as isize - qx;
                         let mut src = W::Block::<&[T]>::filled(zeros);
-                        for (i, s) in src.as_mut().iter_mut().enumerate() {
-                            if let Some(at) = tap_at(tx, i) {
-                                *s = &plane[at..at + k];
+                        for (a, row) in rows_in.iter().take(ba).enumerate() {
+                            let Some(row) = row else { continue };
+                            for b in 0..ba {
+                                let x = x0 + b as isize;
+                                if x >= 0 && (x as usize) < ow {
+                                    let at = (row + x as usize) * k;
+                                    src.as_mut()[a * ba + b] = &plane[at..at + k];
+                                }
                             }
                         }
                         data_lanes::<W, T>(src.as_ref(), &mut vx, row0 + tx * k, k);
@@ -609,14 +614,24 @@ fn band<W: Wino, T: Real>(
                             let mut d = W::Block::<Lanes<T>>::filled(Lanes([T::ZERO; LANES]));
                             for l in 0..len {
                                 let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
-                                for (i, d) in d.as_mut().iter_mut().enumerate() {
-                                    d.0[l] = tap_at(tx, i).map_or(T::ZERO, |at| plane[at + r]);
+                                let x0 = (bm * tx) as isize - qx;
+                                for (a, row) in rows_in.iter().take(ba).enumerate() {
+                                    for b in 0..ba {
+                                        let x = x0 + b as isize;
+                                        d.as_mut()[a * ba + b].0[l] = match row {
+                                            Some(row) if x >= 0 && (x as usize) < ow => {
+                                                plane[(row + x as usize) * k + r]
+                                            }
+                                            _ => T::ZERO,
+                                        };
+                                    }
                                 }
                             }
-                            let e = W::data(d);
-                            for (dst, e) in vx.iter_mut().zip(e.as_ref()) {
-                                store_lanes(dst, row0 + q0, len, e);
-                            }
+                            W::data_into(
+                                d,
+                                #[inline(always)]
+                                |xi, e| store_lanes(vx[xi], row0 + q0, len, &e),
+                            );
                         },
                     );
                 }
