@@ -586,18 +586,21 @@ fn band<W: Wino, T: Real>(
                     let y = y0 + a as isize;
                     (a < ba && y >= 0 && (y as usize) < oh).then(|| y as usize * ow)
                 });
+                // the image column of tap column `b` of block `tx`, if inside
+                let col_in = |tx: usize, b: usize| {
+                    let x = (bm * tx + b) as isize - qx;
+                    (x >= 0 && (x as usize) < ow).then_some(x as usize)
+                };
                 let row0 = co * rows + (ty - t0) * tw * k;
                 if k >= LANES {
                     // lanes over the adjoint rows of one block
                     for tx in 0..tw {
-                        let x0 = (bm * tx) as isize - qx;
                         let mut src = W::Block::<&[T]>::filled(zeros);
                         for (a, row) in rows_in.iter().take(ba).enumerate() {
                             let Some(row) = row else { continue };
                             for b in 0..ba {
-                                let x = x0 + b as isize;
-                                if x >= 0 && (x as usize) < ow {
-                                    let at = (row + x as usize) * k;
+                                if let Some(x) = col_in(tx, b) {
+                                    let at = (row + x) * k;
                                     src.as_mut()[a * ba + b] = &plane[at..at + k];
                                 }
                             }
@@ -614,14 +617,10 @@ fn band<W: Wino, T: Real>(
                             let mut d = W::Block::<Lanes<T>>::filled(Lanes([T::ZERO; LANES]));
                             for l in 0..len {
                                 let (tx, r) = ((q0 + l) / k, (q0 + l) % k);
-                                let x0 = (bm * tx) as isize - qx;
                                 for (a, row) in rows_in.iter().take(ba).enumerate() {
                                     for b in 0..ba {
-                                        let x = x0 + b as isize;
-                                        d.as_mut()[a * ba + b].0[l] = match row {
-                                            Some(row) if x >= 0 && (x as usize) < ow => {
-                                                plane[(row + x as usize) * k + r]
-                                            }
+                                        d.as_mut()[a * ba + b].0[l] = match (row, col_in(tx, b)) {
+                                            (Some(row), Some(x)) => plane[(row + x) * k + r],
                                             _ => T::ZERO,
                                         };
                                     }
@@ -822,8 +821,9 @@ pub(crate) fn scratch(geom: &ConvGeometry, k: usize, threads: usize) -> usize {
     let tw = geom.iw.div_ceil(tile.m());
     let bands = bands(geom, k, tile);
     let widest = bands.iter().map(|&(t0, t1)| gemm_rows(tw, t0, t1, k)).max().unwrap_or(0);
-    // (each matrix [`skewed`] by at most 31 entries, in f32 or f64)
-    tile.xi() * (widest * (cig + cog) + 2 * 31) * threads.clamp(1, bands.len().max(1))
+    // (each matrix [`skewed`], for whichever scalar pads it more)
+    let skew = |len: usize| skewed::<f32>(len).max(skewed::<f64>(len));
+    tile.xi() * (skew(widest * cig) + skew(widest * cog)) * threads.clamp(1, bands.len().max(1))
 }
 
 /// The distance between a band's consecutive V (or M) matrices of `len`
