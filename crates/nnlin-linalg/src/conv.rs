@@ -103,6 +103,27 @@ impl Runs {
     }
 }
 
+/// The kernel taps of one output coordinate `o` that land inside an input
+/// of `len` along one axis (stride `s`, dilation `d`, leading pad `pad`,
+/// `k` taps): `(first, end, first's input coordinate)`; `first >= end`
+/// when none does. The taps between are consecutive and in range: the same
+/// ones a tap table marks inside.
+#[inline(always)]
+fn tap_span(
+    o: usize,
+    s: usize,
+    d: usize,
+    pad: usize,
+    len: usize,
+    k: usize,
+) -> (usize, usize, usize) {
+    let at = o * s;
+    // the first tap with at + t·d >= pad, and the first past the input's end
+    let first = pad.saturating_sub(at).div_ceil(d).min(k);
+    let end = (len + pad).saturating_sub(at).div_ceil(d).min(k);
+    (first, end.max(first), (at + first * d).saturating_sub(pad))
+}
+
 /// Additions per parallel col2im task: below this a task costs more to
 /// hand to a thread than to run (a few microseconds).
 const PAR_MIN_ADDS: usize = 1 << 14;
@@ -1020,19 +1041,26 @@ impl ConvOp {
     }
 
     /// [`ConvOp::backward_sparse`] with adjoint rows in tiles of `RL` lanes.
+    /// A column's taps are walked kernel row by kernel row over the range
+    /// inside the input (from the geometry, not the tap table), so one
+    /// kernel row is a run of multiply-adds into consecutive tiles; the
+    /// tiles start on a cache line, so a 64-byte tile never straddles two.
     #[inline(always)]
     fn scatter_lanes<T: Real, const RL: usize>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
         let k = g.nrows();
         let ncols = self.ncols();
         let mut out = Block::zeros(k, ncols);
-        let p_len = self.geom.oh * self.geom.ow;
-        let (cig, cog) = (self.geom.c_in / self.geom.groups, self.geom.c_out / self.geom.groups);
-        let taps = self.tap_table();
-        let plane = self.geom.ih * self.geom.iw;
-        let ntaps = self.geom.kh * self.geom.kw;
+        let geo = &self.geom;
+        let p_len = geo.oh * geo.ow;
+        let (cig, cog) = (geo.c_in / geo.groups, geo.c_out / geo.groups);
+        let plane = geo.ih * geo.iw;
+        let ntaps = geo.kh * geo.kw;
         let weight = self.weight_as::<T>();
-        // the output's columns as whole register tiles
-        let mut acc = vec![[T::ZERO; RL]; ncols];
+        // the output's columns as whole register tiles, from a cache line
+        let mut buf = vec![T::ZERO; (ncols + 64 / size_of::<T>()) * RL];
+        let lead = buf.as_ptr().align_offset(64).min(buf.len());
+        let (acc, _) = buf[lead..].as_chunks_mut::<RL>();
+        let acc = &mut acc[..ncols];
         for r0 in (0..k).step_by(RL) {
             let rb = RL.min(k - r0);
             if r0 > 0 {
@@ -1041,19 +1069,38 @@ impl ConvOp {
             for &r in nz {
                 let (oc, p) = (r / p_len, r % p_len);
                 let grp = oc / cog;
+                let (ky0, ky1, y0) =
+                    tap_span(p / geo.ow, geo.stride.0, geo.dilation.0, geo.pad.0, geo.ih, geo.kh);
+                let (kx0, kx1, x0) =
+                    tap_span(p % geo.ow, geo.stride.1, geo.dilation.1, geo.pad.1, geo.iw, geo.kw);
+                if kx0 >= kx1 {
+                    continue;
+                }
                 let mut gv = [T::ZERO; RL];
                 gv[..rb].copy_from_slice(&g.col_as_slice(r)[r0..r0 + rb]);
                 for icg in 0..cig {
                     let ic = grp * cig + icg;
                     let w = &weight[(oc * cig + icg) * ntaps..][..ntaps];
                     let dst = &mut acc[ic * plane..(ic + 1) * plane];
-                    for (tap, &wt) in w.iter().enumerate() {
-                        let idx = taps[tap * p_len + p];
-                        if idx == usize::MAX {
-                            continue;
-                        }
-                        for (o, &v) in dst[idx].iter_mut().zip(&gv) {
-                            *o += wt * v;
+                    for ky in ky0..ky1 {
+                        let iy = y0 + (ky - ky0) * geo.dilation.0;
+                        let wrow = &w[ky * geo.kw + kx0..ky * geo.kw + kx1];
+                        let first = iy * geo.iw + x0;
+                        if geo.dilation.1 == 1 {
+                            let drow = &mut dst[first..first + wrow.len()];
+                            for (o, &wt) in drow.iter_mut().zip(wrow) {
+                                for (o, &v) in o.iter_mut().zip(&gv) {
+                                    *o += wt * v;
+                                }
+                            }
+                        } else {
+                            for (o, &wt) in
+                                dst[first..].iter_mut().step_by(geo.dilation.1).zip(wrow)
+                            {
+                                for (o, &v) in o.iter_mut().zip(&gv) {
+                                    *o += wt * v;
+                                }
+                            }
                         }
                     }
                 }
