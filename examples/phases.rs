@@ -1,6 +1,9 @@
 //! `cargo run --release -p nnlin --example phases -- MODEL X.npy [ROWS]`:
 //! times one model's instance compile (f64, f32) and reverse accumulation (f32, f64)
-//! separately: the minimum of `REPS` runs per instance, one thread.
+//! separately: the minimum of `REPS` runs per instance, one thread, over the first `N`
+//! inputs (default 2). With `CYCLE=1`, each rep instead runs every one of the `N` inputs
+//! once, in turn (f32 compile, then f32 reverse): distinct inputs, as `explain` sees them,
+//! where one input repeated lets the branch predictors learn its pattern.
 use std::time::Instant;
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     (0..reps)
@@ -19,7 +22,7 @@ fn main() {
     let m = nnlin::Model::from_onnx_file_with(&a[1], &opts).unwrap();
     println!("import {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
     let x = ndarray_npy::read_npy::<_, ndarray::ArrayD<f64>>(&a[2]).unwrap();
-    let n = x.shape()[0].min(2);
+    let n = x.shape()[0].min(std::env::var("N").ok().and_then(|s| s.parse().ok()).unwrap_or(2));
     let per = x.len() / x.shape()[0];
     let xs = x.as_slice().unwrap();
     let rows: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(10);
@@ -40,6 +43,31 @@ fn main() {
         let t = Instant::now();
         m.prepare(nnlin::Precision::F32);
         println!("prepare f32 {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        return;
+    }
+    if std::env::var("CYCLE").is_ok() {
+        // every rep runs all n inputs once (distinct inputs, as explain
+        // sees them); the best rep's per-input mean
+        let compile = |i: usize| {
+            let xi = &xs[i * per..(i + 1) * per];
+            m.compile_instance_in(xi, nnlin::Mode::Tangent, par, nnlin::Precision::F32).unwrap()
+        };
+        let insts: Vec<_> = (0..n).map(compile).collect();
+        let c = best(reps, || {
+            for i in 0..n {
+                compile(i);
+            }
+        });
+        let r = best(reps, || {
+            for inst in &insts {
+                nnlin_compile::accumulate_reverse::<f32>(inst, &rows, par).unwrap();
+            }
+        });
+        println!(
+            "cycle: compile f32 {:.2} us, reverse f32 {:.2} us per input ({n} inputs, best of {reps})",
+            c / n as f64 * 1e6,
+            r / n as f64 * 1e6
+        );
         return;
     }
     let (mut tc, mut tc32, mut ta, mut t64, mut tr) = (0.0, 0.0, 0.0, 0.0, 0.0);
