@@ -189,7 +189,9 @@ impl AffineOp {
     }
 }
 
-/// `m·x` column by column, skipping zero entries of `x`.
+/// `m·x` column by column, skipping zero entries of `x` (called under
+/// [`crate::simd::dispatch`]: the same unfused operations, wider).
+#[inline(always)]
 fn dense_forward<T: Real>(m: &Mat<T>, x: &[T]) -> Vec<T> {
     let mut y = vec![T::ZERO; m.nrows()];
     for (j, &xj) in x.iter().enumerate() {
@@ -398,7 +400,13 @@ impl Operator {
     pub fn apply_t<T: Real>(&self, x: &[T], par: Par) -> Vec<T> {
         assert_eq!(x.len(), self.ncols(), "operator apply: dimension mismatch");
         match self {
-            Operator::Dense(m) => dense_forward(T::matrix(m), x),
+            Operator::Dense(m) => {
+                let m = T::matrix(m);
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || dense_forward(m, x),
+                )
+            }
             Operator::Conv(c) => c.forward_gemm(x, 1, par),
             Operator::Identity(_)
             | Operator::Diagonal(_)
