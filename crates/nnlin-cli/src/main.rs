@@ -37,6 +37,13 @@ use nnlin::region::Norm;
 use nnlin::{Batch, ConvKernel, Ensemble, Linearize, Mode, Options, Precision, Rows, Strategy};
 use serde_json::json;
 
+/// The process's allocator: mimalloc keeps freed memory for reuse, where
+/// glibc's malloc hands large blocks back to the kernel (`munmap`, or
+/// `madvise` in a worker thread's arena) and every instance then faults in
+/// and zeroes its adjoint blocks afresh (see docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "nnlin",
