@@ -1086,21 +1086,18 @@ impl ConvOp {
                         let iy = y0 + (ky - ky0) * geo.dilation.0;
                         let wrow = &w[ky * geo.kw + kx0..ky * geo.kw + kx1];
                         let first = iy * geo.iw + x0;
+                        // one tap: the tile of adjoint rows times its weight
+                        let add = |(o, &wt): (&mut [T; RL], &T)| {
+                            for (o, &v) in o.iter_mut().zip(&gv) {
+                                *o += wt * v;
+                            }
+                        };
+                        // (consecutive input columns as one slice, which
+                        // vectorizes better than a step of 1)
                         if geo.dilation.1 == 1 {
-                            let drow = &mut dst[first..first + wrow.len()];
-                            for (o, &wt) in drow.iter_mut().zip(wrow) {
-                                for (o, &v) in o.iter_mut().zip(&gv) {
-                                    *o += wt * v;
-                                }
-                            }
+                            dst[first..first + wrow.len()].iter_mut().zip(wrow).for_each(add);
                         } else {
-                            for (o, &wt) in
-                                dst[first..].iter_mut().step_by(geo.dilation.1).zip(wrow)
-                            {
-                                for (o, &v) in o.iter_mut().zip(&gv) {
-                                    *o += wt * v;
-                                }
-                            }
+                            dst[first..].iter_mut().step_by(geo.dilation.1).zip(wrow).for_each(add);
                         }
                     }
                 }
@@ -1116,7 +1113,8 @@ impl ConvOp {
     pub fn nnz(&self) -> usize {
         let g = &self.geom;
         let taps = |o: usize, k: usize, s: usize, d: usize, p: usize, len: usize| {
-            (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|v| v < len)).count()
+            let (first, end, _) = tap_span(o, s, d, p, len, k);
+            end - first
         };
         let rows: usize =
             (0..g.oh).map(|oy| taps(oy, g.kh, g.stride.0, g.dilation.0, g.pad.0, g.ih)).sum();
