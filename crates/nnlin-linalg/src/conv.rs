@@ -124,6 +124,65 @@ fn tap_span(
     (first, end.max(first), (at + first * d).saturating_sub(pad))
 }
 
+/// One tap: a tile of adjoint rows `gv` times the weight `wt`, added to `o`.
+#[inline(always)]
+fn tap<T: Real, const RL: usize>(o: &mut [T; RL], wt: T, gv: [T; RL]) {
+    for (o, v) in o.iter_mut().zip(gv) {
+        *o += wt * v;
+    }
+}
+
+/// The most output channels of one position a sparse scatter updates a
+/// tap's tile for at once (their tiles held in registers).
+const SCATTER_CHANNELS: usize = 4;
+
+/// The nonzero columns of a convolution's adjoint by group and output
+/// position: bucket `key = group·positions + position` holds
+/// `cols[start[key]..start[key + 1]]`, channels ascending.
+struct Buckets<'a> {
+    start: &'a [usize],
+    cols: &'a [usize],
+}
+
+/// One output position's taps inside the input: kernel rows `ky0..ky1`
+/// from input row `y0`, kernel columns `kx0..kx1` from input column `x0`.
+struct Span {
+    ky0: usize,
+    ky1: usize,
+    y0: usize,
+    kx0: usize,
+    kx1: usize,
+    x0: usize,
+}
+
+impl Span {
+    /// Every tap of one input channel's plane `dst`, for `C` output
+    /// channels: channel `c`'s kernel `w[c]` times its adjoint tile
+    /// `gv[c]`, added to a tap's tile channel after channel.
+    #[inline(always)]
+    fn taps<T: Real, const RL: usize, const C: usize>(
+        &self,
+        geo: &ConvGeometry,
+        dst: &mut [[T; RL]],
+        w: [&[T]; C],
+        gv: [[T; RL]; C],
+    ) {
+        for ky in self.ky0..self.ky1 {
+            let iy = self.y0 + (ky - self.ky0) * geo.dilation.0;
+            let first = iy * geo.iw + self.x0;
+            let row = ky * geo.kw;
+            for (t, kx) in (self.kx0..self.kx1).enumerate() {
+                let o = &mut dst[first + t * geo.dilation.1];
+                let mut a = *o;
+                for c in 0..C {
+                    tap(&mut a, w[c][row + kx], gv[c]);
+                }
+                *o = a;
+            }
+        }
+    }
+}
+
 /// Additions per parallel col2im task: below this a task costs more to
 /// hand to a thread than to run (a few microseconds).
 const PAR_MIN_ADDS: usize = 1 << 14;
@@ -1019,85 +1078,119 @@ impl ConvOp {
     }
 
     /// `G·A` touching only the columns `nz` of `G` (the others are zero):
-    /// each output position scatters its kernel taps. Each output entry
-    /// is summed as `o += w·g` over `nz` in order, then input channels, then
-    /// taps, whatever `G`'s row count: the adjoint rows ride in a register
-    /// tile of 4, 8 or 16 lanes (zero-padded), so one tap is one
-    /// vector multiply-add (unfused: the same bits with or without AVX2)
-    /// rather than a loop over rows; more rows than lanes take a pass per
-    /// lane group.
+    /// each output position scatters its kernel taps, for all its nonzero
+    /// channels at once. Each output entry is summed as `o += w·g` over the
+    /// output positions in order, then over each position's channels in
+    /// order, whatever `G`'s row count and the order of `nz`: the adjoint
+    /// rows ride in a register tile of 4, 8 or 16 lanes (zero-padded), so
+    /// one tap is one vector multiply-add (unfused: the same bits with or
+    /// without AVX2) rather than a loop over rows; more rows than lanes
+    /// take a pass per lane group.
     pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
         assert_eq!(g.ncols(), self.nrows(), "conv backward: dimension mismatch");
+        assert!(nz.iter().all(|&r| r < g.ncols()), "conv backward: a column past the adjoint");
+        // the columns by group and output position, channels ascending
+        let geo = &self.geom;
+        let p_len = geo.oh * geo.ow;
+        let cog = geo.c_out / geo.groups;
+        let mut order: Vec<usize> = nz.to_vec();
+        order.sort_unstable();
+        order.dedup();
+        let mut start = vec![0usize; geo.groups * p_len + 1];
+        let bucket = |r: usize| (r / p_len / cog) * p_len + r % p_len;
+        for &r in &order {
+            start[bucket(r) + 1] += 1;
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut fill = start.clone();
+        let mut sorted = vec![0usize; order.len()];
+        for r in order {
+            let b = bucket(r);
+            sorted[fill[b]] = r;
+            fill[b] += 1;
+        }
+        let buckets = Buckets { start: &start, cols: &sorted };
         crate::simd::dispatch(
             #[inline(always)]
             || match sparse_lanes(g.nrows()) {
                 0 => Block::zeros(0, self.ncols()),
-                1 => self.scatter_lanes::<T, 1>(g, nz),
-                4 => self.scatter_lanes::<T, 4>(g, nz),
-                8 => self.scatter_lanes::<T, 8>(g, nz),
-                _ => self.scatter_lanes::<T, 16>(g, nz),
+                1 => self.scatter_lanes::<T, 1>(g, &buckets),
+                4 => self.scatter_lanes::<T, 4>(g, &buckets),
+                8 => self.scatter_lanes::<T, 8>(g, &buckets),
+                _ => self.scatter_lanes::<T, 16>(g, &buckets),
             },
         )
     }
 
     /// [`ConvOp::backward_sparse`] with adjoint rows in tiles of `RL` lanes.
-    /// A column's taps are walked kernel row by kernel row over the range
-    /// inside the input (from the geometry, not the tap table), so one
-    /// kernel row is a run of multiply-adds into consecutive tiles; the
-    /// tiles start on a cache line, so a 64-byte tile never straddles two.
+    /// A position's taps are walked kernel row by kernel row over the range
+    /// inside the input (from the geometry, formed once per output row and
+    /// column), each tap's tile updated once for up to [`SCATTER_CHANNELS`]
+    /// channels held in registers; the tiles start on a cache line, so a
+    /// 64-byte tile never straddles two.
     #[inline(always)]
-    fn scatter_lanes<T: Real, const RL: usize>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
+    fn scatter_lanes<T: Real, const RL: usize>(&self, g: &Block<T>, b: &Buckets) -> Block<T> {
         let k = g.nrows();
         let ncols = self.ncols();
         let mut out = Block::zeros(k, ncols);
         let geo = &self.geom;
         let p_len = geo.oh * geo.ow;
-        let (cig, cog) = (geo.c_in / geo.groups, geo.c_out / geo.groups);
+        let cig = geo.c_in / geo.groups;
         let plane = geo.ih * geo.iw;
         let ntaps = geo.kh * geo.kw;
         let weight = self.weight_as::<T>();
+        // each output row's and column's taps inside the input
+        let rows: Vec<(usize, usize, usize)> = (0..geo.oh)
+            .map(|oy| tap_span(oy, geo.stride.0, geo.dilation.0, geo.pad.0, geo.ih, geo.kh))
+            .collect();
+        let cols: Vec<(usize, usize, usize)> = (0..geo.ow)
+            .map(|ox| tap_span(ox, geo.stride.1, geo.dilation.1, geo.pad.1, geo.iw, geo.kw))
+            .collect();
         // the output's columns as whole register tiles, from a cache line
         let mut buf = vec![T::ZERO; (ncols + 64 / size_of::<T>()) * RL];
         let lead = buf.as_ptr().align_offset(64).min(buf.len());
         let (acc, _) = buf[lead..].as_chunks_mut::<RL>();
         let acc = &mut acc[..ncols];
+        // channels per register group: the group's tiles and one
+        // accumulator tile fit the 16 AVX registers
+        let per_group = if RL * size_of::<T>() <= 64 { SCATTER_CHANNELS } else { 2 };
         for r0 in (0..k).step_by(RL) {
             let rb = RL.min(k - r0);
             if r0 > 0 {
                 acc.fill([T::ZERO; RL]);
             }
-            for &r in nz {
-                let (oc, p) = (r / p_len, r % p_len);
-                let grp = oc / cog;
-                let (ky0, ky1, y0) =
-                    tap_span(p / geo.ow, geo.stride.0, geo.dilation.0, geo.pad.0, geo.ih, geo.kh);
-                let (kx0, kx1, x0) =
-                    tap_span(p % geo.ow, geo.stride.1, geo.dilation.1, geo.pad.1, geo.iw, geo.kw);
-                if kx0 >= kx1 {
+            for (key, w) in b.start.windows(2).enumerate() {
+                let cols_here = &b.cols[w[0]..w[1]];
+                if cols_here.is_empty() {
                     continue;
                 }
-                let mut gv = [T::ZERO; RL];
-                gv[..rb].copy_from_slice(&g.col_as_slice(r)[r0..r0 + rb]);
-                for icg in 0..cig {
-                    let ic = grp * cig + icg;
-                    let w = &weight[(oc * cig + icg) * ntaps..][..ntaps];
-                    let dst = &mut acc[ic * plane..(ic + 1) * plane];
-                    for ky in ky0..ky1 {
-                        let iy = y0 + (ky - ky0) * geo.dilation.0;
-                        let wrow = &w[ky * geo.kw + kx0..ky * geo.kw + kx1];
-                        let first = iy * geo.iw + x0;
-                        // one tap: the tile of adjoint rows times its weight
-                        let add = |(o, &wt): (&mut [T; RL], &T)| {
-                            for (o, &v) in o.iter_mut().zip(&gv) {
-                                *o += wt * v;
-                            }
-                        };
-                        // (consecutive input columns as one slice, which
-                        // vectorizes better than a step of 1)
-                        if geo.dilation.1 == 1 {
-                            dst[first..first + wrow.len()].iter_mut().zip(wrow).for_each(add);
-                        } else {
-                            dst[first..].iter_mut().step_by(geo.dilation.1).zip(wrow).for_each(add);
+                let (grp, p) = (key / p_len, key % p_len);
+                let (ky0, ky1, y0) = rows[p / geo.ow];
+                let (kx0, kx1, x0) = cols[p % geo.ow];
+                if kx0 >= kx1 || ky0 >= ky1 {
+                    continue;
+                }
+                let span = Span { ky0, ky1, y0, kx0, kx1, x0 };
+                for chunk in cols_here.chunks(per_group) {
+                    // each column's tile and output channel
+                    let mut tiles = [[T::ZERO; RL]; SCATTER_CHANNELS];
+                    let mut oc = [0; SCATTER_CHANNELS];
+                    for (i, &r) in chunk.iter().enumerate() {
+                        tiles[i][..rb].copy_from_slice(&g.col_as_slice(r)[r0..r0 + rb]);
+                        oc[i] = r / p_len;
+                    }
+                    let [t0, t1, t2, t3] = tiles;
+                    for icg in 0..cig {
+                        let ic = grp * cig + icg;
+                        let dst = &mut acc[ic * plane..(ic + 1) * plane];
+                        let w = |i: usize| &weight[(oc[i] * cig + icg) * ntaps..][..ntaps];
+                        match chunk.len() {
+                            1 => span.taps(geo, dst, [w(0)], [t0]),
+                            2 => span.taps(geo, dst, [w(0), w(1)], [t0, t1]),
+                            3 => span.taps(geo, dst, [w(0), w(1), w(2)], [t0, t1, t2]),
+                            _ => span.taps(geo, dst, [w(0), w(1), w(2), w(3)], [t0, t1, t2, t3]),
                         }
                     }
                 }
@@ -1321,8 +1414,9 @@ mod tests {
 
         /// The scatter of the nonzero columns, for every register tile
         /// (1, 4, 8, 16 lanes) and several passes of 16: against the
-        /// Toeplitz matrix in f64 and f32, and each row exactly the bits
-        /// of that row scattered alone (lanes never mix).
+        /// Toeplitz matrix in f64 and f32, the same bits for the columns
+        /// listed in another order or repeated, and each row exactly the
+        /// bits of that row scattered alone (lanes never mix).
         #[test]
         fn sparse_scatter_matches_the_toeplitz_matrix(op in conv(), k in 1usize..40, keep in 1usize..4, seed in 0usize..100) {
             let a = op.to_csr();
@@ -1350,6 +1444,10 @@ mod tests {
                 prop_assert!((v - w).abs() <= inner * f64::EPSILON * mag[q], "f64 {v} vs {w}");
                 prop_assert!((v32 - w).abs() <= inner * f64::from(f32::EPSILON) * mag[q] + 1e-30, "f32 {v32} vs {w}");
             }
+            // the columns in any order, repeated or not: the same bits
+            let shuffled: Vec<usize> = nz.iter().rev().chain(nz.iter().step_by(3)).copied().collect();
+            let again = op.backward_sparse(&g, &shuffled);
+            prop_assert!(again.as_slice().iter().zip(got.as_slice()).all(|(a, b)| a.to_bits() == b.to_bits()));
             for r in [0, k / 2, k - 1] {
                 let row = Block::from_fn(1, m, |_, j| g.col_as_slice(j)[r]);
                 let alone = op.backward_sparse(&row, &nz);
