@@ -22,7 +22,8 @@ pub use block::Block;
 pub use conv::{ACTIVE_MIN_CHANNELS, ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
 pub use conv::{ConvGeometry, ConvOp};
 pub use operator::{
-    AffineOp, CONV_SPARSE_BELOW, ChannelScale, DENSE_SKIP_BELOW, Operator, Selection, Stage,
+    AffineOp, CONV_GEMM_MIN_CHANNELS, CONV_SPARSE_BELOW, CONV_SPARSE_BELOW_FEW_CHANNELS,
+    ChannelScale, DENSE_SKIP_BELOW, Operator, Selection, Stage,
 };
 pub use real::{Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};

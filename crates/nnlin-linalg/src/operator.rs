@@ -11,16 +11,42 @@ use crate::{
 
 /// A convolution's reverse product, where the active kernel is not
 /// eligible ([`ConvOp::prefers_active`]: fewer than 64 im2col rows, a
-/// network's first layers, or few channels a position), scatters only the nonzero columns of the
-/// adjoint (`ConvOp::backward_sparse`) when they are fewer than this
-/// fraction (numerator, denominator) of its output positions, and runs the
-/// im2col GEMM over all of them otherwise. `benches/row_skip.rs`, 10 rows,
-/// f32, one thread, scatter against GEMM: LeNet-5's first convolution
-/// (1→6, 5×5) wins at 5 % (31 µs / 116), 10 % (52 / 113) and 20 % (106 /
-/// 146) and loses at 33 % (163 / 136); ONet's first (3→32, 3×3, whose GEMM
-/// has 32 channels to sum) already loses at 10 % (0.92 ms / 0.75). The
-/// threshold sits between the two crossovers.
+/// network's first layers, or few channels a position), scatters only the
+/// nonzero columns of the adjoint (`ConvOp::backward_sparse`) when they are
+/// fewer than this fraction (numerator, denominator) of its output
+/// positions, and runs the im2col GEMM over all of them otherwise; with
+/// fewer than [`CONV_GEMM_MIN_CHANNELS`] output channels a group, below
+/// [`CONV_SPARSE_BELOW_FEW_CHANNELS`] instead. The GEMM sums a group's
+/// output channels per tap, so its rate grows with them, while the
+/// scatter's does not. `benches/row_skip.rs`, 10 rows, one thread, scatter
+/// against GEMM, f32 (f64): ONet's first convolution (3→32, 3×3) wins at
+/// 10 % (361 µs / 584; 0.94 ms / 1.76) and loses at 20 % (732 / 575; 1.66
+/// / 1.26), ONet's second (32→64) is even at 20 % (1.83 ms / 1.91); the
+/// threshold sits between. LeNet-5's first (1→6, 5×5) wins at 33 % (68 /
+/// 82; 129 / 159) and loses at 50 % (85 / 78), its second (6→16) wins at
+/// 33 % (80 / 104; 146 / 192) and is even or loses at 50 % (101 / 102; 348
+/// / 283).
 pub const CONV_SPARSE_BELOW: (usize, usize) = (3, 20);
+
+/// [`CONV_SPARSE_BELOW`] for a convolution with fewer than
+/// [`CONV_GEMM_MIN_CHANNELS`] output channels a group (measured there).
+pub const CONV_SPARSE_BELOW_FEW_CHANNELS: (usize, usize) = (1, 3);
+
+/// Output channels a group from which a convolution's reverse GEMM runs
+/// at a rate that moves the scatter's crossover to [`CONV_SPARSE_BELOW`].
+pub const CONV_GEMM_MIN_CHANNELS: usize = 32;
+
+/// Whether a convolution's reverse product of an adjoint with `nonzero`
+/// nonzero columns scatters them rather than running the GEMM.
+fn conv_prefers_sparse(c: &ConvOp, nonzero: usize) -> bool {
+    let g = c.geometry();
+    let (num, den) = if g.c_out / g.groups < CONV_GEMM_MIN_CHANNELS {
+        CONV_SPARSE_BELOW_FEW_CHANNELS
+    } else {
+        CONV_SPARSE_BELOW
+    };
+    nonzero * den < c.nrows() * num
+}
 
 /// A dense layer's reverse product multiplies only the rows of its weight
 /// that nonzero adjoint columns select (a gather and a smaller GEMM) when
@@ -536,10 +562,7 @@ impl Operator {
     /// columns would then cost more than their products one by one.
     pub fn skips_zero_columns(&self, nonzero: usize) -> bool {
         match self {
-            Operator::Conv(c) => {
-                let (num, den) = CONV_SPARSE_BELOW;
-                c.prefers_active(nonzero) || nonzero * den < c.nrows() * num
-            }
+            Operator::Conv(c) => c.prefers_active(nonzero) || conv_prefers_sparse(c, nonzero),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)
@@ -613,8 +636,7 @@ impl Operator {
                     let w = c.backward_active_with(g.as_slice(), k, &flags);
                     return Block::from_col_major(k, c.ncols(), w);
                 }
-                let (num, den) = CONV_SPARSE_BELOW;
-                if count * den < g.ncols() * num {
+                if conv_prefers_sparse(c, count) {
                     let nz: Vec<usize> = (0..g.ncols()).filter(|&j| flags[j]).collect();
                     return c.backward_sparse(g, &nz);
                 }
