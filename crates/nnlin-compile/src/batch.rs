@@ -117,7 +117,7 @@ pub fn accumulate_reverse_batch<T: Real>(
         }
     }
     let stacked = Stacked { insts, m, par };
-    let (w, bias) = reverse_walk(first, g0, ValueId(0), &stacked, &mut |_, _| {});
+    let (w, bias) = reverse_walk(first, g0, ValueId(0), &stacked, None);
     let w = w.unwrap_or_else(|| Block::zeros(bm, first.input_len));
     Ok((0..count).map(|b| (rows_of(&w, b, m), bias[b * m..(b + 1) * m].to_vec())).collect())
 }
@@ -148,6 +148,10 @@ impl<T: Real> Pushback<T> for Stacked<'_, '_> {
     /// A shared operator on the whole stack, unless some instance's rows
     /// are sparse enough for it to skip their zero columns
     /// ([`sparse_rows`]); else each instance's own operator on its rows.
+    /// Several instances: no fused step.
+    fn alone(&self) -> Option<&Instance> {
+        None
+    }
     fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T> {
         let ops: Vec<&Arc<Operator>> =
             self.insts.iter().map(|i| &i.layers[k.0].inputs[j].1).collect();

@@ -509,6 +509,72 @@ impl Offset {
         }
     }
 
+    /// [`Offset::add_adjoint_product`] for an adjoint given by its nonzero
+    /// columns alone (`cols` ascending, `b.len()` values each in `vals`),
+    /// with the same bits: a zero column adds nothing to the sums (they
+    /// start at +0 and are never -0).
+    fn add_adjoint_product_cols<T: Real>(&self, cols: &[usize], vals: &[T], b: &mut [T]) {
+        let m = b.len();
+        if m == 0 {
+            return;
+        }
+        let col = |i: usize| &vals[i * m..(i + 1) * m];
+        match self {
+            Offset::Zero(_) => {}
+            Offset::PerChannel { values, spatial } => {
+                // the lanes and remainder of the dense sums, filled from
+                // the nonzero columns in the same order
+                let wide = m * Self::WIDE;
+                let full = spatial * m / wide * wide;
+                let mut lanes = vec![T::ZERO; wide];
+                let mut rest = vec![T::ZERO; spatial * m - full];
+                let mut sum = vec![T::ZERO; m];
+                let mut i = 0;
+                while i < cols.len() {
+                    let c = cols[i] / spatial;
+                    let end = i + cols[i..].iter().take_while(|&&j| j / spatial == c).count();
+                    let v = values[c];
+                    if v != 0.0 {
+                        lanes.fill(T::ZERO);
+                        rest.fill(T::ZERO);
+                        for q in i..end {
+                            let e = (cols[q] - c * spatial) * m;
+                            if e < full {
+                                let l = e % wide;
+                                for (o, &x) in lanes[l..l + m].iter_mut().zip(col(q)) {
+                                    *o += x;
+                                }
+                            } else {
+                                rest[e - full..e - full + m].copy_from_slice(col(q));
+                            }
+                        }
+                        sum.fill(T::ZERO);
+                        for part in lanes.chunks_exact(m).chain(rest.chunks_exact(m)) {
+                            for (s, &x) in sum.iter_mut().zip(part) {
+                                *s += x;
+                            }
+                        }
+                        let v = T::of(v);
+                        for (bi, &si) in b.iter_mut().zip(&sum) {
+                            *bi += si * v;
+                        }
+                    }
+                    i = end;
+                }
+            }
+            Offset::Full(c) => {
+                for (q, &j) in cols.iter().enumerate() {
+                    if c[j] != 0.0 {
+                        let cj = T::of(c[j]);
+                        for (bi, &gij) in b.iter_mut().zip(col(q)) {
+                            *bi += gij * cj;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Columns summed side by side in [`Offset::add_adjoint_product`]'s
     /// per-channel sums.
     const WIDE: usize = 8;
@@ -1614,9 +1680,15 @@ pub fn adjoints(
     let mut g0 = Block::zeros(1, out_len);
     g0[(0, row)] = 1.0;
     let mut adj: Vec<Option<Vec<f64>>> = vec![None; inst.value_lens.len()];
-    reverse_pass(inst, g0, ValueId(0), par, &mut |v, g: &Block| {
-        adj[v.0] = Some(g.as_slice().to_vec());
-    });
+    reverse_pass(
+        inst,
+        g0,
+        ValueId(0),
+        par,
+        Some(&mut |v, g: &Block| {
+            adj[v.0] = Some(g.as_slice().to_vec());
+        }),
+    );
     Ok(adj)
 }
 
@@ -1724,7 +1796,7 @@ pub(crate) fn reverse_from<T: Real>(
     stop: ValueId,
     par: Par,
 ) -> (Option<Block<T>>, Vec<T>) {
-    reverse_pass(inst, g0, stop, par, &mut |_, _| {})
+    reverse_pass(inst, g0, stop, par, None)
 }
 
 /// A layer's adjoint as a product receives it: owned where the layer has
@@ -1760,6 +1832,9 @@ pub(crate) trait Pushback<T: Real> {
     fn offset(&self, k: NodeId, g: &Block<T>, b: &mut [T]);
     /// `G·A` for node `k`'s operator on its input `j`.
     fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T>;
+    /// The one instance whose own operators every product applies, if so
+    /// (what [`fused_pool`] may then multiply directly).
+    fn alone(&self) -> Option<&Instance>;
 }
 
 /// One instance's push-back: its own offsets and operators.
@@ -1775,7 +1850,13 @@ impl<T: Real> Pushback<T> for OneInstance<'_> {
     fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T> {
         g.left_mul(&self.inst.layers[k.0].inputs[j].1, self.par)
     }
+    fn alone(&self) -> Option<&Instance> {
+        Some(self.inst)
+    }
 }
+
+/// What [`reverse_walk`] shows each value's adjoint to.
+pub(crate) type Visit<'a, T> = &'a mut dyn FnMut(ValueId, &Block<T>);
 
 /// [`reverse_walk`] through one instance's own offsets and operators.
 fn reverse_pass<T: Real>(
@@ -1783,7 +1864,7 @@ fn reverse_pass<T: Real>(
     g0: Block<T>,
     stop: ValueId,
     par: Par,
-    visit: &mut dyn FnMut(ValueId, &Block<T>),
+    visit: Option<Visit<'_, T>>,
 ) -> (Option<Block<T>>, Vec<T>) {
     reverse_walk(inst, g0, stop, &OneInstance { inst, par }, visit)
 }
@@ -1792,23 +1873,48 @@ fn reverse_pass<T: Real>(
 /// the output adjoint `g0` (`k × outputs`), each node's adjoint pushed to
 /// its inputs by `push`. `visit(v, adjoint)` sees each value's adjoint once
 /// it is complete (every reader of `v` has added its share), the output's
-/// first and `stop`'s last. Returns the adjoint at `stop` (`None` if the
-/// rows do not depend on it) and `g0`'s rows of the pushed-back offsets
-/// (`Σ` adjoint · c).
+/// first and `stop`'s last. Without a visitor, a max-pool after an
+/// activation after a convolution may be pushed through in one step
+/// ([`fused_pool`]). Returns the adjoint at `stop` (`None` if the rows do
+/// not depend on it) and `g0`'s rows of the pushed-back offsets (`Σ`
+/// adjoint · c).
 pub(crate) fn reverse_walk<T: Real>(
     inst: &Instance,
     g0: Block<T>,
     stop: ValueId,
     push: &dyn Pushback<T>,
-    visit: &mut dyn FnMut(ValueId, &Block<T>),
+    mut visit: Option<Visit<'_, T>>,
 ) -> (Option<Block<T>>, Vec<T>) {
     let m = g0.nrows();
     let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value.0] = Some(g0);
     let mut b = vec![T::ZERO; m];
+    // who reads and who writes each value (for the fused step)
+    let alone = push.alone().filter(|_| visit.is_none());
+    let mut readers = vec![0usize; inst.value_lens.len()];
+    let mut writer = vec![None; inst.value_lens.len()];
+    if alone.is_some() {
+        for (k, l) in inst.layers.iter().enumerate() {
+            l.inputs.iter().for_each(|(v, _)| readers[v.0] += 1);
+            writer[l.output.0] = Some(k);
+        }
+    }
     for (k, layer) in inst.layers.iter().enumerate().rev().filter(|(_, l)| l.output > stop) {
         let Some(g) = adj[layer.output.0].take() else { continue };
-        visit(layer.output, &g);
+        if let Some(inst) = alone {
+            let chain = PoolChain { inst, readers: &readers, writer: &writer, stop };
+            if let Some(f) = chain.fused(k, &g) {
+                // the pool's and the activation's offsets are zero, their
+                // adjoints read by nothing else: straight to the conv's input
+                f.layer.bias.add_adjoint_product_cols(&f.cols, &f.vals, &mut b);
+                let into = f.layer.inputs[0].0;
+                add_into(&mut adj[into.0], f.conv.backward_sparse_cols(m, &f.cols, &f.vals));
+                continue;
+            }
+        }
+        if let Some(visit) = visit.as_mut() {
+            visit(layer.output, &g);
+        }
         push.offset(NodeId(k), &g, &mut b);
         let single = layer.inputs.len() == 1;
         let mut g = Some(g);
@@ -1823,10 +1929,81 @@ pub(crate) fn reverse_walk<T: Real>(
             add_into(&mut adj[v.0], push.product(NodeId(k), j, a));
         }
     }
-    if let Some(g) = &adj[stop.0] {
+    if let (Some(g), Some(visit)) = (&adj[stop.0], visit.as_mut()) {
         visit(stop, g);
     }
     (adj[stop.0].take(), b)
+}
+
+/// A max-pool's adjoint pushed back through the activation before it to
+/// the convolution before that ([`PoolChain::fused`]).
+struct Fused<'a, T> {
+    /// The convolution's layer.
+    layer: &'a CompiledLayer,
+    /// Its operator.
+    conv: &'a ConvOp,
+    /// The nonzero columns of its output's adjoint, ascending.
+    cols: Vec<usize>,
+    /// Their values, the adjoint's rows for each.
+    vals: Vec<T>,
+}
+
+/// One instance's layers as [`reverse_walk`] sees them for the fused
+/// step: how many layers read each value, which layer writes it, and the
+/// value the walk stops at.
+struct PoolChain<'a> {
+    inst: &'a Instance,
+    readers: &'a [usize],
+    writer: &'a [Option<usize>],
+    stop: ValueId,
+}
+
+impl PoolChain<'_> {
+    /// The layer writing value `v`, if `v` is after `stop`, read by one
+    /// layer only, and written by a layer of one input and zero offset.
+    fn sole(&self, v: ValueId) -> Option<&CompiledLayer> {
+        let l = &self.inst.layers[self.writer[v.0]?];
+        let zero = matches!(*l.bias, Offset::Zero(_));
+        (v > self.stop && self.readers[v.0] == 1 && l.inputs.len() == 1 && zero).then_some(l)
+    }
+
+    /// Layer `k`'s adjoint `g` pushed through a max-pool (a selection) at
+    /// `k`, the activation (a diagonal) before it and the convolution
+    /// before that, as [`Operator::left_mul`] would push it one layer at a
+    /// time and with the same bits, where the convolution then takes its
+    /// scatter. Formed from the pool's selected columns alone, so the zero
+    /// three quarters of a 2 × 2 pool's input adjoint are never written,
+    /// scaled or searched. The three layers must follow one another, so
+    /// that every other offset and adjoint is still added in the walk's
+    /// order.
+    fn fused<T: Real>(&self, k: usize, g: &Block<T>) -> Option<Fused<'_, T>> {
+        let layer = &self.inst.layers[k];
+        let ([(v, pool)], Offset::Zero(_)) = (&layer.inputs[..], &*layer.bias) else {
+            return None;
+        };
+        let Operator::Selection(sel) = &**pool else { return None };
+        let act = self.sole(*v).filter(|_| self.writer[v.0].is_some_and(|w| w + 1 == k))?;
+        let Operator::Diagonal(d) = &*act.inputs[0].1 else { return None };
+        let u = act.inputs[0].0;
+        // (the convolution's own offset is pushed back by the caller)
+        let at =
+            self.writer[u.0].filter(|&w| w + 2 == k && u > self.stop && self.readers[u.0] == 1)?;
+        let layer = &self.inst.layers[at];
+        let [(_, op)] = &layer.inputs[..] else { return None };
+        let Operator::Conv(conv) = &**op else { return None };
+        // at most one nonzero column per pooled output: where even that
+        // many would not take the scatter, the sparse form is not formed
+        if !nnlin_linalg::conv_takes_scatter(conv, sel.cols().len().min(conv.nrows())) {
+            return None;
+        }
+        let (cols, vals) = sel.pushed_through(g, d);
+        nnlin_linalg::conv_takes_scatter(conv, cols.len()).then_some(Fused {
+            layer,
+            conv,
+            cols,
+            vals,
+        })
+    }
 }
 
 /// Forward accumulation over the nodes up to value `stop`: its tangent
@@ -2171,6 +2348,121 @@ mod tests {
             for i in 0..m {
                 let e = f64::from((c1[i] - c2[i]).abs());
                 prop_assert!(e <= bound(i, f64::from(f32::EPSILON)), "f32 row {i}: {} vs {}", c1[i], c2[i]);
+            }
+        }
+    }
+
+    /// Conv → ReLU (or LeakyReLU) → 2 × 2 max-pool twice, the convolutions
+    /// with biases: the reverse walk without a visitor (the fused step at
+    /// both pools) gives the bits of the walk one layer at a time, W and
+    /// b, in f64 and f32, for several row sets.
+    #[test]
+    fn fused_pool_chain_has_the_layer_by_layer_bits() {
+        use nnlin_ir::{Activation, Conv, Expr, Pool, Unary as U, Window};
+        let mut next = {
+            let mut s = 0x9e37_79b9_7f4a_7c15u64;
+            move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            }
+        };
+        let mut net = Network::new(vec![1, 2, 12, 12]);
+        let mut v = ValueId(0);
+        for (i, (c_in, c_out, hw, pad, act)) in
+            [(2, 5, 12, 1, U::Relu), (5, 4, 6, 0, U::LeakyRelu { alpha: 0.1 })]
+                .into_iter()
+                .enumerate()
+        {
+            let window =
+                Window::new((hw, hw), (3, 3), (1, 1), (1, 1), (pad, pad, pad, pad), false).unwrap();
+            let (o, w) = (window.oh, c_out * c_in * 9);
+            let conv = Conv {
+                window,
+                c_in,
+                c_out,
+                groups: 1,
+                weight: Arc::new((0..w).map(|_| next()).collect()),
+                bias: Some((0..c_out).map(|_| next()).collect()),
+                one_d: false,
+            };
+            v = net.push(format!("conv{i}"), "Conv", Layer::Conv(conv), vec![v]).unwrap();
+            let a = Layer::Activation(Activation { expr: Expr::unary(act) });
+            v = net.push(format!("act{i}"), "Relu", a, vec![v]).unwrap();
+            let window = Window::new((o, o), (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), false).unwrap();
+            let pool = Pool { window, channels: c_out, kind: PoolKind::Max, one_d: false };
+            v = net.push(format!("pool{i}"), "MaxPool", Layer::Pool(pool), vec![v]).unwrap();
+        }
+        fn walk<T: Real>(inst: &Instance, rows: &[usize], fuse: bool) -> Vec<u64> {
+            let mut g0 = Block::<T>::zeros(rows.len(), inst.output.len());
+            for (i, &r) in rows.iter().enumerate() {
+                g0[(i, r)] = T::ONE;
+            }
+            let one = OneInstance { inst, par: Par::Seq };
+            let mut nothing = |_: ValueId, _: &Block<T>| {};
+            let visit: Option<Visit<'_, T>> = if fuse { None } else { Some(&mut nothing) };
+            let (w, b) = reverse_walk(inst, g0, ValueId(0), &one, visit);
+            let w = w.expect("W");
+            w.as_slice().iter().chain(&b).map(|v| v.to_f64().to_bits()).collect()
+        }
+        let compiler = Compiler::new(&net);
+        for _ in 0..6 {
+            let x: Vec<f64> = (0..net.input_len()).map(|_| next()).collect();
+            let inst = compiler.instance(&x, Mode::Tangent).unwrap();
+            // both pools fuse
+            let (mut readers, mut writer) =
+                (vec![0; inst.value_lens.len()], vec![None; inst.value_lens.len()]);
+            for (k, l) in inst.layers.iter().enumerate() {
+                l.inputs.iter().for_each(|(v, _)| readers[v.0] += 1);
+                writer[l.output.0] = Some(k);
+            }
+            let chain =
+                PoolChain { inst: &inst, readers: &readers, writer: &writer, stop: ValueId(0) };
+            for k in [2, 5] {
+                let n = inst.value_lens[inst.layers[k].output.0];
+                let g = Block::from_fn(3, n, |_, _| next());
+                assert!(chain.fused(k, &g).is_some(), "pool {k} fuses");
+            }
+            let all: Vec<usize> = (0..inst.output.len()).collect();
+            for rows in [&all[..], &[3, 7, 11], &all[..10]] {
+                assert_eq!(walk::<f64>(&inst, rows, true), walk::<f64>(&inst, rows, false));
+                assert_eq!(walk::<f32>(&inst, rows, true), walk::<f32>(&inst, rows, false));
+            }
+        }
+    }
+
+    proptest! {
+        /// An offset's adjoint product from the nonzero columns alone: the
+        /// bits of the product over the whole block, per channel (with a
+        /// remainder past the wide lanes) and per element.
+        #[test]
+        fn offset_product_from_nonzero_columns_has_the_blocks_bits(
+            m in 1usize..12, channels in 1usize..4, spatial in 1usize..30, keep in 1usize..4, seed in any::<u64>(),
+        ) {
+            let mut s = seed | 1;
+            let mut next = move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            };
+            let n = channels * spatial;
+            let on: Vec<bool> = (0..n).map(|_| next() * 2.0 < keep as f64 - 2.0).collect();
+            let g = Block::from_fn(m, n, |_, j| if on[j] { next() } else { 0.0 });
+            let cols: Vec<usize> = (0..n).filter(|&j| on[j]).collect();
+            let vals: Vec<f64> = cols.iter().flat_map(|&j| g.col_as_slice(j).iter().copied()).collect();
+            let per_channel = Offset::PerChannel {
+                values: (0..channels).map(|c| if c == 1 { 0.0 } else { next() }).collect(),
+                spatial,
+            };
+            let full = Offset::Full((0..n).map(|j| if j % 5 == 0 { 0.0 } else { next() }).collect());
+            for offset in [per_channel, full, Offset::Zero(n)] {
+                let (mut want, mut got) = (vec![0.5; m], vec![0.5; m]);
+                offset.add_adjoint_product(&g, &mut want);
+                offset.add_adjoint_product_cols(&cols, &vals, &mut got);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&got), bits(&want));
             }
         }
     }

@@ -138,10 +138,11 @@ const SCATTER_CHANNELS: usize = 4;
 
 /// The nonzero columns of a convolution's adjoint by group and output
 /// position: bucket `key = group·positions + position` holds
-/// `cols[start[key]..start[key + 1]]`, channels ascending.
+/// `cols[start[key]..start[key + 1]]` (column, where its values are),
+/// channels ascending.
 struct Buckets<'a> {
     start: &'a [usize],
-    cols: &'a [usize],
+    cols: &'a [(usize, usize)],
 }
 
 /// One output position's taps inside the input: kernel rows `ky0..ky1`
@@ -1089,37 +1090,65 @@ impl ConvOp {
     pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
         assert_eq!(g.ncols(), self.nrows(), "conv backward: dimension mismatch");
         assert!(nz.iter().all(|&r| r < g.ncols()), "conv backward: a column past the adjoint");
-        // the columns by group and output position, channels ascending
+        let mut order: Vec<(usize, usize)> = nz.iter().map(|&r| (r, r)).collect();
+        order.sort_unstable();
+        order.dedup();
+        self.scatter(g.nrows(), order, |r| g.col_as_slice(r))
+    }
+
+    /// [`ConvOp::backward_sparse`] of an adjoint given by its nonzero
+    /// columns alone: column `cols[i]` (below [`ConvOp::nrows`]) holds
+    /// `vals[i·k..(i + 1)·k]`, every other column is zero. The same bits as
+    /// `backward_sparse` of the whole block with those columns, whatever
+    /// their order; a column listed twice adds both.
+    ///
+    /// # Panics
+    /// If `vals` does not hold `k` values per column, or a column is past
+    /// the operator's rows.
+    pub fn backward_sparse_cols<T: Real>(&self, k: usize, cols: &[usize], vals: &[T]) -> Block<T> {
+        assert_eq!(vals.len(), cols.len() * k, "conv backward: k values per column");
+        assert!(cols.iter().all(|&r| r < self.nrows()), "conv backward: a column past the adjoint");
+        let mut order: Vec<(usize, usize)> = cols.iter().copied().zip(0..).collect();
+        order.sort_unstable();
+        self.scatter(k, order, |i| &vals[i * k..(i + 1) * k])
+    }
+
+    /// The scatter of the columns `order` (column, where `col` finds its
+    /// `k` values), sorted by column: bucketed by group and output
+    /// position, channels ascending within a position.
+    fn scatter<'a, T: Real>(
+        &self,
+        k: usize,
+        order: Vec<(usize, usize)>,
+        col: impl Fn(usize) -> &'a [T],
+    ) -> Block<T> {
         let geo = &self.geom;
         let p_len = geo.oh * geo.ow;
         let cog = geo.c_out / geo.groups;
-        let mut order: Vec<usize> = nz.to_vec();
-        order.sort_unstable();
-        order.dedup();
         let mut start = vec![0usize; geo.groups * p_len + 1];
         let bucket = |r: usize| (r / p_len / cog) * p_len + r % p_len;
-        for &r in &order {
+        for &(r, _) in &order {
             start[bucket(r) + 1] += 1;
         }
         for i in 1..start.len() {
             start[i] += start[i - 1];
         }
         let mut fill = start.clone();
-        let mut sorted = vec![0usize; order.len()];
-        for r in order {
+        let mut sorted = vec![(0usize, 0usize); order.len()];
+        for (r, at) in order {
             let b = bucket(r);
-            sorted[fill[b]] = r;
+            sorted[fill[b]] = (r, at);
             fill[b] += 1;
         }
         let buckets = Buckets { start: &start, cols: &sorted };
         crate::simd::dispatch(
             #[inline(always)]
-            || match sparse_lanes(g.nrows()) {
+            || match sparse_lanes(k) {
                 0 => Block::zeros(0, self.ncols()),
-                1 => self.scatter_lanes::<T, 1>(g, &buckets),
-                4 => self.scatter_lanes::<T, 4>(g, &buckets),
-                8 => self.scatter_lanes::<T, 8>(g, &buckets),
-                _ => self.scatter_lanes::<T, 16>(g, &buckets),
+                1 => self.scatter_lanes::<T, 1>(k, &col, &buckets),
+                4 => self.scatter_lanes::<T, 4>(k, &col, &buckets),
+                8 => self.scatter_lanes::<T, 8>(k, &col, &buckets),
+                _ => self.scatter_lanes::<T, 16>(k, &col, &buckets),
             },
         )
     }
@@ -1131,8 +1160,12 @@ impl ConvOp {
     /// channels held in registers; the tiles start on a cache line, so a
     /// 64-byte tile never straddles two.
     #[inline(always)]
-    fn scatter_lanes<T: Real, const RL: usize>(&self, g: &Block<T>, b: &Buckets) -> Block<T> {
-        let k = g.nrows();
+    fn scatter_lanes<'a, T: Real, const RL: usize>(
+        &self,
+        k: usize,
+        col: &impl Fn(usize) -> &'a [T],
+        b: &Buckets,
+    ) -> Block<T> {
         let ncols = self.ncols();
         let mut out = Block::zeros(k, ncols);
         let geo = &self.geom;
@@ -1177,8 +1210,8 @@ impl ConvOp {
                     // each column's tile and output channel
                     let mut tiles = [[T::ZERO; RL]; SCATTER_CHANNELS];
                     let mut oc = [0; SCATTER_CHANNELS];
-                    for (i, &r) in chunk.iter().enumerate() {
-                        tiles[i][..rb].copy_from_slice(&g.col_as_slice(r)[r0..r0 + rb]);
+                    for (i, &(r, at)) in chunk.iter().enumerate() {
+                        tiles[i][..rb].copy_from_slice(&col(at)[r0..r0 + rb]);
                         oc[i] = r / p_len;
                     }
                     let [t0, t1, t2, t3] = tiles;
@@ -1415,8 +1448,9 @@ mod tests {
         /// The scatter of the nonzero columns, for every register tile
         /// (1, 4, 8, 16 lanes) and several passes of 16: against the
         /// Toeplitz matrix in f64 and f32, the same bits for the columns
-        /// listed in another order or repeated, and each row exactly the
-        /// bits of that row scattered alone (lanes never mix).
+        /// listed in another order or repeated, or given alone
+        /// (`backward_sparse_cols`), and each row exactly the bits of that
+        /// row scattered alone (lanes never mix).
         #[test]
         fn sparse_scatter_matches_the_toeplitz_matrix(op in conv(), k in 1usize..40, keep in 1usize..4, seed in 0usize..100) {
             let a = op.to_csr();
@@ -1448,6 +1482,11 @@ mod tests {
             let shuffled: Vec<usize> = nz.iter().rev().chain(nz.iter().step_by(3)).copied().collect();
             let again = op.backward_sparse(&g, &shuffled);
             prop_assert!(again.as_slice().iter().zip(got.as_slice()).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // the nonzero columns alone, in any order: the same bits
+            let rev: Vec<usize> = nz.iter().rev().copied().collect();
+            let vals: Vec<f64> = rev.iter().flat_map(|&j| g.col_as_slice(j).iter().copied()).collect();
+            let alone = op.backward_sparse_cols(k, &rev, &vals);
+            prop_assert!(alone.as_slice().iter().zip(got.as_slice()).all(|(a, b)| a.to_bits() == b.to_bits()));
             for r in [0, k / 2, k - 1] {
                 let row = Block::from_fn(1, m, |_, j| g.col_as_slice(j)[r]);
                 let alone = op.backward_sparse(&row, &nz);

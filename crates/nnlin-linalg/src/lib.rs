@@ -23,7 +23,7 @@ pub use conv::{ACTIVE_MIN_CHANNELS, ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BE
 pub use conv::{ConvGeometry, ConvOp};
 pub use operator::{
     AffineOp, CONV_GEMM_MIN_CHANNELS, CONV_SPARSE_BELOW, CONV_SPARSE_BELOW_FEW_CHANNELS,
-    ChannelScale, DENSE_SKIP_BELOW, Operator, Selection, Stage,
+    ChannelScale, DENSE_SKIP_BELOW, Operator, Selection, Stage, conv_takes_scatter,
 };
 pub use real::{Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};

@@ -36,6 +36,13 @@ pub const CONV_SPARSE_BELOW_FEW_CHANNELS: (usize, usize) = (1, 3);
 /// at a rate that moves the scatter's crossover to [`CONV_SPARSE_BELOW`].
 pub const CONV_GEMM_MIN_CHANNELS: usize = 32;
 
+/// Whether [`Operator::left_mul`] of a convolution takes the scatter
+/// (`ConvOp::backward_sparse`) for an adjoint with `nonzero` nonzero
+/// columns: neither the active kernel nor the GEMM.
+pub fn conv_takes_scatter(c: &ConvOp, nonzero: usize) -> bool {
+    !c.prefers_active(nonzero) && conv_prefers_sparse(c, nonzero)
+}
+
 /// Whether a convolution's reverse product of an adjoint with `nonzero`
 /// nonzero columns scatters them rather than running the GEMM.
 fn conv_prefers_sparse(c: &ConvOp, nonzero: usize) -> bool {
@@ -104,6 +111,96 @@ impl Selection {
 
     /// Marks a zero row.
     pub const ZERO: usize = usize::MAX;
+
+    /// `G·S·D` for a selection `S` and a diagonal `D = diag(d)` after it
+    /// (a max-pool after an activation, pushed back), as its nonzero
+    /// columns alone: the columns ascending and their values (`G`'s rows,
+    /// `g.nrows()` each). The same bits as [`Operator::left_mul`] of `S`
+    /// and then of `D`: each column's selected adjoint columns summed in
+    /// order from +0, then scaled; a column is nonzero where an entry is
+    /// not `±0`. Touches the selected columns only, not the whole product.
+    ///
+    /// # Panics
+    /// If `g` does not have a column per row of `S`, or `d` an entry per
+    /// input.
+    pub fn pushed_through<T: Real>(&self, g: &Block<T>, d: &[f64]) -> (Vec<usize>, Vec<T>) {
+        assert_eq!(g.ncols(), self.cols.len(), "selection: one adjoint column per row");
+        assert_eq!(d.len(), self.ncols, "selection: one slope per input");
+        macro_rules! by_rows {
+            ($($n:literal)*) => {
+                match g.nrows() {
+                    0 => (vec![], vec![]),
+                    $($n => crate::simd::dispatch(
+                        #[inline(always)]
+                        || self.pushed_rows::<T, $n>(g.as_slice(), d),
+                    ),)*
+                    _ => self.pushed_rows_any(g, d),
+                }
+            };
+        }
+        by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    }
+
+    /// [`Selection::pushed_through`] for `K` rows (one array per column).
+    #[inline(always)]
+    fn pushed_rows<T: Real, const K: usize>(&self, g: &[T], d: &[f64]) -> (Vec<usize>, Vec<T>) {
+        let (g, _) = g.as_chunks::<K>();
+        // a slot per selected input, in the order first selected
+        let mut slot = vec![usize::MAX; self.ncols];
+        let mut sums: Vec<[T; K]> = Vec::with_capacity(self.cols.len());
+        for (&col, gi) in self.cols.iter().zip(g) {
+            if col == Self::ZERO {
+                continue;
+            }
+            if slot[col] == usize::MAX {
+                slot[col] = sums.len();
+                sums.push([T::ZERO; K]);
+            }
+            let s = &mut sums[slot[col]];
+            for (o, &x) in s.iter_mut().zip(gi) {
+                *o += x;
+            }
+        }
+        // the selected inputs ascending, then the nonzero ones, without a
+        // branch per input (which are selected, and which active, follows
+        // the adjoint's input)
+        let picked = sums.len();
+        let mut order = vec![0usize; picked + 1];
+        let mut w = 0;
+        for (col, &s) in slot.iter().enumerate() {
+            order[w] = col;
+            w += usize::from(s != usize::MAX);
+        }
+        order.truncate(picked);
+        let mut cols = vec![0usize; picked + 1];
+        let mut vals = vec![[T::ZERO; K]; picked + 1];
+        let mut w = 0;
+        for &col in &order {
+            let dj = T::of(d[col]);
+            let mut bits = 0;
+            for (o, &v) in vals[w].iter_mut().zip(&sums[slot[col]]) {
+                *o = v * dj;
+                bits |= o.magnitude_bits();
+            }
+            cols[w] = col;
+            w += usize::from(bits != 0);
+        }
+        cols.truncate(w);
+        vals.truncate(w);
+        (cols, vals.into_iter().flatten().collect())
+    }
+
+    /// [`Selection::pushed_through`] for any row count, through the
+    /// products themselves.
+    fn pushed_rows_any<T: Real>(&self, g: &Block<T>, d: &[f64]) -> (Vec<usize>, Vec<T>) {
+        let k = g.nrows();
+        let selected = Operator::Selection(self.clone()).left_mul(g, Par::Seq);
+        let scaled = Operator::Diagonal(d.to_vec()).left_mul_owned(selected, Par::Seq);
+        let flags = crate::nonzero_columns(scaled.as_slice(), k);
+        let cols: Vec<usize> = (0..self.ncols).filter(|&j| flags[j]).collect();
+        let vals = cols.iter().flat_map(|&j| scaled.col_as_slice(j).iter().copied()).collect();
+        (cols, vals)
+    }
 }
 
 /// `diag(values ⊗ 1_spatial)`: one scale per block of `spatial` consecutive
@@ -1072,6 +1169,50 @@ mod tests {
             prop_assert!(close(&conv.backward_sparse(&g, &nz), &reference));
             let a = Block::from_fn(conv.nrows(), 5, |i, j| ((i * 3 + j) % 7) as f64 - 3.0);
             prop_assert!(close(&Operator::Dense(a.to_mat().into()).left_mul(&g, Par::Seq), &dense_ref(&g, &a)));
+        }
+    }
+
+    proptest! {
+        /// A selection (repeats and zero rows included) and a diagonal
+        /// after it, pushed back as nonzero columns: the bits of the two
+        /// products and the nonzero test, for every row count (the fixed
+        /// ones to 16 and the general one), in f64 and f32.
+        #[test]
+        fn selection_pushed_through_has_the_products_bits(
+            k in 0usize..19, n in 1usize..30, rows in 0usize..40, seed in any::<u64>(),
+        ) {
+            let mut next = crate::xorshift(seed);
+            let cols: Vec<usize> = (0..rows)
+                .map(|_| if next().is_multiple_of(7) { Selection::ZERO } else { (next() % n as u64) as usize })
+                .collect();
+            let sel = Selection::new(n, cols).unwrap();
+            // slopes with zeros, negatives and ones; an adjoint with zero
+            // columns, signed zeros and one non-finite entry at times
+            let d: Vec<f64> = (0..n).map(|_| [0.0, 1.0, -0.25, 2.5][(next() % 4) as usize]).collect();
+            let pick = [0.0, -0.0, 1.5, -3.0, 0.125, f64::INFINITY];
+            let g = Block::from_fn(k, rows, |_, j| {
+                let v = next();
+                if j % 3 == 0 { 0.0 } else { pick[(v % if v.is_multiple_of(50) { 6 } else { 5 }) as usize] }
+            });
+            fn check<T: Real>(sel: &Selection, g: &Block<T>, d: &[f64]) -> Result<(), TestCaseError> {
+                let k = g.nrows();
+                let full = Operator::Diagonal(d.to_vec())
+                    .left_mul_owned(Operator::Selection(sel.clone()).left_mul(g, Par::Seq), Par::Seq);
+                let flags = crate::nonzero_columns(full.as_slice(), k);
+                let want: Vec<usize> = (0..sel.ncols()).filter(|&j| k > 0 && flags[j]).collect();
+                let (cols, vals) = sel.pushed_through(g, d);
+                prop_assert_eq!(&cols, &want);
+                prop_assert_eq!(vals.len(), cols.len() * k);
+                for (i, &j) in cols.iter().enumerate() {
+                    for (a, b) in vals[i * k..(i + 1) * k].iter().zip(full.col_as_slice(j)) {
+                        prop_assert_eq!(a.to_f64().to_bits(), b.to_f64().to_bits());
+                    }
+                }
+                Ok(())
+            }
+            check(&sel, &g, &d)?;
+            let g32 = Block::from_col_major(k, rows, g.as_slice().iter().map(|&v| v as f32).collect());
+            check(&sel, &g32, &d)?;
         }
     }
 }
