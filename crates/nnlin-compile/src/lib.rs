@@ -1833,7 +1833,7 @@ pub(crate) trait Pushback<T: Real> {
     /// `G·A` for node `k`'s operator on its input `j`.
     fn product(&self, k: NodeId, j: usize, g: Adjoint<'_, T>) -> Block<T>;
     /// The one instance whose own operators every product applies, if so
-    /// (what [`fused_pool`] may then multiply directly).
+    /// (what [`PoolChain::fused`] may then multiply directly).
     fn alone(&self) -> Option<&Instance>;
 }
 
@@ -1875,7 +1875,7 @@ fn reverse_pass<T: Real>(
 /// it is complete (every reader of `v` has added its share), the output's
 /// first and `stop`'s last. Without a visitor, a max-pool after an
 /// activation after a convolution may be pushed through in one step
-/// ([`fused_pool`]). Returns the adjoint at `stop` (`None` if the rows do
+/// ([`PoolChain::fused`]). Returns the adjoint at `stop` (`None` if the rows do
 /// not depend on it) and `g0`'s rows of the pushed-back offsets (`Σ`
 /// adjoint · c).
 pub(crate) fn reverse_walk<T: Real>(
@@ -1889,28 +1889,16 @@ pub(crate) fn reverse_walk<T: Real>(
     let mut adj: Vec<Option<Block<T>>> = (0..inst.value_lens.len()).map(|_| None).collect();
     adj[inst.output_value.0] = Some(g0);
     let mut b = vec![T::ZERO; m];
-    // who reads and who writes each value (for the fused step)
-    let alone = push.alone().filter(|_| visit.is_none());
-    let mut readers = vec![0usize; inst.value_lens.len()];
-    let mut writer = vec![None; inst.value_lens.len()];
-    if alone.is_some() {
-        for (k, l) in inst.layers.iter().enumerate() {
-            l.inputs.iter().for_each(|(v, _)| readers[v.0] += 1);
-            writer[l.output.0] = Some(k);
-        }
-    }
+    let chain = push.alone().filter(|_| visit.is_none()).map(|inst| PoolChain::new(inst, stop));
     for (k, layer) in inst.layers.iter().enumerate().rev().filter(|(_, l)| l.output > stop) {
         let Some(g) = adj[layer.output.0].take() else { continue };
-        if let Some(inst) = alone {
-            let chain = PoolChain { inst, readers: &readers, writer: &writer, stop };
-            if let Some(f) = chain.fused(k, &g) {
-                // the pool's and the activation's offsets are zero, their
-                // adjoints read by nothing else: straight to the conv's input
-                f.layer.bias.add_adjoint_product_cols(&f.cols, &f.vals, &mut b);
-                let into = f.layer.inputs[0].0;
-                add_into(&mut adj[into.0], f.conv.backward_sparse_cols(m, &f.cols, &f.vals));
-                continue;
-            }
+        if let Some(f) = chain.as_ref().and_then(|c| c.fused(k, &g)) {
+            // the pool's and the activation's offsets are zero, their
+            // adjoints read by nothing else: straight to the conv's input
+            f.layer.bias.add_adjoint_product_cols(&f.cols, &f.vals, &mut b);
+            let into = f.layer.inputs[0].0;
+            add_into(&mut adj[into.0], f.conv.backward_sparse_cols(m, &f.cols, &f.vals));
+            continue;
         }
         if let Some(visit) = visit.as_mut() {
             visit(layer.output, &g);
@@ -1953,18 +1941,34 @@ struct Fused<'a, T> {
 /// value the walk stops at.
 struct PoolChain<'a> {
     inst: &'a Instance,
-    readers: &'a [usize],
-    writer: &'a [Option<usize>],
+    readers: Vec<usize>,
+    writer: Vec<Option<usize>>,
     stop: ValueId,
 }
 
-impl PoolChain<'_> {
-    /// The layer writing value `v`, if `v` is after `stop`, read by one
-    /// layer only, and written by a layer of one input and zero offset.
-    fn sole(&self, v: ValueId) -> Option<&CompiledLayer> {
-        let l = &self.inst.layers[self.writer[v.0]?];
-        let zero = matches!(*l.bias, Offset::Zero(_));
-        (v > self.stop && self.readers[v.0] == 1 && l.inputs.len() == 1 && zero).then_some(l)
+impl<'a> PoolChain<'a> {
+    /// `inst`'s readers and writers, for a walk that stops at `stop`.
+    fn new(inst: &'a Instance, stop: ValueId) -> Self {
+        let mut readers = vec![0; inst.value_lens.len()];
+        let mut writer = vec![None; inst.value_lens.len()];
+        for (k, l) in inst.layers.iter().enumerate() {
+            l.inputs.iter().for_each(|(v, _)| readers[v.0] += 1);
+            writer[l.output.0] = Some(k);
+        }
+        PoolChain { inst, readers, writer, stop }
+    }
+
+    /// Layer `at` and its only input, if `at` has one input and writes
+    /// value `v`, and `v` is after `stop` and read by no other layer.
+    fn sole(
+        &self,
+        v: ValueId,
+        at: usize,
+    ) -> Option<(&'a CompiledLayer, &'a (ValueId, Arc<Operator>))> {
+        let l = &self.inst.layers[at];
+        let [input] = &l.inputs[..] else { return None };
+        (self.writer[v.0] == Some(at) && v > self.stop && self.readers[v.0] == 1)
+            .then_some((l, input))
     }
 
     /// Layer `k`'s adjoint `g` pushed through a max-pool (a selection) at
@@ -1976,21 +1980,17 @@ impl PoolChain<'_> {
     /// scaled or searched. The three layers must follow one another, so
     /// that every other offset and adjoint is still added in the walk's
     /// order.
-    fn fused<T: Real>(&self, k: usize, g: &Block<T>) -> Option<Fused<'_, T>> {
-        let layer = &self.inst.layers[k];
-        let ([(v, pool)], Offset::Zero(_)) = (&layer.inputs[..], &*layer.bias) else {
+    fn fused<T: Real>(&self, k: usize, g: &Block<T>) -> Option<Fused<'a, T>> {
+        let pool = &self.inst.layers[k];
+        let ([(v, sel)], Offset::Zero(_)) = (&pool.inputs[..], &*pool.bias) else {
             return None;
         };
-        let Operator::Selection(sel) = &**pool else { return None };
-        let act = self.sole(*v).filter(|_| self.writer[v.0].is_some_and(|w| w + 1 == k))?;
-        let Operator::Diagonal(d) = &*act.inputs[0].1 else { return None };
-        let u = act.inputs[0].0;
+        let Operator::Selection(sel) = &**sel else { return None };
+        let (act, (u, d)) = self.sole(*v, k.checked_sub(1)?)?;
+        let (Operator::Diagonal(d), Offset::Zero(_)) = (&**d, &*act.bias) else { return None };
         // (the convolution's own offset is pushed back by the caller)
-        let at =
-            self.writer[u.0].filter(|&w| w + 2 == k && u > self.stop && self.readers[u.0] == 1)?;
-        let layer = &self.inst.layers[at];
-        let [(_, op)] = &layer.inputs[..] else { return None };
-        let Operator::Conv(conv) = &**op else { return None };
+        let (layer, (_, conv)) = self.sole(*u, k.checked_sub(2)?)?;
+        let Operator::Conv(conv) = &**conv else { return None };
         // at most one nonzero column per pooled output: where even that
         // many would not take the scatter, the sparse form is not formed
         if !nnlin_linalg::conv_takes_scatter(conv, sel.cols().len().min(conv.nrows())) {
@@ -2411,14 +2411,7 @@ mod tests {
             let x: Vec<f64> = (0..net.input_len()).map(|_| next()).collect();
             let inst = compiler.instance(&x, Mode::Tangent).unwrap();
             // both pools fuse
-            let (mut readers, mut writer) =
-                (vec![0; inst.value_lens.len()], vec![None; inst.value_lens.len()]);
-            for (k, l) in inst.layers.iter().enumerate() {
-                l.inputs.iter().for_each(|(v, _)| readers[v.0] += 1);
-                writer[l.output.0] = Some(k);
-            }
-            let chain =
-                PoolChain { inst: &inst, readers: &readers, writer: &writer, stop: ValueId(0) };
+            let chain = PoolChain::new(&inst, ValueId(0));
             for k in [2, 5] {
                 let n = inst.value_lens[inst.layers[k].output.0];
                 let g = Block::from_fn(3, n, |_, _| next());
