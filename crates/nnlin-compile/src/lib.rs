@@ -1991,9 +1991,15 @@ impl<'a> PoolChain<'a> {
         // (the convolution's own offset is pushed back by the caller)
         let (layer, (_, conv)) = self.sole(*u, k.checked_sub(2)?)?;
         let Operator::Conv(conv) = &**conv else { return None };
-        // at most one nonzero column per pooled output: where even that
-        // many would not take the scatter, the sparse form is not formed
-        if !nnlin_linalg::conv_takes_scatter(conv, sel.cols().len().min(conv.nrows())) {
+        // at most one nonzero column per pooled output whose selected unit
+        // has a nonzero slope: where even that many would not take the
+        // scatter, the sparse form is not formed. (Counting the pooled
+        // outputs alone is no bound to decide by: a 2 × 2 pool after a
+        // convolution with few positions sits at the active kernel's
+        // lower edge, `ACTIVE_MIN_CHANNELS` per position, LeNet-5's
+        // second convolution exactly.)
+        let bound = sel.cols().iter().filter(|&&c| d.get(c).is_some_and(|&s| s != 0.0)).count();
+        if !nnlin_linalg::conv_takes_scatter(conv, bound.min(conv.nrows())) {
             return None;
         }
         let (cols, vals) = sel.pushed_through(g, d);
