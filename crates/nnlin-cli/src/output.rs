@@ -43,12 +43,51 @@ pub enum Payload<'a> {
 /// their own offsets, from any thread, in any order. The file is removed if
 /// it is never committed; a spool left by a process that died is removed by
 /// the next commit to the same target.
+///
+/// A piece's bytes are gathered into the file's aligned stripes of
+/// [`STRIPE`] bytes, and a stripe is written with one `pwrite` once its
+/// pieces are all in: the page cache's cost per write and per partly
+/// written page is paid per stripe, not per piece (LeNet-5's 31 360-byte
+/// pieces at unaligned offsets cost this file system twice what the same
+/// bytes cost in aligned 256 KiB writes: `dd`, 31 MB, 18 ms against 9).
+/// At most [`STAGED_MAX`] bytes are held; a piece whose stripe would
+/// exceed that is written at once, and [`Spool::flush`] writes what is
+/// left.
 pub struct Spool {
     path: PathBuf,
     file: File,
     header: u64,
+    /// The file's length.
+    len: u64,
     piece: usize,
     f32: bool,
+    staged: std::sync::Mutex<Staged>,
+    /// Most bytes held in stripes ([`STAGED_MAX`]).
+    max_staged: usize,
+}
+
+/// Bytes per stripe of a [`Spool`]'s file (stripe `j` is the file's bytes
+/// `j·STRIPE .. (j+1)·STRIPE`, less the header and past the end).
+const STRIPE: u64 = 256 << 10;
+
+/// Most bytes a [`Spool`] holds in stripes not yet written.
+const STAGED_MAX: usize = 64 << 20;
+
+/// A spool's stripes with some pieces' bytes in and others not yet.
+#[derive(Default)]
+struct Staged {
+    stripes: std::collections::HashMap<u64, Stripe>,
+    /// Bytes held, all stripes together.
+    bytes: usize,
+}
+
+/// One stripe's bytes as far as they came in: `buf` from the stripe's
+/// first byte, `ranges` the parts written into it (disjoint), `filled`
+/// their total length.
+struct Stripe {
+    buf: Vec<u8>,
+    ranges: Vec<(usize, usize)>,
+    filled: usize,
 }
 
 /// The marker in the names of spool files: `.NAME.nnlin-spool-FILE-PID`.
@@ -92,7 +131,16 @@ impl Spool {
             .ok_or_else(|| anyhow::anyhow!("`{file}` is too large"))?;
         let fh =
             File::create(&path).with_context(|| format!("cannot create `{}`", path.display()))?;
-        let spool = Spool { path, file: fh, header: header.len() as u64, piece, f32 };
+        let spool = Spool {
+            path,
+            file: fh,
+            header: header.len() as u64,
+            len: bytes,
+            piece,
+            f32,
+            staged: Default::default(),
+            max_staged: STAGED_MAX,
+        };
         use std::os::unix::fs::FileExt;
         spool
             .file
@@ -105,7 +153,6 @@ impl Spool {
     /// Writes piece `index`: the matrix `w` (its values in C order,
     /// whatever its memory layout).
     pub fn write(&self, index: usize, w: ndarray::ArrayView2<'_, f64>) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         anyhow::ensure!(w.len() == self.piece, "spool piece of {} values", w.len());
         let size = if self.f32 { 4 } else { 8 };
         let mut buf = vec![0u8; self.piece * size];
@@ -126,10 +173,93 @@ impl Spool {
             }
         }
         let at = self.header + (index * self.piece * size) as u64;
+        let end = at + buf.len() as u64;
+        anyhow::ensure!(end <= self.len, "spool piece {index} past the end");
+        let mut part = at;
+        while part < end {
+            let j = part / STRIPE;
+            let (lo, hi) = ((j * STRIPE).max(self.header), ((j + 1) * STRIPE).min(self.len));
+            let upto = end.min(hi);
+            let bytes = &buf[(part - at) as usize..(upto - at) as usize];
+            match self.stage(j, (lo, hi), part, bytes) {
+                Staging::Held => {}
+                Staging::Full(stripe) => self.write_at(&stripe, lo)?,
+                Staging::Over => self.write_at(bytes, part)?,
+            }
+            part = upto;
+        }
+        Ok(())
+    }
+
+    /// `bytes`, at file offset `at` within stripe `j` (file bytes `lo ..
+    /// hi`), into the stripe's buffer.
+    fn stage(&self, j: u64, (lo, hi): (u64, u64), at: u64, bytes: &[u8]) -> Staging {
+        let size = (hi - lo) as usize;
+        let mut staged = self.staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !staged.stripes.contains_key(&j) {
+            if staged.bytes + size > self.max_staged {
+                return Staging::Over;
+            }
+            staged.bytes += size;
+        }
+        let stripe = staged.stripes.entry(j).or_insert_with(|| Stripe {
+            buf: vec![0; size],
+            ranges: vec![],
+            filled: 0,
+        });
+        let from = (at - lo) as usize;
+        stripe.buf[from..from + bytes.len()].copy_from_slice(bytes);
+        stripe.ranges.push((from, bytes.len()));
+        stripe.filled += bytes.len();
+        if stripe.filled < size {
+            return Staging::Held;
+        }
+        let full = staged.stripes.remove(&j).expect("the stripe just filled");
+        staged.bytes -= size;
+        Staging::Full(full.buf)
+    }
+
+    /// Writes the stripes' parts still held (those of stripes some of
+    /// whose pieces were written at once, or never came).
+    pub fn flush(&self) -> Result<()> {
+        let held = std::mem::take(
+            &mut *self.staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (j, mut stripe) in held.stripes {
+            let lo = (j * STRIPE).max(self.header);
+            stripe.ranges.sort_unstable();
+            // adjacent parts in one write
+            let mut k = 0;
+            while k < stripe.ranges.len() {
+                let (from, mut len) = stripe.ranges[k];
+                k += 1;
+                while k < stripe.ranges.len() && stripe.ranges[k].0 == from + len {
+                    len += stripe.ranges[k].1;
+                    k += 1;
+                }
+                self.write_at(&stripe.buf[from..from + len], lo + from as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, bytes: &[u8], at: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         self.file
-            .write_all_at(&buf, at)
+            .write_all_at(bytes, at)
             .with_context(|| format!("cannot write `{}`", self.path.display()))
     }
+}
+
+/// What [`Spool::stage`] did with a part of a piece.
+enum Staging {
+    /// Held in its stripe's buffer.
+    Held,
+    /// Held, and that filled the stripe: its bytes, to be written.
+    Full(Vec<u8>),
+    /// Not held (the stripe would take more than [`STAGED_MAX`]): to be
+    /// written at once.
+    Over,
 }
 
 impl Drop for Spool {
@@ -179,6 +309,7 @@ fn write_payload(path: &Path, payload: &Payload) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     }
     if let Payload::Spooled(spool) = payload {
+        spool.flush()?;
         spool.file.sync_all().with_context(|| format!("cannot write `{}`", path.display()))?;
         return fs::rename(&spool.path, path)
             .with_context(|| format!("cannot move `{}` into place", spool.path.display()));
@@ -448,4 +579,65 @@ pub fn write_outputs(
 /// Writes one JSON file, all or nothing.
 pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
     commit(&[Target::File(path, &Payload::Json(value))])
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Pieces written in any order, from several threads, with or
+        /// without room to hold their stripes, give the bytes numpy would
+        /// write for the whole array.
+        #[test]
+        fn spool_writes_the_whole_arrays_bytes(
+            n in 1usize..40,
+            rows in 1usize..12,
+            cols in 1usize..3000,
+            f32 in any::<bool>(),
+            room in prop::sample::select(vec![0usize, 300_000, super::STAGED_MAX]),
+            seed in any::<u64>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("out");
+            let mut spool = super::Spool::create(&out, "W.npy", &[n, rows, cols], f32).unwrap();
+            spool.max_staged = room;
+            let a = ndarray::Array3::from_shape_fn((n, rows, cols), |(i, r, c)| {
+                (i * 7919 + r * 104_729 + c) as f64 * 0.37 - 1e3
+            });
+            // the pieces in a shuffled order, split between three threads
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut s = seed | 1;
+            for i in (1..n).rev() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                order.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            std::thread::scope(|sc| {
+                for part in order.chunks(n.div_ceil(3)) {
+                    let (spool, a) = (&spool, &a);
+                    sc.spawn(move || {
+                        for &i in part {
+                            // column-major, as W is formed
+                            let w = a.index_axis(ndarray::Axis(0), i).t().to_owned();
+                            spool.write(i, w.t()).unwrap();
+                        }
+                    });
+                }
+            });
+            spool.flush().unwrap();
+            prop_assert_eq!(spool.staged.lock().unwrap().bytes, 0);
+            // read back as numpy would read it: the same values, bit for bit
+            let f = std::fs::File::open(&spool.path).unwrap();
+            if f32 {
+                let got: ndarray::Array3<f32> = ndarray_npy::ReadNpyExt::read_npy(f).unwrap();
+                prop_assert!(got == a.mapv(|v| v as f32), "spooled values differ");
+            } else {
+                let got: ndarray::Array3<f64> = ndarray_npy::ReadNpyExt::read_npy(f).unwrap();
+                prop_assert!(got == a, "spooled values differ");
+            }
+        }
+    }
 }
