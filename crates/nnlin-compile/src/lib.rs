@@ -1536,34 +1536,41 @@ fn per_instance<T: Real>(
             let cols_in: Vec<Vec<usize>> =
                 (0..w.ow).map(|ox| (0..w.kw).filter_map(|kx| w.ix(ox, kx)).collect()).collect();
             let mut cols = Vec::with_capacity(p.channels * w.oh * w.ow);
+            let mut y = Vec::with_capacity(p.channels * w.oh * w.ow);
             for ch in 0..p.channels {
                 let plane = &u[ch * w.ih * w.iw..(ch + 1) * w.ih * w.iw];
                 for ys in &rows {
                     for xs in &cols_in {
                         // the first tap in window order that no later one
-                        // exceeds (ties to the first, as PyTorch)
-                        let mut best: Option<(usize, T)> = None;
+                        // exceeds (ties to the first, as PyTorch), chosen
+                        // without a branch per tap
+                        let (&iy0, &ix0) =
+                            ys.first().zip(xs.first()).expect("a pooling window inside the input");
+                        let (mut j, mut best) = (iy0 * w.iw + ix0, plane[iy0 * w.iw + ix0]);
                         for &iy in ys {
                             let row = &plane[iy * w.iw..(iy + 1) * w.iw];
                             for &ix in xs {
-                                if best.is_none_or(|(_, b)| row[ix] > b) {
-                                    best = Some((iy * w.iw + ix, row[ix]));
-                                }
+                                let above = row[ix] > best;
+                                j = if above { iy * w.iw + ix } else { j };
+                                best = if above { row[ix] } else { best };
                             }
                         }
-                        let (j, _) = best.expect("a pooling window inside the input");
                         cols.push(ch * w.ih * w.iw + j);
+                        y.push(best);
                     }
                 }
             }
             let rows = cols.len();
+            // the selected inputs themselves: the bits the selection's
+            // product gives
+            let finite = all_finite(&y, Par::Seq);
             Formed {
                 op: Operator::Selection(
                     Selection::new(u.len(), cols).expect("indices within the input"),
                 ),
                 offset: Offset::Zero(rows),
                 active: None,
-                output: None,
+                output: Some((y, finite)),
             }
         }
         Unary::Softmax(sm) => {
