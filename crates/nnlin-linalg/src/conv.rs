@@ -20,6 +20,86 @@ const TILE: usize = 1 << 16;
 /// channels at 4×4: 1-position tiles ran at 11 G/s, 26-position ones at 22).
 const MIN_TILE_ROWS: usize = 256;
 
+/// [`ConvOp::forward_direct`] is chosen for at most this many output
+/// channels a group (measured: see [`ConvOp::prefers_direct`]).
+pub const DIRECT_MAX_CHANNELS: usize = 16;
+
+/// Output channels per register tile of [`ConvOp::forward_direct`]: with
+/// two AVX registers of positions each, 12 registers of sums.
+const DIRECT_CHANNELS: usize = 6;
+
+/// One group of [`ConvOp::forward_direct`]: its zero-padded input planes,
+/// `cig` planes of rows `iwp` wide, and where each tap reads in them.
+struct Sliding<'a, T> {
+    xp: &'a [T],
+    iwp: usize,
+    /// Tap `t`'s offset in the planes from an output's first tap.
+    offs: &'a [usize],
+    /// The group's weights transposed, `kk × cp` row-major (`cp ≥ cog`,
+    /// the channels past `cog` zero).
+    w: &'a [T],
+    cog: usize,
+    cp: usize,
+    oh: usize,
+    ow: usize,
+    /// The vertical stride.
+    sh: usize,
+}
+
+impl<T: Real> Sliding<'_, T> {
+    /// The group's outputs into `og` (`cog` channels of `oh·ow`), `P`
+    /// positions of a row × [`DIRECT_CHANNELS`] channels at a time.
+    #[inline(always)]
+    fn run<const P: usize>(&self, og: &mut [T]) {
+        let p_len = self.oh * self.ow;
+        for oy in 0..self.oh {
+            let base = oy * self.sh * self.iwp;
+            for ox in (0..self.ow).step_by(P) {
+                let n = P.min(self.ow - ox);
+                for oc in (0..self.cog).step_by(DIRECT_CHANNELS) {
+                    let sums = self.tile::<P>(base + ox, oc);
+                    let o = DIRECT_CHANNELS.min(self.cog - oc);
+                    for (i, a) in sums.iter().take(o).enumerate() {
+                        let at = (oc + i) * p_len + oy * self.ow + ox;
+                        og[at..at + n].copy_from_slice(&a[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sums of channels `oc ..` at the `P` positions whose first tap
+    /// reads the planes at `at`: six named rows, so that each stays in its
+    /// registers over every tap, each from zero in tap order.
+    #[inline(always)]
+    fn tile<const P: usize>(&self, at: usize, oc: usize) -> [[T; P]; DIRECT_CHANNELS] {
+        let z = [T::ZERO; P];
+        let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = (z, z, z, z, z, z);
+        for (tap, &off) in self.offs.iter().enumerate() {
+            let x: &[T; P] = self.xp[at + off..at + off + P].try_into().expect("P values");
+            let w: &[T; DIRECT_CHANNELS] = self.w
+                [tap * self.cp + oc..tap * self.cp + oc + DIRECT_CHANNELS]
+                .try_into()
+                .expect("a channel tile");
+            fma_row(&mut a0, w[0], x);
+            fma_row(&mut a1, w[1], x);
+            fma_row(&mut a2, w[2], x);
+            fma_row(&mut a3, w[3], x);
+            fma_row(&mut a4, w[4], x);
+            fma_row(&mut a5, w[5], x);
+        }
+        [a0, a1, a2, a3, a4, a5]
+    }
+}
+
+/// `a += w·x`, element by element, in fused multiply-adds.
+#[inline(always)]
+fn fma_row<T: Real, const P: usize>(a: &mut [T; P], w: T, x: &[T; P]) {
+    for (s, &xi) in a.iter_mut().zip(x) {
+        *s = w.fma(xi, *s);
+    }
+}
+
 /// Splits a slice of the tap table into maximal runs, calling `f(p, run,
 /// len)` for each: `len` positions from `p` in the padding (`run` is
 /// `None`) or reading consecutive input indices from `Some(idx)`. A
@@ -709,13 +789,133 @@ impl ConvOp {
         t
     }
 
-    /// `A·T` through im2col and a GEMM per group: `t` holds `k` input
-    /// vectors (column-major, `ncols × k`); returns `nrows × k`, column-major.
-    /// The GEMM writes each tile of output positions in place; a pointwise
-    /// convolution multiplies the input as it lies.
-    /// In `f32` the weights are the ones rounded once per model.
+    /// `A·T`: `t` holds `k` input vectors (column-major, `ncols × k`);
+    /// returns `nrows × k`, column-major. Through [`ConvOp::forward_direct`]
+    /// where [`ConvOp::prefers_direct`] says so, else through
+    /// [`ConvOp::forward_gemm`]. In `f32` the weights are the ones rounded
+    /// once per model.
+    pub fn forward<T: Real>(&self, t: &[T], k: usize, par: Par) -> Vec<T> {
+        if self.prefers_direct() {
+            return self.forward_direct(t, k);
+        }
+        self.forward_gemm(t, k, par)
+    }
+
+    /// `A·T` (layout as [`ConvOp::forward`]) through im2col and a faer GEMM
+    /// per group. The GEMM writes each tile of output positions in place;
+    /// a pointwise convolution multiplies the input as it lies.
     pub fn forward_gemm<T: Real>(&self, t: &[T], k: usize, par: Par) -> Vec<T> {
         self.forward_tiled(t, k, par, TILE, MIN_TILE_ROWS)
+    }
+
+    /// `A·T` (layout as [`ConvOp::forward`]) without im2col: each input
+    /// channel is copied once into a zero-padded plane, and a register tile
+    /// of [`DIRECT_CHANNELS`] output channels × one vector of positions
+    /// along an output row sums its taps straight from the planes (with a
+    /// horizontal stride of 1, a tap's positions are contiguous there).
+    /// Each output is its taps' products summed in tap order from zero, in
+    /// fused multiply-adds (the same bits on every CPU). Sequential. A
+    /// horizontal stride other than 1 goes to [`ConvOp::forward_gemm`].
+    pub fn forward_direct<T: Real>(&self, t: &[T], k: usize) -> Vec<T> {
+        let g = &self.geom;
+        if g.stride.1 != 1 {
+            return self.forward_gemm(t, k, Par::Seq);
+        }
+        let (nrows, ncols) = (self.nrows(), self.ncols());
+        assert_eq!(t.len(), ncols * k, "conv forward: dimension mismatch");
+        // (the sizes without `Sizes`'s tap table, which this kernel does not read)
+        let (cig, cog, ntaps) = (g.c_in / g.groups, g.c_out / g.groups, g.kh * g.kw);
+        let (p_len, kk, plane) = (g.oh * g.ow, cig * ntaps, g.ih * g.iw);
+        let mut out = vec![T::ZERO; nrows * k];
+        if p_len == 0 || cog == 0 {
+            return out;
+        }
+        let weight = self.weight_as::<T>();
+        // positions per register tile: two AVX registers
+        let lanes = 64 / std::mem::size_of::<T>();
+        // the padded planes: rows `oh` outputs read, each wide enough for
+        // the last tile's vector at the last tap
+        let ihp = (g.oh - 1) * g.stride.0 + g.kh.saturating_sub(1) * g.dilation.0 + 1;
+        let iwp = g.ow.next_multiple_of(lanes) + g.kw.saturating_sub(1) * g.dilation.1;
+        let pplane = ihp * iwp;
+        let offs: Vec<usize> = (0..kk)
+            .map(|tap| {
+                let (icg, r) = (tap / ntaps, tap % ntaps);
+                let (ky, kx) = (r / g.kw, r % g.kw);
+                icg * pplane + ky * g.dilation.0 * iwp + kx * g.dilation.1
+            })
+            .collect();
+        // each group's weights transposed: a tap's channels contiguous
+        let cp = cog.next_multiple_of(DIRECT_CHANNELS);
+        let mut wt = vec![T::ZERO; g.groups * kk * cp];
+        for (grp, wg) in wt.chunks_exact_mut((kk * cp).max(1)).enumerate().take(g.groups) {
+            for oc in 0..cog {
+                for tap in 0..kk {
+                    wg[tap * cp + oc] = weight[(grp * cog + oc) * kk + tap];
+                }
+            }
+        }
+        let mut xp = vec![T::ZERO; cig * pplane];
+        for q in 0..k {
+            let (tq, oq) = (&t[q * ncols..(q + 1) * ncols], &mut out[q * nrows..(q + 1) * nrows]);
+            for grp in 0..g.groups {
+                for icg in 0..cig {
+                    let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
+                    let dst = &mut xp[icg * pplane..(icg + 1) * pplane];
+                    for (yp, row) in dst.chunks_exact_mut(iwp).enumerate() {
+                        let iy = yp.checked_sub(g.pad.0).filter(|&y| y < g.ih);
+                        let Some(iy) = iy else {
+                            row.fill(T::ZERO);
+                            continue;
+                        };
+                        let srow = &src[iy * g.iw..(iy + 1) * g.iw];
+                        // input column ix at padded column ix + pad.1
+                        let lead = g.pad.1.min(iwp);
+                        row[..lead].fill(T::ZERO);
+                        let len = g.iw.min(iwp - lead);
+                        row[lead..lead + len].copy_from_slice(&srow[..len]);
+                        row[lead + len..].fill(T::ZERO);
+                    }
+                }
+                let plan = Sliding {
+                    xp: &xp,
+                    iwp,
+                    offs: &offs,
+                    w: &wt[grp * kk * cp..(grp + 1) * kk * cp],
+                    cog,
+                    cp,
+                    oh: g.oh,
+                    ow: g.ow,
+                    sh: g.stride.0,
+                };
+                let og = &mut oq[grp * cog * p_len..(grp + 1) * cog * p_len];
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        if lanes == 16 {
+                            plan.run::<16>(og);
+                        } else {
+                            plan.run::<8>(og);
+                        }
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Whether [`ConvOp::forward_direct`] is the faster forward product: a
+    /// horizontal stride of 1 and at most [`DIRECT_MAX_CHANNELS`] output
+    /// channels a group. `benches/conv_kernels.rs`, group `forward`, one
+    /// thread, f32 (f64), direct against im2col + GEMM: LeNet-5's 1→6 5×5
+    /// at 28² 5.1 µs against 10.4 (9.4 / 18.6); its 6→16 5×5 at 14² 13.5
+    /// against 15.9 (25.6 / 23.6); a 16→16 3×3 at 32² 76 against 110 (148
+    /// / 193); from 32 channels on the GEMM wins (ONet's 3→32 3×3 at 48²:
+    /// 70 against 63; a 64→64 3×3 at 32²: 1.24 ms against 1.10), reading
+    /// each input vector for more channels at once.
+    pub fn prefers_direct(&self) -> bool {
+        let g = &self.geom;
+        g.stride.1 == 1 && g.c_out / g.groups.max(1) <= DIRECT_MAX_CHANNELS
     }
 
     /// [`ConvOp::forward_gemm`] with tiles of `tile` im2col entries and at
@@ -745,6 +945,30 @@ impl ConvOp {
         let pc = (tile / kk.max(1)).max(min_rows).clamp(1, p_len);
         let tiles = p_len.div_ceil(pc);
         let cols_len = if pointwise { 0 } else { pc * kk };
+        // the im2col block of positions p0 .. p0 + pn of group `grp`:
+        // `colsᵀ`, pn × K, column-major, element (p, tap) at tap·pn + p
+        let im2col = |tq: &[T], grp: usize, p0: usize, pn: usize, cols: &mut [T]| {
+            for icg in 0..cig {
+                let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
+                for tap in 0..ntaps {
+                    let row = icg * ntaps + tap;
+                    let dst = &mut cols[row * pn..(row + 1) * pn];
+                    let Some(runs) = runs.as_deref() else {
+                        // no run table (a strided convolution: its runs
+                        // are single positions): entry by entry
+                        let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
+                        for (d, &idx) in dst.iter_mut().zip(tt) {
+                            *d = if idx == usize::MAX { T::ZERO } else { src[idx] };
+                        }
+                        continue;
+                    };
+                    runs.for_each(tap, p0, pn, |p, run, len| match run {
+                        Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
+                        None => dst[p..p + len].fill(T::ZERO),
+                    });
+                }
+            }
+        };
         // one tile: positions p0.. of `dst`'s rows, its im2col in `cols`
         let run = |tq: &[T], grp: usize, p0: usize, dst: MatMut<'_, T>, cols: &mut [T], par| {
             let pn = dst.nrows();
@@ -761,27 +985,7 @@ impl ConvOp {
                 )
                 .subrows(p0, pn)
             } else {
-                // colsᵀ: pn × K, column-major: element (p, tap) at tap·pn + p
-                for icg in 0..cig {
-                    let src = &tq[(grp * cig + icg) * plane..(grp * cig + icg + 1) * plane];
-                    for tap in 0..ntaps {
-                        let row = icg * ntaps + tap;
-                        let dst = &mut cols[row * pn..(row + 1) * pn];
-                        let Some(runs) = runs.as_deref() else {
-                            // no run table (a strided convolution: its runs
-                            // are single positions): entry by entry
-                            let tt = &taps[tap * p_len + p0..tap * p_len + p0 + pn];
-                            for (d, &idx) in dst.iter_mut().zip(tt) {
-                                *d = if idx == usize::MAX { T::ZERO } else { src[idx] };
-                            }
-                            continue;
-                        };
-                        runs.for_each(tap, p0, pn, |p, run, len| match run {
-                            Some(idx) => dst[p..p + len].copy_from_slice(&src[idx..idx + len]),
-                            None => dst[p..p + len].fill(T::ZERO),
-                        });
-                    }
-                }
+                im2col(tq, grp, p0, pn, cols);
                 MatRef::from_column_major_slice(&cols[..pn * kk], pn, kk)
             };
             faer::linalg::matmul::matmul(dst, Accum::Replace, x, w.transpose(), T::ONE, par);
@@ -1327,6 +1531,71 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The direct forward kernel against the im2col GEMM (itself
+        /// checked against the Toeplitz matrix) on shapes wide enough for
+        /// several register tiles of channels and positions: f64 within
+        /// rounding, f32 within `(inner + 2)·ε32` of `|A|·|T|`.
+        #[test]
+        fn direct_forward_matches_the_gemm(
+            (cig, groups, cog) in (1usize..5, 1usize..3, 1usize..20),
+            (ih, iw, kh, kw) in (1usize..12, 1usize..40, 1usize..6, 1usize..6),
+            (sh, dh, dw) in (1usize..3, 1usize..3, 1usize..3),
+            (pt, pl, pb, pr) in (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            k in 1usize..3,
+            seed in any::<u64>(),
+        ) {
+            let span = |i: usize, k: usize, d: usize, a: usize, b: usize| {
+                (i + a + b).checked_sub(d * (k - 1) + 1)
+            };
+            let (Some(h), Some(w)) = (span(ih, kh, dh, pt, pb), span(iw, kw, dw, pl, pr)) else {
+                return Ok(());
+            };
+            let geom = ConvGeometry {
+                c_in: cig * groups,
+                c_out: cog * groups,
+                groups,
+                ih,
+                iw,
+                kh,
+                kw,
+                stride: (sh, 1),
+                dilation: (dh, dw),
+                pad: (pt, pl),
+                oh: h / sh + 1,
+                ow: w + 1,
+            };
+            let op = ConvOp::seeded(geom, seed).expect("a valid geometry");
+            let n = op.ncols();
+            let t = entries(n * k, seed as usize % 97);
+            let want = op.forward_gemm(&t, k, Par::Seq);
+            let got = op.forward_direct(&t, k);
+            prop_assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "direct {g} vs {w}");
+            }
+            let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+            let got = op.forward_direct(&t32, k);
+            let mag = {
+                // |A|·|T| through the Toeplitz matrix
+                let a = op.to_csr();
+                let m = op.nrows();
+                let mut mag = vec![0.0; m * k];
+                for q in 0..k {
+                    for (i, row) in a.outer_iterator().enumerate() {
+                        mag[q * m + i] = row.iter().map(|(j, &v)| (v * t[q * n + j]).abs()).sum();
+                    }
+                }
+                mag
+            };
+            let gamma = (cig * kh * kw + 2) as f64 * f64::from(f32::EPSILON);
+            for ((g, w), m) in got.iter().zip(&want).zip(&mag) {
+                prop_assert!((f64::from(*g) - w).abs() <= gamma * m + 1e-30, "f32 direct {g} vs {w}");
+            }
+        }
+    }
+
+    proptest! {
         /// Every tiling of the GEMM kernels, and the pointwise path, against
         /// the explicit Toeplitz matrix; f32 within its rounding bound.
         #[test]
@@ -1346,6 +1615,7 @@ mod tests {
                 op.forward_tiled(&t, k, Par::Seq, tile, 1),
                 op.forward_tiled(&t, k, Par::rayon(2), tile, 1),
                 op.forward_gemm(&t, k, Par::Seq),
+                op.forward_direct(&t, k),
             ];
             // parallel tiles give the sequential loop's bits
             prop_assert_eq!(&tiled[0], &tiled[1]);
@@ -1358,7 +1628,7 @@ mod tests {
             // products in f32): within (inner + 2)·ε32 of |A|·|T|
             let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
             let inner = op.geometry().c_in / op.geometry().groups * op.geometry().kh * op.geometry().kw;
-            for got in [op.forward_tiled(&t32, k, Par::Seq, tile, 1), op.forward_gemm(&t32, k, Par::rayon(2))] {
+            for got in [op.forward_tiled(&t32, k, Par::Seq, tile, 1), op.forward_gemm(&t32, k, Par::rayon(2)), op.forward_direct(&t32, k)] {
                 for q in 0..k {
                     for (i, row) in a.outer_iterator().enumerate() {
                         let mag: f64 = row.iter().map(|(j, &v)| (v * t[q * n + j]).abs()).sum();

@@ -498,7 +498,7 @@ impl Operator {
             Operator::Selection(s) => {
                 s.cols().iter().map(|&c| if c == Selection::ZERO { 0.0 } else { x[c] }).collect()
             }
-            Operator::Conv(c) => c.forward_gemm(x, 1, par),
+            Operator::Conv(c) => c.forward(x, 1, par),
             Operator::Kron(k) => k.forward(x, 1, par),
             Operator::Softmax(j) => j.apply(x),
             Operator::MatMul(p) => p.forward(x, 1, par),
@@ -530,7 +530,7 @@ impl Operator {
                     || dense_forward(m, x),
                 )
             }
-            Operator::Conv(c) => c.forward_gemm(x, 1, par),
+            Operator::Conv(c) => c.forward(x, 1, par),
             Operator::Identity(_)
             | Operator::Diagonal(_)
             | Operator::ChannelScale(_)
@@ -827,7 +827,7 @@ impl Operator {
                 out
             }
             Operator::Conv(c) => {
-                Block::from_col_major(c.nrows(), k, c.forward_gemm(t.as_slice(), k, par))
+                Block::from_col_major(c.nrows(), k, c.forward(t.as_slice(), k, par))
             }
             Operator::Kron(op) => {
                 Block::from_col_major(op.nrows(), k, op.forward(t.as_slice(), k, par))
