@@ -98,6 +98,27 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+    // a 2 × 2 max-pool's selection after a ReLU, pushed back in one step
+    // (`Selection::pushed_through`), f32: LeNet-5's two pools
+    let mut group = c.benchmark_group("pool_push");
+    group.sample_size(20);
+    for (name, ch, side) in [("lenet5_pool1", 6usize, 28usize), ("lenet5_pool2", 16, 10)] {
+        let half = side / 2;
+        let cols: Vec<usize> = (0..ch * half * half)
+            .map(|i| {
+                let (c, oy, ox) = (i / (half * half), i / half % half, i % half);
+                let pick = (i.wrapping_mul(2_654_435_761) >> 5) % 4;
+                c * side * side + (2 * oy + pick / 2) * side + 2 * ox + pick % 2
+            })
+            .collect();
+        let sel = nnlin::linalg::Selection::new(ch * side * side, cols.clone()).expect("valid");
+        let d: Vec<f64> = (0..ch * side * side)
+            .map(|j| if (j.wrapping_mul(40_503) >> 3) % 3 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        let g = Block::from_fn(ROWS, cols.len(), |i, j| ((i + j) % 7) as f64 - 3.0).cast::<f32>();
+        group.bench_function(name, |b| b.iter(|| sel.pushed_through(&g, &d)));
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);

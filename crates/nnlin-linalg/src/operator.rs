@@ -126,6 +126,10 @@ impl Selection {
     pub fn pushed_through<T: Real>(&self, g: &Block<T>, d: &[f64]) -> (Vec<usize>, Vec<T>) {
         assert_eq!(g.ncols(), self.cols.len(), "selection: one adjoint column per row");
         assert_eq!(d.len(), self.ncols, "selection: one slope per input");
+        if u32::try_from(self.cols.len()).is_err() {
+            // (row indices past the kernels' 32-bit slots)
+            return self.pushed_rows_any(g, d);
+        }
         macro_rules! by_rows {
             ($($n:literal)*) => {
                 match g.nrows() {
@@ -142,52 +146,66 @@ impl Selection {
     }
 
     /// [`Selection::pushed_through`] for `K` rows (one array per column).
+    /// The selected inputs are marked in a bitmap and walked ascending
+    /// through its words, so neither pass touches the unselected inputs;
+    /// `slot` is read only where the bitmap says it was written. Where no
+    /// input is selected twice (pools whose windows do not overlap), a
+    /// selected input's sum is its one adjoint column, read in place.
     #[inline(always)]
     fn pushed_rows<T: Real, const K: usize>(&self, g: &[T], d: &[f64]) -> (Vec<usize>, Vec<T>) {
         let (g, _) = g.as_chunks::<K>();
-        // a slot per selected input, in the order first selected
-        let mut slot = vec![usize::MAX; self.ncols];
-        let mut sums: Vec<[T; K]> = Vec::with_capacity(self.cols.len());
-        for (&col, gi) in self.cols.iter().zip(g) {
+        let mut picked = vec![0u64; self.ncols.div_ceil(64)];
+        // the row that selects each input (the first, if several do)
+        let mut slot = vec![0u32; self.ncols];
+        let mut twice = false;
+        for (i, &col) in self.cols.iter().enumerate() {
             if col == Self::ZERO {
                 continue;
             }
-            if slot[col] == usize::MAX {
-                slot[col] = sums.len();
-                sums.push([T::ZERO; K]);
+            let (word, bit) = (col / 64, 1u64 << (col % 64));
+            twice |= picked[word] & bit != 0;
+            if picked[word] & bit == 0 {
+                slot[col] = i as u32;
             }
-            let s = &mut sums[slot[col]];
-            for (o, &x) in s.iter_mut().zip(gi) {
-                *o += x;
+            picked[word] |= bit;
+        }
+        // each selected input's sum from +0, in the order first selected
+        let sums: Vec<[T; K]> = if twice {
+            let mut sums = vec![[T::ZERO; K]; self.cols.len()];
+            for (&col, gi) in self.cols.iter().zip(g) {
+                if col != Self::ZERO {
+                    let s = &mut sums[slot[col] as usize];
+                    for (o, &x) in s.iter_mut().zip(gi) {
+                        *o += x;
+                    }
+                }
+            }
+            sums
+        } else {
+            vec![]
+        };
+        let sum = |col: usize| -> [T; K] {
+            let i = slot[col] as usize;
+            if twice { sums[i] } else { std::array::from_fn(|r| T::ZERO + g[i][r]) }
+        };
+        // the selected inputs ascending, scaled; kept where nonzero
+        let mut cols = Vec::with_capacity(self.cols.len());
+        let mut vals = Vec::with_capacity(self.cols.len() * K);
+        for (word, &bits) in picked.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                let col = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let dj = T::of(d[col]);
+                let s = sum(col);
+                let v: [T; K] = std::array::from_fn(|r| s[r] * dj);
+                if v.iter().fold(0, |a, x| a | x.magnitude_bits()) != 0 {
+                    cols.push(col);
+                    vals.extend_from_slice(&v);
+                }
             }
         }
-        // the selected inputs ascending, then the nonzero ones, without a
-        // branch per input (which are selected, and which active, follows
-        // the adjoint's input)
-        let picked = sums.len();
-        let mut order = vec![0usize; picked + 1];
-        let mut w = 0;
-        for (col, &s) in slot.iter().enumerate() {
-            order[w] = col;
-            w += usize::from(s != usize::MAX);
-        }
-        order.truncate(picked);
-        let mut cols = vec![0usize; picked + 1];
-        let mut vals = vec![[T::ZERO; K]; picked + 1];
-        let mut w = 0;
-        for &col in &order {
-            let dj = T::of(d[col]);
-            let mut bits = 0;
-            for (o, &v) in vals[w].iter_mut().zip(&sums[slot[col]]) {
-                *o = v * dj;
-                bits |= o.magnitude_bits();
-            }
-            cols[w] = col;
-            w += usize::from(bits != 0);
-        }
-        cols.truncate(w);
-        vals.truncate(w);
-        (cols, vals.into_iter().flatten().collect())
+        (cols, vals)
     }
 
     /// [`Selection::pushed_through`] for any row count, through the
@@ -1173,18 +1191,30 @@ mod tests {
     }
 
     proptest! {
-        /// A selection (repeats and zero rows included) and a diagonal
-        /// after it, pushed back as nonzero columns: the bits of the two
+        /// A selection (with repeats or without, zero rows included) and a
+        /// diagonal after it, pushed back as nonzero columns: the bits of the two
         /// products and the nonzero test, for every row count (the fixed
         /// ones to 16 and the general one), in f64 and f32.
         #[test]
         fn selection_pushed_through_has_the_products_bits(
-            k in 0usize..19, n in 1usize..30, rows in 0usize..40, seed in any::<u64>(),
+            k in 0usize..19, n in 1usize..30, rows in 0usize..40, distinct in any::<bool>(), seed in any::<u64>(),
         ) {
             let mut next = crate::xorshift(seed);
-            let cols: Vec<usize> = (0..rows)
+            let mut cols: Vec<usize> = (0..rows)
                 .map(|_| if next().is_multiple_of(7) { Selection::ZERO } else { (next() % n as u64) as usize })
                 .collect();
+            if distinct {
+                // no input selected twice (a pool whose windows do not
+                // overlap): a shuffled subset, zero rows kept
+                let mut free: Vec<usize> = (0..n).collect();
+                for c in cols.iter_mut().filter(|c| **c != Selection::ZERO) {
+                    *c = if free.is_empty() {
+                        Selection::ZERO
+                    } else {
+                        free.swap_remove((next() % free.len() as u64) as usize)
+                    };
+                }
+            }
             let sel = Selection::new(n, cols).unwrap();
             // slopes with zeros, negatives and ones; an adjoint with zero
             // columns, signed zeros and one non-finite entry at times
