@@ -1544,17 +1544,32 @@ fn per_instance<T: Real>(
                         // the first tap in window order that no later one
                         // exceeds (ties to the first, as PyTorch), chosen
                         // without a branch per tap
-                        let (&iy0, &ix0) =
-                            ys.first().zip(xs.first()).expect("a pooling window inside the input");
-                        let (mut j, mut best) = (iy0 * w.iw + ix0, plane[iy0 * w.iw + ix0]);
-                        for &iy in ys {
-                            let row = &plane[iy * w.iw..(iy + 1) * w.iw];
-                            for &ix in xs {
-                                let above = row[ix] > best;
-                                j = if above { iy * w.iw + ix } else { j };
-                                best = if above { row[ix] } else { best };
+                        let (j, best) = match (&ys[..], &xs[..]) {
+                            // a whole 2 × 2 window, unrolled
+                            (&[y0, y1], &[x0, x1]) => {
+                                let mut pick = (y0 * w.iw + x0, plane[y0 * w.iw + x0]);
+                                for at in [y0 * w.iw + x1, y1 * w.iw + x0, y1 * w.iw + x1] {
+                                    let above = plane[at] > pick.1;
+                                    pick = if above { (at, plane[at]) } else { pick };
+                                }
+                                pick
                             }
-                        }
+                            _ => {
+                                let (&iy0, &ix0) = ys
+                                    .first()
+                                    .zip(xs.first())
+                                    .expect("a pooling window inside the input");
+                                let mut pick = (iy0 * w.iw + ix0, plane[iy0 * w.iw + ix0]);
+                                for &iy in ys {
+                                    let row = &plane[iy * w.iw..(iy + 1) * w.iw];
+                                    for &ix in xs {
+                                        let above = row[ix] > pick.1;
+                                        pick = if above { (iy * w.iw + ix, row[ix]) } else { pick };
+                                    }
+                                }
+                                pick
+                            }
+                        };
                         cols.push(ch * w.ih * w.iw + j);
                         y.push(best);
                     }
