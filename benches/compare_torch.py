@@ -279,7 +279,7 @@ def main():
         print("| precision | torch forward + vjp | nnlin linearize | whole nnlin process | linearize vs torch | whole / linearize |")
         print("|---|---|---|---|---|---|")
         for prec, (whole, lin) in [("f64", w64), ("f32", w32)]:
-            print(f"| {prec} | {tv:.3f} s | {lin:.3f} s | {whole:.2f} s | {tv / lin:.2f}x | {whole / lin:.1f} |")
+            print(f"| {prec} | {tv:.3f} s | {lin:.3f} s | {whole:.3f} s | {tv / lin:.2f}x | {whole / lin:.2f} |")
             out.append({"model": "resnet50", "precision": prec, "torch_vjp_s": tv, "nnlin_s": lin,
                         "whole_s": whole})
     json.dump({"threads": a.threads, "repeat": REPEAT, "rows": out}, open("bench_torch.json", "w"), indent=1)
