@@ -78,7 +78,9 @@ fn bench(c: &mut Criterion) {
             );
         }
     }
-    for (name, out, inp) in [("lenet5_fc1", 120usize, 400usize), ("vgg_fc", 4096, 4096)] {
+    for (name, out, inp) in
+        [("lenet5_fc1", 120usize, 400usize), ("fc_1024", 1024, 1024), ("vgg_fc", 4096, 4096)]
+    {
         let a = Weights::from(Mat::<f64>::from_fn(out, inp, |i, j| {
             ((i * 31 + j * 7) % 13) as f64 - 6.0
         }));
@@ -93,6 +95,23 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}/full"), percent),
                 &g,
+                |b, g| b.iter(|| a.left_mul(g, Par::Seq)),
+            );
+            // and the register tiles, f64 and f32 (against the GEMM in f32)
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/tiled"), percent),
+                &g,
+                |b, g| b.iter(|| a.left_mul_tiled(g)),
+            );
+            let g32 = g.cast::<f32>();
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/tiled_f32"), percent),
+                &g32,
+                |b, g| b.iter(|| a.left_mul_tiled(g)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}/full_f32"), percent),
+                &g32,
                 |b, g| b.iter(|| a.left_mul(g, Par::Seq)),
             );
         }
