@@ -810,7 +810,7 @@ impl ConvOp {
 
     /// `A·T` (layout as [`ConvOp::forward`]) without im2col: each input
     /// channel is copied once into a zero-padded plane, and a register tile
-    /// of [`DIRECT_CHANNELS`] output channels × one vector of positions
+    /// of 6 output channels × one vector of positions
     /// along an output row sums its taps straight from the planes (with a
     /// horizontal stride of 1, a tap's positions are contiguous there).
     /// Each output is its taps' products summed in tap order from zero, in

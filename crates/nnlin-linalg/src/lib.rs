@@ -19,13 +19,15 @@ mod simd;
 mod structured;
 mod winograd;
 pub use block::Block;
-pub use conv::{ACTIVE_MIN_CHANNELS, ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW};
+pub use conv::{
+    ACTIVE_MIN_CHANNELS, ACTIVE_MIN_TAPS, ACTIVE_TAPS, CONV_ACTIVE_BELOW, DIRECT_MAX_CHANNELS,
+};
 pub use conv::{ConvGeometry, ConvOp};
 pub use operator::{
     AffineOp, CONV_GEMM_MIN_CHANNELS, CONV_SPARSE_BELOW, CONV_SPARSE_BELOW_FEW_CHANNELS,
     ChannelScale, DENSE_SKIP_BELOW, Operator, Selection, Stage, conv_takes_scatter,
 };
-pub use real::{Real, Weights};
+pub use real::{DENSE_TILE_COLUMNS, DENSE_TILED_MAX, Real, Weights};
 pub use structured::{FixedFactor, KronOp, MatMulOp, ShapeError, SoftmaxJac};
 
 /// `n` zeros, written. `vec![0; n]` asks the allocator for zeroed memory,
