@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{conv, strided_conv};
+use common::{conv, strided_conv, workload_convs};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use faer::Par;
 use nnlin::Block;
@@ -55,18 +55,13 @@ fn bench(c: &mut Criterion) {
     // (`ConvOp::prefers_direct` is set from these figures)
     let mut group = c.benchmark_group("forward");
     group.sample_size(20);
-    for (name, op) in [
-        ("lenet5_conv1", conv(1, 6, 28, 5, 2)),
-        ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
-        ("onet_conv1", conv(3, 32, 48, 3, 0)),
-        ("onet_conv2", conv(32, 64, 23, 3, 0)),
-        ("onet_conv3", conv(64, 64, 10, 3, 0)),
+    let extra = [
         ("onet_conv4", conv(64, 128, 4, 2, 0)),
         ("resnet_3x3_16ch_32px", conv(16, 16, 32, 3, 1)),
-        ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1)),
         ("resnet_3x3_128ch_16px", conv(128, 128, 16, 3, 1)),
         ("pointwise_64_256_56px", conv(64, 256, 56, 1, 0)),
-    ] {
+    ];
+    for (name, op) in workload_convs().into_iter().chain(extra) {
         let x: Vec<f64> = (0..op.ncols()).map(|i| ((i * 31) % 17) as f64 / 17.0 - 0.5).collect();
         let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
         group.bench_function(format!("{name}/f32/gemm"), |b| {

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::conv;
+use common::workload_convs;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use faer::{Mat, Par};
 use nnlin::Block;
@@ -34,14 +34,7 @@ fn adjoint(cols: usize, percent: usize) -> (Block, Vec<usize>) {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("row_skip");
     group.sample_size(10);
-    for (name, op) in [
-        ("lenet5_conv1", conv(1, 6, 28, 5, 2)),
-        ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
-        ("onet_conv1", conv(3, 32, 48, 3, 0)),
-        ("onet_conv2", conv(32, 64, 23, 3, 0)),
-        ("onet_conv3", conv(64, 64, 10, 3, 0)),
-        ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1)),
-    ] {
+    for (name, op) in workload_convs() {
         for percent in FRACTIONS {
             let (g, nz) = adjoint(op.nrows(), percent);
             let g32: Vec<f32> = g.as_slice().iter().map(|&v| v as f32).collect();

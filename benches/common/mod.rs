@@ -4,6 +4,21 @@ use std::sync::Arc;
 
 use nnlin::linalg::{ConvGeometry, ConvOp};
 
+/// The convolutions of the benchmark workloads the kernels' thresholds
+/// are measured on: LeNet-5's two, ONet's first three, a CIFAR ResNet's
+/// 64-channel 3×3.
+#[allow(dead_code)] // (a bench without convolutions includes this module too)
+pub fn workload_convs() -> Vec<(&'static str, ConvOp)> {
+    vec![
+        ("lenet5_conv1", conv(1, 6, 28, 5, 2)),
+        ("lenet5_conv2", conv(6, 16, 14, 5, 0)),
+        ("onet_conv1", conv(3, 32, 48, 3, 0)),
+        ("onet_conv2", conv(32, 64, 23, 3, 0)),
+        ("onet_conv3", conv(64, 64, 10, 3, 0)),
+        ("resnet_3x3_64ch_32px", conv(64, 64, 32, 3, 1)),
+    ]
+}
+
 /// A stride-1 `k × k` convolution over `c_in × hw × hw` with padding `pad`
 /// and fixed pseudo-random weights.
 pub fn conv(c_in: usize, c_out: usize, hw: usize, k: usize, pad: usize) -> ConvOp {
