@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use faer::{Accum, MatMut, MatRef, Par};
 use sprs::CsMat;
 
+use crate::real::fma_lanes;
 use crate::{Block, Real, ShapeError, Stage};
 
 /// Entries of the per-tile im2col / col2im buffer: a tile of output
@@ -81,22 +82,14 @@ impl<T: Real> Sliding<'_, T> {
                 [tap * self.cp + oc..tap * self.cp + oc + DIRECT_CHANNELS]
                 .try_into()
                 .expect("a channel tile");
-            fma_row(&mut a0, w[0], x);
-            fma_row(&mut a1, w[1], x);
-            fma_row(&mut a2, w[2], x);
-            fma_row(&mut a3, w[3], x);
-            fma_row(&mut a4, w[4], x);
-            fma_row(&mut a5, w[5], x);
+            fma_lanes(&mut a0, w[0], x);
+            fma_lanes(&mut a1, w[1], x);
+            fma_lanes(&mut a2, w[2], x);
+            fma_lanes(&mut a3, w[3], x);
+            fma_lanes(&mut a4, w[4], x);
+            fma_lanes(&mut a5, w[5], x);
         }
         [a0, a1, a2, a3, a4, a5]
-    }
-}
-
-/// `a += w·x`, element by element, in fused multiply-adds.
-#[inline(always)]
-fn fma_row<T: Real, const P: usize>(a: &mut [T; P], w: T, x: &[T; P]) {
-    for (s, &xi) in a.iter_mut().zip(x) {
-        *s = w.fma(xi, *s);
     }
 }
 
@@ -403,9 +396,7 @@ fn active_fill<T: Real, const RL: usize>(
                         .try_into()
                         .expect("a tap tile");
                     for (a, &wt) in acc.iter_mut().zip(w) {
-                        for (x, &gr) in a.iter_mut().zip(gv) {
-                            *x = wt.fma(gr, *x);
-                        }
+                        fma_lanes(a, wt, gv);
                     }
                 }
                 for (t, a) in acc.iter().enumerate() {

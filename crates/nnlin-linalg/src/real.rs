@@ -260,9 +260,9 @@ impl Weights {
             #[inline(always)]
             || {
                 if std::mem::size_of::<T>() == 4 {
-                    dense_tiles::<T, 16, 6>(g, w, &nz, &mut out);
+                    dense_tiles::<T, 16>(g, w, &nz, &mut out);
                 } else {
-                    dense_tiles::<T, 8, 6>(g, w, &nz, &mut out);
+                    dense_tiles::<T, 8>(g, w, &nz, &mut out);
                 }
             },
         );
@@ -294,17 +294,17 @@ pub const DENSE_TILED_MAX: usize = 1 << 20;
 /// two AVX registers of adjoint rows each, 12 registers of sums.
 pub const DENSE_TILE_COLUMNS: usize = 6;
 
-/// [`Weights::left_mul_tiled`]'s loops: `RL` adjoint rows × `JB` output
-/// columns at a time (`JB ≤ DENSE_TILE_COLUMNS`; 16 rows in `f32`, 8 in
-/// `f64`, × 6 columns: 12 AVX registers of sums).
+/// [`Weights::left_mul_tiled`]'s loops: `RL` adjoint rows (16 in `f32`,
+/// 8 in `f64`) × [`DENSE_TILE_COLUMNS`] output columns at a time, 12 AVX
+/// registers of sums.
 #[inline(always)]
-fn dense_tiles<T: Real, const RL: usize, const JB: usize>(
+fn dense_tiles<T: Real, const RL: usize>(
     g: &Block<T>,
     w: &Mat<T>,
     nz: &[usize],
     out: &mut Block<T>,
 ) {
-    const { assert!(JB >= 1 && JB <= DENSE_TILE_COLUMNS) };
+    const JB: usize = DENSE_TILE_COLUMNS;
     let (k, n) = (g.nrows(), w.ncols());
     let mut tiles = vec![[T::ZERO; RL]; nz.len()];
     for r0 in (0..k).step_by(RL) {
@@ -316,27 +316,17 @@ fn dense_tiles<T: Real, const RL: usize, const JB: usize>(
             let jn = JB.min(n - j0);
             // the block's weight columns (the last block's missing ones
             // repeat its first; their sums are not stored)
-            let wc: [&[T]; DENSE_TILE_COLUMNS] =
+            let wc: [&[T]; JB] =
                 std::array::from_fn(|c| w.col_as_slice(j0 + if c < jn { c } else { 0 }));
             let z = [T::ZERO; RL];
             let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = (z, z, z, z, z, z);
             for (t, &i) in tiles.iter().zip(nz) {
-                fma_tile(&mut a0, wc[0][i], t);
-                if JB > 1 {
-                    fma_tile(&mut a1, wc[1][i], t);
-                }
-                if JB > 2 {
-                    fma_tile(&mut a2, wc[2][i], t);
-                }
-                if JB > 3 {
-                    fma_tile(&mut a3, wc[3][i], t);
-                }
-                if JB > 4 {
-                    fma_tile(&mut a4, wc[4][i], t);
-                }
-                if JB > 5 {
-                    fma_tile(&mut a5, wc[5][i], t);
-                }
+                fma_lanes(&mut a0, wc[0][i], t);
+                fma_lanes(&mut a1, wc[1][i], t);
+                fma_lanes(&mut a2, wc[2][i], t);
+                fma_lanes(&mut a3, wc[3][i], t);
+                fma_lanes(&mut a4, wc[4][i], t);
+                fma_lanes(&mut a5, wc[5][i], t);
             }
             for (c, a) in [a0, a1, a2, a3, a4, a5].iter().take(jn).enumerate() {
                 out.col_as_slice_mut(j0 + c)[r0..r0 + rb].copy_from_slice(&a[..rb]);
@@ -345,11 +335,13 @@ fn dense_tiles<T: Real, const RL: usize, const JB: usize>(
     }
 }
 
-/// `a += w·g`, lane by lane, in fused multiply-adds.
+/// `a += w·x`, lane by lane, in fused multiply-adds: the register-tile
+/// step of the crate's own kernels (dense tiles, the direct forward
+/// convolution, the active reverse convolution).
 #[inline(always)]
-fn fma_tile<T: Real, const RL: usize>(a: &mut [T; RL], w: T, g: &[T; RL]) {
-    for (s, &x) in a.iter_mut().zip(g) {
-        *s = w.fma(x, *s);
+pub(crate) fn fma_lanes<T: Real, const N: usize>(a: &mut [T; N], w: T, x: &[T; N]) {
+    for (s, &xi) in a.iter_mut().zip(x) {
+        *s = w.fma(xi, *s);
     }
 }
 
