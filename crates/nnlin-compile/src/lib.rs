@@ -1237,6 +1237,25 @@ fn matmul_operators(
     }
 }
 
+/// The first of `taps` (indices into `plane`, in window order) whose value
+/// no later one exceeds, and that value: a max-pool window's argmax, ties
+/// to the first as PyTorch, chosen with selects rather than a branch per
+/// tap.
+///
+/// # Panics
+/// If `taps` is empty (a window wholly in the padding).
+#[inline(always)]
+fn first_max<T: Real>(plane: &[T], taps: impl IntoIterator<Item = usize>) -> (usize, T) {
+    let mut taps = taps.into_iter();
+    let first = taps.next().expect("a pooling window inside the input");
+    let mut pick = (first, plane[first]);
+    for at in taps {
+        let above = plane[at] > pick.1;
+        pick = if above { (at, plane[at]) } else { pick };
+    }
+    pick
+}
+
 /// Elements per task of [`activation_instance`].
 const ACTIVATION_CHUNK: usize = 1 << 14;
 
@@ -1541,34 +1560,16 @@ fn per_instance<T: Real>(
                 let plane = &u[ch * w.ih * w.iw..(ch + 1) * w.ih * w.iw];
                 for ys in &rows {
                     for xs in &cols_in {
-                        // the first tap in window order that no later one
-                        // exceeds (ties to the first, as PyTorch), chosen
-                        // without a branch per tap
                         let (j, best) = match (&ys[..], &xs[..]) {
-                            // a whole 2 × 2 window, unrolled
-                            (&[y0, y1], &[x0, x1]) => {
-                                let mut pick = (y0 * w.iw + x0, plane[y0 * w.iw + x0]);
-                                for at in [y0 * w.iw + x1, y1 * w.iw + x0, y1 * w.iw + x1] {
-                                    let above = plane[at] > pick.1;
-                                    pick = if above { (at, plane[at]) } else { pick };
-                                }
-                                pick
-                            }
-                            _ => {
-                                let (&iy0, &ix0) = ys
-                                    .first()
-                                    .zip(xs.first())
-                                    .expect("a pooling window inside the input");
-                                let mut pick = (iy0 * w.iw + ix0, plane[iy0 * w.iw + ix0]);
-                                for &iy in ys {
-                                    let row = &plane[iy * w.iw..(iy + 1) * w.iw];
-                                    for &ix in xs {
-                                        let above = row[ix] > pick.1;
-                                        pick = if above { (iy * w.iw + ix, row[ix]) } else { pick };
-                                    }
-                                }
-                                pick
-                            }
+                            // a whole 2 × 2 window: four taps, unrolled
+                            (&[y0, y1], &[x0, x1]) => first_max(
+                                plane,
+                                [y0 * w.iw + x0, y0 * w.iw + x1, y1 * w.iw + x0, y1 * w.iw + x1],
+                            ),
+                            _ => first_max(
+                                plane,
+                                ys.iter().flat_map(|&iy| xs.iter().map(move |&ix| iy * w.iw + ix)),
+                            ),
                         };
                         cols.push(ch * w.ih * w.iw + j);
                         y.push(best);
