@@ -197,12 +197,11 @@ fn tap_span(
     (first, end.max(first), (at + first * d).saturating_sub(pad))
 }
 
-/// One tap: a tile of adjoint rows `gv` times the weight `wt`, added to `o`.
+/// One tap: a tile of adjoint rows `gv` times the weight `wt`, added to `o`
+/// (fused multiply-adds, a lane's bits those of its row alone).
 #[inline(always)]
 fn tap<T: Real, const RL: usize>(o: &mut [T; RL], wt: T, gv: [T; RL]) {
-    for (o, v) in o.iter_mut().zip(gv) {
-        *o += wt * v;
-    }
+    fma_lanes(o, wt, &gv);
 }
 
 /// The most output channels of one position a sparse scatter updates a
@@ -1279,7 +1278,7 @@ impl ConvOp {
     /// output positions in order, then over each position's channels in
     /// order, whatever `G`'s row count and the order of `nz`: the adjoint
     /// rows ride in a register tile of 4, 8 or 16 lanes (zero-padded), so
-    /// one tap is one vector multiply-add (unfused: the same bits with or
+    /// one tap is one vector fused multiply-add (the same bits with or
     /// without AVX2) rather than a loop over rows; more rows than lanes
     /// take a pass per lane group.
     pub fn backward_sparse<T: Real>(&self, g: &Block<T>, nz: &[usize]) -> Block<T> {
@@ -1362,7 +1361,8 @@ impl ConvOp {
         b: &Buckets,
     ) -> Block<T> {
         let ncols = self.ncols();
-        let mut out = Block::zeros(k, ncols);
+        // (one pass, for at most `RL` rows, forms its block at the end)
+        let mut out = Block::zeros(if k > RL { k } else { 0 }, ncols);
         let geo = &self.geom;
         let p_len = geo.oh * geo.ow;
         let cig = geo.c_in / geo.groups;
@@ -1422,6 +1422,19 @@ impl ConvOp {
                         }
                     }
                 }
+            }
+            if k <= RL {
+                // one pass: whole tiles in column order, each overwriting
+                // the lanes past `k` the one before wrote (fixed-length
+                // copies, where a copy of `k` values is a call per column)
+                let mut data = vec![T::ZERO; ncols * k + RL];
+                for (j, a) in acc.iter().enumerate() {
+                    let d: &mut [T; RL] =
+                        (&mut data[j * k..j * k + RL]).try_into().expect("a whole tile");
+                    *d = *a;
+                }
+                data.truncate(ncols * k);
+                return Block::from_col_major(k, ncols, data);
             }
             for (j, a) in acc.iter().enumerate() {
                 out.col_as_slice_mut(j)[r0..r0 + rb].copy_from_slice(&a[..rb]);
