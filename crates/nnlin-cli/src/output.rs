@@ -79,6 +79,47 @@ struct Staged {
     stripes: std::collections::HashMap<u64, Stripe>,
     /// Bytes held, all stripes together.
     bytes: usize,
+    /// Buffers of stripes written, for the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most written stripes' buffers a [`Spool`] keeps for reuse.
+const SPARE_STRIPES: usize = 4;
+
+/// `w`'s values in C order as `N`-byte cells of `out` (`cell` of each
+/// value). A column-major `w` (as W is formed) is read eight columns at a
+/// time, so that each of its cache lines is read once, where row by row
+/// each would be read once per row it holds.
+fn c_order_bytes<const N: usize>(
+    w: ndarray::ArrayView2<'_, f64>,
+    out: &mut [u8],
+    cell: impl Fn(f64) -> [u8; N],
+) {
+    let (m, n) = w.dim();
+    debug_assert_eq!(out.len(), m * n * N);
+    let wt = w.t();
+    if m == 0 || n == 0 {
+        return;
+    }
+    let Some(data) = wt.as_slice() else {
+        for (out, row) in out.chunks_exact_mut(N * n.max(1)).zip(w.rows()) {
+            for (c, &v) in out.chunks_exact_mut(N).zip(row) {
+                c.copy_from_slice(&cell(v));
+            }
+        }
+        return;
+    };
+    // (column-major: entry (r, c) at c·m + r)
+    for c0 in (0..n).step_by(8) {
+        let cols = &data[c0 * m..(c0 + 8).min(n) * m];
+        for r in 0..m {
+            let at = (r * n + c0) * N;
+            let dst = &mut out[at..at + cols.len() / m * N];
+            for (j, d) in dst.chunks_exact_mut(N).enumerate() {
+                d.copy_from_slice(&cell(cols[j * m + r]));
+            }
+        }
+    }
 }
 
 /// One stripe's bytes as far as they came in: `buf` from the stripe's
@@ -156,21 +197,10 @@ impl Spool {
         anyhow::ensure!(w.len() == self.piece, "spool piece of {} values", w.len());
         let size = if self.f32 { 4 } else { 8 };
         let mut buf = vec![0u8; self.piece * size];
-        // row by row (a W formed column-major is read with a stride, not
-        // through ndarray's element iterator), one branch per piece
-        let cells = buf.chunks_exact_mut(size * w.ncols().max(1)).zip(w.rows());
         if self.f32 {
-            for (out, row) in cells {
-                for (c, &v) in out.chunks_exact_mut(4).zip(row) {
-                    c.copy_from_slice(&(v as f32).to_le_bytes());
-                }
-            }
+            c_order_bytes::<4>(w, &mut buf, |v| (v as f32).to_le_bytes());
         } else {
-            for (out, row) in cells {
-                for (c, &v) in out.chunks_exact_mut(8).zip(row) {
-                    c.copy_from_slice(&v.to_le_bytes());
-                }
-            }
+            c_order_bytes::<8>(w, &mut buf, f64::to_le_bytes);
         }
         let at = self.header + (index * self.piece * size) as u64;
         let end = at + buf.len() as u64;
@@ -183,7 +213,10 @@ impl Spool {
             let bytes = &buf[(part - at) as usize..(upto - at) as usize];
             match self.stage(j, (lo, hi), part, bytes) {
                 Staging::Held => {}
-                Staging::Full(stripe) => self.write_at(&stripe, lo)?,
+                Staging::Full(stripe) => {
+                    self.write_at(&stripe, lo)?;
+                    self.recycle(stripe);
+                }
                 Staging::Over => self.write_at(bytes, part)?,
             }
             part = upto;
@@ -201,12 +234,13 @@ impl Spool {
                 return Staging::Over;
             }
             staged.bytes += size;
+            // a written stripe's buffer where one is spare (its old bytes
+            // are never written: only the ranges that came in are)
+            let mut buf = staged.spare.pop().unwrap_or_default();
+            buf.resize(size, 0);
+            staged.stripes.insert(j, Stripe { buf, ranges: vec![], filled: 0 });
         }
-        let stripe = staged.stripes.entry(j).or_insert_with(|| Stripe {
-            buf: vec![0; size],
-            ranges: vec![],
-            filled: 0,
-        });
+        let stripe = staged.stripes.get_mut(&j).expect("the stripe just held");
         let from = (at - lo) as usize;
         stripe.buf[from..from + bytes.len()].copy_from_slice(bytes);
         stripe.ranges.push((from, bytes.len()));
@@ -241,6 +275,16 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// Keeps a written stripe's buffer for the next stripe, up to
+    /// [`SPARE_STRIPES`] of them (a fresh buffer of a stripe's size is
+    /// fresh pages, each faulted in and zeroed by the kernel).
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut staged = self.staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if staged.spare.len() < SPARE_STRIPES {
+            staged.spare.push(buf);
+        }
     }
 
     fn write_at(&self, bytes: &[u8], at: u64) -> Result<()> {
@@ -620,9 +664,16 @@ mod tests {
                     let (spool, a) = (&spool, &a);
                     sc.spawn(move || {
                         for &i in part {
-                            // column-major, as W is formed
-                            let w = a.index_axis(ndarray::Axis(0), i).t().to_owned();
-                            spool.write(i, w.t()).unwrap();
+                            let piece = a.index_axis(ndarray::Axis(0), i);
+                            if i % 2 == 0 {
+                                // column-major, as W is formed
+                                use ndarray::ShapeBuilder;
+                                let mut w = ndarray::Array2::zeros(piece.dim().f());
+                                w.assign(&piece);
+                                spool.write(i, w.view()).unwrap();
+                            } else {
+                                spool.write(i, piece).unwrap();
+                            }
                         }
                     });
                 }
