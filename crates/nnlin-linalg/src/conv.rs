@@ -217,6 +217,47 @@ struct Buckets<'a> {
     cols: &'a [(usize, usize)],
 }
 
+/// A sparse scatter's passes over the adjoint rows, `RL` at a time:
+/// `pass(r0, rb, acc)` adds rows `r0..r0 + rb` into `acc`, the output's
+/// columns as whole register tiles (zeroed, from a cache line, so a 64-byte
+/// tile never straddles two). The output block, `k × ncols`.
+#[inline(always)]
+fn scatter_passes<T: Real, const RL: usize>(
+    k: usize,
+    ncols: usize,
+    mut pass: impl FnMut(usize, usize, &mut [[T; RL]]),
+) -> Block<T> {
+    let mut buf = vec![T::ZERO; (ncols + 64 / size_of::<T>()) * RL];
+    let lead = buf.as_ptr().align_offset(64).min(buf.len());
+    let (acc, _) = buf[lead..].as_chunks_mut::<RL>();
+    let acc = &mut acc[..ncols];
+    if k <= RL {
+        pass(0, k, acc);
+        // one pass: whole tiles in column order, each overwriting the
+        // lanes past `k` the one before wrote (fixed-length copies, where a
+        // copy of `k` values is a call per column)
+        let mut data = vec![T::ZERO; ncols * k + RL];
+        for (j, a) in acc.iter().enumerate() {
+            let d: &mut [T; RL] = (&mut data[j * k..j * k + RL]).try_into().expect("a whole tile");
+            *d = *a;
+        }
+        data.truncate(ncols * k);
+        return Block::from_col_major(k, ncols, data);
+    }
+    let mut out = Block::zeros(k, ncols);
+    for r0 in (0..k).step_by(RL) {
+        let rb = RL.min(k - r0);
+        if r0 > 0 {
+            acc.fill([T::ZERO; RL]);
+        }
+        pass(r0, rb, acc);
+        for (j, a) in acc.iter().enumerate() {
+            out.col_as_slice_mut(j)[r0..r0 + rb].copy_from_slice(&a[..rb]);
+        }
+    }
+    out
+}
+
 /// One output position's taps inside the input: kernel rows `ky0..ky1`
 /// from input row `y0`, kernel columns `kx0..kx1` from input column `x0`.
 struct Span {
@@ -240,6 +281,11 @@ impl Span {
         w: [&[T]; C],
         gv: [[T; RL]; C],
     ) {
+        match (geo.dilation.1, self.kx1 - self.kx0) {
+            (1, 3) => return self.taps_row::<T, RL, C, 3>(geo, dst, w, gv),
+            (1, 5) => return self.taps_row::<T, RL, C, 5>(geo, dst, w, gv),
+            _ => {}
+        }
         for ky in self.ky0..self.ky1 {
             let iy = self.y0 + (ky - self.ky0) * geo.dilation.0;
             let first = iy * geo.iw + self.x0;
@@ -249,6 +295,40 @@ impl Span {
                 let mut a = *o;
                 for c in 0..C {
                     tap(&mut a, w[c][row + kx], gv[c]);
+                }
+                *o = a;
+            }
+        }
+    }
+}
+
+impl Span {
+    /// [`Span::taps`] where a kernel row's taps inside the input are `KW`
+    /// adjacent tiles (a horizontal dilation of 1): each kernel row's tiles
+    /// and weights as arrays, so the taps unroll without a bounds check or
+    /// an index computed per tap. The same operations in the same order.
+    #[inline(always)]
+    fn taps_row<T: Real, const RL: usize, const C: usize, const KW: usize>(
+        &self,
+        geo: &ConvGeometry,
+        dst: &mut [[T; RL]],
+        w: [&[T]; C],
+        gv: [[T; RL]; C],
+    ) {
+        for ky in self.ky0..self.ky1 {
+            let iy = self.y0 + (ky - self.ky0) * geo.dilation.0;
+            let first = iy * geo.iw + self.x0;
+            let row = ky * geo.kw + self.kx0;
+            let d: &mut [[T; RL]; KW] =
+                (&mut dst[first..first + KW]).try_into().expect("a kernel row of tiles");
+            let mut ws = [[T::ZERO; KW]; C];
+            for (ws, w) in ws.iter_mut().zip(w) {
+                *ws = w[row..row + KW].try_into().expect("a kernel row of weights");
+            }
+            for (t, o) in d.iter_mut().enumerate() {
+                let mut a = *o;
+                for c in 0..C {
+                    tap(&mut a, ws[c][t], gv[c]);
                 }
                 *o = a;
             }
@@ -1351,8 +1431,7 @@ impl ConvOp {
     /// A position's taps are walked kernel row by kernel row over the range
     /// inside the input (from the geometry, formed once per output row and
     /// column), each tap's tile updated once for up to [`SCATTER_CHANNELS`]
-    /// channels held in registers; the tiles start on a cache line, so a
-    /// 64-byte tile never straddles two.
+    /// channels held in registers.
     #[inline(always)]
     fn scatter_lanes<'a, T: Real, const RL: usize>(
         &self,
@@ -1360,9 +1439,6 @@ impl ConvOp {
         col: &impl Fn(usize) -> &'a [T],
         b: &Buckets,
     ) -> Block<T> {
-        let ncols = self.ncols();
-        // (one pass, for at most `RL` rows, forms its block at the end)
-        let mut out = Block::zeros(if k > RL { k } else { 0 }, ncols);
         let geo = &self.geom;
         let p_len = geo.oh * geo.ow;
         let cig = geo.c_in / geo.groups;
@@ -1376,71 +1452,53 @@ impl ConvOp {
         let cols: Vec<(usize, usize, usize)> = (0..geo.ow)
             .map(|ox| tap_span(ox, geo.stride.1, geo.dilation.1, geo.pad.1, geo.iw, geo.kw))
             .collect();
-        // the output's columns as whole register tiles, from a cache line
-        let mut buf = vec![T::ZERO; (ncols + 64 / size_of::<T>()) * RL];
-        let lead = buf.as_ptr().align_offset(64).min(buf.len());
-        let (acc, _) = buf[lead..].as_chunks_mut::<RL>();
-        let acc = &mut acc[..ncols];
         // channels per register group: the group's tiles and one
         // accumulator tile fit the 16 AVX registers
         let per_group = if RL * size_of::<T>() <= 64 { SCATTER_CHANNELS } else { 2 };
-        for r0 in (0..k).step_by(RL) {
-            let rb = RL.min(k - r0);
-            if r0 > 0 {
-                acc.fill([T::ZERO; RL]);
-            }
-            for (key, w) in b.start.windows(2).enumerate() {
-                let cols_here = &b.cols[w[0]..w[1]];
-                if cols_here.is_empty() {
-                    continue;
-                }
-                let (grp, p) = (key / p_len, key % p_len);
-                let (ky0, ky1, y0) = rows[p / geo.ow];
-                let (kx0, kx1, x0) = cols[p % geo.ow];
-                if kx0 >= kx1 || ky0 >= ky1 {
-                    continue;
-                }
-                let span = Span { ky0, ky1, y0, kx0, kx1, x0 };
-                for chunk in cols_here.chunks(per_group) {
-                    // each column's tile and output channel
-                    let mut tiles = [[T::ZERO; RL]; SCATTER_CHANNELS];
-                    let mut oc = [0; SCATTER_CHANNELS];
-                    for (i, &(r, at)) in chunk.iter().enumerate() {
-                        tiles[i][..rb].copy_from_slice(&col(at)[r0..r0 + rb]);
-                        oc[i] = r / p_len;
+        scatter_passes::<T, RL>(
+            k,
+            self.ncols(),
+            // (inlined, so that under `simd::dispatch` it is AVX2's too)
+            #[inline(always)]
+            |r0, rb, acc| {
+                for (key, w) in b.start.windows(2).enumerate() {
+                    let cols_here = &b.cols[w[0]..w[1]];
+                    if cols_here.is_empty() {
+                        continue;
                     }
-                    let [t0, t1, t2, t3] = tiles;
-                    for icg in 0..cig {
-                        let ic = grp * cig + icg;
-                        let dst = &mut acc[ic * plane..(ic + 1) * plane];
-                        let w = |i: usize| &weight[(oc[i] * cig + icg) * ntaps..][..ntaps];
-                        match chunk.len() {
-                            1 => span.taps(geo, dst, [w(0)], [t0]),
-                            2 => span.taps(geo, dst, [w(0), w(1)], [t0, t1]),
-                            3 => span.taps(geo, dst, [w(0), w(1), w(2)], [t0, t1, t2]),
-                            _ => span.taps(geo, dst, [w(0), w(1), w(2), w(3)], [t0, t1, t2, t3]),
+                    let (grp, p) = (key / p_len, key % p_len);
+                    let (ky0, ky1, y0) = rows[p / geo.ow];
+                    let (kx0, kx1, x0) = cols[p % geo.ow];
+                    if kx0 >= kx1 || ky0 >= ky1 {
+                        continue;
+                    }
+                    let span = Span { ky0, ky1, y0, kx0, kx1, x0 };
+                    for chunk in cols_here.chunks(per_group) {
+                        // each column's tile and output channel
+                        let mut tiles = [[T::ZERO; RL]; SCATTER_CHANNELS];
+                        let mut oc = [0; SCATTER_CHANNELS];
+                        for (i, &(r, at)) in chunk.iter().enumerate() {
+                            tiles[i][..rb].copy_from_slice(&col(at)[r0..r0 + rb]);
+                            oc[i] = r / p_len;
+                        }
+                        let [t0, t1, t2, t3] = tiles;
+                        for icg in 0..cig {
+                            let ic = grp * cig + icg;
+                            let dst = &mut acc[ic * plane..(ic + 1) * plane];
+                            let w = |i: usize| &weight[(oc[i] * cig + icg) * ntaps..][..ntaps];
+                            match chunk.len() {
+                                1 => span.taps(geo, dst, [w(0)], [t0]),
+                                2 => span.taps(geo, dst, [w(0), w(1)], [t0, t1]),
+                                3 => span.taps(geo, dst, [w(0), w(1), w(2)], [t0, t1, t2]),
+                                _ => {
+                                    span.taps(geo, dst, [w(0), w(1), w(2), w(3)], [t0, t1, t2, t3])
+                                }
+                            }
                         }
                     }
                 }
-            }
-            if k <= RL {
-                // one pass: whole tiles in column order, each overwriting
-                // the lanes past `k` the one before wrote (fixed-length
-                // copies, where a copy of `k` values is a call per column)
-                let mut data = vec![T::ZERO; ncols * k + RL];
-                for (j, a) in acc.iter().enumerate() {
-                    let d: &mut [T; RL] =
-                        (&mut data[j * k..j * k + RL]).try_into().expect("a whole tile");
-                    *d = *a;
-                }
-                data.truncate(ncols * k);
-                return Block::from_col_major(k, ncols, data);
-            }
-            for (j, a) in acc.iter().enumerate() {
-                out.col_as_slice_mut(j)[r0..r0 + rb].copy_from_slice(&a[..rb]);
-            }
-        }
-        out
+            },
+        )
     }
 
     /// Structural nonzeros (taps inside the input).
