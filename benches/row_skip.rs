@@ -124,11 +124,27 @@ fn bench(c: &mut Criterion) {
             })
             .collect();
         let sel = nnlin::linalg::Selection::new(ch * side * side, cols.clone()).expect("valid");
-        let d: Vec<f64> = (0..ch * side * side)
-            .map(|j| if (j.wrapping_mul(40_503) >> 3) % 3 == 0 { 0.0 } else { 1.0 })
+        // 64 activation patterns in turn (a third of the units off), as
+        // `explain` sees a new one per instance: with one pattern the
+        // branch predictors would learn it
+        let ds: Vec<Vec<f64>> = (0..64u64)
+            .map(|s| {
+                (0..ch * side * side)
+                    .map(|j| {
+                        let h = (j as u64 ^ s << 20).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                        if h.is_multiple_of(3) { 0.0 } else { 1.0 }
+                    })
+                    .collect()
+            })
             .collect();
         let g = Block::from_fn(ROWS, cols.len(), |i, j| ((i + j) % 7) as f64 - 3.0).cast::<f32>();
-        group.bench_function(name, |b| b.iter(|| sel.pushed_through(&g, &d)));
+        let mut turn = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                turn = (turn + 1) % ds.len();
+                sel.pushed_through(&g, &ds[turn])
+            })
+        });
     }
     group.finish();
 }

@@ -191,6 +191,7 @@ impl Selection {
         // the selected inputs ascending, scaled; kept where nonzero
         let mut cols = Vec::with_capacity(self.cols.len());
         let mut vals = Vec::with_capacity(self.cols.len() * K);
+        let mut kept = 0;
         for (word, &bits) in picked.iter().enumerate() {
             let mut bits = bits;
             while bits != 0 {
@@ -199,10 +200,14 @@ impl Selection {
                 let dj = T::of(d[col]);
                 let s = sum(col);
                 let v: [T; K] = std::array::from_fn(|r| s[r] * dj);
-                if v.iter().fold(0, |a, x| a | x.magnitude_bits()) != 0 {
-                    cols.push(col);
-                    vals.extend_from_slice(&v);
-                }
+                // pushed, then dropped again where zero: no branch on the
+                // activation pattern, which a new instance's predictor
+                // cannot know (the truncations never shorten past `kept`)
+                cols.push(col);
+                vals.extend_from_slice(&v);
+                kept += usize::from(v.iter().fold(0, |a, x| a | x.magnitude_bits()) != 0);
+                cols.truncate(kept);
+                vals.truncate(kept * K);
             }
         }
         (cols, vals)
