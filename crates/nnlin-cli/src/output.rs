@@ -102,7 +102,7 @@ fn c_order_bytes<const N: usize>(
         return;
     }
     let Some(data) = wt.as_slice() else {
-        for (out, row) in out.chunks_exact_mut(N * n.max(1)).zip(w.rows()) {
+        for (out, row) in out.chunks_exact_mut(N * n).zip(w.rows()) {
             for (c, &v) in out.chunks_exact_mut(N).zip(row) {
                 c.copy_from_slice(&cell(v));
             }

@@ -197,13 +197,6 @@ fn tap_span(
     (first, end.max(first), (at + first * d).saturating_sub(pad))
 }
 
-/// One tap: a tile of adjoint rows `gv` times the weight `wt`, added to `o`
-/// (fused multiply-adds, a lane's bits those of its row alone).
-#[inline(always)]
-fn tap<T: Real, const RL: usize>(o: &mut [T; RL], wt: T, gv: [T; RL]) {
-    fma_lanes(o, wt, &gv);
-}
-
 /// The most output channels of one position a sparse scatter updates a
 /// tap's tile for at once (their tiles held in registers).
 const SCATTER_CHANNELS: usize = 4;
@@ -294,15 +287,13 @@ impl Span {
                 let o = &mut dst[first + t * geo.dilation.1];
                 let mut a = *o;
                 for c in 0..C {
-                    tap(&mut a, w[c][row + kx], gv[c]);
+                    fma_lanes(&mut a, w[c][row + kx], &gv[c]);
                 }
                 *o = a;
             }
         }
     }
-}
 
-impl Span {
     /// [`Span::taps`] where a kernel row's taps inside the input are `KW`
     /// adjacent tiles (a horizontal dilation of 1): each kernel row's tiles
     /// and weights as arrays, so the taps unroll without a bounds check or
@@ -328,7 +319,7 @@ impl Span {
             for (t, o) in d.iter_mut().enumerate() {
                 let mut a = *o;
                 for c in 0..C {
-                    tap(&mut a, ws[c][t], gv[c]);
+                    fma_lanes(&mut a, ws[c][t], &gv[c]);
                 }
                 *o = a;
             }

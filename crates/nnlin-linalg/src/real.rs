@@ -337,7 +337,8 @@ fn dense_tiles<T: Real, const RL: usize>(
 
 /// `a += w·x`, lane by lane, in fused multiply-adds: the register-tile
 /// step of the crate's own kernels (dense tiles, the direct forward
-/// convolution, the active reverse convolution).
+/// convolution, the active reverse convolution, the sparse scatter's taps,
+/// where each lane's bits are those of its adjoint row alone).
 #[inline(always)]
 pub(crate) fn fma_lanes<T: Real, const N: usize>(a: &mut [T; N], w: T, x: &[T; N]) {
     for (s, &xi) in a.iter_mut().zip(x) {
